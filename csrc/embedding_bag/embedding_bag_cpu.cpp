@@ -1,0 +1,908 @@
+// CPU implementations of the pooled-embedding ops (schemas in
+// embedding_bag_ops.cpp). This file validates arguments, splits the work
+// across threads and, for the backward passes, groups the occurrences of each
+// row; the per-row arithmetic lives in kernels/, built once per ISA.
+//
+// Shape legend: B batch, F feature slots, T tables, N indices, U unique rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dist_rec/checks.h"
+#include "embedding_bag/kernels/kernel_api.h"
+#include "embedding_bag/radix_sort.h"
+
+namespace dist_rec {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using c10::IntArrayRef;
+
+// ---------------------------------------------------------------------------
+// Process-wide test hooks
+// ---------------------------------------------------------------------------
+
+std::atomic<const cpu::KernelTable*> g_kernel_override{nullptr};
+std::atomic<bool> g_index_checks{true};
+
+const cpu::KernelTable& kernels() {
+  const cpu::KernelTable* chosen = g_kernel_override.load(std::memory_order_relaxed);
+  return chosen != nullptr ? *chosen : cpu::active_kernels();
+}
+
+std::string set_cpu_isa(c10::string_view isa) {
+  const std::string previous = kernels().isa_name;
+  if (isa.empty()) {
+    g_kernel_override.store(nullptr);
+    return previous;
+  }
+  const cpu::KernelTable* supported[3];
+  const int n = cpu::supported_isas(supported, 3);
+  for (int i = 0; i < n; ++i) {
+    if (isa == supported[i]->isa_name) {
+      g_kernel_override.store(supported[i]);
+      return previous;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "_set_cpu_isa: '", isa, "' is not supported by this CPU (see _supported_cpu_isas())");
+  return previous;
+}
+
+std::vector<std::string> supported_cpu_isas() {
+  const cpu::KernelTable* supported[3];
+  const int n = cpu::supported_isas(supported, 3);
+  std::vector<std::string> names;
+  for (int i = 0; i < n; ++i) {
+    names.emplace_back(supported[i]->isa_name);
+  }
+  return names;
+}
+
+bool set_index_checks(bool enabled) {
+  return g_index_checks.exchange(enabled);
+}
+
+// ---------------------------------------------------------------------------
+// Validation: turn the op's arguments into kernel views, or explain why not
+// ---------------------------------------------------------------------------
+
+struct Problem {
+  std::vector<cpu::TableView> tables;
+  std::vector<cpu::FeatureView> features;
+  std::vector<int64_t> row_base; // [T+1] first linear row of each table
+  int64_t batch = 0; // B
+  int64_t num_indices = 0; // N
+  int64_t out_dim = 0;
+  cpu::WeightType weight_type = cpu::WeightType::kFloat;
+  bool int32_indices = false;
+  bool any_mean = false;
+};
+
+cpu::WeightType weight_type_of(const char* op, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return cpu::WeightType::kFloat;
+    case at::kHalf:
+      return cpu::WeightType::kHalf;
+    case at::kBFloat16:
+      return cpu::WeightType::kBFloat16;
+    default:
+      DIST_REC_CHECK_TYPE(op, false, "weights must be float32, float16 or bfloat16; got ", dtype);
+  }
+  return cpu::WeightType::kFloat;
+}
+
+template <typename I>
+void check_offsets(const char* op, const Tensor& offsets, int64_t batch, int64_t num_indices) {
+  const I* o = offsets.const_data_ptr<I>();
+  const int64_t n = offsets.numel();
+  DIST_REC_CHECK_VALUE(op, o[0] == 0, "offsets[0] must be 0; it is ", static_cast<int64_t>(o[0]));
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    if (o[i] > o[i + 1]) {
+      const int64_t feature = batch > 0 ? i / batch : 0;
+      DIST_REC_CHECK_VALUE(
+          op,
+          false,
+          "offsets must be non-decreasing, but offsets[",
+          i,
+          "]=",
+          static_cast<int64_t>(o[i]),
+          " > offsets[",
+          i + 1,
+          "]=",
+          static_cast<int64_t>(o[i + 1]),
+          " (bag of feature slot ",
+          feature,
+          ", sample ",
+          i - feature * batch,
+          ")");
+    }
+  }
+  DIST_REC_CHECK_VALUE(
+      op,
+      static_cast<int64_t>(o[n - 1]) == num_indices,
+      "offsets must end at len(indices)=",
+      num_indices,
+      "; offsets[-1]=",
+      static_cast<int64_t>(o[n - 1]));
+}
+
+Problem make_problem(
+    const char* op,
+    TensorList weights,
+    IntArrayRef feature_table,
+    IntArrayRef feature_pooling,
+    IntArrayRef feature_column,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights) {
+  Problem p;
+  const int64_t num_tables = static_cast<int64_t>(weights.size());
+  DIST_REC_CHECK_VALUE(op, num_tables > 0, "weights must hold at least one table");
+  p.weight_type = weight_type_of(op, weights[0].scalar_type());
+  p.row_base.push_back(0);
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const Tensor& w = weights[t];
+    DIST_REC_CHECK_CPU(op, w);
+    DIST_REC_CHECK_VALUE(op, w.dim() == 2, "weights[", t, "] must be 2-D [rows, dim]; it has shape ", w.sizes());
+    DIST_REC_CHECK_VALUE(op, w.is_contiguous(), "weights[", t, "] must be contiguous");
+    DIST_REC_CHECK_TYPE(
+        op,
+        w.scalar_type() == weights[0].scalar_type(),
+        "all weights must share one dtype; weights[0] is ",
+        weights[0].scalar_type(),
+        " but weights[",
+        t,
+        "] is ",
+        w.scalar_type());
+    DIST_REC_CHECK_VALUE(op, w.size(1) > 0, "weights[", t, "] has embedding dim 0");
+    p.tables.push_back(cpu::TableView{const_cast<void*>(w.const_data_ptr()), w.size(0), w.size(1), nullptr, nullptr});
+    p.row_base.push_back(p.row_base.back() + w.size(0));
+  }
+
+  const int64_t num_features = static_cast<int64_t>(feature_table.size());
+  DIST_REC_CHECK_VALUE(op, num_features > 0, "feature_table must name at least one feature slot");
+  DIST_REC_CHECK_VALUE(
+      op,
+      static_cast<int64_t>(feature_pooling.size()) == num_features &&
+          static_cast<int64_t>(feature_column.size()) == num_features,
+      "feature_table, feature_pooling and feature_column must have one entry per feature slot; got lengths ",
+      num_features,
+      ", ",
+      feature_pooling.size(),
+      ", ",
+      feature_column.size());
+  std::vector<std::pair<int64_t, int64_t>> column_ranges;
+  for (int64_t f = 0; f < num_features; ++f) {
+    const int64_t t = feature_table[f];
+    DIST_REC_CHECK_INDEX(
+        op, t >= 0 && t < num_tables, "feature slot ", f, " maps to table ", t, "; must be in [0, ", num_tables, ")");
+    const int64_t pooling = feature_pooling[f];
+    DIST_REC_CHECK_VALUE(
+        op, pooling == 0 || pooling == 1, "feature slot ", f, " has pooling ", pooling, "; must be 0 (sum) or 1 (mean)");
+    p.any_mean = p.any_mean || pooling == 1;
+    p.features.push_back(cpu::FeatureView{static_cast<int32_t>(t), static_cast<int32_t>(pooling), feature_column[f]});
+    column_ranges.emplace_back(feature_column[f], p.tables[t].dim);
+    p.out_dim += p.tables[t].dim;
+  }
+  std::sort(column_ranges.begin(), column_ranges.end());
+  int64_t expected_column = 0;
+  for (const auto& [column, dim] : column_ranges) {
+    DIST_REC_CHECK_VALUE(
+        op,
+        column == expected_column,
+        "feature_column must tile the output columns [0, ",
+        p.out_dim,
+        ") without gaps or overlaps; expected a slot starting at column ",
+        expected_column,
+        ", found ",
+        column);
+    expected_column += dim;
+  }
+
+  DIST_REC_CHECK_CPU(op, indices);
+  DIST_REC_CHECK_CPU(op, offsets);
+  DIST_REC_CHECK_DIM(op, indices, 1);
+  DIST_REC_CHECK_DIM(op, offsets, 1);
+  DIST_REC_CHECK_TYPE(
+      op,
+      indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+      "indices must be int32 or int64; got ",
+      indices.scalar_type());
+  DIST_REC_CHECK_TYPE(
+      op,
+      offsets.scalar_type() == indices.scalar_type(),
+      "offsets must have the dtype of indices (",
+      indices.scalar_type(),
+      "); got ",
+      offsets.scalar_type());
+  DIST_REC_CHECK_CONTIGUOUS(op, indices);
+  DIST_REC_CHECK_CONTIGUOUS(op, offsets);
+  DIST_REC_CHECK_VALUE(
+      op,
+      offsets.numel() >= 1 && (offsets.numel() - 1) % num_features == 0,
+      "offsets must have F*B+1 elements for F=",
+      num_features,
+      " feature slots; it has ",
+      offsets.numel());
+  p.batch = (offsets.numel() - 1) / num_features;
+  p.num_indices = indices.numel();
+  p.int32_indices = indices.scalar_type() == at::kInt;
+  if (p.int32_indices) {
+    check_offsets<int32_t>(op, offsets, p.batch, p.num_indices);
+  } else {
+    check_offsets<int64_t>(op, offsets, p.batch, p.num_indices);
+  }
+
+  if (per_sample_weights.has_value()) {
+    const Tensor& psw = *per_sample_weights;
+    DIST_REC_CHECK_CPU(op, psw);
+    DIST_REC_CHECK_DTYPE(op, psw, at::kFloat);
+    DIST_REC_CHECK_DIM(op, psw, 1);
+    DIST_REC_CHECK_CONTIGUOUS(op, psw);
+    DIST_REC_CHECK_VALUE(
+        op,
+        psw.numel() == p.num_indices,
+        "per_sample_weights must have one weight per index (",
+        p.num_indices,
+        "); it has ",
+        psw.numel());
+  }
+  return p;
+}
+
+void check_grad_output(const char* op, const Problem& p, const Tensor& grad_output) {
+  DIST_REC_CHECK_CPU(op, grad_output);
+  DIST_REC_CHECK_DTYPE(op, grad_output, at::kFloat);
+  DIST_REC_CHECK_CONTIGUOUS(op, grad_output);
+  DIST_REC_CHECK_VALUE(
+      op,
+      grad_output.dim() == 2 && grad_output.size(0) == p.batch && grad_output.size(1) == p.out_dim,
+      "grad_output must have shape [",
+      p.batch,
+      ", ",
+      p.out_dim,
+      "]; it has shape ",
+      grad_output.sizes());
+}
+
+void attach_state(const char* op, const char* name, Problem& p, TensorList state, int slot) {
+  DIST_REC_CHECK_VALUE(
+      op,
+      state.size() == p.tables.size(),
+      name,
+      " must hold one tensor per table (",
+      p.tables.size(),
+      "); it holds ",
+      state.size());
+  for (size_t t = 0; t < state.size(); ++t) {
+    const Tensor& s = state[t];
+    DIST_REC_CHECK_CPU(op, s);
+    DIST_REC_CHECK_TYPE(op, s.scalar_type() == at::kFloat, name, "[", t, "] must be float32; it is ", s.scalar_type());
+    DIST_REC_CHECK_VALUE(
+        op,
+        s.is_contiguous() && s.numel() == p.tables[t].rows,
+        name,
+        "[",
+        t,
+        "] must be a contiguous tensor with one value per row (",
+        p.tables[t].rows,
+        "); it has shape ",
+        s.sizes());
+    float* data = const_cast<float*>(s.const_data_ptr<float>());
+    (slot == 0 ? p.tables[t].state0 : p.tables[t].state1) = data;
+  }
+}
+
+cpu::WeightDecayMode weight_decay_mode_of(const char* op, int64_t mode) {
+  DIST_REC_CHECK_VALUE(
+      op, mode >= 0 && mode <= 2, "weight_decay_mode must be 0 (none), 1 (L2) or 2 (decoupled); got ", mode);
+  return static_cast<cpu::WeightDecayMode>(mode);
+}
+
+// ---------------------------------------------------------------------------
+// Work splitting
+// ---------------------------------------------------------------------------
+
+// Splits the bags into chunks of about equal (indices + bags), so features of
+// different pooling factors still spread evenly over threads.
+template <typename I>
+std::vector<int64_t> bag_chunks(const I* offsets, int64_t num_bags, int64_t num_indices) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t work = num_indices + num_bags;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads * 4, work / 4096));
+  std::vector<int64_t> bounds{0};
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = work * c / chunks;
+    // First bag whose (offsets[bag] + bag) reaches the target.
+    int64_t lo = bounds.back(), hi = num_bags;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<int64_t>(offsets[mid]) + mid < target) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    bounds.push_back(lo);
+  }
+  bounds.push_back(num_bags);
+  return bounds;
+}
+
+template <typename Fn>
+void for_each_chunk(const std::vector<int64_t>& bounds, const Fn& fn) {
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      if (bounds[c] < bounds[c + 1]) {
+        fn(bounds[c], bounds[c + 1]);
+      }
+    }
+  });
+}
+
+void atomic_min(std::atomic<int64_t>& target, int64_t value) {
+  int64_t current = target.load();
+  while (value < current && !target.compare_exchange_weak(current, value)) {
+  }
+}
+
+template <typename I>
+[[noreturn]] void throw_bad_index(const char* op, const Problem& p, const Tensor& indices, const Tensor& offsets, int64_t pos) {
+  const I* o = offsets.const_data_ptr<I>();
+  const int64_t num_bags = offsets.numel() - 1;
+  // The bag holding position pos: last bag whose start is <= pos and is non-empty.
+  const int64_t bag = std::upper_bound(o, o + num_bags + 1, static_cast<I>(pos)) - o - 1;
+  const int64_t feature = bag / p.batch;
+  const int64_t table = p.features[feature].table;
+  const int64_t rows = p.tables[table].rows;
+  const int64_t id = static_cast<int64_t>(indices.const_data_ptr<I>()[pos]);
+  DIST_REC_CHECK_INDEX(
+      op,
+      false,
+      "id ",
+      id,
+      " at indices[",
+      pos,
+      "] (feature slot ",
+      feature,
+      ", sample ",
+      bag - feature * p.batch,
+      ") is out of range for table ",
+      table,
+      " with ",
+      rows,
+      " rows; ids must be in [0, ",
+      rows,
+      ")");
+  __builtin_unreachable();
+}
+
+void throw_bad_index_any(const char* op, const Problem& p, const Tensor& indices, const Tensor& offsets, int64_t pos) {
+  if (p.int32_indices) {
+    throw_bad_index<int32_t>(op, p, indices, offsets, pos);
+  }
+  throw_bad_index<int64_t>(op, p, indices, offsets, pos);
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <typename I>
+void forward_impl(const Problem& p, const Tensor& indices, const Tensor& offsets, const float* psw, Tensor& out) {
+  cpu::ForwardArgs args{
+      p.tables.data(),
+      p.features.data(),
+      p.batch,
+      indices.const_data_ptr(),
+      offsets.const_data_ptr(),
+      psw,
+      out.mutable_data_ptr<float>(),
+      p.out_dim,
+      p.weight_type};
+  const auto& k = kernels();
+  const bool checks = g_index_checks.load(std::memory_order_relaxed);
+  auto* forward = p.int32_indices ? (checks ? k.forward_i32 : k.forward_unchecked_i32)
+                                  : (checks ? k.forward_i64 : k.forward_unchecked_i64);
+  const int64_t num_bags = offsets.numel() - 1;
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  for_each_chunk(bag_chunks(offsets.const_data_ptr<I>(), num_bags, p.num_indices), [&](int64_t b0, int64_t b1) {
+    const int64_t bad = forward(args, b0, b1);
+    if (bad >= 0) {
+      atomic_min(first_bad, bad);
+    }
+  });
+  if (first_bad.load() != std::numeric_limits<int64_t>::max()) {
+    throw_bad_index_any("embedding_bag_forward", p, indices, offsets, first_bad.load());
+  }
+}
+
+Tensor embedding_bag_forward_cpu(
+    TensorList weights,
+    IntArrayRef feature_table,
+    IntArrayRef feature_pooling,
+    IntArrayRef feature_column,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights) {
+  const char* op = "embedding_bag_forward";
+  const Problem p =
+      make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
+  Tensor out = at::empty({p.batch, p.out_dim}, weights[0].options().dtype(at::kFloat));
+  const float* psw = per_sample_weights.has_value() ? per_sample_weights->const_data_ptr<float>() : nullptr;
+  if (p.int32_indices) {
+    forward_impl<int32_t>(p, indices, offsets, psw, out);
+  } else {
+    forward_impl<int64_t>(p, indices, offsets, psw, out);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Backward: group each row's occurrences (sort), then one update per row
+// ---------------------------------------------------------------------------
+
+// Grow-only scratch buffers, one set per calling thread, so that a training
+// loop does not fault in fresh pages for its sort buffers at every step.
+enum class Scratch : int { kKeys, kPos, kGradOffset, kScale, kTmpKeys, kTmpPos, kOccBegin, kSegTable, kSegRow, kCount };
+
+class Workspace {
+ public:
+  template <typename T>
+  T* take(Scratch slot, int64_t count) {
+    auto& buffer = buffers_[static_cast<int>(slot)];
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
+    if (buffer.size < bytes) {
+      buffer.data.reset(new uint8_t[bytes + bytes / 4]);
+      buffer.size = bytes + bytes / 4;
+    }
+    return reinterpret_cast<T*>(buffer.data.get());
+  }
+
+ private:
+  struct Buffer {
+    std::unique_ptr<uint8_t[]> data;
+    size_t size = 0;
+  };
+  Buffer buffers_[static_cast<int>(Scratch::kCount)];
+};
+
+struct Segments {
+  int64_t num_segments = 0; // U
+  const int64_t* occ_begin = nullptr; // [U+1]
+  const int32_t* seg_table = nullptr; // [U]
+  const int64_t* seg_row = nullptr; // [U]
+  const uint32_t* sorted_pos = nullptr; // [N]
+  const int64_t* pos_grad_offset = nullptr; // [N]
+  const float* pos_scale = nullptr; // [N] or null
+};
+
+template <typename I, typename K>
+Segments group_by_row(
+    const char* op,
+    const Problem& p,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const float* psw,
+    Workspace& ws) {
+  const int64_t n = p.num_indices;
+  const int64_t num_bags = offsets.numel() - 1;
+  const I* idx = indices.const_data_ptr<I>();
+  const I* off = offsets.const_data_ptr<I>();
+  K* keys = ws.take<K>(Scratch::kKeys, n);
+  uint32_t* pos = ws.take<uint32_t>(Scratch::kPos, n);
+  int64_t* grad_offset = ws.take<int64_t>(Scratch::kGradOffset, n);
+  float* scale = (psw != nullptr || p.any_mean) ? ws.take<float>(Scratch::kScale, n) : nullptr;
+
+  // 1. Per position: its linear row (table base + id), where its bag's
+  //    gradient sits in grad_output, and its weight (per-sample x 1/L).
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  for_each_chunk(bag_chunks(off, num_bags, n), [&](int64_t b0, int64_t b1) {
+    for (int64_t bag = b0; bag < b1; ++bag) {
+      const int64_t feature = bag / p.batch;
+      const int64_t sample = bag - feature * p.batch;
+      const cpu::FeatureView& fv = p.features[feature];
+      const int64_t rows = p.tables[fv.table].rows;
+      const K base = static_cast<K>(p.row_base[fv.table]);
+      const int64_t start = static_cast<int64_t>(off[bag]);
+      const int64_t end = static_cast<int64_t>(off[bag + 1]);
+      const int64_t gofs = sample * p.out_dim + fv.out_col;
+      const float bag_scale =
+          (fv.pooling == static_cast<int32_t>(cpu::PoolingMode::kMean) && end > start) ? 1.0f / (end - start) : 1.0f;
+      for (int64_t i = start; i < end; ++i) {
+        const int64_t id = static_cast<int64_t>(idx[i]);
+        if (id < 0 || id >= rows) {
+          atomic_min(first_bad, i);
+          return;
+        }
+        keys[i] = base + static_cast<K>(id);
+        pos[i] = static_cast<uint32_t>(i);
+        grad_offset[i] = gofs;
+        if (scale != nullptr) {
+          scale[i] = psw != nullptr ? psw[i] * bag_scale : bag_scale;
+        }
+      }
+    }
+  });
+  if (first_bad.load() != std::numeric_limits<int64_t>::max()) {
+    throw_bad_index_any(op, p, indices, offsets, first_bad.load());
+  }
+
+  // 2. Stable sort by row: occurrences of a row become adjacent, in position
+  //    order, so each row's gradient is summed in a fixed order.
+  K* tmp_keys = ws.take<K>(Scratch::kTmpKeys, n);
+  uint32_t* tmp_pos = ws.take<uint32_t>(Scratch::kTmpPos, n);
+  const uint64_t max_key = static_cast<uint64_t>(std::max<int64_t>(p.row_base.back() - 1, 0));
+  cpu::radix_sort_pairs<K>(keys, pos, tmp_keys, tmp_pos, n, cpu::bits_needed(max_key));
+
+  // 3. Segment boundaries (one segment per unique row), counted per chunk so
+  //    the writes can run in parallel.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = n < (1 << 16) ? 1 : threads;
+  const int64_t chunk_size = chunks > 0 ? (n + chunks - 1) / chunks : 0;
+  std::vector<int64_t> chunk_segments(chunks + 1, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t count = 0;
+      const int64_t end = std::min(n, (c + 1) * chunk_size);
+      for (int64_t i = c * chunk_size; i < end; ++i) {
+        count += (i == 0 || keys[i] != keys[i - 1]);
+      }
+      chunk_segments[c + 1] = count;
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    chunk_segments[c + 1] += chunk_segments[c];
+  }
+  const int64_t num_segments = chunk_segments[chunks];
+  int64_t* occ_begin = ws.take<int64_t>(Scratch::kOccBegin, num_segments + 1);
+  int32_t* seg_table = ws.take<int32_t>(Scratch::kSegTable, num_segments);
+  int64_t* seg_row = ws.take<int64_t>(Scratch::kSegRow, num_segments);
+  const std::vector<int64_t>& row_base = p.row_base;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t s = chunk_segments[c];
+      const int64_t end = std::min(n, (c + 1) * chunk_size);
+      for (int64_t i = c * chunk_size; i < end; ++i) {
+        if (i == 0 || keys[i] != keys[i - 1]) {
+          const int64_t key = static_cast<int64_t>(keys[i]);
+          const int64_t t = std::upper_bound(row_base.begin(), row_base.end(), key) - row_base.begin() - 1;
+          occ_begin[s] = i;
+          seg_table[s] = static_cast<int32_t>(t);
+          seg_row[s] = key - row_base[t];
+          ++s;
+        }
+      }
+    }
+  });
+  occ_begin[num_segments] = n;
+
+  Segments segs;
+  segs.num_segments = num_segments;
+  segs.occ_begin = occ_begin;
+  segs.seg_table = seg_table;
+  segs.seg_row = seg_row;
+  segs.sorted_pos = pos;
+  segs.pos_grad_offset = grad_offset;
+  segs.pos_scale = scale;
+  return segs;
+}
+
+Segments group_by_row_any(
+    const char* op,
+    const Problem& p,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights,
+    Workspace& ws) {
+  DIST_REC_CHECK_VALUE(
+      op,
+      p.num_indices < (int64_t{1} << 31),
+      "a batch may hold at most 2^31 - 1 indices; got ",
+      p.num_indices);
+  const float* psw = per_sample_weights.has_value() ? per_sample_weights->const_data_ptr<float>() : nullptr;
+  const bool narrow_keys = p.row_base.back() <= (int64_t{1} << 32);
+  if (p.int32_indices) {
+    return narrow_keys ? group_by_row<int32_t, uint32_t>(op, p, indices, offsets, psw, ws)
+                       : group_by_row<int32_t, uint64_t>(op, p, indices, offsets, psw, ws);
+  }
+  return narrow_keys ? group_by_row<int64_t, uint32_t>(op, p, indices, offsets, psw, ws)
+                     : group_by_row<int64_t, uint64_t>(op, p, indices, offsets, psw, ws);
+}
+
+cpu::SegmentArgs segment_args(const Problem& p, const Segments& s, const Tensor& grad_output) {
+  cpu::SegmentArgs a{};
+  a.tables = p.tables.data();
+  a.seg_table = s.seg_table;
+  a.seg_row = s.seg_row;
+  a.occ_begin = s.occ_begin;
+  a.sorted_pos = s.sorted_pos;
+  a.num_occurrences = p.num_indices;
+  a.pos_grad_offset = s.pos_grad_offset;
+  a.pos_scale = s.pos_scale;
+  a.grad_output = grad_output.const_data_ptr<float>();
+  a.weight_type = p.weight_type;
+  return a;
+}
+
+// Runs fn(seg_begin, seg_end) over all segments, split so that each chunk
+// sums about the same number of occurrences (hot rows make segments uneven).
+template <typename Fn>
+void for_each_segment_chunk(const Segments& s, int64_t num_occurrences, const Fn& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads * 4, s.num_segments / 256));
+  std::vector<int64_t> bounds{0};
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = (num_occurrences + s.num_segments) * c / chunks;
+    int64_t lo = bounds.back(), hi = s.num_segments;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (s.occ_begin[mid] + mid < target) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    bounds.push_back(lo);
+  }
+  bounds.push_back(s.num_segments);
+  for_each_chunk(bounds, fn);
+}
+
+thread_local Workspace t_workspace;
+
+template <typename Update>
+void fused_backward(
+    const char* op,
+    Problem& p,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights,
+    const Tensor& grad_output,
+    cpu::SegmentArgs hyper,
+    const Update& update) {
+  check_grad_output(op, p, grad_output);
+  Workspace& ws = t_workspace;
+  const Segments segs = group_by_row_any(op, p, indices, offsets, per_sample_weights, ws);
+  cpu::SegmentArgs a = segment_args(p, segs, grad_output);
+  a.learning_rate = hyper.learning_rate;
+  a.eps = hyper.eps;
+  a.weight_decay = hyper.weight_decay;
+  a.weight_decay_mode = hyper.weight_decay_mode;
+  a.momentum_scale = hyper.momentum_scale;
+  for_each_segment_chunk(segs, p.num_indices, [&](int64_t s0, int64_t s1) { update(a, s0, s1); });
+}
+
+void mark_weights_mutable(Problem& p, TensorList weights) {
+  for (size_t t = 0; t < weights.size(); ++t) {
+    p.tables[t].weights = weights[t].mutable_data_ptr();
+  }
+}
+
+void embedding_bag_backward_sgd_cpu(
+    TensorList weights,
+    IntArrayRef feature_table,
+    IntArrayRef feature_pooling,
+    IntArrayRef feature_column,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights,
+    const Tensor& grad_output,
+    double learning_rate,
+    double weight_decay,
+    int64_t weight_decay_mode) {
+  const char* op = "embedding_bag_backward_sgd_";
+  Problem p =
+      make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
+  mark_weights_mutable(p, weights);
+  cpu::SegmentArgs hyper{};
+  hyper.learning_rate = static_cast<float>(learning_rate);
+  hyper.weight_decay = static_cast<float>(weight_decay);
+  hyper.weight_decay_mode = weight_decay_mode_of(op, weight_decay_mode);
+  fused_backward(op, p, indices, offsets, per_sample_weights, grad_output, hyper, kernels().update_sgd);
+}
+
+void embedding_bag_backward_rowwise_adagrad_cpu(
+    TensorList weights,
+    TensorList momentum1,
+    IntArrayRef feature_table,
+    IntArrayRef feature_pooling,
+    IntArrayRef feature_column,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights,
+    const Tensor& grad_output,
+    double learning_rate,
+    double eps,
+    double weight_decay,
+    int64_t weight_decay_mode) {
+  const char* op = "embedding_bag_backward_rowwise_adagrad_";
+  Problem p =
+      make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
+  mark_weights_mutable(p, weights);
+  attach_state(op, "momentum1", p, momentum1, 0);
+  cpu::SegmentArgs hyper{};
+  hyper.learning_rate = static_cast<float>(learning_rate);
+  hyper.eps = static_cast<float>(eps);
+  hyper.weight_decay = static_cast<float>(weight_decay);
+  hyper.weight_decay_mode = weight_decay_mode_of(op, weight_decay_mode);
+  fused_backward(op, p, indices, offsets, per_sample_weights, grad_output, hyper, kernels().update_rowwise_adagrad);
+}
+
+void embedding_bag_backward_momentum_scaled_rowwise_adagrad_cpu(
+    TensorList weights,
+    TensorList momentum_sync,
+    TensorList momentum_local,
+    IntArrayRef feature_table,
+    IntArrayRef feature_pooling,
+    IntArrayRef feature_column,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights,
+    const Tensor& grad_output,
+    double learning_rate,
+    double eps,
+    double momentum_scale,
+    double weight_decay,
+    int64_t weight_decay_mode) {
+  const char* op = "embedding_bag_backward_momentum_scaled_rowwise_adagrad_";
+  Problem p =
+      make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
+  mark_weights_mutable(p, weights);
+  attach_state(op, "momentum_sync", p, momentum_sync, 0);
+  attach_state(op, "momentum_local", p, momentum_local, 1);
+  cpu::SegmentArgs hyper{};
+  hyper.learning_rate = static_cast<float>(learning_rate);
+  hyper.eps = static_cast<float>(eps);
+  hyper.momentum_scale = static_cast<float>(momentum_scale);
+  hyper.weight_decay = static_cast<float>(weight_decay);
+  hyper.weight_decay_mode = weight_decay_mode_of(op, weight_decay_mode);
+  fused_backward(
+      op,
+      p,
+      indices,
+      offsets,
+      per_sample_weights,
+      grad_output,
+      hyper,
+      kernels().update_momentum_scaled_rowwise_adagrad);
+}
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>> embedding_bag_backward_row_grad_cpu(
+    TensorList weights,
+    IntArrayRef feature_table,
+    IntArrayRef feature_pooling,
+    IntArrayRef feature_column,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights,
+    const Tensor& grad_output) {
+  const char* op = "embedding_bag_backward_row_grad";
+  Problem p =
+      make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
+  check_grad_output(op, p, grad_output);
+  Workspace& ws = t_workspace;
+  const Segments segs = group_by_row_any(op, p, indices, offsets, per_sample_weights, ws);
+
+  // Segments are sorted by linear row, hence grouped by table.
+  std::vector<Tensor> row_ids, row_grads;
+  std::vector<float*> slots(segs.num_segments);
+  int64_t s = 0;
+  for (int64_t t = 0; t < static_cast<int64_t>(p.tables.size()); ++t) {
+    const int64_t begin = s;
+    while (s < segs.num_segments && segs.seg_table[s] == t) {
+      ++s;
+    }
+    const int64_t count = s - begin;
+    const int64_t dim = p.tables[t].dim;
+    Tensor ids = at::empty({count}, indices.options().dtype(at::kLong));
+    Tensor grads = at::empty({count, dim}, grad_output.options());
+    std::copy(segs.seg_row + begin, segs.seg_row + s, ids.mutable_data_ptr<int64_t>());
+    float* g = grads.mutable_data_ptr<float>();
+    for (int64_t i = 0; i < count; ++i) {
+      slots[begin + i] = g + i * dim;
+    }
+    row_ids.push_back(std::move(ids));
+    row_grads.push_back(std::move(grads));
+  }
+  cpu::SegmentArgs a = segment_args(p, segs, grad_output);
+  a.row_grad_out = slots.data();
+  const auto& k = kernels();
+  for_each_segment_chunk(segs, p.num_indices, [&](int64_t s0, int64_t s1) { k.sum_row_grads(a, s0, s1); });
+  return {std::move(row_ids), std::move(row_grads)};
+}
+
+template <typename I>
+int64_t first_bad_index(const Problem& p, const Tensor& indices, const Tensor& offsets) {
+  const I* idx = indices.const_data_ptr<I>();
+  const I* off = offsets.const_data_ptr<I>();
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  for_each_chunk(bag_chunks(off, offsets.numel() - 1, p.num_indices), [&](int64_t b0, int64_t b1) {
+    for (int64_t bag = b0; bag < b1; ++bag) {
+      const int64_t rows = p.tables[p.features[bag / p.batch].table].rows;
+      for (int64_t i = off[bag]; i < off[bag + 1]; ++i) {
+        if (idx[i] < 0 || idx[i] >= rows) {
+          atomic_min(first_bad, i);
+          return;
+        }
+      }
+    }
+  });
+  return first_bad.load();
+}
+
+Tensor embedding_bag_per_sample_weights_grad_cpu(
+    TensorList weights,
+    IntArrayRef feature_table,
+    IntArrayRef feature_pooling,
+    IntArrayRef feature_column,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const Tensor& grad_output) {
+  const char* op = "embedding_bag_per_sample_weights_grad";
+  Problem p =
+      make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, std::nullopt);
+  check_grad_output(op, p, grad_output);
+  const int64_t bad = p.int32_indices ? first_bad_index<int32_t>(p, indices, offsets)
+                                      : first_bad_index<int64_t>(p, indices, offsets);
+  if (bad != std::numeric_limits<int64_t>::max()) {
+    throw_bad_index_any(op, p, indices, offsets, bad);
+  }
+  Tensor out = at::empty({p.num_indices}, grad_output.options());
+  cpu::PerSampleWeightGradArgs a{
+      p.tables.data(),
+      p.features.data(),
+      p.batch,
+      indices.const_data_ptr(),
+      offsets.const_data_ptr(),
+      grad_output.const_data_ptr<float>(),
+      p.out_dim,
+      out.mutable_data_ptr<float>(),
+      p.weight_type};
+  const auto& k = kernels();
+  auto* fn = p.int32_indices ? k.per_sample_weight_grad_i32 : k.per_sample_weight_grad_i64;
+  const int64_t num_bags = offsets.numel() - 1;
+  if (p.int32_indices) {
+    for_each_chunk(bag_chunks(offsets.const_data_ptr<int32_t>(), num_bags, p.num_indices), [&](int64_t b0, int64_t b1) {
+      fn(a, b0, b1);
+    });
+  } else {
+    for_each_chunk(bag_chunks(offsets.const_data_ptr<int64_t>(), num_bags, p.num_indices), [&](int64_t b0, int64_t b1) {
+      fn(a, b0, b1);
+    });
+  }
+  return out;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(dist_rec, CPU, m) {
+  m.impl("embedding_bag_forward", &embedding_bag_forward_cpu);
+  m.impl("embedding_bag_backward_sgd_", &embedding_bag_backward_sgd_cpu);
+  m.impl("embedding_bag_backward_rowwise_adagrad_", &embedding_bag_backward_rowwise_adagrad_cpu);
+  m.impl(
+      "embedding_bag_backward_momentum_scaled_rowwise_adagrad_",
+      &embedding_bag_backward_momentum_scaled_rowwise_adagrad_cpu);
+  m.impl("embedding_bag_backward_row_grad", &embedding_bag_backward_row_grad_cpu);
+  m.impl("embedding_bag_per_sample_weights_grad", &embedding_bag_per_sample_weights_grad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(dist_rec, CompositeImplicitAutograd, m) {
+  m.impl("_set_cpu_isa", &set_cpu_isa);
+  m.impl("_supported_cpu_isas", &supported_cpu_isas);
+  m.impl("_set_index_checks", &set_index_checks);
+}
+
+} // namespace dist_rec

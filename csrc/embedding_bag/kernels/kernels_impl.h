@@ -1,0 +1,416 @@
+// ISA-generic inner loops of the pooled embedding ops. This header is
+// included inside `namespace dist_rec::cpu::<isa>` by kernels_<isa>.cpp after
+// that file has defined:
+//
+//   vec                     the SIMD register type (float for scalar)
+//   kLanes                  floats per vec
+//   v_zero(), v_set1(x), v_add(a, b), v_mul(a, b), v_fma(a, b, c) = a*b+c
+//   v_load(const T*), v_store(T*, vec) for T in {float, HalfBits, BFloat16Bits}
+//   v_hsum(vec)             horizontal sum
+//
+// Every lane computes the same sequence of float operations as the scalar
+// tail, in the same order, so forward results are bit-identical across ISAs
+// (only horizontal sums, used for mean(g^2), differ in rounding).
+//
+// Nothing here may use the C++ standard library: see kernel_api.h.
+
+#include "scalar_convert.h"
+
+// How many index positions ahead the forward loop prefetches rows, and how
+// many segments ahead the backward loop prefetches the rows it will update.
+constexpr int64_t kForwardPrefetchPositions = 12;
+constexpr int64_t kBackwardPrefetchSegments = 4;
+constexpr int64_t kBackwardPrefetchOccurrences = 8;
+// Gradient rows up to this many floats are summed on the stack; wider rows
+// (rare) use the heap.
+constexpr int64_t kStackRowFloats = 2048;
+
+template <typename T>
+static inline void prefetch_row(const T* row, int64_t dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    __builtin_prefetch(p + offset, 0, 3);
+  }
+}
+
+template <typename T>
+static inline void prefetch_row_for_write(const T* row, int64_t dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    __builtin_prefetch(p + offset, 1, 3);
+  }
+}
+
+// acc[0:D] += w * row[0:D]
+template <typename T>
+static inline void accumulate_row(float* acc, const T* row, float w, int64_t dim) {
+  const vec vw = v_set1(w);
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    v_store(acc + d, v_fma(vw, v_load(row + d), v_load(acc + d)));
+  }
+  for (; d < dim; ++d) {
+    acc[d] = fused_multiply_add(w, to_float(row[d]), acc[d]);
+  }
+}
+
+// out[0:D] = scale * acc[0:D]
+static inline void store_scaled(float* out, const float* acc, float scale, int64_t dim) {
+  const vec vs = v_set1(scale);
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    v_store(out + d, v_mul(vs, v_load(acc + d)));
+  }
+  for (; d < dim; ++d) {
+    out[d] = scale * acc[d];
+  }
+}
+
+static inline void zero_floats(float* x, int64_t n) {
+  const vec z = v_zero();
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    v_store(x + d, z);
+  }
+  for (; d < n; ++d) {
+    x[d] = 0.0f;
+  }
+}
+
+// Stack scratch for one row of floats, heap for unusually wide rows.
+struct RowScratch {
+  float stack[kStackRowFloats] __attribute__((aligned(64)));
+  float* heap = nullptr;
+  float* get(int64_t dim) {
+    if (dim <= kStackRowFloats) {
+      return stack;
+    }
+    if (heap == nullptr) {
+      heap = static_cast<float*>(__builtin_malloc(sizeof(float) * dim));
+    }
+    return heap;
+  }
+  ~RowScratch() {
+    __builtin_free(heap);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Forward: pooled lookup
+// ---------------------------------------------------------------------------
+
+template <typename I, typename T, bool kCheckIds>
+static int64_t forward_bags(const ForwardArgs& a, int64_t bag_begin, int64_t bag_end) {
+  const I* indices = static_cast<const I*>(a.indices);
+  const I* offsets = static_cast<const I*>(a.offsets);
+  const int64_t batch = a.batch;
+  const int64_t pos_end = offsets[bag_end];
+
+  // Second cursor that runs kForwardPrefetchPositions ahead of the one that
+  // sums, across bag and feature boundaries, so that the next rows are in
+  // flight while this one is being added.
+  int64_t pf_pos = offsets[bag_begin];
+  int64_t pf_bag = bag_begin;
+  auto prefetch_until = [&](int64_t limit) {
+    if (limit > pos_end) {
+      limit = pos_end;
+    }
+    for (; pf_pos < limit; ++pf_pos) {
+      while (static_cast<int64_t>(offsets[pf_bag + 1]) <= pf_pos) {
+        ++pf_bag;
+      }
+      const TableView& tv = a.tables[a.features[pf_bag / batch].table];
+      const int64_t id = static_cast<int64_t>(indices[pf_pos]);
+      if (id >= 0 && id < tv.rows) {
+        prefetch_row(static_cast<const T*>(tv.weights) + id * tv.dim, tv.dim);
+      }
+    }
+  };
+
+  RowScratch scratch;
+  for (int64_t bag = bag_begin; bag < bag_end; ++bag) {
+    const int64_t feature = bag / batch;
+    const int64_t sample = bag - feature * batch;
+    const FeatureView& fv = a.features[feature];
+    const TableView& tv = a.tables[fv.table];
+    const int64_t dim = tv.dim;
+    const T* weights = static_cast<const T*>(tv.weights);
+    float* acc = scratch.get(dim);
+    zero_floats(acc, dim);
+
+    const int64_t start = static_cast<int64_t>(offsets[bag]);
+    const int64_t end = static_cast<int64_t>(offsets[bag + 1]);
+    for (int64_t p = start; p < end; ++p) {
+      prefetch_until(p + kForwardPrefetchPositions);
+      const int64_t id = static_cast<int64_t>(indices[p]);
+      if (kCheckIds && (id < 0 || id >= tv.rows)) {
+        return p;
+      }
+      const float w = a.per_sample_weights != nullptr ? a.per_sample_weights[p] : 1.0f;
+      accumulate_row(acc, weights + id * dim, w, dim);
+    }
+    float scale = 1.0f;
+    if (fv.pooling == static_cast<int32_t>(PoolingMode::kMean) && end > start) {
+      scale = 1.0f / static_cast<float>(end - start);
+    }
+    store_scaled(a.out + sample * a.out_dim + fv.out_col, acc, scale, dim);
+  }
+  return -1;
+}
+
+template <typename I, bool kCheckIds>
+static int64_t forward_bags_any(const ForwardArgs& a, int64_t bag_begin, int64_t bag_end) {
+  switch (a.weight_type) {
+    case WeightType::kFloat:
+      return forward_bags<I, float, kCheckIds>(a, bag_begin, bag_end);
+    case WeightType::kHalf:
+      return forward_bags<I, HalfBits, kCheckIds>(a, bag_begin, bag_end);
+    case WeightType::kBFloat16:
+      return forward_bags<I, BFloat16Bits, kCheckIds>(a, bag_begin, bag_end);
+  }
+  return -1;
+}
+
+// ---------------------------------------------------------------------------
+// Backward: sum each touched row's gradient over the batch, then update it
+// ---------------------------------------------------------------------------
+
+// Sums the gradient of segment s (one unique row) into g[0:D].
+static inline void sum_segment_grad(const SegmentArgs& a, int64_t s, float* g, int64_t dim) {
+  const int64_t begin = a.occ_begin[s];
+  const int64_t end = a.occ_begin[s + 1];
+  zero_floats(g, dim);
+  for (int64_t i = begin; i < end; ++i) {
+    // Rows of the next segments count too: prefetch runs across segments.
+    const int64_t ahead = i + kBackwardPrefetchOccurrences;
+    if (ahead < a.num_occurrences) {
+      prefetch_row(a.grad_output + a.pos_grad_offset[a.sorted_pos[ahead]], dim);
+    }
+    const uint32_t p = a.sorted_pos[i];
+    const float scale = a.pos_scale != nullptr ? a.pos_scale[p] : 1.0f;
+    accumulate_row(g, a.grad_output + a.pos_grad_offset[p], scale, dim);
+  }
+}
+
+// sum_d (g[d] + wd * w[d])^2 / D, the row's mean squared (regularised) gradient.
+template <typename T>
+static inline float mean_square(const float* g, const T* w, float l2, int64_t dim) {
+  vec acc = v_zero();
+  const vec vl2 = v_set1(l2);
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    const vec x = l2 != 0.0f ? v_fma(vl2, v_load(w + d), v_load(g + d)) : v_load(g + d);
+    acc = v_fma(x, x, acc);
+  }
+  float sum = v_hsum(acc);
+  for (; d < dim; ++d) {
+    const float x = l2 != 0.0f ? fused_multiply_add(l2, to_float(w[d]), g[d]) : g[d];
+    sum = fused_multiply_add(x, x, sum);
+  }
+  return sum / static_cast<float>(dim);
+}
+
+// w = correction * w - multiplier * g
+template <typename T>
+static inline void scaled_step(T* w, const float* g, float correction, float multiplier, int64_t dim) {
+  const vec vc = v_set1(correction);
+  const vec vm = v_set1(-multiplier);
+  int64_t d = 0;
+  if (correction == 1.0f) {
+    for (; d + kLanes <= dim; d += kLanes) {
+      v_store(w + d, v_fma(vm, v_load(g + d), v_load(w + d)));
+    }
+    for (; d < dim; ++d) {
+      w[d] = from_float<T>(fused_multiply_add(-multiplier, g[d], to_float(w[d])));
+    }
+  } else {
+    for (; d + kLanes <= dim; d += kLanes) {
+      v_store(w + d, v_fma(vm, v_load(g + d), v_mul(vc, v_load(w + d))));
+    }
+    for (; d < dim; ++d) {
+      w[d] = from_float<T>(fused_multiply_add(-multiplier, g[d], correction * to_float(w[d])));
+    }
+  }
+}
+
+struct SgdUpdate {
+  template <typename T>
+  static void apply(const SegmentArgs& a, const TableView&, T* w, int64_t, const float* g, int64_t dim) {
+    // L2 and decoupled decay coincide for SGD: w - lr * (g + wd * w).
+    const float correction = a.weight_decay_mode == WeightDecayMode::kNone
+        ? 1.0f
+        : 1.0f - a.learning_rate * a.weight_decay;
+    scaled_step(w, g, correction, a.learning_rate, dim);
+  }
+};
+
+// Shared by row-wise AdaGrad and its momentum-scaled variant: given the
+// accumulator value to step with, applies FBGEMM's weight-decay semantics.
+template <typename T>
+static inline void adagrad_step(const SegmentArgs& a, T* w, const float* g, float accumulator, int64_t dim) {
+  const float multiplier = a.learning_rate / (__builtin_sqrtf(accumulator) + a.eps);
+  float correction = 1.0f;
+  if (a.weight_decay_mode == WeightDecayMode::kL2) {
+    correction = 1.0f - multiplier * a.weight_decay;
+  } else if (a.weight_decay_mode == WeightDecayMode::kDecoupled) {
+    correction = 1.0f - a.learning_rate * a.weight_decay;
+  }
+  scaled_step(w, g, correction, multiplier, dim);
+}
+
+static inline float l2_coefficient(const SegmentArgs& a) {
+  return a.weight_decay_mode == WeightDecayMode::kL2 ? a.weight_decay : 0.0f;
+}
+
+struct RowwiseAdagradUpdate {
+  template <typename T>
+  static void apply(const SegmentArgs& a, const TableView& tv, T* w, int64_t row, const float* g, int64_t dim) {
+    const float momentum = tv.state0[row] + mean_square(g, w, l2_coefficient(a), dim);
+    tv.state0[row] = momentum;
+    adagrad_step(a, w, g, momentum, dim);
+  }
+};
+
+struct MomentumScaledRowwiseAdagradUpdate {
+  template <typename T>
+  static void apply(const SegmentArgs& a, const TableView& tv, T* w, int64_t row, const float* g, int64_t dim) {
+    // state0: accumulator agreed at the last sync (read only here);
+    // state1: this replica's increment since then.
+    const float increment = tv.state1[row] + mean_square(g, w, l2_coefficient(a), dim);
+    tv.state1[row] = increment;
+    adagrad_step(a, w, g, tv.state0[row] + a.momentum_scale * increment, dim);
+  }
+};
+
+template <typename T, typename Update>
+static void update_segments(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
+  RowScratch scratch;
+  for (int64_t s = seg_begin; s < seg_end; ++s) {
+    const int64_t ahead = s + kBackwardPrefetchSegments;
+    if (ahead < seg_end) {
+      const TableView& tv = a.tables[a.seg_table[ahead]];
+      prefetch_row_for_write(static_cast<const T*>(tv.weights) + a.seg_row[ahead] * tv.dim, tv.dim);
+      if (tv.state0 != nullptr) {
+        __builtin_prefetch(tv.state0 + a.seg_row[ahead], 1, 3);
+      }
+      if (tv.state1 != nullptr) {
+        __builtin_prefetch(tv.state1 + a.seg_row[ahead], 1, 3);
+      }
+    }
+    const TableView& tv = a.tables[a.seg_table[s]];
+    const int64_t dim = tv.dim;
+    const int64_t row = a.seg_row[s];
+    float* g = scratch.get(dim);
+    sum_segment_grad(a, s, g, dim);
+    Update::apply(a, tv, static_cast<T*>(tv.weights) + row * dim, row, g, dim);
+  }
+}
+
+template <typename Update>
+static void update_segments_any(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
+  switch (a.weight_type) {
+    case WeightType::kFloat:
+      return update_segments<float, Update>(a, seg_begin, seg_end);
+    case WeightType::kHalf:
+      return update_segments<HalfBits, Update>(a, seg_begin, seg_end);
+    case WeightType::kBFloat16:
+      return update_segments<BFloat16Bits, Update>(a, seg_begin, seg_end);
+  }
+}
+
+static void update_sgd(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
+  update_segments_any<SgdUpdate>(a, seg_begin, seg_end);
+}
+
+static void update_rowwise_adagrad(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
+  update_segments_any<RowwiseAdagradUpdate>(a, seg_begin, seg_end);
+}
+
+static void update_momentum_scaled_rowwise_adagrad(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
+  update_segments_any<MomentumScaledRowwiseAdagradUpdate>(a, seg_begin, seg_end);
+}
+
+static void sum_row_grads(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
+  for (int64_t s = seg_begin; s < seg_end; ++s) {
+    sum_segment_grad(a, s, a.row_grad_out[s], a.tables[a.seg_table[s]].dim);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Gradient with respect to per-sample weights
+// ---------------------------------------------------------------------------
+
+template <typename T>
+static inline float dot_row(const T* row, const float* g, int64_t dim) {
+  vec acc = v_zero();
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    acc = v_fma(v_load(row + d), v_load(g + d), acc);
+  }
+  float sum = v_hsum(acc);
+  for (; d < dim; ++d) {
+    sum = fused_multiply_add(to_float(row[d]), g[d], sum);
+  }
+  return sum;
+}
+
+template <typename I, typename T>
+static void per_sample_weight_grad(const PerSampleWeightGradArgs& a, int64_t bag_begin, int64_t bag_end) {
+  const I* indices = static_cast<const I*>(a.indices);
+  const I* offsets = static_cast<const I*>(a.offsets);
+  for (int64_t bag = bag_begin; bag < bag_end; ++bag) {
+    const int64_t feature = bag / a.batch;
+    const int64_t sample = bag - feature * a.batch;
+    const FeatureView& fv = a.features[feature];
+    const TableView& tv = a.tables[fv.table];
+    const float* g = a.grad_output + sample * a.out_dim + fv.out_col;
+    const int64_t start = static_cast<int64_t>(offsets[bag]);
+    const int64_t end = static_cast<int64_t>(offsets[bag + 1]);
+    float scale = 1.0f;
+    if (fv.pooling == static_cast<int32_t>(PoolingMode::kMean) && end > start) {
+      scale = 1.0f / static_cast<float>(end - start);
+    }
+    for (int64_t p = start; p < end; ++p) {
+      const T* row = static_cast<const T*>(tv.weights) + static_cast<int64_t>(indices[p]) * tv.dim;
+      a.out[p] = scale * dot_row(row, g, tv.dim);
+    }
+  }
+}
+
+template <typename I>
+static void per_sample_weight_grad_any(const PerSampleWeightGradArgs& a, int64_t bag_begin, int64_t bag_end) {
+  switch (a.weight_type) {
+    case WeightType::kFloat:
+      return per_sample_weight_grad<I, float>(a, bag_begin, bag_end);
+    case WeightType::kHalf:
+      return per_sample_weight_grad<I, HalfBits>(a, bag_begin, bag_end);
+    case WeightType::kBFloat16:
+      return per_sample_weight_grad<I, BFloat16Bits>(a, bag_begin, bag_end);
+  }
+}
+
+static void per_sample_weight_grad_i32(const PerSampleWeightGradArgs& a, int64_t bag_begin, int64_t bag_end) {
+  per_sample_weight_grad_any<int32_t>(a, bag_begin, bag_end);
+}
+
+static void per_sample_weight_grad_i64(const PerSampleWeightGradArgs& a, int64_t bag_begin, int64_t bag_end) {
+  per_sample_weight_grad_any<int64_t>(a, bag_begin, bag_end);
+}
+
+static constexpr KernelTable make_kernel_table(const char* name) {
+  return KernelTable{
+      name,
+      &forward_bags_any<int32_t, true>,
+      &forward_bags_any<int64_t, true>,
+      &forward_bags_any<int32_t, false>,
+      &forward_bags_any<int64_t, false>,
+      &update_sgd,
+      &update_rowwise_adagrad,
+      &update_momentum_scaled_rowwise_adagrad,
+      &sum_row_grads,
+      &per_sample_weight_grad_i32,
+      &per_sample_weight_grad_i64,
+  };
+}

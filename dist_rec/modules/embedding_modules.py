@@ -1,0 +1,250 @@
+"""``EmbeddingBagCollection``: many pooled embedding tables, one fused lookup.
+
+A drop-in for TorchRec's unsharded ``EmbeddingBagCollection``: same table
+configs, ``KeyedJaggedTensor`` in (ours or TorchRec's), ``KeyedTensor`` out,
+``state_dict`` keys ``embedding_bags.<table>.weight``. Two ways to train:
+
+* with ``optimizer=`` one of ``dist_rec.optim``'s fused optimizers, the
+  backward pass updates the touched rows in place (FBGEMM TBE style); the
+  tables do not require grad, so dense optimizers and DDP skip them;
+* without, the tables are ordinary parameters with dense gradients, for any
+  ``torch.optim`` optimizer (as TorchRec's unsharded module).
+
+Tables live on 2 MiB huge pages (see ``dist_rec.ops.empty_hugepage``).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from dist_rec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, as_embedding_bag_config
+from dist_rec.ops.embedding_bag import PoolingMode, embedding_bag_forward, empty_hugepage
+from dist_rec.ops.fused_lookup import fused_lookup
+from dist_rec.optim.fused import FusedOptimizer, MomentumScaledRowWiseAdagrad
+from dist_rec.sparse.jagged_tensor import KeyedTensor
+
+_POOLING_MODE = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
+
+
+class EmbeddingBagCollection(nn.Module):
+    """Pooled embedding tables looked up together, optimizer optionally fused.
+
+    Args:
+        tables (List[EmbeddingBagConfig]): the tables (ours or TorchRec's
+            configs). Table names and feature names must be unique; all
+            tables share one data type.
+        is_weighted (bool): bags carry per-id weights (the input's
+            ``weights()``), as in TorchRec. (Default: False)
+        device (Optional[torch.device]): only CPU for now. (Default: CPU)
+        optimizer (Optional[FusedOptimizer]): fused sparse optimizer applied
+            in the backward pass, or None for dense gradients. (Default: None)
+
+    Example::
+
+        ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name="t0", embedding_dim=64, num_embeddings=10_000,
+                                       feature_names=["f0", "f1"])],
+            optimizer=RowWiseAdagrad(lr=0.05))
+        out = ebc(kjt)                 # KeyedTensor: out.values() is [B, 128]
+        out.values().backward(grad)    # rows of t0 updated in place
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[Any],
+        is_weighted: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+        optimizer: Optional[FusedOptimizer] = None,
+    ) -> None:
+        super().__init__()
+        configs = [as_embedding_bag_config(t) for t in tables]
+        _check_configs(configs)
+        if device is not None and torch.device(device).type != "cpu":
+            raise NotImplementedError(f"EmbeddingBagCollection on device={device!s} is not supported yet; use cpu.")
+        if optimizer is not None and not isinstance(optimizer, FusedOptimizer):
+            raise TypeError(
+                f"Invalid optimizer={optimizer!r}. Must be a dist_rec.optim fused optimizer "
+                "(RowWiseAdagrad, MomentumScaledRowWiseAdagrad, SGD) or None."
+            )
+        self._configs = configs
+        self._is_weighted = is_weighted
+        self._optimizer = optimizer
+
+        self.embedding_bags = nn.ModuleDict()
+        for config in configs:
+            weight = empty_hugepage((config.num_embeddings, config.embedding_dim), config.dtype)
+            bag = nn.EmbeddingBag(
+                config.num_embeddings,
+                config.embedding_dim,
+                mode="sum" if config.pooling == PoolingType.SUM else "mean",
+                include_last_offset=True,
+                _weight=weight,
+            )
+            bag.weight.requires_grad_(optimizer is None)
+            self.embedding_bags[config.name] = bag
+        self._optimizer_states: List[Dict[str, torch.Tensor]] = []
+        self.reset_parameters()
+
+        # Output columns follow the configs' feature order, as in TorchRec.
+        self._feature_names: List[str] = []
+        self._feature_dims: List[int] = []
+        self._feature_slot: Dict[str, Tuple[int, int, int]] = {}  # name -> (table, pooling, column)
+        column = 0
+        for t, config in enumerate(configs):
+            for name in config.feature_names:
+                self._feature_names.append(name)
+                self._feature_dims.append(config.embedding_dim)
+                self._feature_slot[name] = (t, int(_POOLING_MODE[config.pooling]), column)
+                column += config.embedding_dim
+        self._layouts: Dict[Tuple[str, ...], Tuple[List[int], List[int], List[int]]] = {}
+        # Puts fused lookups in the autograd graph though the tables do not require grad.
+        self._grad_anchor = torch.empty(0, requires_grad=True)
+
+    # -- parameters and state ------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Uniform init in [weight_init_min, weight_init_max]; fresh optimizer state."""
+        for config, bag in zip(self._configs, self.embedding_bags.values()):
+            bag.weight.uniform_(config.weight_init_min, config.weight_init_max)
+        if self._optimizer is not None:
+            self._optimizer_states = [
+                self._optimizer.init_state(
+                    config.num_embeddings, allocate=lambda n: empty_hugepage((n,), torch.float32).zero_()
+                )
+                for config in self._configs
+            ]
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return list(self._configs)
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def optimizer(self) -> Optional[FusedOptimizer]:
+        return self._optimizer
+
+    def _weights(self) -> List[torch.Tensor]:
+        return [bag.weight for bag in self.embedding_bags.values()]
+
+    def optimizer_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Per table, the fused optimizer's per-row state (live tensors)."""
+        return {config.name: dict(state) for config, state in zip(self._configs, self._optimizer_states)}
+
+    @torch.no_grad()
+    def load_optimizer_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Copies state saved by ``optimizer_state()`` into this collection."""
+        expected = self.optimizer_state()
+        if set(state) != set(expected):
+            raise ValueError(f"Optimizer state has tables {sorted(state)}; this collection has {sorted(expected)}.")
+        for table, names in expected.items():
+            if set(state[table]) != set(names):
+                raise ValueError(f"Optimizer state of table {table!r} has {sorted(state[table])}; expected {sorted(names)}.")
+            for name, tensor in names.items():
+                if state[table][name].shape != tensor.shape:
+                    raise ValueError(
+                        f"Optimizer state {table}.{name} has shape {tuple(state[table][name].shape)}; "
+                        f"expected {tuple(tensor.shape)}."
+                    )
+                tensor.copy_(state[table][name])
+
+    def sync(self, process_group: Optional["torch.distributed.ProcessGroup"] = None) -> None:
+        """Momentum-scaled row-wise AdaGrad only: agree accumulators and
+        average weights over the replicas in ``process_group`` (or fold the
+        local increments in when there is none)."""
+        if not isinstance(self._optimizer, MomentumScaledRowWiseAdagrad):
+            raise TypeError(f"sync() needs MomentumScaledRowWiseAdagrad; this collection uses {self._optimizer!r}.")
+        self._optimizer.sync(self._weights(), self._optimizer_states, process_group)
+
+    # -- lookup --------------------------------------------------------------
+
+    def forward(self, features) -> KeyedTensor:
+        """Pools every feature of ``features`` (a KeyedJaggedTensor, ours or
+        TorchRec's) into ``[B, sum of dims]`` columns, in config order."""
+        keys = list(features.keys())
+        layout = self._layout(keys)
+        values = features.values()
+        offsets = features.offsets()
+        if offsets.dtype != values.dtype and values.dtype in (torch.int32, torch.int64):
+            offsets = offsets.to(values.dtype)
+        per_sample_weights = None
+        if self._is_weighted:
+            per_sample_weights = features.weights_or_none()
+            if per_sample_weights is None:
+                raise ValueError("This EmbeddingBagCollection has is_weighted=True but the input has no weights.")
+        weights = self._weights()
+        try:
+            if self._optimizer is None:
+                pooled = embedding_bag_forward(weights, *layout, values, offsets, per_sample_weights)
+            else:
+                apply_grad = functools.partial(
+                    self._optimizer.backward_, weights, self._optimizer_states, layout, values, offsets, per_sample_weights
+                )
+                pooled = fused_lookup(self._grad_anchor, weights, layout, values, offsets, per_sample_weights, apply_grad)
+        except (IndexError, ValueError, TypeError) as error:
+            raise self._explain(error, keys, features) from None
+        return KeyedTensor(self._feature_names, self._feature_dims, pooled)
+
+    def _layout(self, keys: List[str]) -> Tuple[List[int], List[int], List[int]]:
+        """(table, pooling, output column) of each input key, cached per key order."""
+        layout = self._layouts.get(tuple(keys))
+        if layout is None:
+            unknown = [k for k in keys if k not in self._feature_slot]
+            if unknown:
+                raise ValueError(
+                    f"Unknown feature names {unknown} in the input. This EmbeddingBagCollection "
+                    f"has features {self._feature_names} (tables {[c.name for c in self._configs]})."
+                )
+            missing = [f for f in self._feature_names if f not in keys]
+            if missing:
+                raise ValueError(f"The input lacks features {missing}; it has keys {keys}.")
+            slots = [self._feature_slot[k] for k in keys]
+            layout = tuple([list(x) for x in zip(*slots)])
+            self._layouts[tuple(keys)] = layout
+        return layout
+
+    def _explain(self, error: Exception, keys: List[str], features) -> Exception:
+        """The kernel's message with feature and table names put in."""
+        if isinstance(error, ValueError):
+            lengths = features.lengths()
+            negative = (lengths < 0).nonzero()
+            if negative.numel() > 0 and features.stride() > 0:
+                bag = int(negative[0])
+                f, b = divmod(bag, features.stride())
+                return ValueError(
+                    f"Invalid length {int(lengths[bag])} for feature {keys[f]!r} (table "
+                    f"{self._configs[self._feature_slot[keys[f]][0]].name!r}), sample {b}. Lengths must be >= 0."
+                )
+        message = str(error)
+        message = re.sub(r"feature slot (\d+)", lambda m: f"feature {keys[int(m.group(1))]!r}", message)
+        message = re.sub(r"table (\d+)", lambda m: f"table {self._configs[int(m.group(1))].name!r}", message)
+        message = message.replace("indices[", "values[")
+        return type(error)(f"EmbeddingBagCollection: {message}")
+
+
+def _check_configs(configs: List[EmbeddingBagConfig]) -> None:
+    if not configs:
+        raise ValueError("Invalid tables=[]. Must hold at least one EmbeddingBagConfig.")
+    seen_tables, seen_features = set(), {}
+    for config in configs:
+        if config.name in seen_tables:
+            raise ValueError(f"Duplicate table name {config.name!r}.")
+        seen_tables.add(config.name)
+        for feature in config.feature_names:
+            if feature in seen_features:
+                raise ValueError(
+                    f"Duplicate feature name {feature!r} in tables {seen_features[feature]!r} and {config.name!r}."
+                )
+            seen_features[feature] = config.name
+    data_types = {config.data_type for config in configs}
+    if len(data_types) > 1:
+        raise NotImplementedError(
+            "All tables of one EmbeddingBagCollection must share a data_type for now; got "
+            + ", ".join(f"{c.name}={c.data_type.value}" for c in configs)
+        )

@@ -1,0 +1,25 @@
+"""Python face of the native ops (``torch.ops.dist_rec``) and their references."""
+
+from dist_rec.ops.embedding_bag import (
+    PoolingMode,
+    WeightDecayMode,
+    embedding_bag_backward_row_grad,
+    embedding_bag_forward,
+    empty_hugepage,
+    set_cpu_isa,
+    set_index_checks,
+    supported_cpu_isas,
+)
+from dist_rec.ops.fused_lookup import fused_lookup
+
+__all__ = [
+    "PoolingMode",
+    "WeightDecayMode",
+    "embedding_bag_backward_row_grad",
+    "embedding_bag_forward",
+    "empty_hugepage",
+    "fused_lookup",
+    "set_cpu_isa",
+    "set_index_checks",
+    "supported_cpu_isas",
+]

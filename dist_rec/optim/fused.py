@@ -1,0 +1,194 @@
+"""Optimizers applied inside the embedding backward pass (FBGEMM "exact").
+
+These are configurations, not ``torch.optim.Optimizer``s: an
+``EmbeddingBagCollection`` built with one calls the matching fused kernel from
+its backward, which sums each touched row's gradient over the batch and
+updates the row and its state in place. No dense gradient of a table exists.
+
+Hyper-parameters are read at every backward, so a schedule may change
+``lr`` between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from dist_rec.ops.embedding_bag import WeightDecayMode, _ops
+
+# (feature_table, feature_pooling, feature_column) of one lookup call.
+Layout = Tuple[List[int], List[int], List[int]]
+
+
+def _weight_decay_mode(value) -> WeightDecayMode:
+    if isinstance(value, WeightDecayMode):
+        return value
+    names = {"none": WeightDecayMode.NONE, "l2": WeightDecayMode.L2, "decoupled": WeightDecayMode.DECOUPLED}
+    if isinstance(value, str) and value.lower() in names:
+        return names[value.lower()]
+    raise ValueError(f"Invalid weight_decay_mode={value!r}. Must be 'none', 'l2' or 'decoupled'.")
+
+
+@dataclass(kw_only=True)
+class FusedOptimizer:
+    """Base of the fused optimizers: validation and the state each row keeps.
+
+    Subclasses name their per-row states in ``state_names`` (each a float32
+    tensor with one value per row) and implement ``backward_``.
+    """
+
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    weight_decay_mode: str = "none"
+
+    state_names: ClassVar[Tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if not self.lr >= 0.0:
+            raise ValueError(f"Invalid lr={self.lr}. Must be >= 0.")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay={self.weight_decay}. Must be >= 0.")
+        self._decay_mode = _weight_decay_mode(self.weight_decay_mode)
+
+    def init_state(self, num_rows: int, allocate=torch.zeros) -> Dict[str, torch.Tensor]:
+        """Fresh per-row state for a table of ``num_rows`` rows."""
+        return {name: allocate(num_rows) for name in self.state_names}
+
+    def backward_(
+        self,
+        weights: Sequence[torch.Tensor],
+        states: Sequence[Dict[str, torch.Tensor]],
+        layout: Layout,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor],
+        grad_output: torch.Tensor,
+    ) -> None:
+        """Applies one step to every row the batch touched, in place."""
+        raise NotImplementedError
+
+    def _decay(self) -> Tuple[float, int]:
+        return float(self.weight_decay), int(_weight_decay_mode(self.weight_decay_mode))
+
+
+@dataclass(kw_only=True)
+class SGD(FusedOptimizer):
+    """Sparse SGD: ``w -= lr * (g + weight_decay * w)`` on touched rows."""
+
+    def backward_(self, weights, states, layout, indices, offsets, per_sample_weights, grad_output) -> None:
+        _ops.embedding_bag_backward_sgd_(
+            list(weights), *layout, indices, offsets, per_sample_weights, grad_output, float(self.lr), *self._decay()
+        )
+
+
+@dataclass(kw_only=True)
+class RowWiseAdagrad(FusedOptimizer):
+    """Exact row-wise AdaGrad, as FBGEMM's ``EXACT_ROWWISE_ADAGRAD``.
+
+    Per touched row r, with g_r its gradient summed over the batch:
+    ``m_r += mean(g_r^2)``; ``w_r -= lr * g_r / (sqrt(m_r) + eps)``. One float
+    of state per row (``momentum1``). Weight decay: ``"l2"`` adds
+    ``weight_decay * w`` to g (state included); ``"decoupled"`` shrinks the
+    row by ``1 - lr * weight_decay``. Decay applies to every table.
+
+    Args:
+        lr (float): learning rate. (Default: 0.01)
+        eps (float): added to sqrt(m). (Default: 1e-8)
+        weight_decay (float): decay coefficient. (Default: 0.0)
+        weight_decay_mode (str): "none", "l2" or "decoupled". (Default: "none")
+    """
+
+    eps: float = 1e-8
+    state_names: ClassVar[Tuple[str, ...]] = ("momentum1",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.eps > 0.0:
+            raise ValueError(f"Invalid eps={self.eps}. Must be > 0.")
+
+    def backward_(self, weights, states, layout, indices, offsets, per_sample_weights, grad_output) -> None:
+        _ops.embedding_bag_backward_rowwise_adagrad_(
+            list(weights),
+            [s["momentum1"] for s in states],
+            *layout,
+            indices,
+            offsets,
+            per_sample_weights,
+            grad_output,
+            float(self.lr),
+            float(self.eps),
+            *self._decay(),
+        )
+
+
+@dataclass(kw_only=True)
+class MomentumScaledRowWiseAdagrad(RowWiseAdagrad):
+    """Row-wise AdaGrad for replicated tables (2D sparse parallelism).
+
+    Each replica keeps the accumulator agreed at the last sync
+    (``momentum1``) and its own increment since then (``momentum1_increment``,
+    d). A step uses ``w -= lr * g / (sqrt(momentum1 + s * d) + eps)`` with
+    ``d += mean(g^2)``; ``sync()`` folds ``s * mean over replicas of d`` into
+    ``momentum1``, zeroes d and averages the weights. Plain averaging of
+    per-replica accumulators shrinks steps by up to 1/sqrt(replicas); scaling
+    the local increment by s (1 <= s <= replicas) compensates. With one
+    replica, s = 1 and a sync every step this is exactly ``RowWiseAdagrad``.
+
+    Args:
+        lr, eps, weight_decay, weight_decay_mode: as ``RowWiseAdagrad``.
+        momentum_scale (float): s. (Default: 1.0)
+    """
+
+    momentum_scale: float = 1.0
+    state_names: ClassVar[Tuple[str, ...]] = ("momentum1", "momentum1_increment")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.momentum_scale >= 1.0:
+            raise ValueError(f"Invalid momentum_scale={self.momentum_scale}. Must be >= 1 (and at most the replica count).")
+
+    def backward_(self, weights, states, layout, indices, offsets, per_sample_weights, grad_output) -> None:
+        _ops.embedding_bag_backward_momentum_scaled_rowwise_adagrad_(
+            list(weights),
+            [s["momentum1"] for s in states],
+            [s["momentum1_increment"] for s in states],
+            *layout,
+            indices,
+            offsets,
+            per_sample_weights,
+            grad_output,
+            float(self.lr),
+            float(self.eps),
+            float(self.momentum_scale),
+            *self._decay(),
+        )
+
+    @torch.no_grad()
+    def sync(
+        self,
+        weights: Sequence[torch.Tensor],
+        states: Sequence[Dict[str, torch.Tensor]],
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
+    ) -> None:
+        """Agrees the accumulators (and averages the weights) over the replicas
+        in ``process_group`` (all of them: a collective), or folds this
+        replica's increment in when there is no group."""
+        replicas = 1
+        if process_group is not None:
+            import torch.distributed as dist
+
+            replicas = dist.get_world_size(process_group)
+        for weight, state in zip(weights, states):
+            increment = state["momentum1_increment"]
+            if replicas > 1:
+                dist.all_reduce(increment, group=process_group)
+                increment.div_(replicas)
+                averaged = weight.to(torch.float32) if weight.dtype != torch.float32 else weight
+                dist.all_reduce(averaged, group=process_group)
+                averaged.div_(replicas)
+                if averaged is not weight:
+                    weight.copy_(averaged)
+            state["momentum1"].add_(increment, alpha=self.momentum_scale)
+            increment.zero_()

@@ -1,0 +1,275 @@
+"""The pooled-embedding kernels against their plain-PyTorch references.
+
+Every CPU inner-loop build this machine runs (AVX-512, AVX2, scalar) is
+checked; references compute in float64 from the same inputs.
+"""
+
+import pytest
+import torch
+
+from dist_rec.ops import embedding_bag as eb
+from dist_rec.ops import reference as ref
+from dist_rec.testing.random_problems import random_problem, redraw_batch
+
+ops = torch.ops.dist_rec
+
+ISAS = eb.supported_cpu_isas()
+SEEDS = [0, 1, 2, 3]
+# Against a reference computed in float32 the kernels agree to 1e-6 (the
+# promise); against float64 the float32 accumulation of tens of terms of
+# magnitude ~1 costs a few 1e-6, so that comparison allows 1e-5.
+FP32_TOL = dict(atol=1e-6, rtol=1e-6)
+FP64_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def assert_matches(got, ref_fn, *args):
+    """got agrees with ref_fn(*args) computed in float32 (1e-6) and in float64 (1e-5)."""
+    torch.testing.assert_close(got, ref_fn(*args, dtype=torch.float32), **FP32_TOL)
+    torch.testing.assert_close(got.double(), ref_fn(*args, dtype=torch.float64), **FP64_TOL)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = eb.set_cpu_isa(request.param)
+    yield request.param
+    eb.set_cpu_isa("")
+    del previous
+
+
+def _problem_cases():
+    cases = []
+    for seed in SEEDS:
+        cases.append(dict(seed=seed))
+    cases += [
+        dict(seed=10, weighted=True),
+        dict(seed=11, weighted=True, pooling="mean"),
+        dict(seed=12, index_dtype=torch.int32),
+        dict(seed=13, batch=0),
+        dict(seed=14, batch=1, empty_bag_fraction=1.0),
+        dict(seed=15, max_rows=2, max_bag=12),  # many repeated ids
+        dict(seed=16, dims=[200, 3, 2050]),  # wide row (heap scratch) and odd tails
+        dict(seed=17, num_tables=1),
+    ]
+    return cases
+
+
+CASES = _problem_cases()
+
+
+def _case_id(case):
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_matches_reference(isa, case):
+    p = random_problem(**case)
+    out = ops.embedding_bag_forward(*p.op_args())
+    assert out.dtype == torch.float32 and out.shape == (p.batch, p.out_dim)
+    assert_matches(out, ref.embedding_bag_forward_ref, *p.op_args())
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_forward_16bit_weights(isa, weight_dtype, seed):
+    # 16-bit rows convert to float32 exactly; accumulation is float32.
+    p = random_problem(seed, weight_dtype=weight_dtype, weighted=seed % 2 == 1)
+    out = ops.embedding_bag_forward(*p.op_args())
+    assert_matches(out, ref.embedding_bag_forward_ref, *p.op_args())
+
+
+def test_forward_is_identical_on_every_isa():
+    p = random_problem(5, weighted=True, dims=[13, 64, 7])
+    outputs = []
+    for isa in ISAS:
+        eb.set_cpu_isa(isa)
+        outputs.append(ops.embedding_bag_forward(*p.op_args()))
+    eb.set_cpu_isa("")
+    for out in outputs[1:]:
+        assert torch.equal(out, outputs[0])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_row_grad_matches_reference(isa, case):
+    p = random_problem(**case)
+    grad = torch.randn(p.batch, p.out_dim, generator=torch.Generator().manual_seed(case["seed"]))
+    row_ids, row_grads = ops.embedding_bag_backward_row_grad(*p.op_args(), grad)
+    assert len(row_ids) == len(p.weights)
+    for dtype, tol in ((torch.float32, FP32_TOL), (torch.float64, FP64_TOL)):
+        ref_ids, ref_grads = ref.embedding_bag_backward_row_grad_ref(*p.op_args(), grad, dtype=dtype)
+        for t in range(len(p.weights)):
+            assert torch.equal(row_ids[t], ref_ids[t])
+            assert row_grads[t].shape == (len(ref_ids[t]), p.weights[t].shape[1])
+            torch.testing.assert_close(row_grads[t].to(dtype), ref_grads[t], **tol)
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=_case_id)
+def test_per_sample_weights_grad_matches_reference(isa, case):
+    p = random_problem(**case)
+    grad = torch.randn(p.batch, p.out_dim, generator=torch.Generator().manual_seed(1))
+    args = (p.weights, *p.layout, p.indices, p.offsets, grad)
+    out = ops.embedding_bag_per_sample_weights_grad(*args)
+    # A dot product over D terms: the kernel's lane-wise order and torch.dot's
+    # differ by a few float32 roundings, so only the float64 check applies.
+    expected = ref.embedding_bag_per_sample_weights_grad_ref(*args, dtype=torch.float64)
+    torch.testing.assert_close(out.double(), expected, **FP64_TOL)
+
+
+OPTIMIZERS = {
+    "sgd": dict(hyper=dict(learning_rate=0.1), states=0),
+    "rowwise_adagrad": dict(hyper=dict(learning_rate=0.1, eps=1e-8), states=1),
+    "momentum_scaled_rowwise_adagrad": dict(hyper=dict(learning_rate=0.1, eps=1e-8, momentum_scale=1.7), states=2),
+}
+DECAYS = [
+    dict(weight_decay=0.0, weight_decay_mode=eb.WeightDecayMode.NONE),
+    dict(weight_decay=0.05, weight_decay_mode=eb.WeightDecayMode.L2),
+    dict(weight_decay=0.05, weight_decay_mode=eb.WeightDecayMode.DECOUPLED),
+]
+
+
+def _fused_step(optimizer, weights, states, p, grad, hyper):
+    args = (*p.layout, p.indices, p.offsets, p.per_sample_weights, grad)
+    if optimizer == "sgd":
+        ops.embedding_bag_backward_sgd_(weights, *args, hyper["learning_rate"], hyper["weight_decay"], int(hyper["weight_decay_mode"]))
+    elif optimizer == "rowwise_adagrad":
+        ops.embedding_bag_backward_rowwise_adagrad_(
+            weights, states[0], *args, hyper["learning_rate"], hyper["eps"], hyper["weight_decay"], int(hyper["weight_decay_mode"])
+        )
+    else:
+        ops.embedding_bag_backward_momentum_scaled_rowwise_adagrad_(
+            weights,
+            states[0],
+            states[1],
+            *args,
+            hyper["learning_rate"],
+            hyper["eps"],
+            hyper["momentum_scale"],
+            hyper["weight_decay"],
+            int(hyper["weight_decay_mode"]),
+        )
+
+
+def _run_steps(optimizer, case, decay, steps=6, weight_dtype=torch.float32, ref_dtype=torch.float64):
+    """Runs `steps` fused steps (fresh ids and gradients each) on the kernel and
+    on the reference (computing in ref_dtype); returns both final weights and
+    states."""
+    spec = OPTIMIZERS[optimizer]
+    hyper = {**spec["hyper"], **decay}
+    p0 = random_problem(**case, weight_dtype=weight_dtype)
+    weights = p0.clone_weights()
+    ref_weights = p0.clone_weights(ref_dtype)
+    g = torch.Generator().manual_seed(100 + case["seed"])
+    states = [[torch.rand(w.shape[0], generator=g) for w in weights] for _ in range(spec["states"])]
+    ref_states = [[s.to(ref_dtype, copy=True) for s in table_states] for table_states in states]
+    for step in range(steps):
+        p = redraw_batch(p0, seed=case["seed"] * 1000 + step, max_bag=case.get("max_bag", 6))
+        p.weights = weights
+        grad = torch.randn(p.batch, p.out_dim, generator=g)
+        _fused_step(optimizer, weights, states, p, grad, hyper)
+        ref.fused_backward_ref(
+            optimizer, ref_weights, ref_states, p.layout, p.indices, p.offsets, p.per_sample_weights, grad, dtype=ref_dtype, **hyper
+        )
+        if weight_dtype != torch.float32:
+            # The kernel stores each step rounded to 16 bits; so does the reference.
+            ref_weights = [w.to(weight_dtype).to(ref_dtype) for w in ref_weights]
+    return weights, states, ref_weights, ref_states
+
+
+STEP_CASES = [
+    dict(seed=0),
+    dict(seed=1, weighted=True),
+    dict(seed=2, pooling="mean", weighted=True),
+    dict(seed=3, max_rows=3, max_bag=10),  # hot rows: long segments
+    dict(seed=4, index_dtype=torch.int32, dims=[5, 16, 33]),
+]
+
+
+@pytest.mark.parametrize("decay", DECAYS, ids=lambda d: d["weight_decay_mode"].name)
+@pytest.mark.parametrize("case", STEP_CASES, ids=_case_id)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_fused_backward_matches_reference_over_steps(isa, optimizer, case, decay):
+    for ref_dtype, tol in ((torch.float32, FP32_TOL), (torch.float64, FP64_TOL)):
+        weights, states, ref_weights, ref_states = _run_steps(optimizer, case, decay, ref_dtype=ref_dtype)
+        for w, rw in zip(weights, ref_weights):
+            torch.testing.assert_close(w.to(ref_dtype), rw, **tol)
+        for table_states, ref_table_states in zip(states, ref_states):
+            for s, rs in zip(table_states, ref_table_states):
+                torch.testing.assert_close(s.to(ref_dtype), rs, **tol)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_fused_backward_16bit_weights(isa, optimizer, weight_dtype):
+    weights, _, ref_weights, _ = _run_steps(
+        optimizer, dict(seed=7, weighted=True), DECAYS[1], weight_dtype=weight_dtype
+    )
+    # Both sides round every update to 16 bits, from float32 vs float64
+    # intermediates: they may differ by one unit in the last place.
+    ulp = 2.0**-10 if weight_dtype == torch.float16 else 2.0**-7
+    for w, rw in zip(weights, ref_weights):
+        assert w.dtype == weight_dtype
+        torch.testing.assert_close(w.double(), rw, atol=ulp, rtol=ulp)
+
+
+def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
+    """s = 1 and a sync after every step is exactly row-wise AdaGrad."""
+    p0 = random_problem(21, weighted=True, max_rows=20)
+    adagrad_weights, msrw_weights = p0.clone_weights(), p0.clone_weights()
+    momentum1 = [torch.zeros(w.shape[0]) for w in adagrad_weights]
+    m_sync = [torch.zeros(w.shape[0]) for w in msrw_weights]
+    m_local = [torch.zeros(w.shape[0]) for w in msrw_weights]
+    g = torch.Generator().manual_seed(3)
+    for step in range(8):
+        p = redraw_batch(p0, seed=step)
+        grad = torch.randn(p.batch, p.out_dim, generator=g)
+        args = (*p.layout, p.indices, p.offsets, p.per_sample_weights, grad)
+        ops.embedding_bag_backward_rowwise_adagrad_(adagrad_weights, momentum1, *args, 0.1, 1e-8, 0.01, 1)
+        ops.embedding_bag_backward_momentum_scaled_rowwise_adagrad_(msrw_weights, m_sync, m_local, *args, 0.1, 1e-8, 1.0, 0.01, 1)
+        for s, d in zip(m_sync, m_local):  # the sync of a single replica
+            s.add_(d)
+            d.zero_()
+    for a, b in zip(adagrad_weights, msrw_weights):
+        assert torch.equal(a, b)
+    for a, b in zip(momentum1, m_sync):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_results_do_not_depend_on_thread_count(optimizer):
+    case = dict(seed=31, batch=300, max_bag=30, max_rows=500, dims=[16, 64, 128])
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, max(2, threads)):
+        torch.set_num_threads(n)
+        try:
+            weights, states, _, _ = _run_steps(optimizer, case, DECAYS[1], steps=2)
+        finally:
+            torch.set_num_threads(threads)
+        results.append((weights, states))
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+
+
+def test_functional_forward_autograd_matches_reference():
+    p = random_problem(41, weighted=True)
+    weights = [w.clone().requires_grad_() for w in p.weights]
+    psw = p.per_sample_weights.clone().requires_grad_()
+    out = ops.embedding_bag_forward(weights, *p.layout, p.indices, p.offsets, psw)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [*weights, psw], grad)
+
+    ref_weights = [w.double().requires_grad_() for w in p.weights]
+    ref_psw = p.per_sample_weights.double().requires_grad_()
+    expected_out = ref.embedding_bag_forward_ref(ref_weights, *p.layout, p.indices, p.offsets, ref_psw)
+    expected = torch.autograd.grad(expected_out, [*ref_weights, ref_psw], grad.double())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, **FP64_TOL)
+
+
+def test_hugepage_tensor_is_aligned_and_usable():
+    x = eb.empty_hugepage((1 << 20, 4), torch.float32)
+    assert x.shape == (1 << 20, 4) and x.dtype == torch.float32
+    assert x.data_ptr() % (2 << 20) == 0
+    x.fill_(3.0)
+    assert float(x.sum()) == 3.0 * 4 * (1 << 20)
+    small = eb.empty_hugepage((3,), torch.float16)
+    assert small.shape == (3,) and small.dtype == torch.float16
