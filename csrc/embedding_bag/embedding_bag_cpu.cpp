@@ -20,6 +20,7 @@
 #include "dist_rec/checks.h"
 #include "embedding_bag/kernels/kernel_api.h"
 #include "embedding_bag/radix_sort.h"
+#include "memory/host_allocator.h"
 
 namespace dist_rec {
 namespace {
@@ -145,7 +146,7 @@ Problem make_problem(
     IntArrayRef feature_column,
     const Tensor& indices,
     const Tensor& offsets,
-    const std::optional<Tensor>& per_sample_weights) {
+    const std::optional<Tensor>& maybe_per_sample_weights) {
   Problem p;
   const int64_t num_tables = static_cast<int64_t>(weights.size());
   DIST_REC_CHECK_VALUE(op, num_tables > 0, "weights must hold at least one table");
@@ -244,19 +245,19 @@ Problem make_problem(
     check_offsets<int64_t>(op, offsets, p.batch, p.num_indices);
   }
 
-  if (per_sample_weights.has_value()) {
-    const Tensor& psw = *per_sample_weights;
-    DIST_REC_CHECK_CPU(op, psw);
-    DIST_REC_CHECK_DTYPE(op, psw, at::kFloat);
-    DIST_REC_CHECK_DIM(op, psw, 1);
-    DIST_REC_CHECK_CONTIGUOUS(op, psw);
+  if (maybe_per_sample_weights.has_value()) {
+    const Tensor& per_sample_weights = *maybe_per_sample_weights;
+    DIST_REC_CHECK_CPU(op, per_sample_weights);
+    DIST_REC_CHECK_DTYPE(op, per_sample_weights, at::kFloat);
+    DIST_REC_CHECK_DIM(op, per_sample_weights, 1);
+    DIST_REC_CHECK_CONTIGUOUS(op, per_sample_weights);
     DIST_REC_CHECK_VALUE(
         op,
-        psw.numel() == p.num_indices,
+        per_sample_weights.numel() == p.num_indices,
         "per_sample_weights must have one weight per index (",
         p.num_indices,
         "); it has ",
-        psw.numel());
+        per_sample_weights.numel());
   }
   return p;
 }
@@ -440,7 +441,7 @@ Tensor embedding_bag_forward_cpu(
   const char* op = "embedding_bag_forward";
   const Problem p =
       make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
-  Tensor out = at::empty({p.batch, p.out_dim}, weights[0].options().dtype(at::kFloat));
+  Tensor out = empty_recycled({p.batch, p.out_dim}, at::kFloat);
   const float* psw = per_sample_weights.has_value() ? per_sample_weights->const_data_ptr<float>() : nullptr;
   if (p.int32_indices) {
     forward_impl<int32_t>(p, indices, offsets, psw, out);
@@ -456,7 +457,20 @@ Tensor embedding_bag_forward_cpu(
 
 // Grow-only scratch buffers, one set per calling thread, so that a training
 // loop does not fault in fresh pages for its sort buffers at every step.
-enum class Scratch : int { kKeys, kPos, kGradOffset, kScale, kTmpKeys, kTmpPos, kOccBegin, kSegTable, kSegRow, kCount };
+enum class Scratch : int {
+  kKeys,
+  kPos,
+  kGradOffset,
+  kScale,
+  kTmpKeys,
+  kTmpPos,
+  kOccBegin,
+  kOccGradOffset,
+  kOccScale,
+  kSegTable,
+  kSegRow,
+  kCount
+};
 
 class Workspace {
  public:
@@ -484,9 +498,8 @@ struct Segments {
   const int64_t* occ_begin = nullptr; // [U+1]
   const int32_t* seg_table = nullptr; // [U]
   const int64_t* seg_row = nullptr; // [U]
-  const uint32_t* sorted_pos = nullptr; // [N]
-  const int64_t* pos_grad_offset = nullptr; // [N]
-  const float* pos_scale = nullptr; // [N] or null
+  const int64_t* occ_grad_offset = nullptr; // [N], in sorted order
+  const float* occ_scale = nullptr; // [N] in sorted order, or null
 };
 
 template <typename I, typename K>
@@ -568,6 +581,8 @@ Segments group_by_row(
   }
   const int64_t num_segments = chunk_segments[chunks];
   int64_t* occ_begin = ws.take<int64_t>(Scratch::kOccBegin, num_segments + 1);
+  int64_t* occ_grad_offset = ws.take<int64_t>(Scratch::kOccGradOffset, n);
+  float* occ_scale = scale != nullptr ? ws.take<float>(Scratch::kOccScale, n) : nullptr;
   int32_t* seg_table = ws.take<int32_t>(Scratch::kSegTable, num_segments);
   int64_t* seg_row = ws.take<int64_t>(Scratch::kSegRow, num_segments);
   const std::vector<int64_t>& row_base = p.row_base;
@@ -576,6 +591,13 @@ Segments group_by_row(
       int64_t s = chunk_segments[c];
       const int64_t end = std::min(n, (c + 1) * chunk_size);
       for (int64_t i = c * chunk_size; i < end; ++i) {
+        // The kernels walk occurrences in sorted order: lay their gradient
+        // offsets and weights out that way (one gather here instead of a
+        // dependent random load per occurrence there).
+        occ_grad_offset[i] = grad_offset[pos[i]];
+        if (occ_scale != nullptr) {
+          occ_scale[i] = scale[pos[i]];
+        }
         if (i == 0 || keys[i] != keys[i - 1]) {
           const int64_t key = static_cast<int64_t>(keys[i]);
           const int64_t t = std::upper_bound(row_base.begin(), row_base.end(), key) - row_base.begin() - 1;
@@ -594,9 +616,8 @@ Segments group_by_row(
   segs.occ_begin = occ_begin;
   segs.seg_table = seg_table;
   segs.seg_row = seg_row;
-  segs.sorted_pos = pos;
-  segs.pos_grad_offset = grad_offset;
-  segs.pos_scale = scale;
+  segs.occ_grad_offset = occ_grad_offset;
+  segs.occ_scale = occ_scale;
   return segs;
 }
 
@@ -628,10 +649,9 @@ cpu::SegmentArgs segment_args(const Problem& p, const Segments& s, const Tensor&
   a.seg_table = s.seg_table;
   a.seg_row = s.seg_row;
   a.occ_begin = s.occ_begin;
-  a.sorted_pos = s.sorted_pos;
   a.num_occurrences = p.num_indices;
-  a.pos_grad_offset = s.pos_grad_offset;
-  a.pos_scale = s.pos_scale;
+  a.occ_grad_offset = s.occ_grad_offset;
+  a.occ_scale = s.occ_scale;
   a.grad_output = grad_output.const_data_ptr<float>();
   a.weight_type = p.weight_type;
   return a;

@@ -21,7 +21,7 @@
 TORCH_LIBRARY(dist_rec, m) {
   m.def(
       "embedding_bag_forward(Tensor[] weights, int[] feature_table, int[] feature_pooling, "
-      "int[] feature_column, Tensor indices, Tensor offsets, Tensor? per_sample_weights=None) -> Tensor");
+      "int[] feature_column, Tensor indices, Tensor offsets, Tensor? per_sample_weights) -> Tensor");
 
   // Backward passes fused with an optimizer: every row touched by the batch
   // has its gradient summed over the whole batch first, then is updated once,

@@ -171,6 +171,11 @@ class EmbeddingBagCollection(nn.Module):
         layout = self._layout(keys)
         values = features.values()
         offsets = features.offsets()
+        if (offsets.numel() - 1) % len(keys) != 0:
+            raise ValueError(
+                f"Invalid lengths count {offsets.numel() - 1} for {len(keys)} features {keys}. "
+                "Must be number of features x batch size."
+            )
         if offsets.dtype != values.dtype and values.dtype in (torch.int32, torch.int64):
             offsets = offsets.to(values.dtype)
         per_sample_weights = None
@@ -219,12 +224,15 @@ class EmbeddingBagCollection(nn.Module):
                 f, b = divmod(bag, features.stride())
                 return ValueError(
                     f"Invalid length {int(lengths[bag])} for feature {keys[f]!r} (table "
-                    f"{self._configs[self._feature_slot[keys[f]][0]].name!r}), sample {b}. Lengths must be >= 0."
+                    f"{self._configs[self._feature_slot[keys[f]][0]].name!r}), sample {b}: "
+                    "lengths must be >= 0 and offsets non-decreasing."
                 )
         message = str(error)
         message = re.sub(r"feature slot (\d+)", lambda m: f"feature {keys[int(m.group(1))]!r}", message)
         message = re.sub(r"table (\d+)", lambda m: f"table {self._configs[int(m.group(1))].name!r}", message)
-        message = message.replace("indices[", "values[")
+        # The op's argument names, in KeyedJaggedTensor terms.
+        for op_name, kjt_name in (("per_sample_weights", "weights"), ("indices", "values"), ("per index", "per value")):
+            message = message.replace(op_name, kjt_name)
         return type(error)(f"EmbeddingBagCollection: {message}")
 
 

@@ -55,7 +55,7 @@ def _pooled_dim(weights: Sequence[torch.Tensor], feature_table: Sequence[int]) -
 
 
 @torch.library.register_fake("dist_rec::embedding_bag_forward")
-def _forward_fake(weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights=None):
+def _forward_fake(weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights):
     num_features = len(feature_table)
     torch._check(num_features > 0, lambda: "feature_table must name at least one feature slot")
     batch = (offsets.shape[0] - 1) // num_features

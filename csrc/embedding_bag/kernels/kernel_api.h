@@ -45,17 +45,17 @@ struct ForwardArgs {
   WeightType weight_type;
 };
 
-// One unique touched row after the ids of a batch were sorted: the row's
-// occurrences are sorted_pos[occ_begin[s] .. occ_begin[s+1]).
+// The touched rows of a batch after its ids were sorted by row: segment s is
+// one unique row, and its occurrences are [occ_begin[s], occ_begin[s+1]) of
+// the occurrence arrays (in index-position order within the segment).
 struct SegmentArgs {
   const TableView* tables;
   const int32_t* seg_table; // [U]
   const int64_t* seg_row; // [U]
   const int64_t* occ_begin; // [U+1]
-  const uint32_t* sorted_pos; // [N] original index position of each occurrence
   int64_t num_occurrences; // N
-  const int64_t* pos_grad_offset; // [N] element offset of the position's bag in grad_output
-  const float* pos_scale; // [N] per-sample weight x 1/L, or null (all ones)
+  const int64_t* occ_grad_offset; // [N] where the occurrence's bag gradient starts in grad_output
+  const float* occ_scale; // [N] per-sample weight x 1/L, or null (all ones)
   const float* grad_output; // [B, out_dim] float32
   WeightType weight_type;
   // Optimizer hyper-parameters (unused ones ignored).

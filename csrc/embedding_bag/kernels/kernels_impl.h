@@ -18,9 +18,9 @@
 
 // How many index positions ahead the forward loop prefetches rows, and how
 // many segments ahead the backward loop prefetches the rows it will update.
-constexpr int64_t kForwardPrefetchPositions = 12;
-constexpr int64_t kBackwardPrefetchSegments = 4;
-constexpr int64_t kBackwardPrefetchOccurrences = 8;
+constexpr int64_t kForwardPrefetchPositions = 24;
+constexpr int64_t kBackwardPrefetchSegments = 16;
+constexpr int64_t kBackwardPrefetchOccurrences = 16;
 // Gradient rows up to this many floats are summed on the stack; wider rows
 // (rare) use the heap.
 constexpr int64_t kStackRowFloats = 2048;
@@ -43,41 +43,10 @@ static inline void prefetch_row_for_write(const T* row, int64_t dim) {
   }
 }
 
-// acc[0:D] += w * row[0:D]
-template <typename T>
-static inline void accumulate_row(float* acc, const T* row, float w, int64_t dim) {
-  const vec vw = v_set1(w);
-  int64_t d = 0;
-  for (; d + kLanes <= dim; d += kLanes) {
-    v_store(acc + d, v_fma(vw, v_load(row + d), v_load(acc + d)));
-  }
-  for (; d < dim; ++d) {
-    acc[d] = fused_multiply_add(w, to_float(row[d]), acc[d]);
-  }
-}
-
-// out[0:D] = scale * acc[0:D]
-static inline void store_scaled(float* out, const float* acc, float scale, int64_t dim) {
-  const vec vs = v_set1(scale);
-  int64_t d = 0;
-  for (; d + kLanes <= dim; d += kLanes) {
-    v_store(out + d, v_mul(vs, v_load(acc + d)));
-  }
-  for (; d < dim; ++d) {
-    out[d] = scale * acc[d];
-  }
-}
-
-static inline void zero_floats(float* x, int64_t n) {
-  const vec z = v_zero();
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    v_store(x + d, z);
-  }
-  for (; d < n; ++d) {
-    x[d] = 0.0f;
-  }
-}
+template <int N>
+struct IntConstant {
+  static constexpr int value = N;
+};
 
 // Stack scratch for one row of floats, heap for unusually wide rows.
 struct RowScratch {
@@ -101,6 +70,89 @@ struct RowScratch {
 // Forward: pooled lookup
 // ---------------------------------------------------------------------------
 
+// Pools columns [col, col + NV * kLanes) of one bag with the accumulators in
+// registers: an accumulator kept in memory costs a store and a reload per row
+// and, measured, nearly halved the gather rate (fewer rows in flight).
+// Unweighted rows are added (bit-identical to an FMA with weight 1).
+template <int NV, bool kWeighted, typename T, typename I>
+static inline void pool_columns(
+    const T* weights,
+    int64_t dim,
+    int64_t col,
+    const I* indices,
+    const float* per_sample_weights,
+    int64_t start,
+    int64_t end,
+    float scale,
+    float* out) {
+  vec acc[NV];
+  for (int k = 0; k < NV; ++k) {
+    acc[k] = v_zero();
+  }
+  for (int64_t p = start; p < end; ++p) {
+    const T* row = weights + static_cast<int64_t>(indices[p]) * dim + col;
+    if constexpr (kWeighted) {
+      const vec w = v_set1(per_sample_weights[p]);
+      for (int k = 0; k < NV; ++k) {
+        acc[k] = v_fma(w, v_load(row + k * kLanes), acc[k]);
+      }
+    } else {
+      for (int k = 0; k < NV; ++k) {
+        acc[k] = v_add(acc[k], v_load(row + k * kLanes));
+      }
+    }
+  }
+  const vec vs = v_set1(scale);
+  for (int k = 0; k < NV; ++k) {
+    v_store(out + col + k * kLanes, v_mul(vs, acc[k]));
+  }
+}
+
+// Pools one bag into out[0:dim]: blocks of up to 16 registers, then the
+// columns that do not fill a register one at a time (same arithmetic).
+template <bool kWeighted, typename T, typename I>
+static inline void pool_bag(
+    const T* weights,
+    int64_t dim,
+    const I* indices,
+    const float* per_sample_weights,
+    int64_t start,
+    int64_t end,
+    float scale,
+    float* out) {
+  int64_t col = 0;
+  int64_t vectors = dim / kLanes;
+  auto block = [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    pool_columns<NV, kWeighted>(weights, dim, col, indices, per_sample_weights, start, end, scale, out);
+    vectors -= NV;
+    col += NV * kLanes;
+  };
+  while (vectors >= 16) {
+    block(IntConstant<16>{});
+  }
+  if (vectors >= 8) {
+    block(IntConstant<8>{});
+  }
+  if (vectors >= 4) {
+    block(IntConstant<4>{});
+  }
+  if (vectors >= 2) {
+    block(IntConstant<2>{});
+  }
+  if (vectors >= 1) {
+    block(IntConstant<1>{});
+  }
+  for (; col < dim; ++col) {
+    float acc = 0.0f;
+    for (int64_t p = start; p < end; ++p) {
+      const float x = to_float(weights[static_cast<int64_t>(indices[p]) * dim + col]);
+      acc = kWeighted ? fused_multiply_add(per_sample_weights[p], x, acc) : acc + x;
+    }
+    out[col] = scale * acc;
+  }
+}
+
 template <typename I, typename T, bool kCheckIds>
 static int64_t forward_bags(const ForwardArgs& a, int64_t bag_begin, int64_t bag_end) {
   const I* indices = static_cast<const I*>(a.indices);
@@ -108,9 +160,10 @@ static int64_t forward_bags(const ForwardArgs& a, int64_t bag_begin, int64_t bag
   const int64_t batch = a.batch;
   const int64_t pos_end = offsets[bag_end];
 
-  // Second cursor that runs kForwardPrefetchPositions ahead of the one that
-  // sums, across bag and feature boundaries, so that the next rows are in
-  // flight while this one is being added.
+  // A second cursor keeps the rows of the next kForwardPrefetchPositions
+  // positions (across bag and feature boundaries) in flight while a bag is
+  // pooled. Issuing them per bag measured faster than interleaving one
+  // prefetch per row into the pooling loop.
   int64_t pf_pos = offsets[bag_begin];
   int64_t pf_bag = bag_begin;
   auto prefetch_until = [&](int64_t limit) {
@@ -129,33 +182,32 @@ static int64_t forward_bags(const ForwardArgs& a, int64_t bag_begin, int64_t bag
     }
   };
 
-  RowScratch scratch;
   for (int64_t bag = bag_begin; bag < bag_end; ++bag) {
     const int64_t feature = bag / batch;
     const int64_t sample = bag - feature * batch;
     const FeatureView& fv = a.features[feature];
     const TableView& tv = a.tables[fv.table];
-    const int64_t dim = tv.dim;
-    const T* weights = static_cast<const T*>(tv.weights);
-    float* acc = scratch.get(dim);
-    zero_floats(acc, dim);
-
     const int64_t start = static_cast<int64_t>(offsets[bag]);
     const int64_t end = static_cast<int64_t>(offsets[bag + 1]);
+    // Every id of the bag is checked before any of its rows is read.
     for (int64_t p = start; p < end; ++p) {
-      prefetch_until(p + kForwardPrefetchPositions);
       const int64_t id = static_cast<int64_t>(indices[p]);
       if (kCheckIds && (id < 0 || id >= tv.rows)) {
         return p;
       }
-      const float w = a.per_sample_weights != nullptr ? a.per_sample_weights[p] : 1.0f;
-      accumulate_row(acc, weights + id * dim, w, dim);
     }
+    prefetch_until(end + kForwardPrefetchPositions);
     float scale = 1.0f;
     if (fv.pooling == static_cast<int32_t>(PoolingMode::kMean) && end > start) {
       scale = 1.0f / static_cast<float>(end - start);
     }
-    store_scaled(a.out + sample * a.out_dim + fv.out_col, acc, scale, dim);
+    const T* weights = static_cast<const T*>(tv.weights);
+    float* out = a.out + sample * a.out_dim + fv.out_col;
+    if (a.per_sample_weights != nullptr) {
+      pool_bag<true>(weights, tv.dim, indices, a.per_sample_weights, start, end, scale, out);
+    } else {
+      pool_bag<false>(weights, tv.dim, indices, a.per_sample_weights, start, end, scale, out);
+    }
   }
   return -1;
 }
@@ -177,20 +229,83 @@ static int64_t forward_bags_any(const ForwardArgs& a, int64_t bag_begin, int64_t
 // Backward: sum each touched row's gradient over the batch, then update it
 // ---------------------------------------------------------------------------
 
-// Sums the gradient of segment s (one unique row) into g[0:D].
+// Sums columns [col, col + NV * kLanes) of the occurrences [begin, end) of
+// one row into g, accumulating in registers (see pool_columns).
+template <int NV, bool kScaled>
+static inline void sum_grad_columns(const SegmentArgs& a, int64_t begin, int64_t end, int64_t col, float* g) {
+  vec acc[NV];
+  for (int k = 0; k < NV; ++k) {
+    acc[k] = v_zero();
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const float* src = a.grad_output + a.occ_grad_offset[i] + col;
+    if constexpr (kScaled) {
+      const vec w = v_set1(a.occ_scale[i]);
+      for (int k = 0; k < NV; ++k) {
+        acc[k] = v_fma(w, v_load(src + k * kLanes), acc[k]);
+      }
+    } else {
+      for (int k = 0; k < NV; ++k) {
+        acc[k] = v_add(acc[k], v_load(src + k * kLanes));
+      }
+    }
+  }
+  for (int k = 0; k < NV; ++k) {
+    v_store(g + col + k * kLanes, acc[k]);
+  }
+}
+
+template <bool kScaled>
+static inline void sum_grad(const SegmentArgs& a, int64_t begin, int64_t end, float* g, int64_t dim) {
+  int64_t col = 0;
+  int64_t vectors = dim / kLanes;
+  for (; vectors >= 16; vectors -= 16, col += 16 * kLanes) {
+    sum_grad_columns<16, kScaled>(a, begin, end, col, g);
+  }
+  if (vectors >= 8) {
+    sum_grad_columns<8, kScaled>(a, begin, end, col, g);
+    vectors -= 8, col += 8 * kLanes;
+  }
+  if (vectors >= 4) {
+    sum_grad_columns<4, kScaled>(a, begin, end, col, g);
+    vectors -= 4, col += 4 * kLanes;
+  }
+  if (vectors >= 2) {
+    sum_grad_columns<2, kScaled>(a, begin, end, col, g);
+    vectors -= 2, col += 2 * kLanes;
+  }
+  if (vectors >= 1) {
+    sum_grad_columns<1, kScaled>(a, begin, end, col, g);
+    col += kLanes;
+  }
+  for (; col < dim; ++col) {
+    float acc = 0.0f;
+    for (int64_t i = begin; i < end; ++i) {
+      const float x = a.grad_output[a.occ_grad_offset[i] + col];
+      acc = kScaled ? fused_multiply_add(a.occ_scale[i], x, acc) : acc + x;
+    }
+    g[col] = acc;
+  }
+}
+
+// Sums the gradient of segment s (one unique row) into g[0:D], summing its
+// occurrences in index-position order.
 static inline void sum_segment_grad(const SegmentArgs& a, int64_t s, float* g, int64_t dim) {
   const int64_t begin = a.occ_begin[s];
   const int64_t end = a.occ_begin[s + 1];
-  zero_floats(g, dim);
-  for (int64_t i = begin; i < end; ++i) {
-    // Rows of the next segments count too: prefetch runs across segments.
-    const int64_t ahead = i + kBackwardPrefetchOccurrences;
-    if (ahead < a.num_occurrences) {
-      prefetch_row(a.grad_output + a.pos_grad_offset[a.sorted_pos[ahead]], dim);
-    }
-    const uint32_t p = a.sorted_pos[i];
-    const float scale = a.pos_scale != nullptr ? a.pos_scale[p] : 1.0f;
-    accumulate_row(g, a.grad_output + a.pos_grad_offset[p], scale, dim);
+  // Gradient rows of the next occurrences (of this and later segments).
+  const int64_t ahead_end = end + kBackwardPrefetchOccurrences < a.num_occurrences
+      ? end + kBackwardPrefetchOccurrences
+      : a.num_occurrences;
+  for (int64_t i = begin + kBackwardPrefetchOccurrences < ahead_end ? begin + kBackwardPrefetchOccurrences : ahead_end;
+       i < ahead_end;
+       ++i) {
+    prefetch_row(a.grad_output + a.occ_grad_offset[i], dim);
+  }
+  if (a.occ_scale != nullptr) {
+    sum_grad<true>(a, begin, end, g, dim);
+  } else {
+    sum_grad<false>(a, begin, end, g, dim);
   }
 }
 

@@ -1,0 +1,40 @@
+# dist_rec developer entry points. The README's Quickstart is `make main` and
+# `make test`; both create .venv and install everything they need first.
+#
+#   make install   virtual environment + dependencies + native extension
+#   make main      the main job (for now: the embedding benchmark, small preset)
+#   make test      the test suite
+#   make bench     the full embedding benchmark (writes docs/benchmarks.md)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu')
+
+.PHONY: install main test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: requirements.txt requirements-dev.txt requirements-interop.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-interop.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+main: install
+	$(PY) benchmarks/bench_embedding.py --preset small
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) benchmarks/bench_embedding.py --preset standard --markdown docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build dist_rec/_C*.so *.egg-info
