@@ -18,28 +18,30 @@
 
 // How many index positions ahead the forward loop prefetches rows, and how
 // many segments ahead the backward loop prefetches the rows it will update.
-constexpr int64_t kForwardPrefetchPositions = 24;
+constexpr int64_t kForwardPrefetchPositions = 16;
 constexpr int64_t kBackwardPrefetchSegments = 16;
 constexpr int64_t kBackwardPrefetchOccurrences = 16;
 // Gradient rows up to this many floats are summed on the stack; wider rows
 // (rare) use the heap.
 constexpr int64_t kStackRowFloats = 2048;
 
+// One cache line towards L1. GCC may delete a loop whose body is only
+// __builtin_prefetch (no side effects, and C++ loops must make progress): it
+// silently did so in the forward pass. A volatile asm cannot be deleted.
+static inline void prefetch_line(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 template <typename T>
 static inline void prefetch_row(const T* row, int64_t dim) {
   const char* p = reinterpret_cast<const char*>(row);
   const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
   for (int64_t offset = 0; offset < bytes; offset += 64) {
-    __builtin_prefetch(p + offset, 0, 3);
-  }
-}
-
-template <typename T>
-static inline void prefetch_row_for_write(const T* row, int64_t dim) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    __builtin_prefetch(p + offset, 1, 3);
+    prefetch_line(p + offset);
   }
 }
 
@@ -74,23 +76,36 @@ struct RowScratch {
 // registers: an accumulator kept in memory costs a store and a reload per row
 // and, measured, nearly halved the gather rate (fewer rows in flight).
 // Unweighted rows are added (bit-identical to an FMA with weight 1).
-template <int NV, bool kWeighted, typename T, typename I>
-static inline void pool_columns(
+//
+// The first block of a bag (kFirst) also checks each id against `rows`
+// before reading its row (returning the bad position; -1 when all are good)
+// and calls prefetch(p) to keep the rows of later positions in flight.
+template <int NV, bool kWeighted, bool kFirst, bool kCheckIds, typename T, typename I, typename Prefetch>
+static inline int64_t pool_columns(
     const T* weights,
     int64_t dim,
+    uint64_t rows,
     int64_t col,
     const I* indices,
     const float* per_sample_weights,
     int64_t start,
     int64_t end,
     float scale,
-    float* out) {
+    float* out,
+    const Prefetch& prefetch) {
   vec acc[NV];
   for (int k = 0; k < NV; ++k) {
     acc[k] = v_zero();
   }
   for (int64_t p = start; p < end; ++p) {
-    const T* row = weights + static_cast<int64_t>(indices[p]) * dim + col;
+    const int64_t id = static_cast<int64_t>(indices[p]);
+    if constexpr (kFirst) {
+      if (kCheckIds && static_cast<uint64_t>(id) >= rows) {
+        return p;
+      }
+      prefetch(p);
+    }
+    const T* row = weights + id * dim + col;
     if constexpr (kWeighted) {
       const vec w = v_set1(per_sample_weights[p]);
       for (int k = 0; k < NV; ++k) {
@@ -106,28 +121,45 @@ static inline void pool_columns(
   for (int k = 0; k < NV; ++k) {
     v_store(out + col + k * kLanes, v_mul(vs, acc[k]));
   }
+  return -1;
 }
 
 // Pools one bag into out[0:dim]: blocks of up to 16 registers, then the
 // columns that do not fill a register one at a time (same arithmetic).
-template <bool kWeighted, typename T, typename I>
-static inline void pool_bag(
+// Returns the first out-of-range position (nothing written), or -1.
+template <bool kWeighted, bool kCheckIds, typename T, typename I, typename Prefetch>
+static inline int64_t pool_bag(
     const T* weights,
     int64_t dim,
+    uint64_t rows,
     const I* indices,
     const float* per_sample_weights,
     int64_t start,
     int64_t end,
     float scale,
-    float* out) {
+    float* out,
+    const Prefetch& prefetch) {
   int64_t col = 0;
   int64_t vectors = dim / kLanes;
+  int64_t bad = -1;
   auto block = [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
-    pool_columns<NV, kWeighted>(weights, dim, col, indices, per_sample_weights, start, end, scale, out);
+    if (col == 0) {
+      bad = pool_columns<NV, kWeighted, true, kCheckIds>(
+          weights, dim, rows, col, indices, per_sample_weights, start, end, scale, out, prefetch);
+    } else {
+      pool_columns<NV, kWeighted, false, false>(
+          weights, dim, rows, col, indices, per_sample_weights, start, end, scale, out, prefetch);
+    }
     vectors -= NV;
     col += NV * kLanes;
   };
+  if (vectors >= 16) {
+    block(IntConstant<16>{});
+    if (bad >= 0) {
+      return bad;
+    }
+  }
   while (vectors >= 16) {
     block(IntConstant<16>{});
   }
@@ -143,14 +175,28 @@ static inline void pool_bag(
   if (vectors >= 1) {
     block(IntConstant<1>{});
   }
-  for (; col < dim; ++col) {
-    float acc = 0.0f;
-    for (int64_t p = start; p < end; ++p) {
-      const float x = to_float(weights[static_cast<int64_t>(indices[p]) * dim + col]);
-      acc = kWeighted ? fused_multiply_add(per_sample_weights[p], x, acc) : acc + x;
-    }
-    out[col] = scale * acc;
+  if (bad >= 0) {
+    return bad;
   }
+  if (col < dim) {
+    if (col == 0) { // rows narrower than one register: check and prefetch here
+      for (int64_t p = start; p < end; ++p) {
+        if (kCheckIds && static_cast<uint64_t>(static_cast<int64_t>(indices[p])) >= rows) {
+          return p;
+        }
+        prefetch(p);
+      }
+    }
+    for (; col < dim; ++col) {
+      float acc = 0.0f;
+      for (int64_t p = start; p < end; ++p) {
+        const float x = to_float(weights[static_cast<int64_t>(indices[p]) * dim + col]);
+        acc = kWeighted ? fused_multiply_add(per_sample_weights[p], x, acc) : acc + x;
+      }
+      out[col] = scale * acc;
+    }
+  }
+  return -1;
 }
 
 template <typename I, typename T, bool kCheckIds>
@@ -158,30 +204,6 @@ static int64_t forward_bags(const ForwardArgs& a, int64_t bag_begin, int64_t bag
   const I* indices = static_cast<const I*>(a.indices);
   const I* offsets = static_cast<const I*>(a.offsets);
   const int64_t batch = a.batch;
-  const int64_t pos_end = offsets[bag_end];
-
-  // A second cursor keeps the rows of the next kForwardPrefetchPositions
-  // positions (across bag and feature boundaries) in flight while a bag is
-  // pooled. Issuing them per bag measured faster than interleaving one
-  // prefetch per row into the pooling loop.
-  int64_t pf_pos = offsets[bag_begin];
-  int64_t pf_bag = bag_begin;
-  auto prefetch_until = [&](int64_t limit) {
-    if (limit > pos_end) {
-      limit = pos_end;
-    }
-    for (; pf_pos < limit; ++pf_pos) {
-      while (static_cast<int64_t>(offsets[pf_bag + 1]) <= pf_pos) {
-        ++pf_bag;
-      }
-      const TableView& tv = a.tables[a.features[pf_bag / batch].table];
-      const int64_t id = static_cast<int64_t>(indices[pf_pos]);
-      if (id >= 0 && id < tv.rows) {
-        prefetch_row(static_cast<const T*>(tv.weights) + id * tv.dim, tv.dim);
-      }
-    }
-  };
-
   for (int64_t bag = bag_begin; bag < bag_end; ++bag) {
     const int64_t feature = bag / batch;
     const int64_t sample = bag - feature * batch;
@@ -189,24 +211,33 @@ static int64_t forward_bags(const ForwardArgs& a, int64_t bag_begin, int64_t bag
     const TableView& tv = a.tables[fv.table];
     const int64_t start = static_cast<int64_t>(offsets[bag]);
     const int64_t end = static_cast<int64_t>(offsets[bag + 1]);
-    // Every id of the bag is checked before any of its rows is read.
-    for (int64_t p = start; p < end; ++p) {
-      const int64_t id = static_cast<int64_t>(indices[p]);
-      if (kCheckIds && (id < 0 || id >= tv.rows)) {
-        return p;
+    // While row p is added, the row kForwardPrefetchPositions positions on
+    // is fetched, if it belongs to this feature (same table). One prefetch
+    // per row, interleaved with the work, measured 25% faster than issuing a
+    // bag's worth at once; that id is not checked yet, so it is bounded here.
+    const int64_t feature_end = static_cast<int64_t>(offsets[(feature + 1) * batch < bag_end ? (feature + 1) * batch : bag_end]);
+    const T* weights = static_cast<const T*>(tv.weights);
+    const int64_t dim = tv.dim;
+    const uint64_t rows = static_cast<uint64_t>(tv.rows);
+    const auto prefetch = [&](int64_t p) {
+      const int64_t q = p + kForwardPrefetchPositions;
+      if (q < feature_end) {
+        const uint64_t id = static_cast<uint64_t>(static_cast<int64_t>(indices[q]));
+        if (id < rows) {
+          prefetch_row(weights + static_cast<int64_t>(id) * dim, dim);
+        }
       }
-    }
-    prefetch_until(end + kForwardPrefetchPositions);
+    };
     float scale = 1.0f;
     if (fv.pooling == static_cast<int32_t>(PoolingMode::kMean) && end > start) {
       scale = 1.0f / static_cast<float>(end - start);
     }
-    const T* weights = static_cast<const T*>(tv.weights);
     float* out = a.out + sample * a.out_dim + fv.out_col;
-    if (a.per_sample_weights != nullptr) {
-      pool_bag<true>(weights, tv.dim, indices, a.per_sample_weights, start, end, scale, out);
-    } else {
-      pool_bag<false>(weights, tv.dim, indices, a.per_sample_weights, start, end, scale, out);
+    const int64_t bad = a.per_sample_weights != nullptr
+        ? pool_bag<true, kCheckIds>(weights, dim, rows, indices, a.per_sample_weights, start, end, scale, out, prefetch)
+        : pool_bag<false, kCheckIds>(weights, dim, rows, indices, a.per_sample_weights, start, end, scale, out, prefetch);
+    if (bad >= 0) {
+      return bad;
     }
   }
   return -1;
@@ -406,12 +437,12 @@ static void update_segments(const SegmentArgs& a, int64_t seg_begin, int64_t seg
     const int64_t ahead = s + kBackwardPrefetchSegments;
     if (ahead < seg_end) {
       const TableView& tv = a.tables[a.seg_table[ahead]];
-      prefetch_row_for_write(static_cast<const T*>(tv.weights) + a.seg_row[ahead] * tv.dim, tv.dim);
+      prefetch_row(static_cast<const T*>(tv.weights) + a.seg_row[ahead] * tv.dim, tv.dim);
       if (tv.state0 != nullptr) {
-        __builtin_prefetch(tv.state0 + a.seg_row[ahead], 1, 3);
+        prefetch_line(tv.state0 + a.seg_row[ahead]);
       }
       if (tv.state1 != nullptr) {
-        __builtin_prefetch(tv.state1 + a.seg_row[ahead], 1, 3);
+        prefetch_line(tv.state1 + a.seg_row[ahead]);
       }
     }
     const TableView& tv = a.tables[a.seg_table[s]];
