@@ -6,6 +6,7 @@ with ``pip install --no-build-isolation -e .`` after torch.
 
 Environment:
     USE_CUDA=0   build the CPU kernels only, even where torch has CUDA.
+    TORCH_CUDA_ARCH_LIST  GPU targets (default "8.0;9.0": A100 and Hopper).
     DEBUG=1      build without optimisation, with debug symbols.
 """
 
@@ -42,9 +43,9 @@ def _extension():
     extra = {"cxx": cxx_flags}
     if use_cuda:
         sources += _sources("*.cu")
-        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + [
-            f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ("80", "90")
-        ]
+        # torch turns TORCH_CUDA_ARCH_LIST into -gencode flags.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         ext_type = CUDAExtension
     else:
         ext_type = CppExtension

@@ -104,11 +104,18 @@ def make_batches(config: Config, seed: int = 0) -> List[Dict[str, torch.Tensor]]
         lengths_t = torch.from_numpy(lengths).to(torch.int64)
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         torch.cumsum(lengths_t, 0, out=offsets[1:])
+        indices = torch.from_numpy(np.concatenate(ids)).to(torch.int64)
+        per_table = []
+        for t in range(config.tables):
+            table_offsets = offsets[t * config.batch_size : (t + 1) * config.batch_size + 1]
+            start, end = int(table_offsets[0]), int(table_offsets[-1])
+            per_table.append((indices[start:end], table_offsets - start))
         batches.append(
             dict(
-                indices=torch.from_numpy(np.concatenate(ids)).to(torch.int64),
+                indices=indices,
                 lengths=lengths_t,
                 offsets=offsets,
+                per_table=per_table,
                 grad=torch.randn(config.batch_size, config.tables * config.dim, generator=torch.Generator().manual_seed(seed)),
             )
         )
@@ -137,17 +144,27 @@ def init_weight(config: Config, t: int) -> torch.Tensor:
     return torch.empty(config.rows, config.dim).uniform_(-bound, bound, generator=g)
 
 
-def build_dist_rec(config: Config):
-    from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def build_dist_rec(config: Config, device: str = "cpu", dtype: str = "fp32"):
+    from dist_rec import DataType, EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
     from dist_rec.optim import RowWiseAdagrad
 
     keys = [f"f{t}" for t in range(config.tables)]
     ebc = EmbeddingBagCollection(
         tables=[
-            EmbeddingBagConfig(name=f"t{t}", embedding_dim=config.dim, num_embeddings=config.rows, feature_names=[keys[t]])
+            EmbeddingBagConfig(
+                name=f"t{t}",
+                embedding_dim=config.dim,
+                num_embeddings=config.rows,
+                feature_names=[keys[t]],
+                data_type=DataType.FP16 if dtype == "fp16" else DataType.FP32,
+            )
             for t in range(config.tables)
         ],
         optimizer=RowWiseAdagrad(lr=LEARNING_RATE, eps=EPS),
+        device=device,
     )
     with torch.no_grad():
         for t, bag in enumerate(ebc.embedding_bags.values()):
@@ -181,27 +198,34 @@ def build_tbe(config: Config):
     return (lambda batch: tbe(batch["indices"], batch["offsets"])), (lambda out, batch: out.backward(batch["grad"]))
 
 
-def build_torch(config: Config):
+def build_torch(config: Config, device: str = "cpu", dtype: str = "fp32"):
     bags = [
-        torch.nn.EmbeddingBag(config.rows, config.dim, mode="sum", sparse=True, include_last_offset=True, _weight=init_weight(config, t))
+        torch.nn.EmbeddingBag(
+            config.rows,
+            config.dim,
+            mode="sum",
+            sparse=True,
+            include_last_offset=True,
+            _weight=init_weight(config, t).to(device=device, dtype=DTYPES[dtype]),
+        )
         for t in range(config.tables)
     ]
-    momentum = [torch.zeros(config.rows) for _ in range(config.tables)]
+    momentum = [torch.zeros(config.rows, device=device) for _ in range(config.tables)]
 
     def forward(batch):
         outs = []
         for t, bag in enumerate(bags):
-            offsets = batch["offsets"][t * config.batch_size : (t + 1) * config.batch_size + 1]
-            ids = batch["indices"][int(offsets[0]) : int(offsets[-1])]
-            outs.append(bag(ids, offsets - offsets[0]))
+            ids, offsets = batch["per_table"][t]
+            outs.append(bag(ids, offsets).float())
         return torch.cat(outs, dim=1)
 
     @torch.no_grad()
     def rowwise_adagrad(weight, state):
         grad = weight.grad.coalesce()
-        rows, values = grad.indices()[0], grad.values()
+        rows, values = grad.indices()[0], grad.values().float()
         state.index_add_(0, rows, values.pow(2).mean(dim=1))
-        weight.index_add_(0, rows, values / (state[rows].sqrt() + EPS)[:, None], alpha=-LEARNING_RATE)
+        step = values / (state[rows].sqrt() + EPS)[:, None] * -LEARNING_RATE
+        weight.index_add_(0, rows, step.to(weight.dtype))
         weight.grad = None
 
     def backward(out, batch):
@@ -235,23 +259,33 @@ def time_variant(variant: str, config: Config, batches, steps: int, warmup: int)
                 forward_ms.append((time.perf_counter() - t0) * 1e3)
     result = dict(step_ms=statistics.median(step_ms), forward_ms=statistics.median(forward_ms))
     if variant == "dist_rec":
-        # The id range check, on by default: its cost is the forward with it
-        # off (an unsafe testing switch) against the forward with it on.
-        from dist_rec.ops import set_index_checks
+        result["range_check_cost"] = range_check_cost(forward, batches, steps, warmup)
+    return result
 
-        unchecked = []
-        with torch.no_grad():
-            set_index_checks(False)
-            try:
-                for i in range(warmup + steps):
+
+def range_check_cost(forward, batches, steps: int, warmup: int) -> float:
+    """Relative cost of the id range check (on by default): forwards with it
+    on and off (an unsafe testing switch), alternating so that drift in the
+    machine's speed cancels; the median of the paired ratios, minus one."""
+    from dist_rec.ops import set_index_checks
+
+    ratios = []
+    with torch.no_grad():
+        try:
+            for i in range(warmup + 2 * steps):
+                times = []
+                for checks in (True, False) if i % 2 == 0 else (False, True):
+                    set_index_checks(checks)
                     t0 = time.perf_counter()
                     forward(batches[i % NUM_BATCHES])
-                    if i >= warmup:
-                        unchecked.append((time.perf_counter() - t0) * 1e3)
-            finally:
-                set_index_checks(True)
-        result["forward_unchecked_ms"] = statistics.median(unchecked)
-    return result
+                    times.append((checks, time.perf_counter() - t0))
+                if i >= warmup:
+                    on = next(t for c, t in times if c)
+                    off = next(t for c, t in times if not c)
+                    ratios.append(on / off)
+        finally:
+            set_index_checks(True)
+    return statistics.median(ratios) - 1.0
 
 
 def time_gather_ceiling(config: Config, batches, steps: int, warmup: int) -> dict:
@@ -388,9 +422,7 @@ def format_table(rows: List[dict]) -> str:
             return f"{gbps:.1f} ({gbps / ceiling:.0%})"
 
         fwd_gbps = r["forward_bytes"] / (v["dist_rec"]["forward_ms"] * 1e-3) / 1e9 if "dist_rec" in v else float("nan")
-        check = (
-            f"{v['dist_rec']['forward_ms'] / v['dist_rec']['forward_unchecked_ms'] - 1:+.1%}" if "dist_rec" in v else "-"
-        )
+        check = f"{v['dist_rec']['range_check_cost']:+.1%}" if "dist_rec" in v else "-"
         lines.append(
             f"| {r['label']} | {ms('dist_rec')} | {ms('tbe')} | {ms('tbe_thp')} | {ms('torch')} "
             f"| {ratio('tbe')} | {ratio('tbe_thp')} | {ratio('torch')} "
@@ -404,6 +436,8 @@ def format_table(rows: List[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="table storage types (cuda; default fp32 fp16)")
     parser.add_argument("--tables", type=int)
     parser.add_argument("--rows", type=int)
     parser.add_argument("--dims", type=int, nargs="+")
@@ -425,6 +459,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(args)
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda requested but no CUDA device is available")
+        return run_cuda(args)
 
     settings = dict(PRESETS[args.preset or "standard"])
     rounds = settings.pop("rounds", None)
@@ -493,9 +532,7 @@ def main(argv=None) -> None:
 
 
 def write_markdown(path: Path, table: str, command: str, rows: List[dict]) -> None:
-    text = f"""# Benchmarks
-
-## Embedding training step (CPU)
+    text = f"""## Embedding training step (CPU)
 
 Machine: {machine_summary()}.
 
@@ -508,13 +545,143 @@ dist_rec). Step GB/s counts the rows a step must move (forward reads N rows,
 the update reads and writes each of the U unique rows); the gather ceiling is
 the best rate of PyTorch's own row gathers (`index_select`,
 `F.embedding_bag`) on huge-page tables with every core. The range check cost
-is the forward with id checks on against off.
+is the median ratio of forwards with id checks on and off, run alternately.
 
 {table}
 """
+    update_section(path, "cpu", text)
+
+
+def update_section(path: Path, name: str, text: str) -> None:
+    """Replaces one marked section of the benchmark page, keeping the others."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.strip()}\n{end}\n"
+    page = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if begin in page and end in page:
+        page = page[: page.index(begin)] + block + page[page.index(end) + len(end) + 1 :]
+    else:
+        page = page.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"\nwrote {path}")
+    path.write_text(page)
+    print(f"\nwrote the {name} section of {path}")
+
+
+# ---------------------------------------------------------------------------
+# GPU (--device cuda): dist_rec against nn.EmbeddingBag, in one process
+# ---------------------------------------------------------------------------
+
+CUDA_PRESET = dict(tables=8, rows=1_000_000, dims=[128], batch_sizes=[8192, 65536], distributions=["zipf", "uniform"])
+
+
+def cuda_median_ms(fn, steps: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy, bytes read plus bytes written per second."""
+    x = torch.empty(1 << 29, dtype=torch.float32, device="cuda").uniform_()  # 2 GiB
+    y = torch.empty_like(x)
+    ms = cuda_median_ms(lambda i: y.copy_(x), steps=20, warmup=3)
+    del x, y
+    return 2 * (1 << 29) * 4 / (ms * 1e-3) / 1e9
+
+
+def to_cuda(batch: dict) -> dict:
+    moved = {k: v.cuda() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    moved["per_table"] = [(ids.cuda(), offsets.cuda()) for ids, offsets in batch["per_table"]]
+    return moved
+
+
+def run_cuda(args) -> None:
+    settings = dict(CUDA_PRESET)
+    for key in ("tables", "rows", "dims", "batch_sizes", "distributions"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    dtypes = args.dtypes or ["fp32", "fp16"]
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
+    rows = []
+    for dim in settings["dims"]:
+        for batch_size in settings["batch_sizes"]:
+            for dist in settings["distributions"]:
+                config = Config(settings["tables"], settings["rows"], dim, batch_size, dist, args.pooling_factor, args.zipf_alpha)
+                batches = [to_cuda(b) for b in make_batches(config)]
+                n = sum(len(b["indices"]) for b in batches) / NUM_BATCHES
+                for dtype in dtypes:
+                    row = dict(label=f"{config.label()} {dtype}", dtype=dtype, config=asdict(config), indices_per_step=n, variants={})
+                    elem = 2 if dtype == "fp16" else 4
+                    # Forward traffic: each looked-up row read once, the output written once.
+                    row["forward_bytes"] = n * dim * elem + batch_size * config.tables * dim * 4
+                    for variant, build in (("dist_rec", build_dist_rec), ("torch", build_torch)):
+                        forward, backward = build(config, device="cuda", dtype=dtype)
+
+                        def step(i):
+                            batch = batches[i % NUM_BATCHES]
+                            backward(forward(batch), batch)
+
+                        def forward_only(i):
+                            with torch.no_grad():
+                                forward(batches[i % NUM_BATCHES])
+
+                        result = dict(
+                            step_ms=cuda_median_ms(step, args.steps, args.warmup),
+                            forward_ms=cuda_median_ms(forward_only, args.steps, args.warmup),
+                        )
+                        row["variants"][variant] = result
+                        del forward, backward
+                        torch.cuda.empty_cache()
+                        print(
+                            f"{row['label']:<40} {variant:<9} step {result['step_ms']:8.2f} ms  forward {result['forward_ms']:7.2f} ms",
+                            flush=True,
+                        )
+                    rows.append(row)
+    table = format_cuda_table(rows, copy_gbps)
+    print()
+    print(table)
+    command = "python benchmarks/bench_embedding.py " + " ".join(sys.argv[1:])
+    if args.json:
+        args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_gbps=copy_gbps, command=command, rows=rows), indent=2))
+    if args.markdown:
+        text = f"""## Embedding training step (GPU)
+
+Device: {torch.cuda.get_device_name()} (torch {torch.__version__}); measured device-to-device copy
+{copy_gbps:.0f} GB/s (bytes read + written).
+
+Command: `{command}` (CUDA-event medians; ids Poisson({args.pooling_factor:g}) per bag, Zipf exponent {args.zipf_alpha}).
+
+A step is forward + backward + row-wise AdaGrad. "torch" is one
+`nn.EmbeddingBag` per table with sparse gradients plus a hand-written row-wise
+AdaGrad. Forward GB/s counts the looked-up rows read and the output written.
+
+{table}
+"""
+        update_section(args.markdown, "gpu", text)
+
+
+def format_cuda_table(rows: List[dict], copy_gbps: float) -> str:
+    lines = [
+        "| config | dist_rec step ms | torch step ms | step speedup | dist_rec fwd ms | torch fwd ms | dist_rec fwd GB/s (of copy) | torch fwd GB/s (of copy) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ours, theirs = r["variants"]["dist_rec"], r["variants"]["torch"]
+        ours_gbps = r["forward_bytes"] / (ours["forward_ms"] * 1e-3) / 1e9
+        theirs_gbps = r["forward_bytes"] / (theirs["forward_ms"] * 1e-3) / 1e9
+        lines.append(
+            f"| {r['label']} | {ours['step_ms']:.2f} | {theirs['step_ms']:.2f} | {theirs['step_ms'] / ours['step_ms']:.2f}x "
+            f"| {ours['forward_ms']:.3f} | {theirs['forward_ms']:.3f} | {ours_gbps:.0f} ({ours_gbps / copy_gbps:.0%}) "
+            f"| {theirs_gbps:.0f} ({theirs_gbps / copy_gbps:.0%}) |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ class EmbeddingBagCollection(nn.Module):
             tables share one data type.
         is_weighted (bool): bags carry per-id weights (the input's
             ``weights()``), as in TorchRec. (Default: False)
-        device (Optional[torch.device]): only CPU for now. (Default: CPU)
+        device (Optional[torch.device]): "cpu" or a CUDA device (needs the
+            extension built with CUDA). (Default: CPU)
         optimizer (Optional[FusedOptimizer]): fused sparse optimizer applied
             in the backward pass, or None for dense gradients. (Default: None)
 
@@ -64,8 +65,9 @@ class EmbeddingBagCollection(nn.Module):
         super().__init__()
         configs = [as_embedding_bag_config(t) for t in tables]
         _check_configs(configs)
-        if device is not None and torch.device(device).type != "cpu":
-            raise NotImplementedError(f"EmbeddingBagCollection on device={device!s} is not supported yet; use cpu.")
+        device = torch.device(device if device is not None else "cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise NotImplementedError(f"EmbeddingBagCollection on device={device!s} is not supported; use cpu or cuda.")
         if optimizer is not None and not isinstance(optimizer, FusedOptimizer):
             raise TypeError(
                 f"Invalid optimizer={optimizer!r}. Must be a dist_rec.optim fused optimizer "
@@ -75,9 +77,10 @@ class EmbeddingBagCollection(nn.Module):
         self._is_weighted = is_weighted
         self._optimizer = optimizer
 
+        self._device = device
         self.embedding_bags = nn.ModuleDict()
         for config in configs:
-            weight = empty_hugepage((config.num_embeddings, config.embedding_dim), config.dtype)
+            weight = self._empty((config.num_embeddings, config.embedding_dim), config.dtype)
             bag = nn.EmbeddingBag(
                 config.num_embeddings,
                 config.embedding_dim,
@@ -103,7 +106,7 @@ class EmbeddingBagCollection(nn.Module):
                 column += config.embedding_dim
         self._layouts: Dict[Tuple[str, ...], Tuple[List[int], List[int], List[int]]] = {}
         # Puts fused lookups in the autograd graph though the tables do not require grad.
-        self._grad_anchor = torch.empty(0, requires_grad=True)
+        self._grad_anchor = torch.empty(0, device=device, requires_grad=True)
 
     # -- parameters and state ------------------------------------------------
 
@@ -114,11 +117,19 @@ class EmbeddingBagCollection(nn.Module):
             bag.weight.uniform_(config.weight_init_min, config.weight_init_max)
         if self._optimizer is not None:
             self._optimizer_states = [
-                self._optimizer.init_state(
-                    config.num_embeddings, allocate=lambda n: empty_hugepage((n,), torch.float32).zero_()
-                )
+                self._optimizer.init_state(config.num_embeddings, allocate=lambda n: self._empty((n,), torch.float32).zero_())
                 for config in self._configs
             ]
+
+    def _empty(self, size, dtype: torch.dtype) -> torch.Tensor:
+        """Big tables on the CPU go on huge pages; on a GPU, plain memory."""
+        if self._device.type == "cpu":
+            return empty_hugepage(size, dtype)
+        return torch.empty(size, dtype=dtype, device=self._device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return list(self._configs)
