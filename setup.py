@@ -38,7 +38,9 @@ def _extension():
     # into our objects, so we need -fopenmp (the runtime is torch's libgomp).
     # The kernels pick AVX-512 / AVX2 / scalar at run time (see
     # csrc/embedding_bag/kernels/dispatch.cpp); the baseline stays x86-64.
-    cxx_flags += ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    # (No -fvisibility=hidden: with torch 2.11 it left c10's ValueError and
+    # IndexError type info private to this library, and raising them crashed.)
+    cxx_flags += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     sources = _sources("*.cpp")
     extra = {"cxx": cxx_flags}
     if use_cuda:

@@ -138,10 +138,10 @@ def unique_rows(config: Config, batch: Dict[str, torch.Tensor]) -> int:
 # ---------------------------------------------------------------------------
 
 
-def init_weight(config: Config, t: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(t)
+def init_weight(config: Config, t: int, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(t)
     bound = (1.0 / config.rows) ** 0.5
-    return torch.empty(config.rows, config.dim).uniform_(-bound, bound, generator=g)
+    return torch.empty(config.rows, config.dim, device=device).uniform_(-bound, bound, generator=g)
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -168,7 +168,7 @@ def build_dist_rec(config: Config, device: str = "cpu", dtype: str = "fp32"):
     )
     with torch.no_grad():
         for t, bag in enumerate(ebc.embedding_bags.values()):
-            bag.weight.copy_(init_weight(config, t))
+            bag.weight.copy_(init_weight(config, t, device))
 
     def forward(batch):
         kjt = KeyedJaggedTensor(keys, batch["indices"], lengths=batch["lengths"], offsets=batch["offsets"])
@@ -206,7 +206,7 @@ def build_torch(config: Config, device: str = "cpu", dtype: str = "fp32"):
             mode="sum",
             sparse=True,
             include_last_offset=True,
-            _weight=init_weight(config, t).to(device=device, dtype=DTYPES[dtype]),
+            _weight=init_weight(config, t, device).to(dtype=DTYPES[dtype]),
         )
         for t in range(config.tables)
     ]

@@ -3,8 +3,7 @@
 // of its own (ops are reached through torch.ops.dist_rec).
 #include <Python.h>
 
-// PyMODINIT_FUNC declares extern "C" and default visibility (we build with
-// -fvisibility=hidden).
+// PyMODINIT_FUNC declares the entry point extern "C" with default visibility.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,

@@ -451,6 +451,7 @@ __global__ void forward_kernel(
     for (int i = 0; i < VEC; ++i) {
       acc[i] = 0.0f;
     }
+#pragma unroll 4
     for (int64_t p = start + group; p < end; p += groups) {
       const int64_t id = static_cast<int64_t>(indices[p]);
       if (id < 0 || id >= tm.rows) {
@@ -724,9 +725,8 @@ struct Hyper {
 };
 
 struct Grouped {
-  Tensor sorted_positions; // [N] int64: positions in row order
-  Tensor grad_offset; // [N] int64, by position
-  Tensor scale; // [N] float, by position
+  Tensor grad_offset; // [N] int64: where each occurrence's bag gradient starts, in row order
+  Tensor scale; // [N] float: its per-sample weight x 1/L, in row order
   Tensor unique_keys; // [U] int64
   Tensor seg_start; // [U+1] int64
   Tensor piece_base; // [U+1] int64: pieces of long segments before segment s
@@ -780,9 +780,17 @@ Grouped group_by_row(const char* op, const Problem& p, const Tensor& indices, co
 
   // Stable sort by row (a radix sort inside torch): a row's occurrences
   // become adjacent, in position order; the permutation is their positions.
-  auto [sorted_keys, sorted_positions] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  g.sorted_positions = sorted_positions;
-  auto [unique_keys, inverse, counts] = at::unique_consecutive(sorted_keys, /*return_inverse=*/false, /*return_counts=*/true);
+  // 32-bit keys when the rows allow: half the radix passes.
+  const bool narrow = p.total_rows < (int64_t{1} << 31);
+  auto [sorted_keys, sorted_positions] =
+      at::sort(narrow ? keys.to(at::kInt) : keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  // The kernels walk occurrences in row order: lay their gradient offsets
+  // and weights out that way.
+  g.grad_offset = g.grad_offset.index_select(0, sorted_positions);
+  g.scale = g.scale.index_select(0, sorted_positions);
+  auto [unique_keys_narrow, inverse, counts] =
+      at::unique_consecutive(sorted_keys, /*return_inverse=*/false, /*return_counts=*/true);
+  const Tensor unique_keys = unique_keys_narrow.to(at::kLong);
   g.unique_keys = unique_keys;
   g.num_segments = unique_keys.numel();
   g.seg_start = at::zeros({g.num_segments + 1}, long_opts);
@@ -818,23 +826,36 @@ __device__ __forceinline__ int64_t table_of(const TableMeta* tables, int64_t num
   return lo;
 }
 
-// Sums occurrences [begin, end) of columns [col, col + VEC) into acc.
+// Sums occurrences [begin, end) of columns [col, col + VEC) into acc. The
+// occurrence arrays are in sorted (row) order, so they are read in sequence.
+template <int VEC>
 __device__ __forceinline__ void sum_occurrences(
-    const int64_t* __restrict__ sorted_positions,
-    const int64_t* __restrict__ grad_offset,
-    const float* __restrict__ scale,
+    const int64_t* __restrict__ occ_grad_offset,
+    const float* __restrict__ occ_scale,
     const float* __restrict__ grad_output,
     int64_t begin,
     int64_t end,
     int64_t col,
-    int vec,
     float* acc) {
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t pos = sorted_positions[i];
-    const float* src = grad_output + grad_offset[pos] + col;
-    const float w = scale[pos];
-    for (int k = 0; k < vec; ++k) {
-      acc[k] = fmaf(w, src[k], acc[k]);
+    const float* src = grad_output + occ_grad_offset[i] + col;
+    const float w = occ_scale[i];
+    float x[VEC];
+    if constexpr (VEC % 4 == 0) {
+#pragma unroll
+      for (int k = 0; k < VEC; k += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src + k);
+        x[k] = v.x, x[k + 1] = v.y, x[k + 2] = v.z, x[k + 3] = v.w;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        x[k] = src[k];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      acc[k] = fmaf(w, x[k], acc[k]);
     }
   }
 }
@@ -850,9 +871,8 @@ __global__ void piece_sum_kernel(
     const int64_t* __restrict__ piece_base,
     int64_t num_segments,
     int64_t num_pieces,
-    const int64_t* __restrict__ sorted_positions,
-    const int64_t* __restrict__ grad_offset,
-    const float* __restrict__ scale,
+    const int64_t* __restrict__ occ_grad_offset,
+    const float* __restrict__ occ_scale,
     const float* __restrict__ grad_output,
     float* __restrict__ partials,
     int64_t partial_stride) {
@@ -882,7 +902,7 @@ __global__ void piece_sum_kernel(
     for (int k = 0; k < VEC; ++k) {
       acc[k] = 0.0f;
     }
-    sum_occurrences(sorted_positions, grad_offset, scale, grad_output, begin, end, col, VEC, acc);
+    sum_occurrences<VEC>(occ_grad_offset, occ_scale, grad_output, begin, end, col, acc);
     store_floats<VEC>(partials + q * partial_stride + col, acc);
   }
 }
@@ -890,7 +910,7 @@ __global__ void piece_sum_kernel(
 // One warp per unique row: its summed gradient (from occurrences, or from
 // its pieces in order), then the update. Each lane owns columns
 // lane*VEC + k*32*VEC, k < kMaxChunks.
-template <typename W, int VEC, Update kUpdate>
+template <typename W, int VEC, int CHUNKS, Update kUpdate>
 __global__ void update_kernel(
     const TableMeta* __restrict__ tables,
     int64_t num_tables,
@@ -898,9 +918,8 @@ __global__ void update_kernel(
     const int64_t* __restrict__ seg_start,
     const int64_t* __restrict__ piece_base,
     int64_t num_segments,
-    const int64_t* __restrict__ sorted_positions,
-    const int64_t* __restrict__ grad_offset,
-    const float* __restrict__ scale,
+    const int64_t* __restrict__ occ_grad_offset,
+    const float* __restrict__ occ_scale,
     const float* __restrict__ grad_output,
     const float* __restrict__ partials,
     int64_t partial_stride,
@@ -920,9 +939,9 @@ __global__ void update_kernel(
   const int64_t first_piece = piece_base[s];
   const int64_t pieces = piece_base[s + 1] - first_piece;
 
-  float g[kMaxChunks][VEC];
+  float g[CHUNKS][VEC];
 #pragma unroll
-  for (int c = 0; c < kMaxChunks; ++c) {
+  for (int c = 0; c < CHUNKS; ++c) {
     const int64_t col = static_cast<int64_t>(c) * kWarp * VEC + static_cast<int64_t>(lane) * VEC;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -930,7 +949,7 @@ __global__ void update_kernel(
     }
     if (col < dim) {
       if (pieces == 0) {
-        sum_occurrences(sorted_positions, grad_offset, scale, grad_output, seg_start[s], seg_start[s + 1], col, VEC, g[c]);
+        sum_occurrences<VEC>(occ_grad_offset, occ_scale, grad_output, seg_start[s], seg_start[s + 1], col, g[c]);
       } else {
         for (int64_t q = first_piece; q < first_piece + pieces; ++q) {
           const float* src = partials + q * partial_stride + col;
@@ -946,7 +965,7 @@ __global__ void update_kernel(
   if constexpr (kUpdate == Update::kRowGrad) {
     float* dst = row_grad_out + row_grad_offset[s];
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
+    for (int c = 0; c < CHUNKS; ++c) {
       const int64_t col = static_cast<int64_t>(c) * kWarp * VEC + static_cast<int64_t>(lane) * VEC;
       if (col < dim) {
 #pragma unroll
@@ -969,7 +988,7 @@ __global__ void update_kernel(
       const float l2 = hyper.weight_decay_mode == 1 ? hyper.weight_decay : 0.0f;
       float sum = 0.0f;
 #pragma unroll
-      for (int c = 0; c < kMaxChunks; ++c) {
+      for (int c = 0; c < CHUNKS; ++c) {
         const int64_t col = static_cast<int64_t>(c) * kWarp * VEC + static_cast<int64_t>(lane) * VEC;
         if (col < dim) {
           float x[VEC];
@@ -1005,7 +1024,7 @@ __global__ void update_kernel(
       }
     }
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
+    for (int c = 0; c < CHUNKS; ++c) {
       const int64_t col = static_cast<int64_t>(c) * kWarp * VEC + static_cast<int64_t>(lane) * VEC;
       if (col < dim) {
         float x[VEC];
@@ -1026,10 +1045,15 @@ void run_update(
     const char* op,
     const Problem& p,
     const Grouped& g,
-    const Tensor& grad_output,
+    const Tensor& maybe_unaligned_grad_output,
     const Hyper& hyper,
     float* row_grad_out = nullptr,
     const int64_t* row_grad_offset = nullptr) {
+  // Gradient rows are read 16 bytes at a time: a view starting off a 16-byte
+  // boundary is copied first.
+  const Tensor grad_output = reinterpret_cast<uintptr_t>(maybe_unaligned_grad_output.const_data_ptr()) % 16 == 0
+      ? maybe_unaligned_grad_output
+      : maybe_unaligned_grad_output.clone();
   const at::Device device = grad_output.device();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   DIST_REC_CHECK_VALUE(
@@ -1062,7 +1086,6 @@ void run_update(
             g.piece_base.const_data_ptr<int64_t>(),
             g.num_segments,
             g.num_pieces,
-            g.sorted_positions.const_data_ptr<int64_t>(),
             g.grad_offset.const_data_ptr<int64_t>(),
             g.scale.const_data_ptr<float>(),
             grad_output.const_data_ptr<float>(),
@@ -1070,23 +1093,37 @@ void run_update(
             partial_stride);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      update_kernel<W, VEC, kUpdate><<<blocks_for(g.num_segments * kWarp, kWarp * kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
-          reinterpret_cast<const TableMeta*>(tables.const_data_ptr()),
-          num_tables,
-          g.unique_keys.const_data_ptr<int64_t>(),
-          g.seg_start.const_data_ptr<int64_t>(),
-          g.piece_base.const_data_ptr<int64_t>(),
-          g.num_segments,
-          g.sorted_positions.const_data_ptr<int64_t>(),
-          g.grad_offset.const_data_ptr<int64_t>(),
-          g.scale.const_data_ptr<float>(),
-          grad_output.const_data_ptr<float>(),
-          partials.const_data_ptr<float>(),
-          partial_stride,
-          hyper,
-          row_grad_out,
-          row_grad_offset);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // Registers for as many column chunks as the widest row needs: fewer
+      // registers, more warps in flight.
+      const int64_t chunks = (p.max_dim + kWarp * VEC - 1) / (kWarp * VEC);
+      auto launch = [&](auto chunks_tag) {
+        constexpr int CHUNKS = decltype(chunks_tag)::value;
+        update_kernel<W, VEC, CHUNKS, kUpdate><<<blocks_for(g.num_segments * kWarp, kWarp * kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
+            reinterpret_cast<const TableMeta*>(tables.const_data_ptr()),
+            num_tables,
+            g.unique_keys.const_data_ptr<int64_t>(),
+            g.seg_start.const_data_ptr<int64_t>(),
+            g.piece_base.const_data_ptr<int64_t>(),
+            g.num_segments,
+            g.grad_offset.const_data_ptr<int64_t>(),
+            g.scale.const_data_ptr<float>(),
+            grad_output.const_data_ptr<float>(),
+            partials.const_data_ptr<float>(),
+            partial_stride,
+            hyper,
+            row_grad_out,
+            row_grad_offset);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (chunks <= 1) {
+        launch(std::integral_constant<int, 1>{});
+      } else if (chunks <= 2) {
+        launch(std::integral_constant<int, 2>{});
+      } else if (chunks <= 4) {
+        launch(std::integral_constant<int, 4>{});
+      } else {
+        launch(std::integral_constant<int, kMaxChunks>{});
+      }
     });
   });
 }
@@ -1223,7 +1260,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> embedding_bag_backward_row_
   for (size_t t = 0; t < p.tables.size(); ++t) {
     const int64_t count = per_table.const_data_ptr<int64_t>()[t];
     row_ids.push_back(g.unique_keys.slice(0, seg, seg + count) - p.tables[t].row_base);
-    row_grads.push_back(flat.slice(0, elem, elem + count * p.tables[t].dim).view({count, p.tables[t].dim}));
+    // Own storage per table: the op's outputs must not alias each other.
+    row_grads.push_back(flat.slice(0, elem, elem + count * p.tables[t].dim).view({count, p.tables[t].dim}).clone());
     seg += count;
     elem += count * p.tables[t].dim;
   }

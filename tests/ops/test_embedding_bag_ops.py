@@ -77,6 +77,20 @@ def test_forward_16bit_weights(isa, weight_dtype, seed):
     assert_matches(out, ref.embedding_bag_forward_ref, *p.op_args())
 
 
+@pytest.mark.parametrize("dim", [1, 7, 8, 16, 24, 40, 48, 56, 100, 136, 264])
+def test_bad_id_is_refused_at_every_width(isa, dim):
+    # Rows of several register blocks: no block may read the bad row.
+    p = random_problem(50, dims=[dim, dim, dim], max_rows=30, batch=6)
+    for bad_id in (-1, 30, 2**40):
+        indices = p.indices.clone()
+        indices[len(indices) // 2] = bad_id
+        with pytest.raises(IndexError, match=f"id {bad_id} at indices"):
+            ops.embedding_bag_forward(p.weights, *p.layout, indices, p.offsets, p.per_sample_weights)
+        grad = torch.zeros(p.batch, p.out_dim)
+        with pytest.raises(IndexError, match=f"id {bad_id} at indices"):
+            ops.embedding_bag_backward_row_grad(p.weights, *p.layout, indices, p.offsets, p.per_sample_weights, grad)
+
+
 def test_forward_is_identical_on_every_isa():
     p = random_problem(5, weighted=True, dims=[13, 64, 7])
     outputs = []

@@ -40,7 +40,8 @@ def op_inputs(draw):
     corruption = draw(st.sampled_from([None] * len(CORRUPTIONS) + CORRUPTIONS))
     num_tables = draw(st.integers(1, 3))
     rows = draw(st.lists(st.integers(1, 6), min_size=num_tables, max_size=num_tables))
-    dims = draw(st.lists(st.integers(1, 20), min_size=num_tables, max_size=num_tables))
+    # Up to 80 wide: rows that split into several register blocks on every ISA.
+    dims = draw(st.lists(st.integers(1, 80), min_size=num_tables, max_size=num_tables))
     weight_dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
     if corruption == "weight_dtype":
         weight_dtype = draw(st.sampled_from([torch.float64, torch.int64, torch.int8]))

@@ -144,6 +144,9 @@ static inline int64_t pool_bag(
   int64_t bad = -1;
   auto block = [&](auto nv) {
     constexpr int NV = decltype(nv)::value;
+    if (bad >= 0) {
+      return; // the first block found a bad id: read no row of this bag
+    }
     if (col == 0) {
       bad = pool_columns<NV, kWeighted, true, kCheckIds>(
           weights, dim, rows, col, indices, per_sample_weights, start, end, scale, out, prefetch);
@@ -154,13 +157,7 @@ static inline int64_t pool_bag(
     vectors -= NV;
     col += NV * kLanes;
   };
-  if (vectors >= 16) {
-    block(IntConstant<16>{});
-    if (bad >= 0) {
-      return bad;
-    }
-  }
-  while (vectors >= 16) {
+  while (vectors >= 16 && bad < 0) {
     block(IntConstant<16>{});
   }
   if (vectors >= 8) {
