@@ -265,27 +265,27 @@ def time_variant(variant: str, config: Config, batches, steps: int, warmup: int)
 
 def range_check_cost(forward, batches, steps: int, warmup: int) -> float:
     """Relative cost of the id range check (on by default): forwards with it
-    on and off (an unsafe testing switch), alternating so that drift in the
-    machine's speed cancels; the median of the paired ratios, minus one."""
+    on and off (an unsafe testing switch) in alternating blocks, each call on
+    the next batch in rotation so that no call finds the previous one's rows
+    in cache; the ratio of the two medians, minus one."""
     from dist_rec.ops import set_index_checks
 
-    ratios = []
+    times = {True: [], False: []}
+    call = 0
     with torch.no_grad():
         try:
-            for i in range(warmup + 2 * steps):
-                times = []
-                for checks in (True, False) if i % 2 == 0 else (False, True):
+            for block in range(6):
+                for checks in (True, False) if block % 2 == 0 else (False, True):
                     set_index_checks(checks)
-                    t0 = time.perf_counter()
-                    forward(batches[i % NUM_BATCHES])
-                    times.append((checks, time.perf_counter() - t0))
-                if i >= warmup:
-                    on = next(t for c, t in times if c)
-                    off = next(t for c, t in times if not c)
-                    ratios.append(on / off)
+                    for i in range(warmup + steps):
+                        t0 = time.perf_counter()
+                        forward(batches[call % NUM_BATCHES])
+                        call += 1
+                        if i >= warmup:
+                            times[checks].append(time.perf_counter() - t0)
         finally:
             set_index_checks(True)
-    return statistics.median(ratios) - 1.0
+    return statistics.median(times[True]) / statistics.median(times[False]) - 1.0
 
 
 def time_gather_ceiling(config: Config, batches, steps: int, warmup: int) -> dict:
@@ -545,7 +545,7 @@ dist_rec). Step GB/s counts the rows a step must move (forward reads N rows,
 the update reads and writes each of the U unique rows); the gather ceiling is
 the best rate of PyTorch's own row gathers (`index_select`,
 `F.embedding_bag`) on huge-page tables with every core. The range check cost
-is the median ratio of forwards with id checks on and off, run alternately.
+compares forwards with id checks on and off, in alternating blocks.
 
 {table}
 """

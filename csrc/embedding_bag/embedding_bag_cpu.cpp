@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "dist_rec/checks.h"
+#include "embedding_bag/embedding_bag_checks.h"
 #include "embedding_bag/kernels/kernel_api.h"
 #include "embedding_bag/radix_sort.h"
 #include "memory/host_allocator.h"
@@ -78,6 +79,7 @@ bool set_index_checks(bool enabled) {
 // ---------------------------------------------------------------------------
 
 struct Problem {
+  BagLayout layout;
   std::vector<cpu::TableView> tables;
   std::vector<cpu::FeatureView> features;
   std::vector<int64_t> row_base; // [T+1] first linear row of each table
@@ -89,18 +91,15 @@ struct Problem {
   bool any_mean = false;
 };
 
-cpu::WeightType weight_type_of(const char* op, at::ScalarType dtype) {
+cpu::WeightType weight_type_of(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat:
-      return cpu::WeightType::kFloat;
     case at::kHalf:
       return cpu::WeightType::kHalf;
     case at::kBFloat16:
       return cpu::WeightType::kBFloat16;
-    default:
-      DIST_REC_CHECK_TYPE(op, false, "weights must be float32, float16 or bfloat16; got ", dtype);
+    default: // check_bag_layout admits float32, float16, bfloat16 only
+      return cpu::WeightType::kFloat;
   }
-  return cpu::WeightType::kFloat;
 }
 
 template <typename I>
@@ -146,168 +145,49 @@ Problem make_problem(
     IntArrayRef feature_column,
     const Tensor& indices,
     const Tensor& offsets,
-    const std::optional<Tensor>& maybe_per_sample_weights) {
+    const std::optional<Tensor>& per_sample_weights) {
+  const BagLayout layout = check_bag_layout(
+      op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
+  DIST_REC_CHECK_CPU(op, weights[0]);
   Problem p;
-  const int64_t num_tables = static_cast<int64_t>(weights.size());
-  DIST_REC_CHECK_VALUE(op, num_tables > 0, "weights must hold at least one table");
-  p.weight_type = weight_type_of(op, weights[0].scalar_type());
+  p.layout = layout;
+  p.weight_type = weight_type_of(layout.weight_dtype);
+  p.batch = layout.batch;
+  p.num_indices = layout.num_indices;
+  p.out_dim = layout.out_dim;
+  p.int32_indices = layout.int32_indices;
   p.row_base.push_back(0);
-  for (int64_t t = 0; t < num_tables; ++t) {
-    const Tensor& w = weights[t];
-    DIST_REC_CHECK_CPU(op, w);
-    DIST_REC_CHECK_VALUE(op, w.dim() == 2, "weights[", t, "] must be 2-D [rows, dim]; it has shape ", w.sizes());
-    DIST_REC_CHECK_VALUE(op, w.is_contiguous(), "weights[", t, "] must be contiguous");
-    DIST_REC_CHECK_TYPE(
-        op,
-        w.scalar_type() == weights[0].scalar_type(),
-        "all weights must share one dtype; weights[0] is ",
-        weights[0].scalar_type(),
-        " but weights[",
-        t,
-        "] is ",
-        w.scalar_type());
-    DIST_REC_CHECK_VALUE(op, w.size(1) > 0, "weights[", t, "] has embedding dim 0");
+  for (const Tensor& w : weights) {
     p.tables.push_back(cpu::TableView{const_cast<void*>(w.const_data_ptr()), w.size(0), w.size(1), nullptr, nullptr});
     p.row_base.push_back(p.row_base.back() + w.size(0));
   }
-
-  const int64_t num_features = static_cast<int64_t>(feature_table.size());
-  DIST_REC_CHECK_VALUE(op, num_features > 0, "feature_table must name at least one feature slot");
-  DIST_REC_CHECK_VALUE(
-      op,
-      static_cast<int64_t>(feature_pooling.size()) == num_features &&
-          static_cast<int64_t>(feature_column.size()) == num_features,
-      "feature_table, feature_pooling and feature_column must have one entry per feature slot; got lengths ",
-      num_features,
-      ", ",
-      feature_pooling.size(),
-      ", ",
-      feature_column.size());
-  std::vector<std::pair<int64_t, int64_t>> column_ranges;
-  for (int64_t f = 0; f < num_features; ++f) {
-    const int64_t t = feature_table[f];
-    DIST_REC_CHECK_INDEX(
-        op, t >= 0 && t < num_tables, "feature slot ", f, " maps to table ", t, "; must be in [0, ", num_tables, ")");
-    const int64_t pooling = feature_pooling[f];
-    DIST_REC_CHECK_VALUE(
-        op, pooling == 0 || pooling == 1, "feature slot ", f, " has pooling ", pooling, "; must be 0 (sum) or 1 (mean)");
-    p.any_mean = p.any_mean || pooling == 1;
-    p.features.push_back(cpu::FeatureView{static_cast<int32_t>(t), static_cast<int32_t>(pooling), feature_column[f]});
-    column_ranges.emplace_back(feature_column[f], p.tables[t].dim);
-    p.out_dim += p.tables[t].dim;
+  for (int64_t f = 0; f < layout.num_features; ++f) {
+    p.features.push_back(cpu::FeatureView{
+        static_cast<int32_t>(feature_table[f]), static_cast<int32_t>(feature_pooling[f]), feature_column[f]});
+    p.any_mean = p.any_mean || feature_pooling[f] == 1;
   }
-  std::sort(column_ranges.begin(), column_ranges.end());
-  int64_t expected_column = 0;
-  for (const auto& [column, dim] : column_ranges) {
-    DIST_REC_CHECK_VALUE(
-        op,
-        column == expected_column,
-        "feature_column must tile the output columns [0, ",
-        p.out_dim,
-        ") without gaps or overlaps; expected a slot starting at column ",
-        expected_column,
-        ", found ",
-        column);
-    expected_column += dim;
-  }
-
-  DIST_REC_CHECK_CPU(op, indices);
-  DIST_REC_CHECK_CPU(op, offsets);
-  DIST_REC_CHECK_DIM(op, indices, 1);
-  DIST_REC_CHECK_DIM(op, offsets, 1);
-  DIST_REC_CHECK_TYPE(
-      op,
-      indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
-      "indices must be int32 or int64; got ",
-      indices.scalar_type());
-  DIST_REC_CHECK_TYPE(
-      op,
-      offsets.scalar_type() == indices.scalar_type(),
-      "offsets must have the dtype of indices (",
-      indices.scalar_type(),
-      "); got ",
-      offsets.scalar_type());
-  DIST_REC_CHECK_CONTIGUOUS(op, indices);
-  DIST_REC_CHECK_CONTIGUOUS(op, offsets);
-  DIST_REC_CHECK_VALUE(
-      op,
-      offsets.numel() >= 1 && (offsets.numel() - 1) % num_features == 0,
-      "offsets must have F*B+1 elements for F=",
-      num_features,
-      " feature slots; it has ",
-      offsets.numel());
-  p.batch = (offsets.numel() - 1) / num_features;
-  p.num_indices = indices.numel();
-  p.int32_indices = indices.scalar_type() == at::kInt;
   if (p.int32_indices) {
     check_offsets<int32_t>(op, offsets, p.batch, p.num_indices);
   } else {
     check_offsets<int64_t>(op, offsets, p.batch, p.num_indices);
   }
-
-  if (maybe_per_sample_weights.has_value()) {
-    const Tensor& per_sample_weights = *maybe_per_sample_weights;
-    DIST_REC_CHECK_CPU(op, per_sample_weights);
-    DIST_REC_CHECK_DTYPE(op, per_sample_weights, at::kFloat);
-    DIST_REC_CHECK_DIM(op, per_sample_weights, 1);
-    DIST_REC_CHECK_CONTIGUOUS(op, per_sample_weights);
-    DIST_REC_CHECK_VALUE(
-        op,
-        per_sample_weights.numel() == p.num_indices,
-        "per_sample_weights must have one weight per index (",
-        p.num_indices,
-        "); it has ",
-        per_sample_weights.numel());
-  }
   return p;
 }
 
 void check_grad_output(const char* op, const Problem& p, const Tensor& grad_output) {
-  DIST_REC_CHECK_CPU(op, grad_output);
-  DIST_REC_CHECK_DTYPE(op, grad_output, at::kFloat);
-  DIST_REC_CHECK_CONTIGUOUS(op, grad_output);
-  DIST_REC_CHECK_VALUE(
-      op,
-      grad_output.dim() == 2 && grad_output.size(0) == p.batch && grad_output.size(1) == p.out_dim,
-      "grad_output must have shape [",
-      p.batch,
-      ", ",
-      p.out_dim,
-      "]; it has shape ",
-      grad_output.sizes());
+  dist_rec::check_grad_output(op, p.layout, grad_output);
 }
 
-void attach_state(const char* op, const char* name, Problem& p, TensorList state, int slot) {
-  DIST_REC_CHECK_VALUE(
-      op,
-      state.size() == p.tables.size(),
-      name,
-      " must hold one tensor per table (",
-      p.tables.size(),
-      "); it holds ",
-      state.size());
+void attach_state(const char* op, const char* name, Problem& p, TensorList weights, TensorList state, int slot) {
+  check_row_state(op, name, weights, state);
   for (size_t t = 0; t < state.size(); ++t) {
-    const Tensor& s = state[t];
-    DIST_REC_CHECK_CPU(op, s);
-    DIST_REC_CHECK_TYPE(op, s.scalar_type() == at::kFloat, name, "[", t, "] must be float32; it is ", s.scalar_type());
-    DIST_REC_CHECK_VALUE(
-        op,
-        s.is_contiguous() && s.numel() == p.tables[t].rows,
-        name,
-        "[",
-        t,
-        "] must be a contiguous tensor with one value per row (",
-        p.tables[t].rows,
-        "); it has shape ",
-        s.sizes());
-    float* data = const_cast<float*>(s.const_data_ptr<float>());
+    float* data = const_cast<float*>(state[t].const_data_ptr<float>());
     (slot == 0 ? p.tables[t].state0 : p.tables[t].state1) = data;
   }
 }
 
 cpu::WeightDecayMode weight_decay_mode_of(const char* op, int64_t mode) {
-  DIST_REC_CHECK_VALUE(
-      op, mode >= 0 && mode <= 2, "weight_decay_mode must be 0 (none), 1 (L2) or 2 (decoupled); got ", mode);
+  check_weight_decay_mode(op, mode);
   return static_cast<cpu::WeightDecayMode>(mode);
 }
 
@@ -365,29 +245,9 @@ template <typename I>
   const int64_t num_bags = offsets.numel() - 1;
   // The bag holding position pos: last bag whose start is <= pos and is non-empty.
   const int64_t bag = std::upper_bound(o, o + num_bags + 1, static_cast<I>(pos)) - o - 1;
-  const int64_t feature = bag / p.batch;
-  const int64_t table = p.features[feature].table;
-  const int64_t rows = p.tables[table].rows;
+  const int64_t table = p.features[bag / p.batch].table;
   const int64_t id = static_cast<int64_t>(indices.const_data_ptr<I>()[pos]);
-  DIST_REC_CHECK_INDEX(
-      op,
-      false,
-      "id ",
-      id,
-      " at indices[",
-      pos,
-      "] (feature slot ",
-      feature,
-      ", sample ",
-      bag - feature * p.batch,
-      ") is out of range for table ",
-      table,
-      " with ",
-      rows,
-      " rows; ids must be in [0, ",
-      rows,
-      ")");
-  __builtin_unreachable();
+  throw_id_out_of_range(op, pos, id, bag, p.batch, table, p.tables[table].rows);
 }
 
 void throw_bad_index_any(const char* op, const Problem& p, const Tensor& indices, const Tensor& offsets, int64_t pos) {
@@ -752,7 +612,7 @@ void embedding_bag_backward_rowwise_adagrad_cpu(
   Problem p =
       make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
   mark_weights_mutable(p, weights);
-  attach_state(op, "momentum1", p, momentum1, 0);
+  attach_state(op, "momentum1", p, weights, momentum1, 0);
   cpu::SegmentArgs hyper{};
   hyper.learning_rate = static_cast<float>(learning_rate);
   hyper.eps = static_cast<float>(eps);
@@ -781,8 +641,8 @@ void embedding_bag_backward_momentum_scaled_rowwise_adagrad_cpu(
   Problem p =
       make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
   mark_weights_mutable(p, weights);
-  attach_state(op, "momentum_sync", p, momentum_sync, 0);
-  attach_state(op, "momentum_local", p, momentum_local, 1);
+  attach_state(op, "momentum_sync", p, weights, momentum_sync, 0);
+  attach_state(op, "momentum_local", p, weights, momentum_local, 1);
   cpu::SegmentArgs hyper{};
   hyper.learning_rate = static_cast<float>(learning_rate);
   hyper.eps = static_cast<float>(eps);

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "dist_rec/checks.h"
+#include "embedding_bag/embedding_bag_checks.h"
 
 namespace dist_rec {
 namespace {
@@ -68,6 +69,7 @@ struct FeatureMeta {
 };
 
 struct Problem {
+  BagLayout layout;
   std::vector<TableMeta> tables;
   std::vector<FeatureMeta> features;
   int64_t batch = 0;
@@ -99,176 +101,44 @@ Problem make_problem(
     IntArrayRef feature_column,
     const Tensor& indices,
     const Tensor& offsets,
-    const std::optional<Tensor>& maybe_per_sample_weights) {
+    const std::optional<Tensor>& per_sample_weights) {
+  const BagLayout layout = check_bag_layout(
+      op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
   Problem p;
-  const int64_t num_tables = static_cast<int64_t>(weights.size());
-  DIST_REC_CHECK_VALUE(op, num_tables > 0, "weights must hold at least one table");
-  const auto device = weights[0].device();
-  p.weight_dtype = weights[0].scalar_type();
-  DIST_REC_CHECK_TYPE(
-      op,
-      p.weight_dtype == at::kFloat || p.weight_dtype == at::kHalf || p.weight_dtype == at::kBFloat16,
-      "weights must be float32, float16 or bfloat16; got ",
-      p.weight_dtype);
-  const int elem = static_cast<int>(c10::elementSize(p.weight_dtype));
-  p.vec = 16 / elem;
-  for (int64_t t = 0; t < num_tables; ++t) {
-    const Tensor& w = weights[t];
-    DIST_REC_CHECK_VALUE(op, w.device() == device, "weights[", t, "] is on ", w.device(), ", weights[0] on ", device);
-    DIST_REC_CHECK_VALUE(op, w.dim() == 2, "weights[", t, "] must be 2-D [rows, dim]; it has shape ", w.sizes());
-    DIST_REC_CHECK_VALUE(op, w.is_contiguous(), "weights[", t, "] must be contiguous");
-    DIST_REC_CHECK_TYPE(
-        op,
-        w.scalar_type() == p.weight_dtype,
-        "all weights must share one dtype; weights[0] is ",
-        p.weight_dtype,
-        " but weights[",
-        t,
-        "] is ",
-        w.scalar_type());
-    DIST_REC_CHECK_VALUE(op, w.size(1) > 0, "weights[", t, "] has embedding dim 0");
+  p.layout = layout;
+  p.batch = layout.batch;
+  p.num_indices = layout.num_indices;
+  p.out_dim = layout.out_dim;
+  p.max_dim = layout.max_dim;
+  p.weight_dtype = layout.weight_dtype;
+  p.int32_indices = layout.int32_indices;
+  // Elements per 16-byte load, reduced until every table's rows, every
+  // slot's output columns and the output width keep the alignment.
+  p.vec = 16 / static_cast<int>(c10::elementSize(p.weight_dtype));
+  for (const Tensor& w : weights) {
     p.tables.push_back(TableMeta{w.const_data_ptr(), nullptr, nullptr, w.size(0), w.size(1), p.total_rows});
     p.total_rows += w.size(0);
-    p.max_dim = std::max(p.max_dim, w.size(1));
-    // 16-byte loads need every row 16-byte aligned.
     while (p.vec > 1 &&
            ((w.size(1) % p.vec) != 0 || (reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16) != 0)) {
       p.vec /= 2;
     }
   }
-  const int64_t num_features = static_cast<int64_t>(feature_table.size());
-  DIST_REC_CHECK_VALUE(op, num_features > 0, "feature_table must name at least one feature slot");
-  DIST_REC_CHECK_VALUE(
-      op,
-      static_cast<int64_t>(feature_pooling.size()) == num_features &&
-          static_cast<int64_t>(feature_column.size()) == num_features,
-      "feature_table, feature_pooling and feature_column must have one entry per feature slot; got lengths ",
-      num_features,
-      ", ",
-      feature_pooling.size(),
-      ", ",
-      feature_column.size());
-  std::vector<std::pair<int64_t, int64_t>> column_ranges;
-  for (int64_t f = 0; f < num_features; ++f) {
-    const int64_t t = feature_table[f];
-    DIST_REC_CHECK_INDEX(
-        op, t >= 0 && t < num_tables, "feature slot ", f, " maps to table ", t, "; must be in [0, ", num_tables, ")");
-    const int64_t pooling = feature_pooling[f];
-    DIST_REC_CHECK_VALUE(
-        op, pooling == 0 || pooling == 1, "feature slot ", f, " has pooling ", pooling, "; must be 0 (sum) or 1 (mean)");
-    p.features.push_back(FeatureMeta{t, pooling, feature_column[f]});
-    column_ranges.emplace_back(feature_column[f], p.tables[t].dim);
-    p.out_dim += p.tables[t].dim;
-  }
-  std::sort(column_ranges.begin(), column_ranges.end());
-  int64_t expected_column = 0;
-  for (const auto& [column, dim] : column_ranges) {
-    DIST_REC_CHECK_VALUE(
-        op,
-        column == expected_column,
-        "feature_column must tile the output columns [0, ",
-        p.out_dim,
-        ") without gaps or overlaps; expected a slot starting at column ",
-        expected_column,
-        ", found ",
-        column);
-    expected_column += dim;
-  }
-  // Output columns must keep 16-byte alignment for vector stores of floats.
-  for (const auto& f : p.features) {
-    while (p.vec > 1 && (f.column % std::min(p.vec, 4)) != 0) {
+  for (int64_t f = 0; f < layout.num_features; ++f) {
+    p.features.push_back(FeatureMeta{feature_table[f], feature_pooling[f], feature_column[f]});
+    while (p.vec > 1 && (feature_column[f] % std::min(p.vec, 4)) != 0) {
       p.vec /= 2;
     }
   }
   while (p.vec > 1 && (p.out_dim % std::min(p.vec, 4)) != 0) {
     p.vec /= 2;
   }
-
-  DIST_REC_CHECK_VALUE(op, indices.device() == device, "indices must be on ", device, "; they are on ", indices.device());
-  DIST_REC_CHECK_VALUE(op, offsets.device() == device, "offsets must be on ", device, "; they are on ", offsets.device());
-  DIST_REC_CHECK_DIM(op, indices, 1);
-  DIST_REC_CHECK_DIM(op, offsets, 1);
-  DIST_REC_CHECK_TYPE(
-      op,
-      indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
-      "indices must be int32 or int64; got ",
-      indices.scalar_type());
-  DIST_REC_CHECK_TYPE(
-      op,
-      offsets.scalar_type() == indices.scalar_type(),
-      "offsets must have the dtype of indices (",
-      indices.scalar_type(),
-      "); got ",
-      offsets.scalar_type());
-  DIST_REC_CHECK_CONTIGUOUS(op, indices);
-  DIST_REC_CHECK_CONTIGUOUS(op, offsets);
-  DIST_REC_CHECK_VALUE(
-      op,
-      offsets.numel() >= 1 && (offsets.numel() - 1) % num_features == 0,
-      "offsets must have F*B+1 elements for F=",
-      num_features,
-      " feature slots; it has ",
-      offsets.numel());
-  p.batch = (offsets.numel() - 1) / num_features;
-  p.num_indices = indices.numel();
-  p.int32_indices = indices.scalar_type() == at::kInt;
-  if (maybe_per_sample_weights.has_value()) {
-    const Tensor& per_sample_weights = *maybe_per_sample_weights;
-    DIST_REC_CHECK_VALUE(
-        op, per_sample_weights.device() == device, "per_sample_weights must be on ", device);
-    DIST_REC_CHECK_DTYPE(op, per_sample_weights, at::kFloat);
-    DIST_REC_CHECK_DIM(op, per_sample_weights, 1);
-    DIST_REC_CHECK_CONTIGUOUS(op, per_sample_weights);
-    DIST_REC_CHECK_VALUE(
-        op,
-        per_sample_weights.numel() == p.num_indices,
-        "per_sample_weights must have one weight per index (",
-        p.num_indices,
-        "); it has ",
-        per_sample_weights.numel());
-  }
   return p;
 }
 
-void check_grad_output(const char* op, const Problem& p, const Tensor& grad_output, const at::Device& device) {
-  DIST_REC_CHECK_VALUE(op, grad_output.device() == device, "grad_output must be on ", device);
-  DIST_REC_CHECK_DTYPE(op, grad_output, at::kFloat);
-  DIST_REC_CHECK_CONTIGUOUS(op, grad_output);
-  DIST_REC_CHECK_VALUE(
-      op,
-      grad_output.dim() == 2 && grad_output.size(0) == p.batch && grad_output.size(1) == p.out_dim,
-      "grad_output must have shape [",
-      p.batch,
-      ", ",
-      p.out_dim,
-      "]; it has shape ",
-      grad_output.sizes());
-}
-
-void attach_state(const char* op, const char* name, Problem& p, TensorList state, int slot, const at::Device& device) {
-  DIST_REC_CHECK_VALUE(
-      op,
-      state.size() == p.tables.size(),
-      name,
-      " must hold one tensor per table (",
-      p.tables.size(),
-      "); it holds ",
-      state.size());
+void attach_state(const char* op, const char* name, Problem& p, TensorList weights, TensorList state, int slot) {
+  check_row_state(op, name, weights, state);
   for (size_t t = 0; t < state.size(); ++t) {
-    const Tensor& s = state[t];
-    DIST_REC_CHECK_VALUE(op, s.device() == device, name, "[", t, "] must be on ", device);
-    DIST_REC_CHECK_TYPE(op, s.scalar_type() == at::kFloat, name, "[", t, "] must be float32; it is ", s.scalar_type());
-    DIST_REC_CHECK_VALUE(
-        op,
-        s.is_contiguous() && s.numel() == p.tables[t].rows,
-        name,
-        "[",
-        t,
-        "] must be a contiguous tensor with one value per row (",
-        p.tables[t].rows,
-        "); it has shape ",
-        s.sizes());
-    float* data = const_cast<float*>(s.const_data_ptr<float>());
+    float* data = const_cast<float*>(state[t].const_data_ptr<float>());
     (slot == 0 ? p.tables[t].state0 : p.tables[t].state1) = data;
   }
 }
@@ -574,28 +444,8 @@ void raise_if_errors(const char* op, const Problem& p, const Tensor& errors, con
     const int64_t* o = host_offsets.const_data_ptr<int64_t>();
     const int64_t num_bags = host_offsets.numel() - 1;
     const int64_t bag = std::upper_bound(o, o + num_bags + 1, pos) - o - 1;
-    const int64_t feature = bag / p.batch;
-    const int64_t table = p.features[feature].table;
-    const int64_t rows = p.tables[table].rows;
-    const int64_t id = indices[pos].item<int64_t>();
-    DIST_REC_CHECK_INDEX(
-        op,
-        false,
-        "id ",
-        id,
-        " at indices[",
-        pos,
-        "] (feature slot ",
-        feature,
-        ", sample ",
-        bag - feature * p.batch,
-        ") is out of range for table ",
-        table,
-        " with ",
-        rows,
-        " rows; ids must be in [0, ",
-        rows,
-        ")");
+    const int64_t table = p.features[bag / p.batch].table;
+    throw_id_out_of_range(op, pos, indices[pos].item<int64_t>(), bag, p.batch, table, p.tables[table].rows);
   }
 }
 
@@ -1129,8 +979,7 @@ void run_update(
 }
 
 Hyper make_hyper(const char* op, double lr, double eps, double wd, int64_t mode, double scale) {
-  DIST_REC_CHECK_VALUE(
-      op, mode >= 0 && mode <= 2, "weight_decay_mode must be 0 (none), 1 (L2) or 2 (decoupled); got ", mode);
+  check_weight_decay_mode(op, mode);
   Hyper h;
   h.learning_rate = static_cast<float>(lr);
   h.eps = static_cast<float>(eps);
@@ -1156,7 +1005,7 @@ void embedding_bag_backward_sgd_cuda(
   const Problem p =
       make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  check_grad_output(op, p, grad_output, weights[0].device());
+  check_grad_output(op, p.layout, grad_output);
   const Hyper hyper = make_hyper(op, learning_rate, 0.0, weight_decay, weight_decay_mode, 1.0);
   const Grouped g = group_by_row(op, p, indices, offsets, per_sample_weights);
   run_update<Update::kSgd>(op, p, g, grad_output, hyper);
@@ -1180,8 +1029,8 @@ void embedding_bag_backward_rowwise_adagrad_cuda(
   Problem p =
       make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  attach_state(op, "momentum1", p, momentum1, 0, weights[0].device());
-  check_grad_output(op, p, grad_output, weights[0].device());
+  attach_state(op, "momentum1", p, weights, momentum1, 0);
+  check_grad_output(op, p.layout, grad_output);
   const Hyper hyper = make_hyper(op, learning_rate, eps, weight_decay, weight_decay_mode, 1.0);
   const Grouped g = group_by_row(op, p, indices, offsets, per_sample_weights);
   run_update<Update::kRowwiseAdagrad>(op, p, g, grad_output, hyper);
@@ -1207,9 +1056,9 @@ void embedding_bag_backward_momentum_scaled_rowwise_adagrad_cuda(
   Problem p =
       make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  attach_state(op, "momentum_sync", p, momentum_sync, 0, weights[0].device());
-  attach_state(op, "momentum_local", p, momentum_local, 1, weights[0].device());
-  check_grad_output(op, p, grad_output, weights[0].device());
+  attach_state(op, "momentum_sync", p, weights, momentum_sync, 0);
+  attach_state(op, "momentum_local", p, weights, momentum_local, 1);
+  check_grad_output(op, p.layout, grad_output);
   const Hyper hyper = make_hyper(op, learning_rate, eps, weight_decay, weight_decay_mode, momentum_scale);
   const Grouped g = group_by_row(op, p, indices, offsets, per_sample_weights);
   run_update<Update::kMomentumScaled>(op, p, g, grad_output, hyper);
@@ -1229,7 +1078,7 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> embedding_bag_backward_row_
       make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights);
   const at::Device device = weights[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  check_grad_output(op, p, grad_output, device);
+  check_grad_output(op, p.layout, grad_output);
   const Grouped g = group_by_row(op, p, indices, offsets, per_sample_weights);
   const auto long_opts = at::TensorOptions().dtype(at::kLong).device(device);
 
@@ -1320,7 +1169,7 @@ Tensor embedding_bag_per_sample_weights_grad_cuda(
       make_problem(op, weights, feature_table, feature_pooling, feature_column, indices, offsets, std::nullopt);
   const at::Device device = weights[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  check_grad_output(op, p, grad_output, device);
+  check_grad_output(op, p.layout, grad_output);
   // Validate ids and offsets with the forward's checks before reading rows.
   {
     const Tensor tables = to_device(p.tables, device);
