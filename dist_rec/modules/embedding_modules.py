@@ -179,6 +179,12 @@ class EmbeddingBagCollection(nn.Module):
         """Pools every feature of ``features`` (a KeyedJaggedTensor, ours or
         TorchRec's) into ``[B, sum of dims]`` columns, in config order."""
         keys = list(features.keys())
+        variable_stride = getattr(features, "variable_stride_per_key", None)
+        if variable_stride is not None and variable_stride():
+            raise NotImplementedError(
+                "A KeyedJaggedTensor with a different batch size per feature (TorchRec's variable batch) "
+                "is not supported by EmbeddingBagCollection yet."
+            )
         layout = self._layout(keys)
         values = features.values()
         offsets = features.offsets()

@@ -1,6 +1,7 @@
 """Drop-in with TorchRec: its configs and KeyedJaggedTensor are accepted as
 they are, and a model gives TorchRec's numbers for the same weights."""
 
+import pytest
 import torch
 import torchrec
 
@@ -55,3 +56,15 @@ def test_torchrec_config_converts_field_by_field():
         ("t0", 8, 40, ["f0", "f1"], "SUM"),
         ("t1", 4, 25, ["f2"], "MEAN"),
     ]
+
+
+def test_variable_batch_per_feature_is_refused_not_misread():
+    ebc = EmbeddingBagCollection(tables=TORCHREC_TABLES)
+    kjt = torchrec.KeyedJaggedTensor(
+        keys=["f0", "f1", "f2"],
+        values=torch.tensor([1, 2, 3, 4, 5, 6]),
+        lengths=torch.tensor([1, 1, 1, 1, 1, 1]),
+        stride_per_key_per_rank=[[1], [2], [3]],
+    )
+    with pytest.raises(NotImplementedError, match="different batch size per feature"):
+        ebc(kjt)
