@@ -246,7 +246,6 @@ def time_variant(variant: str, config: Config, batches, steps: int, warmup: int)
         batch = batches[i % NUM_BATCHES]
         t0 = time.perf_counter()
         out = forward(batch)
-        t1 = time.perf_counter()
         backward(out, batch)
         t2 = time.perf_counter()
         if i >= warmup:
@@ -588,11 +587,25 @@ def cuda_median_ms(fn, steps: int, warmup: int) -> float:
 
 def copy_bandwidth_gbps() -> float:
     """Device-to-device copy, bytes read plus bytes written per second."""
-    x = torch.empty(1 << 29, dtype=torch.float32, device="cuda").uniform_()  # 2 GiB
-    y = torch.empty_like(x)
-    ms = cuda_median_ms(lambda i: y.copy_(x), steps=20, warmup=3)
-    del x, y
-    return 2 * (1 << 29) * 4 / (ms * 1e-3) / 1e9
+    source = torch.empty(1 << 29, dtype=torch.float32, device="cuda").uniform_()  # 2 GiB
+    target = torch.empty_like(source)
+    ms = cuda_median_ms(lambda i: target.copy_(source), steps=20, warmup=3)
+    return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def time_cuda_variant(build, config: Config, dtype: str, batches, steps: int, warmup: int) -> dict:
+    """Median step and forward times of one variant, built on the GPU."""
+    forward, backward = build(config, device="cuda", dtype=dtype)
+
+    def step(i):
+        batch = batches[i % NUM_BATCHES]
+        backward(forward(batch), batch)
+
+    def forward_only(i):
+        with torch.no_grad():
+            forward(batches[i % NUM_BATCHES])
+
+    return dict(step_ms=cuda_median_ms(step, steps, warmup), forward_ms=cuda_median_ms(forward_only, steps, warmup))
 
 
 def to_cuda(batch: dict) -> dict:
@@ -622,23 +635,9 @@ def run_cuda(args) -> None:
                     # Forward traffic: each looked-up row read once, the output written once.
                     row["forward_bytes"] = n * dim * elem + batch_size * config.tables * dim * 4
                     for variant, build in (("dist_rec", build_dist_rec), ("torch", build_torch)):
-                        forward, backward = build(config, device="cuda", dtype=dtype)
-
-                        def step(i):
-                            batch = batches[i % NUM_BATCHES]
-                            backward(forward(batch), batch)
-
-                        def forward_only(i):
-                            with torch.no_grad():
-                                forward(batches[i % NUM_BATCHES])
-
-                        result = dict(
-                            step_ms=cuda_median_ms(step, args.steps, args.warmup),
-                            forward_ms=cuda_median_ms(forward_only, args.steps, args.warmup),
-                        )
+                        result = time_cuda_variant(build, config, dtype, batches, args.steps, args.warmup)
                         row["variants"][variant] = result
-                        del forward, backward
-                        torch.cuda.empty_cache()
+                        torch.cuda.empty_cache()  # the model built for this variant is gone
                         print(
                             f"{row['label']:<40} {variant:<9} step {result['step_ms']:8.2f} ms  forward {result['forward_ms']:7.2f} ms",
                             flush=True,

@@ -580,6 +580,7 @@ struct Grouped {
   Tensor unique_keys; // [U] int64
   Tensor seg_start; // [U+1] int64
   Tensor piece_base; // [U+1] int64: pieces of long segments before segment s
+  Tensor tables; // the problem's TableMeta records on the device
   int64_t num_segments = 0;
   int64_t num_pieces = 0;
 };
@@ -604,7 +605,8 @@ Grouped group_by_row(const char* op, const Problem& p, const Tensor& indices, co
   g.scale = at::empty({n}, long_opts.dtype(at::kFloat));
   Tensor errors = new_errors(device);
   const int64_t num_bags = offsets.numel() - 1;
-  const Tensor tables = to_device(p.tables, device);
+  g.tables = to_device(p.tables, device);
+  const Tensor& tables = g.tables;
   const Tensor features = to_device(p.features, device);
   if (num_bags > 0) {
     dispatch_index(p.int32_indices, [&](auto index_tag) {
@@ -904,7 +906,6 @@ void run_update(
   const Tensor grad_output = reinterpret_cast<uintptr_t>(maybe_unaligned_grad_output.const_data_ptr()) % 16 == 0
       ? maybe_unaligned_grad_output
       : maybe_unaligned_grad_output.clone();
-  const at::Device device = grad_output.device();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   DIST_REC_CHECK_VALUE(
       op,
@@ -916,7 +917,7 @@ void run_update(
   if (g.num_segments == 0) {
     return;
   }
-  const Tensor tables = to_device(p.tables, device);
+  const Tensor& tables = g.tables; // copied once, by group_by_row
   const int64_t num_tables = static_cast<int64_t>(p.tables.size());
   // Round the partial rows up so every piece's row stays 16-byte aligned.
   const int64_t partial_stride = (p.max_dim + 3) / 4 * 4;

@@ -116,13 +116,12 @@ def _grad_fits(x):
 
 
 def _is_valid(x):
-    weights, (feature_table, feature_pooling, feature_column), indices, offsets, psw, grad = (
+    weights, (feature_table, feature_pooling, feature_column), indices, offsets, psw = (
         x["weights"],
         x["layout"],
         x["indices"],
         x["offsets"],
         x["psw"],
-        x["grad"],
     )
     if len({w.dtype for w in weights}) != 1 or weights[0].dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
