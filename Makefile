@@ -2,9 +2,9 @@
 # `make test`; both create .venv and install everything they need first.
 #
 #   make install   virtual environment + dependencies + native extension
-#   make main      the main job (for now: the embedding benchmark, small preset)
+#   make main      the main job: 2-process torchrun DLRM training on synthetic data (~5 min)
 #   make test      the test suite
-#   make bench     the full embedding benchmark (writes docs/benchmarks.md)
+#   make bench     the embedding and training benchmarks (write docs/benchmarks.md)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,13 +28,14 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
 install: $(VENV)/.built
 
 main: install
-	$(PY) benchmarks/bench_embedding.py --preset small
+	PYTHON=$(PY) launch/train.sh --config launch/configs/default.yaml
 
 test: install
 	$(PY) -m pytest tests
 
 bench: install
 	$(PY) benchmarks/bench_embedding.py --preset standard --markdown docs/benchmarks.md
+	$(PY) benchmarks/bench_train.py --preset default kaggle multihot --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build dist_rec/_C*.so *.egg-info

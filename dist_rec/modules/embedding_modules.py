@@ -105,6 +105,8 @@ class EmbeddingBagCollection(nn.Module):
                 self._feature_slot[name] = (t, int(_POOLING_MODE[config.pooling]), column)
                 column += config.embedding_dim
         self._layouts: Dict[Tuple[str, ...], Tuple[List[int], List[int], List[int]]] = {}
+        # Set by data-parallel wrapping: combines all ranks' batches before an update.
+        self._update_exchange = None
         # Puts fused lookups in the autograd graph though the tables do not require grad.
         self._grad_anchor = torch.empty(0, device=device, requires_grad=True)
 
@@ -205,13 +207,23 @@ class EmbeddingBagCollection(nn.Module):
             if self._optimizer is None:
                 pooled = embedding_bag_forward(weights, *layout, values, offsets, per_sample_weights)
             else:
-                apply_grad = functools.partial(
-                    self._optimizer.backward_, weights, self._optimizer_states, layout, values, offsets, per_sample_weights
-                )
+                apply_grad = functools.partial(self._apply_fused_update, layout, values, offsets, per_sample_weights)
                 pooled = fused_lookup(self._grad_anchor, weights, layout, values, offsets, per_sample_weights, apply_grad)
         except (IndexError, ValueError, TypeError) as error:
             raise self._explain(error, keys, features) from None
         return KeyedTensor(self._feature_names, self._feature_dims, pooled)
+
+    def _apply_fused_update(self, layout, values, offsets, per_sample_weights, grad_output: torch.Tensor) -> None:
+        """The backward of a fused lookup: one optimizer step on the touched
+        rows. A data-parallel collection first gathers every rank's ids and
+        output gradients (see ``dist_rec.sharding.dp_sharding``)."""
+        if self._update_exchange is not None:
+            values, offsets, per_sample_weights, grad_output = self._update_exchange(
+                layout, values, offsets, per_sample_weights, grad_output
+            )
+        self._optimizer.backward_(
+            self._weights(), self._optimizer_states, layout, values, offsets, per_sample_weights, grad_output
+        )
 
     def _layout(self, keys: List[str]) -> Tuple[List[int], List[int], List[int]]:
         """(table, pooling, output column) of each input key, cached per key order."""

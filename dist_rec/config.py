@@ -1,0 +1,327 @@
+"""Training configuration: validated dataclasses, YAML files, overrides.
+
+A run is described by one ``TrainConfig`` with four sections (``data``,
+``model``, ``optimizer``, ``train``). It loads from YAML, and
+``section.field=value`` overrides from the command line are applied on top
+(values parsed as YAML: ``train.steps=100``,
+``model.over_arch_layer_sizes=[64,1]``). Every value is checked where it is
+set; a bad one is refused with ``Invalid <section.field>=<value>. Must be
+...``, and an unknown key with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+DATA_SOURCES = ("synthetic", "criteo_text", "criteo_binary")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "momentum_scaled_rowwise_adagrad", "sgd")
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not allowed."""
+
+
+def _invalid(name: str, value: Any, rule: str) -> ConfigError:
+    return ConfigError(f"Invalid {name}={value!r}. Must be {rule}.")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from.
+
+    Args:
+        source: "synthetic" (generated on the fly, the default workload),
+            "criteo_text" (raw Criteo TSV files) or "criteo_binary" (a
+            directory written by ``python -m dist_rec.data.convert_criteo``).
+        train_paths / eval_paths: Criteo files (text) or directories (binary).
+        num_embeddings_per_feature: rows of each sparse feature's table. For
+            synthetic data this also sets the number of sparse features; for
+            Criteo, 26 values, or one value used for all.
+        num_dense_features: dense features (synthetic; Criteo has 13).
+        zipf_exponent, mean_bag_length, missing_probability, signal_rows,
+            interaction_weight, logit_scale, click_rate: the synthetic workload (see
+            ``SyntheticConfig``).
+        eval_samples: size of the synthetic evaluation set.
+        on_error: what a malformed Criteo line does: "raise" or "skip".
+        seed: seed of the synthetic data (its teacher and samples).
+    """
+
+    source: str = "synthetic"
+    train_paths: List[str] = field(default_factory=list)
+    eval_paths: List[str] = field(default_factory=list)
+    num_embeddings_per_feature: List[int] = field(default_factory=lambda: [1000] * 8)
+    num_dense_features: int = 13
+    zipf_exponent: float = 1.1
+    mean_bag_length: float = 1.0
+    missing_probability: float = 0.02
+    signal_rows: int = 1000
+    interaction_weight: float = 0.5
+    logit_scale: float = 1.6
+    click_rate: float = 0.25
+    eval_samples: int = 65536
+    on_error: str = "raise"
+    seed: int = 0
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.source not in DATA_SOURCES:
+            raise _invalid(f"{prefix}.source", self.source, f"one of {list(DATA_SOURCES)}")
+        if not self.num_embeddings_per_feature or any(n < 1 for n in self.num_embeddings_per_feature):
+            raise _invalid(
+                f"{prefix}.num_embeddings_per_feature", self.num_embeddings_per_feature, "a non-empty list of integers >= 1"
+            )
+        if self.source != "synthetic":
+            if not self.train_paths:
+                raise _invalid(f"{prefix}.train_paths", self.train_paths, f"at least one path for source={self.source!r}")
+            if len(self.num_embeddings_per_feature) not in (1, 26):
+                raise _invalid(
+                    f"{prefix}.num_embeddings_per_feature",
+                    self.num_embeddings_per_feature,
+                    "26 values (one per Criteo categorical feature) or a single value for all",
+                )
+        _check(self.num_dense_features >= 1, f"{prefix}.num_dense_features", self.num_dense_features, ">= 1")
+        _check(self.zipf_exponent >= 0, f"{prefix}.zipf_exponent", self.zipf_exponent, ">= 0")
+        _check(self.mean_bag_length > 0, f"{prefix}.mean_bag_length", self.mean_bag_length, "> 0")
+        _check(0 <= self.missing_probability < 1, f"{prefix}.missing_probability", self.missing_probability, "in [0, 1)")
+        _check(self.signal_rows >= 0, f"{prefix}.signal_rows", self.signal_rows, ">= 0")
+        _check(self.interaction_weight >= 0, f"{prefix}.interaction_weight", self.interaction_weight, ">= 0")
+        _check(self.logit_scale > 0, f"{prefix}.logit_scale", self.logit_scale, "> 0")
+        _check(0 < self.click_rate < 1, f"{prefix}.click_rate", self.click_rate, "in (0, 1)")
+        _check(self.eval_samples >= 1, f"{prefix}.eval_samples", self.eval_samples, ">= 1")
+        if self.on_error not in ("raise", "skip"):
+            raise _invalid(f"{prefix}.on_error", self.on_error, "'raise' or 'skip'")
+
+
+@dataclass
+class ModelConfig:
+    """DLRM's shape.
+
+    Args:
+        embedding_dim: every table's dimension; must equal the last dense
+            arch layer (the dot interaction multiplies them).
+        dense_arch_layer_sizes: bottom MLP widths.
+        over_arch_layer_sizes: top MLP widths, ending in 1 (the logit).
+    """
+
+    embedding_dim: int = 16
+    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
+    over_arch_layer_sizes: List[int] = field(default_factory=lambda: [128, 64, 1])
+
+    def validate(self, prefix: str = "model") -> None:
+        _check(self.embedding_dim >= 1, f"{prefix}.embedding_dim", self.embedding_dim, ">= 1")
+        for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+            sizes = getattr(self, name)
+            if not sizes or any(s < 1 for s in sizes):
+                raise _invalid(f"{prefix}.{name}", sizes, "a non-empty list of integers >= 1")
+        if self.dense_arch_layer_sizes[-1] != self.embedding_dim:
+            raise _invalid(
+                f"{prefix}.dense_arch_layer_sizes",
+                self.dense_arch_layer_sizes,
+                f"a list ending in embedding_dim={self.embedding_dim} (the dot interaction needs equal widths)",
+            )
+        if self.over_arch_layer_sizes[-1] != 1:
+            raise _invalid(f"{prefix}.over_arch_layer_sizes", self.over_arch_layer_sizes, "a list ending in 1 (one logit)")
+
+
+@dataclass
+class OptimizerConfig:
+    """Dense and sparse optimizers.
+
+    Args:
+        dense: "sgd", "adagrad" or "adam", for the MLPs (DDP-averaged).
+        dense_lr: its learning rate.
+        sparse: the fused embedding optimizer: "rowwise_adagrad",
+            "momentum_scaled_rowwise_adagrad" or "sgd".
+        sparse_lr, sparse_eps: its learning rate and epsilon.
+        sparse_weight_decay, sparse_weight_decay_mode: "none", "l2" or "decoupled".
+    """
+
+    dense: str = "adagrad"
+    dense_lr: float = 0.01
+    sparse: str = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    sparse_eps: float = 1e-8
+    sparse_weight_decay: float = 0.0
+    sparse_weight_decay_mode: str = "none"
+
+    def validate(self, prefix: str = "optimizer") -> None:
+        if self.dense not in DENSE_OPTIMIZERS:
+            raise _invalid(f"{prefix}.dense", self.dense, f"one of {list(DENSE_OPTIMIZERS)}")
+        if self.sparse not in SPARSE_OPTIMIZERS:
+            raise _invalid(f"{prefix}.sparse", self.sparse, f"one of {list(SPARSE_OPTIMIZERS)}")
+        _check(self.dense_lr > 0, f"{prefix}.dense_lr", self.dense_lr, "> 0")
+        _check(self.sparse_lr > 0, f"{prefix}.sparse_lr", self.sparse_lr, "> 0")
+        _check(self.sparse_eps > 0, f"{prefix}.sparse_eps", self.sparse_eps, "> 0")
+        _check(self.sparse_weight_decay >= 0, f"{prefix}.sparse_weight_decay", self.sparse_weight_decay, ">= 0")
+        if self.sparse_weight_decay_mode not in ("none", "l2", "decoupled"):
+            raise _invalid(f"{prefix}.sparse_weight_decay_mode", self.sparse_weight_decay_mode, "'none', 'l2' or 'decoupled'")
+
+
+@dataclass
+class RunConfig:
+    """The loop.
+
+    Args:
+        batch_size: samples per rank per step (the global batch is this
+            times the number of processes).
+        steps: training steps (0: one pass over finite training data).
+        eval_every: evaluate every this many steps (0: only at the end).
+        log_every: progress line every this many steps.
+        eval_batch_size: samples per rank per evaluation batch.
+        seed: model initialisation seed.
+        output_dir: where metrics.jsonl, the plot and the resolved config go.
+        backend: "auto" (NCCL with GPUs, else gloo), "gloo" or "nccl".
+        device: "auto", "cpu" or "cuda".
+        threads: intra-op threads per process (0: cores / local processes).
+    """
+
+    batch_size: int = 512
+    steps: int = 1000
+    eval_every: int = 0
+    log_every: int = 50
+    eval_batch_size: int = 8192
+    seed: int = 0
+    output_dir: str = "runs/latest"
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int = 0
+
+    def validate(self, prefix: str = "train") -> None:
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
+        _check(self.steps >= 0, f"{prefix}.steps", self.steps, ">= 0")
+        _check(self.eval_every >= 0, f"{prefix}.eval_every", self.eval_every, ">= 0 (0: only at the end)")
+        _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, ">= 1")
+        _check(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", self.eval_batch_size, ">= 1")
+        _check(self.threads >= 0, f"{prefix}.threads", self.threads, ">= 0 (0: automatic)")
+        if self.backend not in BACKENDS:
+            raise _invalid(f"{prefix}.backend", self.backend, f"one of {list(BACKENDS)}")
+        if self.device not in DEVICES:
+            raise _invalid(f"{prefix}.device", self.device, f"one of {list(DEVICES)}")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "TrainConfig":
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate(section.name)
+        if self.data.source == "synthetic" and self.train.steps == 0:
+            raise _invalid("train.steps", 0, ">= 1 for synthetic data (its training stream is endless)")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        return _build(cls, values or {}, "").validate()
+
+
+def _check(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise _invalid(name, value, rule)
+
+
+def _build(cls, values: Dict[str, Any], prefix: str):
+    """A dataclass from a nested dict, type-checking every leaf."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"Invalid {prefix.rstrip('.') or 'config'}={values!r}. Must be a mapping of settings.")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        where = f"under {prefix.rstrip('.')!r}" if prefix else "at the top level"
+        raise ConfigError(f"Unknown config key {prefix + unknown[0]!r}. Valid keys {where}: {sorted(known)}.")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        full = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, full + ".")
+        else:
+            kwargs[name] = _coerce(hint, value, full)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, List, Sequence):
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise _invalid(name, value, f"a list of {item.__name__}")
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, name)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _invalid(name, value, "true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _invalid(name, value, "an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _invalid(name, value, "a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _invalid(name, value, "a string")
+        return value
+    return value
+
+
+def parse_override(text: str) -> "tuple[List[str], Any]":
+    """``section.field=value`` -> (["section", "field"], parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"Invalid override {text!r}. Must be section.field=value, e.g. train.steps=100.")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"Invalid override {text!r}. Must be section.field=value, e.g. train.steps=100.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Invalid value in override {text!r}: {error}") from None
+    return path, value
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config of ``path`` (YAML; defaults when None) with overrides applied."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"Cannot read config file {path}: {error.strerror}") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of sections, not {type(values).__name__}.")
+    for override in overrides:
+        keys, value = parse_override(override)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Invalid override {override!r}: {key!r} is not a section.")
+        node[keys[-1]] = value
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,352 @@
+"""A Criteo-like synthetic workload whose best achievable AUC is known.
+
+Samples have dense features and multi-hot sparse features whose ids follow a
+Zipf law (a few hot rows, a long tail), as in real click logs. Labels are
+drawn from a planted *teacher*: every table row has a hidden scalar effect
+and a hidden latent vector, the dense features have a hidden linear map, and
+
+    logit = bias + scale * standardise(w . x + sum_f v_f(bag_f) + sum_{i<j} <z_i, z_j>)
+
+where ``v_f``/``z_f`` are the mean of the bag's row effects/latents and
+``z_0`` is the dense latent. ``label ~ Bernoulli(sigmoid(logit))``. The
+teacher's own probabilities are the Bayes-optimal predictor, so their AUC on
+the evaluation set (``teacher_auc``) is the ceiling a trained model is
+measured against. DLRM's pairwise dot interaction can express this teacher,
+which keeps the gap a measure of training, not of model mismatch.
+
+Everything is a function of ``seed``: samples are generated in fixed blocks
+of ``block_size``, each from its own random stream keyed by (seed, split,
+block), so a batch does not depend on the batch size, the rank or the world
+size that asked for it, and ranks generate only their own samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from dist_rec.data.batch import Batch, check_rank, kjt_from_sample_major, rank_block_ranges
+
+_SPLITS = {"train": 0, "eval": 1, "calibration": 2}
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """The workload.
+
+    Args:
+        num_embeddings_per_feature (List[int]): rows of each sparse feature's
+            table (one table per feature); its length is the feature count.
+        num_dense_features (int): dense features per sample. (Default: 13)
+        zipf_exponent (float): s in P(rank k) ~ 1/k^s over each table's rows;
+            0 is uniform. (Default: 1.1)
+        mean_bag_length (float): mean ids per bag (1 = one-hot; above 1,
+            1 + Poisson(mean - 1)). (Default: 1.0)
+        missing_probability (float): chance a bag is empty (missing value).
+            (Default: 0.02)
+        teacher_dim (int): dimension of the teacher's row latents. (Default: 4)
+        teacher_rows_cap (int): rows of a teacher table beyond this share
+            latents (id mod cap), bounding the teacher's memory. (Default: 2**18)
+        signal_rows (int): rarity at which a row's hidden effect and latent
+            have shrunk to half: a row of Zipf rank k carries signal scaled
+            by 1 / (1 + k / signal_rows), so rare ids say less (0: no
+            shrinking). Keeps the teacher learnable from a finite stream.
+            (Default: 1000)
+        interaction_weight (float): weight of the pairwise term against the
+            first-order ones (each part has about unit variance before it).
+            (Default: 0.5)
+        logit_scale (float): standard deviation of the teacher's logits; sets
+            how predictable labels are (the teacher's AUC). (Default: 1.6)
+        click_rate (float): approximate mean label. (Default: 0.25)
+        block_size (int): samples per random stream. (Default: 256)
+        seed (int): everything derives from it. (Default: 0)
+    """
+
+    num_embeddings_per_feature: List[int]
+    num_dense_features: int = 13
+    zipf_exponent: float = 1.1
+    mean_bag_length: float = 1.0
+    missing_probability: float = 0.02
+    teacher_dim: int = 4
+    teacher_rows_cap: int = 2**18
+    signal_rows: int = 1000
+    interaction_weight: float = 0.5
+    logit_scale: float = 1.6
+    click_rate: float = 0.25
+    block_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = list(self.num_embeddings_per_feature)
+        if not sizes or any(int(n) < 1 for n in sizes):
+            raise ValueError(
+                f"Invalid num_embeddings_per_feature={sizes}. Must be a non-empty list of positive row counts."
+            )
+        self.num_embeddings_per_feature = [int(n) for n in sizes]
+        _require(self.num_dense_features >= 1, "num_dense_features", self.num_dense_features, ">= 1")
+        _require(self.zipf_exponent >= 0, "zipf_exponent", self.zipf_exponent, ">= 0 (0 is uniform)")
+        _require(self.mean_bag_length > 0, "mean_bag_length", self.mean_bag_length, "> 0")
+        _require(0 <= self.missing_probability < 1, "missing_probability", self.missing_probability, "in [0, 1)")
+        _require(self.teacher_dim >= 1, "teacher_dim", self.teacher_dim, ">= 1")
+        _require(self.teacher_rows_cap >= 1, "teacher_rows_cap", self.teacher_rows_cap, ">= 1")
+        _require(self.signal_rows >= 0, "signal_rows", self.signal_rows, ">= 0 (0: no shrinking)")
+        _require(self.interaction_weight >= 0, "interaction_weight", self.interaction_weight, ">= 0")
+        _require(self.logit_scale > 0, "logit_scale", self.logit_scale, "> 0")
+        _require(0 < self.click_rate < 1, "click_rate", self.click_rate, "in (0, 1)")
+        _require(self.block_size >= 1, "block_size", self.block_size, ">= 1")
+
+    @property
+    def num_sparse_features(self) -> int:
+        return len(self.num_embeddings_per_feature)
+
+
+def _require(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}={value!r}. Must be {rule}.")
+
+
+@dataclass
+class _Block:
+    dense: np.ndarray  # [n, D] float32
+    lengths: np.ndarray  # [n, F] int64
+    values: np.ndarray  # sample-major ids, int64
+    sample_offsets: np.ndarray  # [n + 1] start of each sample's ids
+    labels: np.ndarray  # [n] float32
+    teacher_probability: np.ndarray  # [n] float64
+
+
+class SyntheticDataset:
+    """Generates the workload of a ``SyntheticConfig`` on the fly.
+
+    ``split`` is "train" (an endless stream) or "eval" (the first
+    ``num_samples`` samples of its own stream).
+
+    Example::
+
+        data = SyntheticDataset(SyntheticConfig(num_embeddings_per_feature=[1000] * 26))
+        for batch in data.batches(batch_size=512, rank=0, world_size=2):
+            ...
+        data.teacher_auc(num_samples=100_000)   # the ceiling for eval AUC
+    """
+
+    def __init__(self, config: SyntheticConfig, split: str = "train", num_samples: Optional[int] = None) -> None:
+        if split not in ("train", "eval"):
+            raise ValueError(f"Invalid split={split!r}. Must be 'train' or 'eval'.")
+        if split == "eval" and (num_samples is None or num_samples < 1):
+            raise ValueError(f"Invalid num_samples={num_samples!r}. Must be >= 1 for the eval split.")
+        self.config = config
+        self.split = split
+        self.num_samples = num_samples
+        self._teacher = _Teacher(config)
+        self._cached: Tuple[int, Optional[_Block]] = (-1, None)
+
+    @property
+    def sparse_feature_names(self) -> List[str]:
+        return [f"cat_{i}" for i in range(self.config.num_sparse_features)]
+
+    @property
+    def num_dense_features(self) -> int:
+        return self.config.num_dense_features
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError("The train split of a SyntheticDataset is endless.")
+        return self.num_samples
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> Iterator[Batch]:
+        check_rank(rank, world_size)
+        total = self.num_samples if self.num_samples is not None else 2**62
+        for start, stop in rank_block_ranges(total, batch_size, rank, world_size, drop_last):
+            yield self._batch(start, stop)
+
+    def teacher_auc(self) -> float:
+        """AUC of the teacher's probabilities on this (eval) split's labels."""
+        from dist_rec.metrics import auc
+
+        labels, probabilities = [], []
+        for block in range(math.ceil(len(self) / self.config.block_size)):
+            b = self._block(block)
+            keep = min(len(b.labels), len(self) - block * self.config.block_size)
+            labels.append(b.labels[:keep])
+            probabilities.append(b.teacher_probability[:keep])
+        return auc(torch.from_numpy(np.concatenate(probabilities)), torch.from_numpy(np.concatenate(labels)))
+
+    def samples(self, start: int, stop: int) -> _Block:
+        """Samples ``[start, stop)`` of the split as arrays (sample-major)."""
+        size = self.config.block_size
+        parts = []
+        for block in range(start // size, (stop - 1) // size + 1):
+            b = self._block(block)
+            lo = max(start - block * size, 0)
+            hi = min(stop - block * size, size)
+            parts.append(_slice(b, lo, hi))
+        return parts[0] if len(parts) == 1 else _concat(parts)
+
+    def _batch(self, start: int, stop: int) -> Batch:
+        b = self.samples(start, stop)
+        return Batch(
+            dense_features=torch.from_numpy(b.dense),
+            sparse_features=kjt_from_sample_major(self.sparse_feature_names, b.values, b.lengths),
+            labels=torch.from_numpy(b.labels),
+        )
+
+    def _block(self, index: int) -> _Block:
+        if self._cached[0] == index:
+            return self._cached[1]
+        block = self._teacher.generate(_SPLITS[self.split], index)
+        self._cached = (index, block)
+        return block
+
+
+class _Teacher:
+    """The hidden model, and sample generation from it."""
+
+    def __init__(self, config: SyntheticConfig) -> None:
+        self.config = config
+        rng = np.random.default_rng([config.seed, 1_000_003])
+        sizes = np.array(config.num_embeddings_per_feature, dtype=np.int64)
+        self.sizes = sizes
+        self.rows = np.minimum(sizes, config.teacher_rows_cap)
+        self.row_base = np.concatenate([[0], np.cumsum(self.rows)[:-1]])
+        k, num_features, num_dense = config.teacher_dim, len(sizes), config.num_dense_features
+        total_rows = int(self.rows.sum())
+        # Pairwise terms: (F + 1) * F / 2 dot products of k-dim latents; scale
+        # latents so the interaction part carries about as much variance as
+        # the first-order part.
+        pairs = (num_features + 1) * num_features / 2
+        latent_std = (1.0 / (pairs * k)) ** 0.25
+        self.latents = (rng.standard_normal((total_rows, k)) * latent_std).astype(np.float64)
+        self.effects = rng.standard_normal(total_rows) / math.sqrt(num_features)
+        self.dense_map = rng.standard_normal((num_dense, k)) * latent_std / math.sqrt(num_dense)
+        self.dense_weights = rng.standard_normal(num_dense) / math.sqrt(num_dense)
+        # Ranks are scattered over row ids by a multiplier coprime to the size,
+        # so hot rows are not all at the start of a table.
+        self.multipliers = np.array([_coprime_near(int(n), 0.6180339887 * n) for n in sizes], dtype=np.int64)
+        self.shifts = rng.integers(0, sizes)
+        self.shift_mean, self.shift_std = 0.0, 1.0
+        raw = self._raw_logits(_SPLITS["calibration"], 0, 16384)
+        self.shift_mean, self.shift_std = float(raw.mean()), float(raw.std() or 1.0)
+        self.bias = _bias_for_rate(config.logit_scale * (raw - self.shift_mean) / self.shift_std, config.click_rate)
+
+    def generate(self, split: int, block: int) -> _Block:
+        n = self.config.block_size
+        rng = np.random.default_rng([self.config.seed, split, block])
+        dense, lengths, values, logits = self._draw(rng, n)
+        probability = 1.0 / (1.0 + np.exp(-logits))
+        labels = (rng.random(n) < probability).astype(np.float32)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths.sum(axis=1), out=offsets[1:])
+        return _Block(dense, lengths, values, offsets, labels, probability)
+
+    def _raw_logits(self, split: int, block: int, n: int) -> np.ndarray:
+        rng = np.random.default_rng([self.config.seed, split, block])
+        return self._draw(rng, n, raw=True)[3]
+
+    def _draw(self, rng: np.random.Generator, n: int, raw: bool = False):
+        config = self.config
+        num_features = len(self.sizes)
+        dense = rng.standard_normal((n, config.num_dense_features), dtype=np.float32)
+
+        mean = config.mean_bag_length
+        if mean == 1.0:
+            lengths = np.ones((n, num_features), dtype=np.int64)
+        elif mean > 1.0:
+            lengths = 1 + rng.poisson(mean - 1.0, size=(n, num_features))
+        else:
+            lengths = rng.poisson(mean, size=(n, num_features))
+        if config.missing_probability > 0:
+            lengths[rng.random((n, num_features)) < config.missing_probability] = 0
+
+        flat_lengths = lengths.reshape(-1)
+        feature_of_value = np.repeat(np.tile(np.arange(num_features), n), flat_lengths)
+        sizes = self.sizes[feature_of_value]
+        ranks = _bounded_zipf(rng.random(feature_of_value.size), sizes, config.zipf_exponent)
+        values = (ranks * self.multipliers[feature_of_value] + self.shifts[feature_of_value]) % sizes
+
+        # Teacher rows follow the rank (the id is a scrambling of it).
+        teacher_rows = self.row_base[feature_of_value] + ranks % self.rows[feature_of_value]
+        signal = 1.0 / (1.0 + ranks / config.signal_rows) if config.signal_rows > 0 else np.ones(ranks.size)
+        bag_of_value = np.repeat(np.arange(n * num_features), flat_lengths)
+        denominator = np.maximum(flat_lengths, 1)
+        pooled_effect = np.bincount(bag_of_value, signal * self.effects[teacher_rows], n * num_features) / denominator
+        pooled = np.stack(
+            [
+                np.bincount(bag_of_value, signal * self.latents[teacher_rows, j], n * num_features) / denominator
+                for j in range(config.teacher_dim)
+            ],
+            axis=1,
+        ).reshape(n, num_features, config.teacher_dim)
+        dense64 = dense.astype(np.float64)
+        dense_latent = dense64 @ self.dense_map
+        vectors = np.concatenate([dense_latent[:, None, :], pooled], axis=1)
+        total = vectors.sum(axis=1)
+        pairwise = 0.5 * ((total * total).sum(axis=1) - (vectors * vectors).sum(axis=(1, 2)))
+        raw_logits = dense64 @ self.dense_weights + pooled_effect.reshape(n, num_features).sum(axis=1)
+        raw_logits = raw_logits + config.interaction_weight * pairwise
+        logits = raw_logits if raw else self.bias + config.logit_scale * (raw_logits - self.shift_mean) / self.shift_std
+        return dense, lengths, values, logits
+
+
+def _bounded_zipf(u: np.ndarray, sizes: np.ndarray, exponent: float) -> np.ndarray:
+    """0-based ranks in [0, size) with P(k) ~ 1/(k+1)^s, by inverting the
+    continuous power law on [1, size + 1) (no per-row table)."""
+    sizes = sizes.astype(np.float64)
+    if exponent == 0.0:
+        x = 1.0 + u * sizes
+    elif abs(exponent - 1.0) < 1e-12:
+        x = np.exp(u * np.log1p(sizes))
+    else:
+        a = 1.0 - exponent
+        x = (1.0 + u * ((sizes + 1.0) ** a - 1.0)) ** (1.0 / a)
+    return np.minimum(np.floor(x).astype(np.int64) - 1, sizes.astype(np.int64) - 1)
+
+
+def _coprime_near(n: int, target: float) -> int:
+    if n <= 2:
+        return 1
+    m = max(int(target), 1)
+    while math.gcd(m, n) != 1:
+        m += 1
+    return m
+
+
+def _bias_for_rate(logits: np.ndarray, rate: float) -> float:
+    """Bias b with mean(sigmoid(logits + b)) = rate, by bisection."""
+    lo, hi = -20.0, 20.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if (1.0 / (1.0 + np.exp(-(logits + mid)))).mean() < rate:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _slice(b: _Block, lo: int, hi: int) -> _Block:
+    start, stop = b.sample_offsets[lo], b.sample_offsets[hi]
+    return _Block(
+        b.dense[lo:hi],
+        b.lengths[lo:hi],
+        b.values[start:stop],
+        b.sample_offsets[lo : hi + 1] - start,
+        b.labels[lo:hi],
+        b.teacher_probability[lo:hi],
+    )
+
+
+def _concat(parts: Sequence[_Block]) -> _Block:
+    offsets = [parts[0].sample_offsets]
+    for p in parts[1:]:
+        offsets.append(p.sample_offsets[1:] + offsets[-1][-1])
+    return _Block(
+        np.concatenate([p.dense for p in parts]),
+        np.concatenate([p.lengths for p in parts]),
+        np.concatenate([p.values for p in parts]),
+        np.concatenate(offsets),
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.teacher_probability for p in parts]),
+    )

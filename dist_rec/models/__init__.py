@@ -1,0 +1,3 @@
+from dist_rec.models.dlrm import DLRM, DenseArch, InteractionArch, OverArch
+
+__all__ = ["DLRM", "DenseArch", "InteractionArch", "OverArch"]

@@ -1,0 +1,126 @@
+"""DLRM (Naumov et al. 2019): the recommendation model we train and measure.
+
+    dense features --DenseArch (MLP)--> d                       [B, D]
+    sparse features --EmbeddingBagCollection--> e_1 .. e_F      [B, F, D]
+    InteractionArch: d and all pairwise dots <v_i, v_j>, i < j, of (d, e_1 .. e_F)
+    OverArch (MLP, last layer linear) --> logit                 [B, 1]
+
+Same constructor as TorchRec's ``torchrec.models.dlrm.DLRM``, so code and
+configs move across; the collection may be ours (fused optimizer) or
+TorchRec's: anything returning a ``KeyedTensor`` whose features all have the
+dense arch's output width.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+
+def _mlp(in_features: int, layer_sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i, out_features in enumerate(layer_sizes):
+        layers.append(nn.Linear(in_features, out_features))
+        if last_activation or i + 1 < len(layer_sizes):
+            layers.append(nn.ReLU())
+        in_features = out_features
+    return nn.Sequential(*layers)
+
+
+class DenseArch(nn.Module):
+    """MLP over the dense features, ReLU after every layer."""
+
+    def __init__(self, in_features: int, layer_sizes: Sequence[int]) -> None:
+        super().__init__()
+        if not layer_sizes:
+            raise ValueError("Invalid dense_arch_layer_sizes=[]. Must hold at least one layer size.")
+        self.model = _mlp(in_features, layer_sizes, last_activation=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model(features)
+
+
+class InteractionArch(nn.Module):
+    """Dot products of every pair among the dense vector and the F pooled
+    embeddings, appended to the dense vector: ``[B, D + (F + 1) F / 2]``."""
+
+    def __init__(self, num_sparse_features: int) -> None:
+        super().__init__()
+        self.num_sparse_features = num_sparse_features
+        rows, cols = torch.triu_indices(num_sparse_features + 1, num_sparse_features + 1, offset=1)
+        self.register_buffer("_pair_index", rows * (num_sparse_features + 1) + cols, persistent=False)
+
+    def output_features(self, dense_dim: int) -> int:
+        f = self.num_sparse_features
+        return dense_dim + (f + 1) * f // 2
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """``dense`` [B, D], ``sparse`` [B, F, D]."""
+        vectors = torch.cat([dense.unsqueeze(1), sparse], dim=1)  # [B, F + 1, D]
+        dots = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1)  # [B, (F + 1)^2]
+        # index_select, not dots[:, index]: its backward is a cheap index_add
+        # where advanced indexing's is an accumulating index_put.
+        return torch.cat([dense, dots.index_select(1, self._pair_index)], dim=1)
+
+
+class OverArch(nn.Module):
+    """MLP over the interaction output; the last layer is linear (logits)."""
+
+    def __init__(self, in_features: int, layer_sizes: Sequence[int]) -> None:
+        super().__init__()
+        if not layer_sizes:
+            raise ValueError("Invalid over_arch_layer_sizes=[]. Must hold at least one layer size.")
+        self.model = _mlp(in_features, layer_sizes, last_activation=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model(features)
+
+
+class DLRM(nn.Module):
+    """Deep Learning Recommendation Model with dot interaction.
+
+    Args:
+        embedding_bag_collection: pooled embeddings of the sparse features
+            (``dist_rec.EmbeddingBagCollection`` or TorchRec's); every feature
+            must have dimension ``dense_arch_layer_sizes[-1]``.
+        dense_in_features (int): number of dense features.
+        dense_arch_layer_sizes (List[int]): bottom MLP widths.
+        over_arch_layer_sizes (List[int]): top MLP widths; the last is the
+            number of logits (1 for click prediction).
+
+    Example::
+
+        model = DLRM(ebc, dense_in_features=13, dense_arch_layer_sizes=[64, 16],
+                     over_arch_layer_sizes=[64, 32, 1])
+        logits = model(batch.dense_features, batch.sparse_features)  # [B, 1]
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: nn.Module,
+        dense_in_features: int,
+        dense_arch_layer_sizes: Sequence[int],
+        over_arch_layer_sizes: Sequence[int],
+    ) -> None:
+        super().__init__()
+        configs = embedding_bag_collection.embedding_bag_configs()
+        dim = dense_arch_layer_sizes[-1] if dense_arch_layer_sizes else None
+        for config in configs:
+            if config.embedding_dim != dim:
+                raise ValueError(
+                    f"Table {config.name!r} has embedding_dim={config.embedding_dim}; DLRM's dot interaction "
+                    f"needs every table's dim to equal dense_arch_layer_sizes[-1]={dim}."
+                )
+        self.num_sparse_features = sum(len(c.feature_names) for c in configs)
+        self.sparse_arch = embedding_bag_collection
+        self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
+        self.inter_arch = InteractionArch(self.num_sparse_features)
+        self.over_arch = OverArch(self.inter_arch.output_features(dim), over_arch_layer_sizes)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features) -> torch.Tensor:
+        dense = self.dense_arch(dense_features)
+        pooled = self.sparse_arch(sparse_features).values()
+        sparse = pooled.reshape(pooled.shape[0], self.num_sparse_features, -1)
+        return self.over_arch(self.inter_arch(dense, sparse))

@@ -1,0 +1,113 @@
+"""The synthetic workload: deterministic, independent of how it is split,
+Zipf-shaped, and with a teacher that is the best predictor."""
+
+import numpy as np
+import pytest
+import torch
+
+from dist_rec.data.synthetic import SyntheticConfig, SyntheticDataset
+from dist_rec.metrics import auc
+
+
+def _config(**kw):
+    base = dict(num_embeddings_per_feature=[50, 1000, 7], num_dense_features=3, block_size=32, seed=3)
+    base.update(kw)
+    return SyntheticConfig(**base)
+
+
+def _flatten(batches):
+    """(dense, labels, per-feature list of per-sample id lists) of many batches."""
+    dense, labels, bags = [], [], None
+    for batch in batches:
+        dense.append(batch.dense_features)
+        labels.append(batch.labels)
+        kjt = batch.sparse_features
+        per_key = [[j.tolist() for j in kjt[k].to_dense()] for k in kjt.keys()]
+        bags = per_key if bags is None else [a + b for a, b in zip(bags, per_key)]
+    return torch.cat(dense), torch.cat(labels), bags
+
+
+def _take(dataset, batch_size, steps, rank=0, world_size=1):
+    return [b for _, b in zip(range(steps), dataset.batches(batch_size, rank, world_size))]
+
+
+def test_same_seed_same_data_and_another_seed_other_data():
+    first = _flatten(_take(SyntheticDataset(_config()), 40, 3))
+    again = _flatten(_take(SyntheticDataset(_config()), 40, 3))
+    other = _flatten(_take(SyntheticDataset(_config(seed=4)), 40, 3))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]) and first[2] == again[2]
+    assert not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("batch_size,world_size", [(40, 2), (13, 3), (32, 1)])
+def test_ranks_split_the_single_process_stream_without_overlap(batch_size, world_size):
+    steps = 4
+    config = _config(mean_bag_length=2.0)
+    single = _flatten(_take(SyntheticDataset(config), batch_size * world_size, steps))
+    per_rank = [_take(SyntheticDataset(config), batch_size, steps, r, world_size) for r in range(world_size)]
+    # Global step s = rank 0's batch s, then rank 1's, ...
+    joined = _flatten([per_rank[r][s] for s in range(steps) for r in range(world_size)])
+    assert torch.equal(joined[0], single[0]) and torch.equal(joined[1], single[1]) and joined[2] == single[2]
+
+
+def test_eval_split_is_finite_and_differs_from_train():
+    evaluation = SyntheticDataset(_config(), "eval", num_samples=100)
+    sizes = [b.batch_size for b in evaluation.batches(30, drop_last=False)]
+    assert sizes == [30, 30, 30, 10]
+    train = next(SyntheticDataset(_config()).batches(30))
+    assert not torch.equal(next(evaluation.batches(30)).dense_features, train.dense_features)
+    with pytest.raises(ValueError, match="Invalid num_samples=None"):
+        SyntheticDataset(_config(), "eval")
+
+
+def test_ids_in_range_zipf_shaped_and_bag_lengths_as_asked():
+    config = _config(num_embeddings_per_feature=[1000, 1000], zipf_exponent=1.2, mean_bag_length=3.0,
+                     missing_probability=0.1, block_size=256)
+    kjt = next(SyntheticDataset(config).batches(20000)).sparse_features
+    lengths = kjt.lengths().double()
+    # 1 + Poisson(2), with 10% of bags emptied: mean 0.9 * 3.
+    assert lengths.mean().item() == pytest.approx(2.7, rel=0.03)
+    assert (lengths == 0).double().mean().item() == pytest.approx(0.1, abs=0.01)
+    ids = kjt["cat_0"].values()
+    assert ids.min() >= 0 and ids.max() < 1000
+    frequency = np.bincount(ids.numpy(), minlength=1000)
+    counts = np.sort(frequency)[::-1].astype(float)
+    # The log-log slope of frequency against rank is about -s in the head.
+    slope = np.polyfit(np.log(np.arange(1, 51)), np.log(counts[:50]), 1)[0]
+    assert slope == pytest.approx(-1.2, abs=0.15)
+    # The hottest rows are scattered over the table, not ids 0, 1, 2, ...
+    assert sorted(np.argsort(frequency)[::-1][:5].tolist()) != [0, 1, 2, 3, 4]
+
+
+def test_uniform_ids_when_exponent_is_zero():
+    config = _config(num_embeddings_per_feature=[10], zipf_exponent=0.0, block_size=512)
+    counts = torch.bincount(next(SyntheticDataset(config).batches(20000)).sparse_features.values(), minlength=10)
+    assert (counts.double() / counts.double().mean() - 1).abs().max() < 0.1
+
+
+def test_click_rate_and_the_teacher_beats_a_noisier_predictor():
+    config = _config(click_rate=0.3, block_size=256)
+    evaluation = SyntheticDataset(config, "eval", num_samples=20000)
+    labels = torch.cat([b.labels for b in evaluation.batches(5000, drop_last=False)])
+    assert labels.mean().item() == pytest.approx(0.3, abs=0.02)
+    teacher = evaluation.teacher_auc()
+    assert 0.7 < teacher < 0.95
+    block = evaluation.samples(0, 20000)
+    assert torch.equal(torch.from_numpy(block.labels), labels)
+    noisy = torch.from_numpy(block.teacher_probability) + 0.2 * torch.randn(20000, dtype=torch.float64)
+    assert auc(noisy, torch.from_numpy(block.labels)) < teacher
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_embeddings_per_feature", [], "Invalid num_embeddings_per_feature=[]"),
+        ("zipf_exponent", -0.5, "Invalid zipf_exponent=-0.5. Must be >= 0"),
+        ("mean_bag_length", 0, "Invalid mean_bag_length=0. Must be > 0"),
+        ("click_rate", 1.0, "Invalid click_rate=1.0. Must be in (0, 1)"),
+    ],
+)
+def test_invalid_config_is_refused(field, value, message):
+    with pytest.raises(ValueError) as info:
+        _config(**{field: value})
+    assert message in str(info.value)
