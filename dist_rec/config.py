@@ -63,13 +63,30 @@ class DataConfig:
     zipf_exponent: float = 1.1
     mean_bag_length: float = 1.0
     missing_probability: float = 0.02
-    signal_rows: int = 1000
-    interaction_weight: float = 0.5
+    signal_rows: int = 50
+    interaction_weight: float = 0.3
     logit_scale: float = 1.6
     click_rate: float = 0.25
     eval_samples: int = 65536
     on_error: str = "raise"
     seed: int = 0
+
+    def synthetic_config(self):
+        """The ``SyntheticConfig`` these settings describe (it validates them)."""
+        from dist_rec.data.synthetic import SyntheticConfig
+
+        return SyntheticConfig(
+            num_embeddings_per_feature=list(self.num_embeddings_per_feature),
+            num_dense_features=self.num_dense_features,
+            zipf_exponent=self.zipf_exponent,
+            mean_bag_length=self.mean_bag_length,
+            missing_probability=self.missing_probability,
+            signal_rows=self.signal_rows,
+            interaction_weight=self.interaction_weight,
+            logit_scale=self.logit_scale,
+            click_rate=self.click_rate,
+            seed=self.seed,
+        )
 
     def validate(self, prefix: str = "data") -> None:
         if self.source not in DATA_SOURCES:
@@ -87,14 +104,10 @@ class DataConfig:
                     self.num_embeddings_per_feature,
                     "26 values (one per Criteo categorical feature) or a single value for all",
                 )
-        _check(self.num_dense_features >= 1, f"{prefix}.num_dense_features", self.num_dense_features, ">= 1")
-        _check(self.zipf_exponent >= 0, f"{prefix}.zipf_exponent", self.zipf_exponent, ">= 0")
-        _check(self.mean_bag_length > 0, f"{prefix}.mean_bag_length", self.mean_bag_length, "> 0")
-        _check(0 <= self.missing_probability < 1, f"{prefix}.missing_probability", self.missing_probability, "in [0, 1)")
-        _check(self.signal_rows >= 0, f"{prefix}.signal_rows", self.signal_rows, ">= 0")
-        _check(self.interaction_weight >= 0, f"{prefix}.interaction_weight", self.interaction_weight, ">= 0")
-        _check(self.logit_scale > 0, f"{prefix}.logit_scale", self.logit_scale, "> 0")
-        _check(0 < self.click_rate < 1, f"{prefix}.click_rate", self.click_rate, "in (0, 1)")
+        try:
+            self.synthetic_config()
+        except ValueError as error:  # same rules, named as this config names them
+            raise ConfigError(str(error).replace("Invalid ", f"Invalid {prefix}.", 1)) from None
         _check(self.eval_samples >= 1, f"{prefix}.eval_samples", self.eval_samples, ">= 1")
         if self.on_error not in ("raise", "skip"):
             raise _invalid(f"{prefix}.on_error", self.on_error, "'raise' or 'skip'")

@@ -102,20 +102,9 @@ class Data:
 def build_data(config: TrainConfig) -> Data:
     data = config.data
     if data.source == "synthetic":
-        from dist_rec.data.synthetic import SyntheticConfig, SyntheticDataset
+        from dist_rec.data.synthetic import SyntheticDataset
 
-        synthetic = SyntheticConfig(
-            num_embeddings_per_feature=list(data.num_embeddings_per_feature),
-            num_dense_features=data.num_dense_features,
-            zipf_exponent=data.zipf_exponent,
-            mean_bag_length=data.mean_bag_length,
-            missing_probability=data.missing_probability,
-            signal_rows=data.signal_rows,
-            interaction_weight=data.interaction_weight,
-            logit_scale=data.logit_scale,
-            click_rate=data.click_rate,
-            seed=data.seed,
-        )
+        synthetic = data.synthetic_config()
         train = SyntheticDataset(synthetic, "train")
         evaluation = SyntheticDataset(synthetic, "eval", num_samples=data.eval_samples)
         return Data(train, evaluation, train.sparse_feature_names, synthetic.num_embeddings_per_feature, data.num_dense_features)

@@ -5,10 +5,11 @@ Zipf law (a few hot rows, a long tail), as in real click logs. Labels are
 drawn from a planted *teacher*: every table row has a hidden scalar effect
 and a hidden latent vector, the dense features have a hidden linear map, and
 
-    logit = bias + scale * standardise(w . x + sum_f v_f(bag_f) + sum_{i<j} <z_i, z_j>)
+    logit = bias + scale * standardise(w . x + sum_f v_f(bag_f) + a * sum_{i<j} <z_i, z_j>)
 
-where ``v_f``/``z_f`` are the mean of the bag's row effects/latents and
-``z_0`` is the dense latent. ``label ~ Bernoulli(sigmoid(logit))``. The
+where ``v_f``/``z_f`` are the mean of the bag's row effects/latents (shrunk
+for rare rows, see ``signal_rows``), ``z_0`` is the dense latent and ``a``
+the ``interaction_weight``. ``label ~ Bernoulli(sigmoid(logit))``. The
 teacher's own probabilities are the Bayes-optimal predictor, so their AUC on
 the evaluation set (``teacher_auc``) is the ceiling a trained model is
 measured against. DLRM's pairwise dot interaction can express this teacher,
@@ -55,10 +56,10 @@ class SyntheticConfig:
             have shrunk to half: a row of Zipf rank k carries signal scaled
             by 1 / (1 + k / signal_rows), so rare ids say less (0: no
             shrinking). Keeps the teacher learnable from a finite stream.
-            (Default: 1000)
+            (Default: 50)
         interaction_weight (float): weight of the pairwise term against the
             first-order ones (each part has about unit variance before it).
-            (Default: 0.5)
+            (Default: 0.3)
         logit_scale (float): standard deviation of the teacher's logits; sets
             how predictable labels are (the teacher's AUC). (Default: 1.6)
         click_rate (float): approximate mean label. (Default: 0.25)
@@ -73,8 +74,8 @@ class SyntheticConfig:
     missing_probability: float = 0.02
     teacher_dim: int = 4
     teacher_rows_cap: int = 2**18
-    signal_rows: int = 1000
-    interaction_weight: float = 0.5
+    signal_rows: int = 50
+    interaction_weight: float = 0.3
     logit_scale: float = 1.6
     click_rate: float = 0.25
     block_size: int = 256

@@ -38,7 +38,7 @@ def test_yaml_round_trip():
         ("optimizer.dense=lamb", "Invalid optimizer.dense='lamb'. Must be one of ['sgd', 'adagrad', 'adam']."),
         ("optimizer.sparse_lr=0", "Invalid optimizer.sparse_lr=0.0. Must be > 0."),
         ("data.source=parquet", "Invalid data.source='parquet'. Must be one of"),
-        ("data.zipf_exponent=-1", "Invalid data.zipf_exponent=-1.0. Must be >= 0."),
+        ("data.zipf_exponent=-1", "Invalid data.zipf_exponent=-1.0. Must be >= 0"),
         ("data.num_embeddings_per_feature=[10, 0]", "Invalid data.num_embeddings_per_feature=[10, 0]. Must be"),
         ("model.embedding_dim=12", "Invalid model.dense_arch_layer_sizes=[16, 8]. Must be a list ending in embedding_dim=12"),
         ("model.over_arch_layer_sizes=[8, 2]", "Invalid model.over_arch_layer_sizes=[8, 2]. Must be a list ending in 1"),
