@@ -66,7 +66,7 @@ def test_dlrm_refuses_tables_of_another_width():
 
 
 def test_dlrm_with_torchrec_collection_matches_ours():
-    torchrec = pytest.importorskip("torchrec")
+    import torchrec  # a test dependency (requirements-interop.txt): its absence must fail, not skip
     ours = EmbeddingBagCollection(tables=_tables())
     theirs = torchrec.EmbeddingBagCollection(
         tables=[torchrec.EmbeddingBagConfig(name=c.name, embedding_dim=4, num_embeddings=c.num_embeddings,
