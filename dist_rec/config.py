@@ -122,11 +122,17 @@ class ModelConfig:
             arch layer (the dot interaction multiplies them).
         dense_arch_layer_sizes: bottom MLP widths.
         over_arch_layer_sizes: top MLP widths, ending in 1 (the logit).
+        interaction: "dot" (DLRM's pairwise dots) or "dcn" (a DCN v2
+            low-rank cross network, ``DLRM_DCN``).
+        dcn_num_layers, dcn_low_rank: the cross network's depth and rank.
     """
 
     embedding_dim: int = 16
     dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
     over_arch_layer_sizes: List[int] = field(default_factory=lambda: [128, 64, 1])
+    interaction: str = "dot"
+    dcn_num_layers: int = 3
+    dcn_low_rank: int = 64
 
     def validate(self, prefix: str = "model") -> None:
         _check(self.embedding_dim >= 1, f"{prefix}.embedding_dim", self.embedding_dim, ">= 1")
@@ -140,6 +146,10 @@ class ModelConfig:
                 self.dense_arch_layer_sizes,
                 f"a list ending in embedding_dim={self.embedding_dim} (the dot interaction needs equal widths)",
             )
+        if self.interaction not in ("dot", "dcn"):
+            raise _invalid(f"{prefix}.interaction", self.interaction, "'dot' or 'dcn'")
+        _check(self.dcn_num_layers >= 1, f"{prefix}.dcn_num_layers", self.dcn_num_layers, ">= 1")
+        _check(self.dcn_low_rank >= 1, f"{prefix}.dcn_low_rank", self.dcn_low_rank, ">= 1")
         if self.over_arch_layer_sizes[-1] != 1:
             raise _invalid(f"{prefix}.over_arch_layer_sizes", self.over_arch_layer_sizes, "a list ending in 1 (one logit)")
 

@@ -34,7 +34,7 @@ from torch import nn
 from dist_rec.config import ConfigError, TrainConfig, load_config
 from dist_rec.data.batch import Batch, Dataset
 from dist_rec.metrics import EvalMetrics, binary_metrics, gather_predictions
-from dist_rec.models.dlrm import DLRM
+from dist_rec.models.dlrm import DLRM, DLRM_DCN
 from dist_rec.modules.embedding_configs import EmbeddingBagConfig
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
 from dist_rec.optim.fused import SGD, FusedOptimizer, MomentumScaledRowWiseAdagrad, RowWiseAdagrad
@@ -164,12 +164,16 @@ def build_model(config: TrainConfig, data: Data, device: torch.device) -> DLRM:
         for name, rows in zip(data.sparse_feature_names, data.num_embeddings_per_feature)
     ]
     ebc = EmbeddingBagCollection(tables=tables, device=device, optimizer=sparse_optimizer(config))
-    return DLRM(
-        ebc,
+    shape = dict(
         dense_in_features=data.num_dense_features,
         dense_arch_layer_sizes=config.model.dense_arch_layer_sizes,
         over_arch_layer_sizes=config.model.over_arch_layer_sizes,
-    ).to(device)
+    )
+    if config.model.interaction == "dcn":
+        model = DLRM_DCN(ebc, **shape, dcn_num_layers=config.model.dcn_num_layers, dcn_low_rank=config.model.dcn_low_rank)
+    else:
+        model = DLRM(ebc, **shape)
+    return model.to(device)
 
 
 # -- the loop ---------------------------------------------------------------

@@ -1,3 +1,3 @@
-from dist_rec.models.dlrm import DLRM, DenseArch, InteractionArch, OverArch
+from dist_rec.models.dlrm import DLRM, DLRM_DCN, DCNInteractionArch, DenseArch, InteractionArch, LowRankCrossNet, OverArch
 
-__all__ = ["DLRM", "DenseArch", "InteractionArch", "OverArch"]
+__all__ = ["DLRM", "DLRM_DCN", "DCNInteractionArch", "DenseArch", "InteractionArch", "LowRankCrossNet", "OverArch"]

@@ -9,6 +9,9 @@ Same constructor as TorchRec's ``torchrec.models.dlrm.DLRM``, so code and
 configs move across; the collection may be ours (fused optimizer) or
 TorchRec's: anything returning a ``KeyedTensor`` whose features all have the
 dense arch's output width.
+
+``DLRM_DCN`` swaps the dot interaction for a low-rank cross network (DCN v2,
+Wang et al. 2021), as TorchRec's model of the same name.
 """
 
 from __future__ import annotations
@@ -124,3 +127,63 @@ class DLRM(nn.Module):
         pooled = self.sparse_arch(sparse_features).values()
         sparse = pooled.reshape(pooled.shape[0], self.num_sparse_features, -1)
         return self.over_arch(self.inter_arch(dense, sparse))
+
+
+class LowRankCrossNet(nn.Module):
+    """DCN v2 cross layers with low-rank weights:
+    ``x_{l+1} = x_0 * (U_l (V_l x_l) + b_l) + x_l``, so every layer adds one
+    more degree of explicit feature crossing at ``2 * in * rank`` weights."""
+
+    def __init__(self, in_features: int, num_layers: int, low_rank: int) -> None:
+        super().__init__()
+        if num_layers < 1 or low_rank < 1:
+            raise ValueError(f"Invalid num_layers={num_layers}, low_rank={low_rank}. Must both be >= 1.")
+        self.down = nn.ModuleList(nn.Linear(in_features, low_rank, bias=False) for _ in range(num_layers))
+        self.up = nn.ModuleList(nn.Linear(low_rank, in_features, bias=True) for _ in range(num_layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for down, up in zip(self.down, self.up):
+            x = x0 * up(down(x)) + x
+        return x
+
+
+class DCNInteractionArch(nn.Module):
+    """The dense vector and the F pooled embeddings, concatenated and crossed
+    by a ``LowRankCrossNet``: ``[B, D * (F + 1)]``."""
+
+    def __init__(self, num_sparse_features: int, dim: int, num_layers: int, low_rank: int) -> None:
+        super().__init__()
+        self.in_features = dim * (num_sparse_features + 1)
+        self.crossnet = LowRankCrossNet(self.in_features, num_layers, low_rank)
+
+    def output_features(self, dense_dim: int) -> int:
+        return self.in_features
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return self.crossnet(torch.cat([dense, sparse.flatten(1)], dim=1))
+
+
+class DLRM_DCN(DLRM):
+    """DLRM with a DCN v2 cross network in place of the dot interaction.
+
+    Args:
+        embedding_bag_collection, dense_in_features, dense_arch_layer_sizes,
+            over_arch_layer_sizes: as ``DLRM``.
+        dcn_num_layers (int): cross layers. (Default: 3)
+        dcn_low_rank (int): rank of each layer's weight. (Default: 64)
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: nn.Module,
+        dense_in_features: int,
+        dense_arch_layer_sizes: Sequence[int],
+        over_arch_layer_sizes: Sequence[int],
+        dcn_num_layers: int = 3,
+        dcn_low_rank: int = 64,
+    ) -> None:
+        super().__init__(embedding_bag_collection, dense_in_features, dense_arch_layer_sizes, over_arch_layer_sizes)
+        dim = dense_arch_layer_sizes[-1]
+        self.inter_arch = DCNInteractionArch(self.num_sparse_features, dim, dcn_num_layers, dcn_low_rank)
+        self.over_arch = OverArch(self.inter_arch.output_features(dim), over_arch_layer_sizes)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
-from dist_rec.models import DLRM, InteractionArch
+from dist_rec.models import DLRM, DLRM_DCN, InteractionArch, LowRankCrossNet
 from dist_rec.optim import RowWiseAdagrad
 
 
@@ -80,3 +80,32 @@ def test_dlrm_with_torchrec_collection_matches_ours():
     dense = torch.randn(2, 3)
     kjt = torchrec.KeyedJaggedTensor(keys=["a", "b", "c"], values=_kjt().values(), lengths=_kjt().lengths())
     torch.testing.assert_close(a(dense, kjt), b(dense, kjt))
+
+
+def crossnet_by_formula(net, x0):
+    x = x0
+    for down, up in zip(net.down, net.up):
+        w = up.weight @ down.weight  # the low-rank weight, formed explicitly
+        x = x0 * (x @ w.T + up.bias) + x
+    return x
+
+
+@pytest.mark.parametrize("layers,rank", [(1, 2), (3, 4)])
+def test_low_rank_crossnet_matches_its_formula(layers, rank):
+    torch.manual_seed(layers)
+    net = LowRankCrossNet(6, layers, rank).double()
+    x0 = torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(net(x0), crossnet_by_formula(net, x0))
+
+
+def test_dlrm_dcn_forward_and_training():
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=_tables(), optimizer=RowWiseAdagrad(lr=0.1))
+    model = DLRM_DCN(ebc, 3, [6, 4], [5, 1], dcn_num_layers=2, dcn_low_rank=3)
+    dense = torch.randn(2, 3)
+    logits = model(dense, _kjt())
+    assert logits.shape == (2, 1)
+    x0 = torch.cat([model.dense_arch(dense), ebc(_kjt()).values()], dim=1)  # [B, 4 * (3 + 1)]
+    torch.testing.assert_close(logits, model.over_arch(crossnet_by_formula(model.inter_arch.crossnet, x0)))
+    logits.sum().backward()
+    assert model.inter_arch.crossnet.down[0].weight.grad is not None

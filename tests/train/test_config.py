@@ -42,6 +42,7 @@ def test_yaml_round_trip():
         ("data.num_embeddings_per_feature=[10, 0]", "Invalid data.num_embeddings_per_feature=[10, 0]. Must be"),
         ("model.embedding_dim=12", "Invalid model.dense_arch_layer_sizes=[16, 8]. Must be a list ending in embedding_dim=12"),
         ("model.over_arch_layer_sizes=[8, 2]", "Invalid model.over_arch_layer_sizes=[8, 2]. Must be a list ending in 1"),
+        ("model.interaction=cat", "Invalid model.interaction='cat'. Must be 'dot' or 'dcn'."),
         ("train.backend=mpi", "Invalid train.backend='mpi'. Must be one of"),
         ("train.batchsize=3", "Unknown config key 'train.batchsize'. Valid keys under 'train'"),
         ("trainer.steps=3", "Unknown config key 'trainer'"),

@@ -86,7 +86,7 @@ def test_exchange_equals_one_process_on_the_global_batch(tmp_path, optimizer, we
                 torch.testing.assert_close(saved["opt"][table][name], tensor, rtol=0, atol=1e-6)
 
 
-def _config(batch_size: int, dense: str, sparse: str, out: str):
+def _config(batch_size: int, dense: str, sparse: str, out: str, interaction: str = "dot"):
     return load_config(
         "launch/configs/tiny.yaml",
         [
@@ -98,22 +98,26 @@ def _config(batch_size: int, dense: str, sparse: str, out: str):
             f"optimizer.dense={dense}",
             f"optimizer.sparse={sparse}",
             "data.mean_bag_length=2.5",
+            f"model.interaction={interaction}",
+            "model.dcn_low_rank=4",
         ],
     )
 
 
-def _train_rank(rank, world_size, dense, sparse, out):
+def _train_rank(rank, world_size, dense, sparse, interaction, out):
     env = Environment(rank=rank, world_size=world_size, local_world_size=world_size, backend="gloo")
-    result = train(_config(8, dense, sparse, f"{out}/two"), env, quiet=True)
+    result = train(_config(8, dense, sparse, f"{out}/two", interaction), env, quiet=True)
     if rank == 0:
         torch.save({"losses": result.losses, "state": result.model.state_dict(),
                     "opt": result.model.sparse_arch.optimizer_state()}, f"{out}/two.pt")
 
 
-@pytest.mark.parametrize("dense,sparse", [("adagrad", "rowwise_adagrad"), ("adam", "sgd")])
-def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, dense, sparse):
-    run_multi_process(_train_rank, world_size=2, dense=dense, sparse=sparse, out=str(tmp_path))
-    one = train(_config(16, dense, sparse, str(tmp_path / "one")), Environment(), quiet=True)
+@pytest.mark.parametrize(
+    "dense,sparse,interaction", [("adagrad", "rowwise_adagrad", "dot"), ("adam", "sgd", "dot"), ("sgd", "rowwise_adagrad", "dcn")]
+)
+def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, dense, sparse, interaction):
+    run_multi_process(_train_rank, world_size=2, dense=dense, sparse=sparse, interaction=interaction, out=str(tmp_path))
+    one = train(_config(16, dense, sparse, str(tmp_path / "one"), interaction), Environment(), quiet=True)
     two = torch.load(tmp_path / "two.pt")
     assert len(one.losses) == len(two["losses"]) == 20
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one.losses), rtol=0, atol=1e-5)
