@@ -32,17 +32,27 @@ def _mlp(in_features: int, layer_sizes: Sequence[int], last_activation: bool) ->
     return nn.Sequential(*layers)
 
 
-class DenseArch(nn.Module):
-    """MLP over the dense features, ReLU after every layer."""
+class _MLPArch(nn.Module):
+    """An MLP of ``layer_sizes`` widths; subclasses say whether the last
+    layer has a ReLU and which setting names the widths (for errors)."""
+
+    last_activation: bool = True
+    setting_name: str = "layer_sizes"
 
     def __init__(self, in_features: int, layer_sizes: Sequence[int]) -> None:
         super().__init__()
         if not layer_sizes:
-            raise ValueError("Invalid dense_arch_layer_sizes=[]. Must hold at least one layer size.")
-        self.model = _mlp(in_features, layer_sizes, last_activation=True)
+            raise ValueError(f"Invalid {self.setting_name}=[]. Must hold at least one layer size.")
+        self.model = _mlp(in_features, layer_sizes, last_activation=self.last_activation)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.model(features)
+
+
+class DenseArch(_MLPArch):
+    """MLP over the dense features, ReLU after every layer."""
+
+    setting_name = "dense_arch_layer_sizes"
 
 
 class InteractionArch(nn.Module):
@@ -68,17 +78,11 @@ class InteractionArch(nn.Module):
         return torch.cat([dense, dots.index_select(1, self._pair_index)], dim=1)
 
 
-class OverArch(nn.Module):
+class OverArch(_MLPArch):
     """MLP over the interaction output; the last layer is linear (logits)."""
 
-    def __init__(self, in_features: int, layer_sizes: Sequence[int]) -> None:
-        super().__init__()
-        if not layer_sizes:
-            raise ValueError("Invalid over_arch_layer_sizes=[]. Must hold at least one layer size.")
-        self.model = _mlp(in_features, layer_sizes, last_activation=False)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model(features)
+    last_activation = False
+    setting_name = "over_arch_layer_sizes"
 
 
 class DLRM(nn.Module):
