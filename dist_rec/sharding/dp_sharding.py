@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
+from dist_rec.sharding.comm import COMM_STATS, feature_major_order
 
 
 class DataParallelUpdateExchange:
@@ -65,6 +66,10 @@ class DataParallelUpdateExchange:
         lengths = (offsets[1:] - offsets[:-1]).to(torch.int64)
         ids_and_lengths = torch.cat([lengths, values.to(torch.int64)])
         gathered_ids = _all_gather_padded(ids_and_lengths, self.process_group)
+        sent = ids_and_lengths.numel() * 8 + grad_output.numel() * grad_output.element_size()
+        if weighted:
+            sent += per_sample_weights.numel() * per_sample_weights.element_size()
+        COMM_STATS.record("data_parallel", sent * (world - 1))
         gathered_grads = _all_gather_padded(grad_output.reshape(-1), self.process_group)
         gathered_weights = _all_gather_padded(per_sample_weights, self.process_group) if weighted else None
 
@@ -83,29 +88,13 @@ class DataParallelUpdateExchange:
         # Feature-major order of the global batch: feature f's bags of rank 0,
         # then of rank 1, ...; values regrouped to match.
         global_lengths = torch.cat(rank_lengths, dim=1)  # [F, sum B]
-        order = _feature_major_order(rank_lengths, value_counts)
+        order = feature_major_order(rank_lengths, value_counts)
         global_values = torch.cat(rank_values)[order].to(values.dtype)
         global_offsets = torch.zeros(global_lengths.numel() + 1, dtype=offsets.dtype, device=offsets.device)
         torch.cumsum(global_lengths.reshape(-1), 0, out=global_offsets[1:])
         global_weights = torch.cat(rank_weights)[order] if weighted else None
         global_grad = torch.cat(rank_grads).div_(world).contiguous()
         return global_values, global_offsets, global_weights, global_grad
-
-
-def _feature_major_order(rank_lengths: List[torch.Tensor], value_counts: List[int]) -> torch.Tensor:
-    """Index into the ranks' concatenated values that lists feature 0 of all
-    ranks first, then feature 1, ..."""
-    device = rank_lengths[0].device
-    per_feature = torch.stack([l.sum(dim=1) for l in rank_lengths], dim=1)  # [F, ranks] ids per (f, r)
-    rank_base = torch.tensor([0] + value_counts[:-1], dtype=torch.int64, device=device).cumsum(0)
-    within_rank = torch.cumsum(per_feature, dim=0) - per_feature  # start of feature f inside rank r's values
-    starts = (within_rank + rank_base).reshape(-1)  # (f, r) segments in the output order
-    counts = per_feature.reshape(-1)
-    total = int(counts.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    output_starts = torch.cumsum(counts, 0) - counts
-    return torch.arange(total, device=device) + torch.repeat_interleave(starts - output_starts, counts)
 
 
 def _all_gather_same_shape(tensor: torch.Tensor, group) -> List[torch.Tensor]:

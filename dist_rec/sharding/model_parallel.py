@@ -1,0 +1,162 @@
+"""``DistributedModelParallel``: shard a model's embedding tables, keep its
+dense part data-parallel.
+
+The drop-in for TorchRec's wrapper of the same name (and, with
+``replicas > 1``, for its 2D ``DMPCollection``): it takes a model holding
+fused ``EmbeddingBagCollection``s and a plan (or a sharding type, or
+nothing: the planner decides), swaps each collection for a
+``ShardedEmbeddingBagCollection``, and wraps the model in DDP with the
+sharded tables left out. The forward is the model's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_rec.modules.embedding_modules import EmbeddingBagCollection
+from dist_rec.sharding.grid import ShardingGrid, make_grid
+from dist_rec.sharding.plan import ShardingPlan, uniform_plan
+from dist_rec.sharding.sharded_ebc import ShardedEmbeddingBagCollection
+
+PlanArg = Union[None, ShardingPlan, Dict[str, ShardingPlan]]
+
+
+class DistributedModelParallel(nn.Module):
+    """A model with sharded embedding tables and data-parallel dense layers.
+
+    Args:
+        module (nn.Module): the model; its fused ``EmbeddingBagCollection``s
+            are sharded (collections without a fused optimizer are left to
+            DDP as ordinary parameters).
+        plan: a ``ShardingPlan`` for every collection, or one per collection
+            by module path (e.g. ``{"sparse_arch": plan}``), or None.
+        sharding_type (Optional[str]): with no plan, shard every table this
+            way (``uniform_plan``); with neither, the greedy planner decides.
+        replicas (int): G, the number of replica groups (2D parallelism).
+            (Default: 1)
+        sync_every (int): replicas are synchronised every this many calls of
+            ``sync()``. (Default: 1)
+        layout (str): "shards_on_host" or "replicas_on_host" (see ``grid.py``).
+        memory_per_rank (Optional[int]): bytes per rank the planner may use.
+        device (Optional[torch.device]): device of the shards and the model.
+
+    Call ``sync()`` after every optimizer step (a no-op with one replica and
+    an optimizer without per-replica increments).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        plan: PlanArg = None,
+        sharding_type: Optional[str] = None,
+        replicas: int = 1,
+        sync_every: int = 1,
+        layout: str = "shards_on_host",
+        memory_per_rank: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("DistributedModelParallel needs torch.distributed initialised (torchrun, or init_process_group).")
+        if sync_every < 1:
+            raise ValueError(f"Invalid sync_every={sync_every}. Must be >= 1.")
+        self.grid: ShardingGrid = make_grid(replicas, layout)
+        self.sync_every = sync_every
+        self._steps = 0
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.plans: Dict[str, ShardingPlan] = {}
+        self.sharded: Dict[str, ShardedEmbeddingBagCollection] = {}
+        for path, collection in _fused_collections(module):
+            chosen = self._plan_for(path, collection, plan, sharding_type, memory_per_rank)
+            sharded = ShardedEmbeddingBagCollection(
+                collection.embedding_bag_configs(),
+                chosen,
+                collection.optimizer,
+                is_weighted=collection.is_weighted(),
+                sharding_group=self.grid.sharding_group,
+                replica_group=self.grid.replica_group,
+                device=device,
+                source=collection,
+                all_sharding_groups=self.grid.sharding_groups,
+            )
+            _replace_submodule(module, path, sharded)
+            self.plans[path] = chosen
+            self.sharded[path] = sharded
+        ignored = [
+            f"{path}.{name}" if path else name
+            for path, sharded in self.sharded.items()
+            for name in list(sharded.state_dict().keys())
+        ]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+        self.unwrapped = module
+        trainable = any(p.requires_grad for p in module.parameters())
+        if dist.get_world_size() > 1 and trainable:
+            self.module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+            )
+        else:
+            self.module = module
+
+    def _plan_for(self, path, collection, plan: PlanArg, sharding_type, memory_per_rank) -> ShardingPlan:
+        size = self.grid.group_size
+        if isinstance(plan, ShardingPlan):
+            return plan
+        if isinstance(plan, dict):
+            if path not in plan:
+                raise ValueError(f"No plan for the collection at {path!r}; plans given for {sorted(plan)}.")
+            return plan[path]
+        configs = collection.embedding_bag_configs()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        host = local_world if size % local_world == 0 and local_world <= size else size
+        if sharding_type is not None:
+            return uniform_plan(configs, sharding_type, size, local_world_size=host)
+        from dist_rec.planner import Topology, plan_sharding
+
+        budget = memory_per_rank if memory_per_rank is not None else _default_memory_budget(size)
+        topology = Topology(world_size=size, memory_per_rank_bytes=budget, local_world_size=host)
+        return plan_sharding(configs, topology, optimizer=collection.optimizer)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def sync(self) -> None:
+        """Counts a step; every ``sync_every`` steps agrees the replicas of
+        every sharded table (and folds momentum-scaled increments in)."""
+        self._steps += 1
+        if self._steps % self.sync_every == 0:
+            for sharded in self.sharded.values():
+                sharded.sync_replicas()
+
+    def sharded_modules(self) -> List[ShardedEmbeddingBagCollection]:
+        return list(self.sharded.values())
+
+
+def _fused_collections(module: nn.Module):
+    return [
+        (path, m) for path, m in module.named_modules() if isinstance(m, EmbeddingBagCollection) and m.optimizer is not None
+    ]
+
+
+def _replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    if not path:
+        raise ValueError("DistributedModelParallel shards collections inside a model; wrap the collection in a module.")
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def _default_memory_budget(ranks_per_group: int) -> int:
+    """Half of this host's memory split over its ranks: a conservative
+    budget when none is given."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        total = pages * page_size
+    except (ValueError, OSError):
+        total = 16 << 30
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks_per_group))
+    return total // 2 // max(local, 1)

@@ -1,0 +1,242 @@
+"""Sharding plans: which rank holds which rows and columns of each table.
+
+A plan is plain data, produced by ``dist_rec.planner`` or written by hand,
+printable as a table and saved to / loaded from JSON. Ranks in a plan are
+ranks *inside one sharding group* (0 .. group size - 1): under 2D
+parallelism every replica group uses the same plan.
+
+Every way of sharding is a list of rectangular shards of the table, each
+on one rank:
+
+=================  ===========================================================
+``data_parallel``  every rank of the group holds the whole table
+``table_wise``     one shard, the whole table, on one rank
+``row_wise``       contiguous row blocks, one per rank of the group
+``column_wise``    column blocks (each all rows), each on one rank
+``table_row_wise`` contiguous row blocks over the ranks of one host
+=================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``[row_offset, row_offset + num_rows)`` and columns
+    ``[col_offset, col_offset + num_cols)`` of a table, held by ``rank``."""
+
+    rank: int
+    row_offset: int
+    num_rows: int
+    col_offset: int
+    num_cols: int
+
+    @property
+    def row_end(self) -> int:
+        return self.row_offset + self.num_rows
+
+    @property
+    def col_end(self) -> int:
+        return self.col_offset + self.num_cols
+
+
+@dataclass
+class TableSharding:
+    """How one table is split. ``shards`` is empty for ``data_parallel``
+    (every rank holds all of it)."""
+
+    table: str
+    sharding_type: str
+    num_embeddings: int
+    embedding_dim: int
+    shards: List[Shard] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> List[int]:
+        return sorted({s.rank for s in self.shards})
+
+    def validate(self, world_size: int) -> None:
+        """Refuses shards that do not tile the table exactly once."""
+        where = f"table {self.table!r} ({self.sharding_type})"
+        if self.sharding_type not in SHARDING_TYPES:
+            raise ValueError(f"Invalid sharding_type={self.sharding_type!r} for table {self.table!r}. Must be one of {', '.join(SHARDING_TYPES)}.")
+        if self.sharding_type == "data_parallel":
+            if self.shards:
+                raise ValueError(f"{where}: a data-parallel table has no shards; got {len(self.shards)}.")
+            return
+        if not self.shards:
+            raise ValueError(f"{where}: no shards.")
+        for s in self.shards:
+            if not 0 <= s.rank < world_size:
+                raise ValueError(f"{where}: shard on rank {s.rank}; the group has ranks 0..{world_size - 1}.")
+            if s.num_rows <= 0 or s.num_cols <= 0 or s.row_offset < 0 or s.col_offset < 0:
+                raise ValueError(f"{where}: empty or negative shard {s}.")
+            if s.row_end > self.num_embeddings or s.col_end > self.embedding_dim:
+                raise ValueError(f"{where}: shard {s} exceeds the table's {self.num_embeddings} x {self.embedding_dim}.")
+        if self.sharding_type in ("table_wise", "row_wise", "table_row_wise"):
+            if any(s.col_offset != 0 or s.num_cols != self.embedding_dim for s in self.shards):
+                raise ValueError(f"{where}: every shard must hold all {self.embedding_dim} columns.")
+            _check_tiling(where, [(s.row_offset, s.num_rows) for s in self.shards], self.num_embeddings, "rows")
+        if self.sharding_type == "table_wise" and len(self.shards) != 1:
+            raise ValueError(f"{where}: table-wise means one shard; got {len(self.shards)}.")
+        if self.sharding_type == "column_wise":
+            if any(s.row_offset != 0 or s.num_rows != self.num_embeddings for s in self.shards):
+                raise ValueError(f"{where}: every column shard must hold all {self.num_embeddings} rows.")
+            _check_tiling(where, [(s.col_offset, s.num_cols) for s in self.shards], self.embedding_dim, "columns")
+        if len(self.ranks) != len(self.shards):
+            raise ValueError(f"{where}: two shards on one rank ({[s.rank for s in self.shards]}).")
+
+
+def _check_tiling(where: str, spans: List[tuple], total: int, what: str) -> None:
+    position = 0
+    for offset, size in sorted(spans):
+        if offset != position:
+            raise ValueError(f"{where}: {what} {position}..{offset - 1} are covered by no shard or twice.")
+        position = offset + size
+    if position != total:
+        raise ValueError(f"{where}: shards cover {what} 0..{position - 1} of {total}.")
+
+
+@dataclass
+class ShardingPlan:
+    """Sharding of every table over a group of ``world_size`` ranks."""
+
+    world_size: int
+    tables: Dict[str, TableSharding] = field(default_factory=dict)
+
+    def validate(self, table_names: Optional[Iterable[str]] = None) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"Invalid world_size={self.world_size}. Must be >= 1.")
+        for sharding in self.tables.values():
+            sharding.validate(self.world_size)
+        if table_names is not None:
+            names = set(table_names)
+            missing, extra = sorted(names - set(self.tables)), sorted(set(self.tables) - names)
+            if missing or extra:
+                raise ValueError(f"The plan does not match the model: tables without a plan {missing}, planned tables not in the model {extra}.")
+
+    # -- plain data ------------------------------------------------------------
+
+    def to_dict(self) -> Dict:
+        return {"world_size": self.world_size, "tables": [asdict(t) for t in self.tables.values()]}
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "ShardingPlan":
+        try:
+            tables = {}
+            for t in data["tables"]:
+                shards = [Shard(**s) for s in t.get("shards", [])]
+                tables[t["table"]] = TableSharding(
+                    table=t["table"],
+                    sharding_type=t["sharding_type"],
+                    num_embeddings=int(t["num_embeddings"]),
+                    embedding_dim=int(t["embedding_dim"]),
+                    shards=shards,
+                )
+            plan = cls(world_size=int(data["world_size"]), tables=tables)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"Not a sharding plan: {type(e).__name__} {e}.") from None
+        plan.validate()
+        return plan
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "ShardingPlan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON sharding plan ({e}).") from None
+        return cls.from_dict(data)
+
+    def __str__(self) -> str:
+        rows = [("table", "type", "rows x dim", "shards (rank: rows / cols)")]
+        for t in self.tables.values():
+            if t.sharding_type == "data_parallel":
+                where = f"all {self.world_size} ranks"
+            else:
+                where = ", ".join(
+                    f"{s.rank}: {s.row_offset}..{s.row_end - 1} / {s.col_offset}..{s.col_end - 1}" for s in t.shards
+                )
+            rows.append((t.table, t.sharding_type, f"{t.num_embeddings} x {t.embedding_dim}", where))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "-+-".join("-" * w for w in widths))
+        return f"ShardingPlan over {self.world_size} ranks\n" + "\n".join(lines)
+
+
+# -- building blocks for planners and hand-written plans ------------------------
+
+
+def even_splits(total: int, parts: int) -> List[tuple]:
+    """``(offset, size)`` of ``parts`` near-equal contiguous blocks (the
+    first ``total % parts`` one larger); blocks of size 0 are dropped."""
+    base, extra = divmod(total, parts)
+    spans, offset = [], 0
+    for p in range(parts):
+        size = base + (1 if p < extra else 0)
+        if size > 0:
+            spans.append((offset, size))
+        offset += size
+    return spans
+
+
+def table_sharding(
+    name: str,
+    num_embeddings: int,
+    embedding_dim: int,
+    sharding_type: str,
+    ranks: Sequence[int] = (0,),
+) -> TableSharding:
+    """One table sharded by ``sharding_type`` over ``ranks`` (row or column
+    blocks in rank order; table-wise uses ``ranks[0]``; data-parallel ignores
+    them)."""
+    ranks = list(ranks)
+    if sharding_type == "data_parallel":
+        shards: List[Shard] = []
+    elif sharding_type == "table_wise":
+        shards = [Shard(ranks[0], 0, num_embeddings, 0, embedding_dim)]
+    elif sharding_type in ("row_wise", "table_row_wise"):
+        shards = [
+            Shard(r, off, size, 0, embedding_dim)
+            for r, (off, size) in zip(ranks, even_splits(num_embeddings, len(ranks)))
+        ]
+    elif sharding_type == "column_wise":
+        shards = [
+            Shard(r, 0, num_embeddings, off, size) for r, (off, size) in zip(ranks, even_splits(embedding_dim, len(ranks)))
+        ]
+    else:
+        raise ValueError(f"Invalid sharding_type={sharding_type!r} for table {name!r}. Must be one of {', '.join(SHARDING_TYPES)}.")
+    return TableSharding(name, sharding_type, num_embeddings, embedding_dim, shards)
+
+
+def uniform_plan(tables: Sequence, sharding_type: str, world_size: int, local_world_size: Optional[int] = None) -> ShardingPlan:
+    """Every table sharded the same way: table-wise round-robin over ranks,
+    row/column-wise over all ranks, table-row-wise over the ranks of one host
+    (hosts of ``local_world_size`` ranks, tables round-robin over hosts).
+    ``tables`` are ``EmbeddingBagConfig``s (ours or TorchRec's)."""
+    plan = ShardingPlan(world_size)
+    host = local_world_size or world_size
+    if world_size % host != 0:
+        raise ValueError(f"Invalid local_world_size={host}. Must divide world_size={world_size}.")
+    for i, t in enumerate(tables):
+        if sharding_type == "table_wise":
+            ranks = [i % world_size]
+        elif sharding_type == "table_row_wise":
+            first = (i % (world_size // host)) * host
+            ranks = list(range(first, first + host))
+        elif sharding_type == "column_wise":
+            ranks = [(i + k) % world_size for k in range(min(world_size, t.embedding_dim))]
+        else:
+            ranks = list(range(world_size))
+        plan.tables[t.name] = table_sharding(t.name, t.num_embeddings, t.embedding_dim, sharding_type, ranks)
+    plan.validate()
+    return plan

@@ -1,0 +1,12 @@
+"""Table-row-wise sharding: a table's rows split over the ranks of one host.
+
+Row-wise within a host, table-wise across hosts: the all-to-all traffic
+of a table stays on the fast intra-host links while its lookups are still
+spread over several ranks. Routing is row-wise; only the ranks differ.
+"""
+
+from dist_rec.sharding.row_wise import RowWise
+
+
+class TableRowWise(RowWise):
+    sharding_type = "table_row_wise"

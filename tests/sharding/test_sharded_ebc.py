@@ -1,0 +1,245 @@
+"""Sharded tables train exactly like unsharded ones.
+
+Every test spawns gloo ranks. For each sharding type (and a plan mixing
+them), a ``ShardedEmbeddingBagCollection`` over 2 ranks, each feeding its
+own samples, must give the same pooled outputs and, after 5 fused steps,
+the same rows and row-wise state as one unsharded collection fed the whole
+batch (gradient = mean of the ranks' gradients). 2D (2 x 2) with a sync
+every step and plain averaging must equal "each replica group steps on its
+batch, then the replicas are averaged", written out in plain PyTorch.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from dist_rec.optim import SGD, MomentumScaledRowWiseAdagrad, RowWiseAdagrad
+from dist_rec.sharding import (
+    COMM_STATS,
+    SHARDING_TYPES,
+    ShardedEmbeddingBagCollection,
+    ShardingPlan,
+    make_grid,
+    table_sharding,
+    uniform_plan,
+)
+from dist_rec.testing.multi_process import run_multi_process
+
+TABLES = [
+    EmbeddingBagConfig(name="t0", embedding_dim=6, num_embeddings=23, feature_names=["f0", "f1"]),
+    EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=9, feature_names=["f2"], pooling=PoolingType.MEAN),
+    EmbeddingBagConfig(name="t2", embedding_dim=5, num_embeddings=40, feature_names=["f3"]),
+]
+KEYS = ["f0", "f1", "f2", "f3"]
+ROWS = {"f0": 23, "f1": 23, "f2": 9, "f3": 40}
+WIDTH = 6 + 6 + 8 + 5
+STEPS = 5
+
+
+def _optimizer(name: str):
+    if name == "sgd":
+        return SGD(lr=0.1)
+    if name == "rowwise_adagrad":
+        return RowWiseAdagrad(lr=0.1, eps=1e-3)
+    if name == "rowwise_adagrad_l2":
+        return RowWiseAdagrad(lr=0.1, eps=1e-3, weight_decay=0.01, weight_decay_mode="l2")
+    return MomentumScaledRowWiseAdagrad(lr=0.1, eps=1e-3, momentum_scale=1.5, weight_decay=0.02, weight_decay_mode="decoupled")
+
+
+def _rank_batch(rank: int, step: int, weighted: bool):
+    """Unequal batches per rank, empty bags, repeated (hot) ids; keys in an
+    order different from the tables'."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    batch = 2 + 3 * rank
+    lengths = torch.randint(0, 5, (len(KEYS), batch), generator=g)
+    values = []
+    for f, key in enumerate(KEYS):
+        hot = torch.randint(0, 3, (int(lengths[f].sum()),), generator=g)
+        cold = torch.randint(0, ROWS[key], (int(lengths[f].sum()),), generator=g)
+        values.append(torch.where(torch.rand(hot.shape, generator=g) < 0.4, hot, cold))
+    values = torch.cat(values)
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    kjt = KeyedJaggedTensor(KEYS, values, lengths=lengths.reshape(-1), weights=weights)
+    return kjt, torch.randn(batch, WIDTH, generator=g, dtype=torch.float64).float()
+
+
+def _joined_batch(ranks, step: int, weighted: bool):
+    """The batches of ``ranks`` as one, samples in rank order."""
+    parts = [_rank_batch(r, step, weighted) for r in ranks]
+    lengths = torch.cat([p[0].lengths().reshape(len(KEYS), -1) for p in parts], dim=1)
+    values, weights = [], []
+    for key in KEYS:
+        for kjt, _ in parts:
+            values.append(kjt[key].values())
+            if weighted:
+                weights.append(kjt[key].weights())
+    kjt = KeyedJaggedTensor(KEYS, torch.cat(values), lengths=lengths.reshape(-1), weights=torch.cat(weights) if weighted else None)
+    return kjt, torch.cat([p[1] for p in parts])
+
+
+def _plans(world: int):
+    plans = {t: uniform_plan(TABLES, t, world, local_world_size=world) for t in SHARDING_TYPES}
+    mixed = ShardingPlan(world)
+    mixed.tables["t0"] = table_sharding("t0", 23, 6, "column_wise", [1, 0])
+    mixed.tables["t1"] = table_sharding("t1", 9, 8, "row_wise", list(range(world)))
+    mixed.tables["t2"] = table_sharding("t2", 40, 5, "table_wise", [world - 1])
+    plans["mixed"] = mixed
+    dp_mixed = ShardingPlan(world)
+    dp_mixed.tables["t0"] = table_sharding("t0", 23, 6, "data_parallel")
+    dp_mixed.tables["t1"] = table_sharding("t1", 9, 8, "table_wise", [0])
+    dp_mixed.tables["t2"] = table_sharding("t2", 40, 5, "row_wise", list(range(world)))
+    plans["dp_mixed"] = dp_mixed
+    return plans
+
+
+def _fresh_reference(optimizer_name: str, weighted: bool) -> EmbeddingBagCollection:
+    torch.manual_seed(7)
+    return EmbeddingBagCollection(TABLES, is_weighted=weighted, optimizer=_optimizer(optimizer_name))
+
+
+def _assert_shards_equal(sharded: ShardedEmbeddingBagCollection, reference: EmbeddingBagCollection, what: str) -> None:
+    ref_weights = {c.name: bag.weight for c, bag in zip(reference.embedding_bag_configs(), reference.embedding_bags.values())}
+    ref_states = reference.optimizer_state()
+    for local in sharded.local_shards() + sharded.data_parallel_tables():
+        s = local.shard
+        expected = ref_weights[local.table][s.row_offset : s.row_end, s.col_offset : s.col_end]
+        torch.testing.assert_close(local.weight, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what} {local.table} {s}: {m}")
+        for name, tensor in local.state.items():
+            torch.testing.assert_close(
+                tensor, ref_states[local.table][name][s.row_offset : s.row_end], atol=1e-5, rtol=1e-5,
+                msg=lambda m: f"{what} {local.table}.{name} {s}: {m}",
+            )
+
+
+def _equivalence_rank(rank, world_size, optimizer_name, weighted):
+    for name, plan in _plans(world_size).items():
+        reference = _fresh_reference(optimizer_name, weighted)
+        source = _fresh_reference(optimizer_name, weighted)
+        sharded = ShardedEmbeddingBagCollection(
+            TABLES, plan, _optimizer(optimizer_name), is_weighted=weighted, source=source
+        )
+        for step in range(STEPS):
+            kjt, grad = _rank_batch(rank, step, weighted)
+            out = sharded(kjt).values()
+            full_kjt, full_grad = _joined_batch(range(world_size), step, weighted)
+            expected = reference(full_kjt).values()
+            first = sum(_rank_batch(r, step, weighted)[1].shape[0] for r in range(rank))
+            torch.testing.assert_close(
+                out, expected[first : first + out.shape[0]].detach(), atol=1e-5, rtol=1e-5,
+                msg=lambda m: f"{name} step {step} output: {m}",
+            )
+            out.backward(grad)
+            expected.backward(full_grad / world_size)
+            if isinstance(sharded.optimizer, MomentumScaledRowWiseAdagrad):
+                sharded.sync_replicas()
+                reference.sync()
+        _assert_shards_equal(sharded, reference, name)
+
+
+@pytest.mark.parametrize(
+    "optimizer_name, weighted",
+    [("rowwise_adagrad", False), ("sgd", True), ("rowwise_adagrad_l2", True), ("momentum_scaled", False)],
+)
+def test_every_sharding_type_equals_unsharded(optimizer_name, weighted):
+    run_multi_process(_equivalence_rank, world_size=2, timeout=240, optimizer_name=optimizer_name, weighted=weighted)
+
+
+def _average_replicas(collections):
+    with torch.no_grad():
+        for parts in zip(*[list(c.embedding_bags.values()) for c in collections]):
+            mean = torch.stack([p.weight for p in parts]).mean(dim=0)
+            for p in parts:
+                p.weight.copy_(mean)
+        for table in collections[0].optimizer_state():
+            for state in collections[0].optimizer_state()[table]:
+                tensors = [c.optimizer_state()[table][state] for c in collections]
+                mean = torch.stack(tensors).mean(dim=0)
+                for t in tensors:
+                    t.copy_(mean)
+
+
+def _two_d_rank(rank, world_size, sharding_type, layout):
+    grid = make_grid(replicas=2, layout=layout)
+    my_group = next(g for g in grid.sharding_groups if rank in g)
+    plan = uniform_plan(TABLES, sharding_type, grid.group_size, local_world_size=grid.group_size)
+    sharded = ShardedEmbeddingBagCollection(
+        TABLES, plan, _optimizer("rowwise_adagrad"), sharding_group=grid.sharding_group,
+        replica_group=grid.replica_group, source=_fresh_reference("rowwise_adagrad", False),
+        all_sharding_groups=grid.sharding_groups,
+    )
+    # Reference: one unsharded copy per replica group, each stepping on its
+    # group's joined batch, then averaged (weights and row-wise state).
+    replicas = [_fresh_reference("rowwise_adagrad", False) for _ in grid.sharding_groups]
+    for step in range(STEPS):
+        kjt, grad = _rank_batch(rank, step, False)
+        out = sharded(kjt).values()
+        for group, reference in zip(grid.sharding_groups, replicas):
+            full_kjt, full_grad = _joined_batch(group, step, False)
+            expected = reference(full_kjt).values()
+            if group is my_group:
+                first = sum(_rank_batch(r, step, False)[1].shape[0] for r in group[: group.index(rank)])
+                torch.testing.assert_close(out, expected[first : first + out.shape[0]].detach(), atol=1e-5, rtol=1e-5)
+            expected.backward(full_grad / len(group))
+        out.backward(grad)
+        sharded.sync_replicas()
+        _average_replicas(replicas)
+    _assert_shards_equal(sharded, replicas[0], f"2D {sharding_type}")
+
+
+@pytest.mark.parametrize("sharding_type, layout", [("table_wise", "shards_on_host"), ("row_wise", "replicas_on_host"), ("column_wise", "shards_on_host")])
+def test_two_d_with_plain_averaging_equals_step_then_average(sharding_type, layout):
+    run_multi_process(_two_d_rank, world_size=4, timeout=240, sharding_type=sharding_type, layout=layout)
+
+
+def _bad_input_rank(rank, world_size):
+    plan = uniform_plan(TABLES, "row_wise", world_size)
+    sharded = ShardedEmbeddingBagCollection(TABLES, plan, _optimizer("rowwise_adagrad"))
+    kjt, _ = _rank_batch(rank, 0, False)
+    if rank == 1:
+        values = kjt.values().clone()
+        values[-1] = 40  # f3's table t2 has 40 rows
+        kjt = KeyedJaggedTensor(KEYS, values, lengths=kjt.lengths())
+    with pytest.raises((IndexError, RuntimeError)) as info:
+        sharded(kjt)
+    message = str(info.value)
+    if rank == 1:
+        assert "id 40" in message and "'f3'" in message and "'t2'" in message and "40 rows" in message, message
+    else:
+        assert "rank 1" in message, message
+    # The group is still usable after the refusal: a good step on both ranks.
+    kjt, grad = _rank_batch(rank, 1, False)
+    sharded(kjt).values().backward(grad)
+
+
+def test_bad_ids_stop_every_rank_with_a_clear_error():
+    run_multi_process(_bad_input_rank, world_size=2, timeout=120)
+
+
+def _comm_rank(rank, world_size, out):
+    plan = uniform_plan(TABLES, "table_wise", world_size)
+    sharded = ShardedEmbeddingBagCollection(TABLES, plan, _optimizer("sgd"))
+    COMM_STATS.reset()
+    kjt, grad = _rank_batch(rank, 0, False)
+    sharded(kjt).values().backward(grad)
+    stats = COMM_STATS.snapshot()
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, stats)
+    if rank == 0:
+        out.update({"stats": gathered})
+
+
+def test_comm_stats_count_bytes_sent_to_other_ranks():
+    import multiprocessing
+
+    manager = multiprocessing.Manager()
+    out = manager.dict()
+    run_multi_process(_comm_rank, world_size=2, out=out)
+    stats = out["stats"]
+    # Table-wise round robin: t0 (f0, f1; 6 wide) and t2 (f3; 5 wide) on rank 0, t1 (f2; 8 wide) on rank 1.
+    batches = [2, 5]
+    assert stats[0]["output_dist"] == batches[1] * (6 + 6 + 5) * 4
+    assert stats[1]["output_dist"] == batches[0] * 8 * 4
+    assert stats[0]["output_dist_backward"] == batches[0] * 8 * 4
+    assert stats[1]["output_dist_backward"] == batches[1] * (6 + 6 + 5) * 4
+    assert stats[0]["input_dist"] > 0 and stats[1]["input_dist"] > 0
