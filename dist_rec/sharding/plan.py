@@ -65,6 +65,8 @@ class TableSharding:
     def validate(self, world_size: int) -> None:
         """Refuses shards that do not tile the table exactly once."""
         where = f"table {self.table!r} ({self.sharding_type})"
+        if self.num_embeddings <= 0 or self.embedding_dim <= 0:
+            raise ValueError(f"{where}: invalid size {self.num_embeddings} x {self.embedding_dim}. Must be > 0.")
         if self.sharding_type not in SHARDING_TYPES:
             raise ValueError(f"Invalid sharding_type={self.sharding_type!r} for table {self.table!r}. Must be one of {', '.join(SHARDING_TYPES)}.")
         if self.sharding_type == "data_parallel":
@@ -97,8 +99,10 @@ class TableSharding:
 def _check_tiling(where: str, spans: List[tuple], total: int, what: str) -> None:
     position = 0
     for offset, size in sorted(spans):
-        if offset != position:
-            raise ValueError(f"{where}: {what} {position}..{offset - 1} are covered by no shard or twice.")
+        if offset < position:
+            raise ValueError(f"{where}: {what} {offset}..{position - 1} are covered by two shards.")
+        if offset > position:
+            raise ValueError(f"{where}: {what} {position}..{offset - 1} are covered by no shard.")
         position = offset + size
     if position != total:
         raise ValueError(f"{where}: shards cover {what} 0..{position - 1} of {total}.")
@@ -114,7 +118,9 @@ class ShardingPlan:
     def validate(self, table_names: Optional[Iterable[str]] = None) -> None:
         if self.world_size < 1:
             raise ValueError(f"Invalid world_size={self.world_size}. Must be >= 1.")
-        for sharding in self.tables.values():
+        for key, sharding in self.tables.items():
+            if key != sharding.table:
+                raise ValueError(f"The plan files table {sharding.table!r} under the name {key!r}.")
             sharding.validate(self.world_size)
         if table_names is not None:
             names = set(table_names)
@@ -132,7 +138,9 @@ class ShardingPlan:
         try:
             tables = {}
             for t in data["tables"]:
-                shards = [Shard(**s) for s in t.get("shards", [])]
+                if t["table"] in tables:
+                    raise ValueError(f"Not a sharding plan: table {t['table']!r} is listed twice.")
+                shards = [Shard(**{k: int(v) for k, v in s.items()}) for s in t.get("shards", [])]
                 tables[t["table"]] = TableSharding(
                     table=t["table"],
                     sharding_type=t["sharding_type"],
@@ -141,7 +149,7 @@ class ShardingPlan:
                     shards=shards,
                 )
             plan = cls(world_size=int(data["world_size"]), tables=tables)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"Not a sharding plan: {type(e).__name__} {e}.") from None
         plan.validate()
         return plan

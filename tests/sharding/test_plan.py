@@ -45,12 +45,12 @@ def test_valid_shardings_pass():
 @pytest.mark.parametrize(
     "sharding, message",
     [
-        (rows_sharding([(0, 6), (4, 6)]), "covered by no shard or twice"),  # overlap
-        (rows_sharding([(0, 4), (5, 5)]), "rows 4..4 are covered by no shard or twice"),  # gap
-        (rows_sharding([(1, 9)]), "rows 0..0 are covered by no shard or twice"),  # first rows missing
+        (rows_sharding([(0, 6), (4, 6)]), "rows 4..5 are covered by two shards"),  # overlap
+        (rows_sharding([(0, 4), (5, 5)]), "rows 4..4 are covered by no shard"),  # gap
+        (rows_sharding([(1, 9)]), "rows 0..0 are covered by no shard"),  # first rows missing
         (rows_sharding([(0, 4), (4, 4)]), "shards cover rows 0..7 of 10"),  # last rows missing
-        (cols_sharding([(0, 2), (3, 1)]), "columns 2..2 are covered by no shard or twice"),
-        (cols_sharding([(0, 3), (2, 2)]), "covered by no shard or twice"),  # overlap
+        (cols_sharding([(0, 2), (3, 1)]), "columns 2..2 are covered by no shard"),
+        (cols_sharding([(0, 3), (2, 2)]), "columns 2..2 are covered by two shards"),  # overlap
     ],
 )
 def test_tiling_errors(sharding, message):
@@ -238,7 +238,11 @@ def test_load_refuses_what_is_not_a_plan(tmp_path):
 def test_load_validates(tmp_path):
     data = uniform_plan(TABLES[:1], "row_wise", 2).to_dict()
     data["tables"][0]["shards"][1]["row_offset"] = 4  # overlaps the first block
-    with pytest.raises(ValueError, match="covered by no shard or twice"):
+    with pytest.raises(ValueError, match="covered by two shards"):
+        ShardingPlan.from_dict(data)
+    data = uniform_plan(TABLES[:1], "row_wise", 2).to_dict()
+    data["tables"].append(dict(data["tables"][0]))
+    with pytest.raises(ValueError, match="listed twice"):
         ShardingPlan.from_dict(data)
 
 
