@@ -23,6 +23,8 @@ DATA_SOURCES = ("synthetic", "criteo_text", "criteo_binary")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "momentum_scaled_rowwise_adagrad", "sgd")
 BACKENDS = ("auto", "gloo", "nccl")
+SHARDING_CHOICES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "auto")
+GRID_LAYOUTS = ("shards_on_host", "replicas_on_host")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -165,6 +167,8 @@ class OptimizerConfig:
             "momentum_scaled_rowwise_adagrad" or "sgd".
         sparse_lr, sparse_eps: its learning rate and epsilon.
         sparse_weight_decay, sparse_weight_decay_mode: "none", "l2" or "decoupled".
+        sparse_momentum_scale: s of momentum-scaled row-wise AdaGrad (1 <= s
+            <= replicas).
     """
 
     dense: str = "adagrad"
@@ -174,6 +178,7 @@ class OptimizerConfig:
     sparse_eps: float = 1e-8
     sparse_weight_decay: float = 0.0
     sparse_weight_decay_mode: str = "none"
+    sparse_momentum_scale: float = 1.0
 
     def validate(self, prefix: str = "optimizer") -> None:
         if self.dense not in DENSE_OPTIMIZERS:
@@ -183,6 +188,7 @@ class OptimizerConfig:
         _check(self.dense_lr > 0, f"{prefix}.dense_lr", self.dense_lr, "> 0")
         _check(self.sparse_lr > 0, f"{prefix}.sparse_lr", self.sparse_lr, "> 0")
         _check(self.sparse_eps > 0, f"{prefix}.sparse_eps", self.sparse_eps, "> 0")
+        _check(self.sparse_momentum_scale >= 1, f"{prefix}.sparse_momentum_scale", self.sparse_momentum_scale, ">= 1")
         _check(self.sparse_weight_decay >= 0, f"{prefix}.sparse_weight_decay", self.sparse_weight_decay, ">= 0")
         if self.sparse_weight_decay_mode not in ("none", "l2", "decoupled"):
             raise _invalid(f"{prefix}.sparse_weight_decay_mode", self.sparse_weight_decay_mode, "'none', 'l2' or 'decoupled'")
@@ -231,11 +237,48 @@ class RunConfig:
 
 
 @dataclass
+class ShardingConfig:
+    """How the embedding tables are spread over the processes.
+
+    Args:
+        type: "data_parallel" (a full copy per process, updates agreed over
+            all), "table_wise", "row_wise", "column_wise", "table_row_wise"
+            (every table the same way), or "auto" (the greedy planner).
+        plan: a JSON plan file (``ShardingPlan.save``); overrides ``type``.
+        replicas: G of 2D parallelism: the processes form G groups that
+            each hold all tables sharded over their own ranks. 1: no 2D.
+        sync_every: replicas are synchronised every this many steps.
+        layout: "shards_on_host" (a sharding group is consecutive ranks)
+            or "replicas_on_host".
+        memory_per_rank_mb: the planner's budget per rank (0: automatic).
+    """
+
+    type: str = "data_parallel"
+    plan: str = ""
+    replicas: int = 1
+    sync_every: int = 1
+    layout: str = "shards_on_host"
+    memory_per_rank_mb: int = 0
+
+    def validate(self, prefix: str = "sharding") -> None:
+        if self.type not in SHARDING_CHOICES:
+            raise _invalid(f"{prefix}.type", self.type, f"one of {list(SHARDING_CHOICES)}")
+        if self.layout not in GRID_LAYOUTS:
+            raise _invalid(f"{prefix}.layout", self.layout, f"one of {list(GRID_LAYOUTS)}")
+        _check(self.replicas >= 1, f"{prefix}.replicas", self.replicas, ">= 1")
+        _check(self.sync_every >= 1, f"{prefix}.sync_every", self.sync_every, ">= 1")
+        _check(self.memory_per_rank_mb >= 0, f"{prefix}.memory_per_rank_mb", self.memory_per_rank_mb, ">= 0 (0: automatic)")
+        if self.plan and not Path(self.plan).is_file():
+            raise _invalid(f"{prefix}.plan", self.plan, "a JSON plan file that exists")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
     def validate(self) -> "TrainConfig":
         for section in dataclasses.fields(self):

@@ -37,8 +37,10 @@ from dist_rec.metrics import EvalMetrics, binary_metrics, gather_predictions
 from dist_rec.models.dlrm import DLRM, DLRM_DCN
 from dist_rec.modules.embedding_configs import EmbeddingBagConfig
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
+from dist_rec.sparse.jagged_tensor import KeyedJaggedTensor
 from dist_rec.optim.fused import SGD, FusedOptimizer, MomentumScaledRowWiseAdagrad, RowWiseAdagrad
-from dist_rec.sharding.dp_sharding import data_parallel_embeddings
+from dist_rec.sharding.model_parallel import DistributedModelParallel
+from dist_rec.sharding.plan import ShardingPlan
 
 
 @dataclass
@@ -144,7 +146,7 @@ def sparse_optimizer(config: TrainConfig) -> FusedOptimizer:
         return SGD(**common)
     if o.sparse == "rowwise_adagrad":
         return RowWiseAdagrad(eps=o.sparse_eps, **common)
-    return MomentumScaledRowWiseAdagrad(eps=o.sparse_eps, **common)
+    return MomentumScaledRowWiseAdagrad(eps=o.sparse_eps, momentum_scale=o.sparse_momentum_scale, **common)
 
 
 def dense_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
@@ -210,6 +212,26 @@ class TrainResult:
     model: Optional[nn.Module] = None
 
 
+def shard_model(model: DLRM, config: TrainConfig, env: Environment) -> DistributedModelParallel:
+    """The model with its tables spread as ``config.sharding`` says and its
+    dense layers under DDP."""
+    s = config.sharding
+    plan = ShardingPlan.load(s.plan) if s.plan else None
+    sharding_type = None if plan is not None or s.type == "auto" else s.type
+    if plan is not None:
+        plan = {"sparse_arch": plan}
+    return DistributedModelParallel(
+        model,
+        plan=plan,
+        sharding_type=sharding_type,
+        replicas=s.replicas,
+        sync_every=s.sync_every,
+        layout=s.layout,
+        memory_per_rank=s.memory_per_rank_mb << 20 if s.memory_per_rank_mb else None,
+        device=env.device,
+    )
+
+
 def _all_have_batch(has_batch: bool, env: Environment) -> bool:
     """Streams of unknown length can end at different steps on different
     ranks; every rank stops at the first step any of them cannot fill."""
@@ -220,13 +242,41 @@ def _all_have_batch(has_batch: bool, env: Environment) -> bool:
     return bool(flag.item())
 
 
+def _any_has_batch(has_batch: bool) -> bool:
+    flag = torch.tensor([int(has_batch)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _empty_batch(like: Batch) -> Batch:
+    """A batch of no samples with ``like``'s features."""
+    kjt = like.sparse_features
+    empty = KeyedJaggedTensor(
+        list(kjt.keys()), kjt.values()[:0], lengths=kjt.lengths()[:0],
+        weights=kjt.weights_or_none()[:0] if kjt.weights_or_none() is not None else None,
+    )
+    return Batch(like.dense_features[:0], empty, like.labels[:0])
+
+
 def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig, env: Environment) -> EvalMetrics:
     """Exact metrics over the whole evaluation set of all ranks."""
     was_training = model.training
     model.eval()
     probabilities, labels = [], []
+    batches = dataset.batches(config.train.eval_batch_size, env.rank, env.world_size, drop_last=False)
+    template = None
     with torch.no_grad():
-        for batch in dataset.batches(config.train.eval_batch_size, env.rank, env.world_size, drop_last=False):
+        while True:
+            batch = next(batches, None)
+            # A sharded forward is a collective: ranks whose share has run
+            # out feed empty batches until every rank's has.
+            if env.distributed and not _any_has_batch(batch is not None):
+                break
+            if batch is None:
+                if not env.distributed or template is None:
+                    break
+                batch = _empty_batch(template)
+            template = batch
             batch = batch.to(env.device)
             logits = model(batch.dense_features, batch.sparse_features).reshape(-1)
             probabilities.append(torch.sigmoid(logits).cpu())
@@ -255,15 +305,9 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         data.teacher_auc = data.eval.teacher_auc()
     torch.manual_seed(run.seed)
     model = build_model(config, data, env.device)
-    if env.distributed:
-        data_parallel_embeddings(model)
-        ebc_parameters = [f"sparse_arch.{name}" for name in model.sparse_arch.state_dict()]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ebc_parameters)
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device] if env.device.type == "cuda" else None, forward_sync_buffers=False
-        )
-    else:
-        trained = model
+    sharded = shard_model(model, config, env) if env.distributed else None
+    trained = sharded if sharded is not None else model
+    model = sharded.unwrapped if sharded is not None else model
     optimizer = dense_optimizer(config, [p for p in trained.parameters() if p.requires_grad])
     fold_increments = isinstance(model.sparse_arch.optimizer, MomentumScaledRowWiseAdagrad)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -275,6 +319,9 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         f"{len(data.sparse_feature_names)} tables / {sum(data.num_embeddings_per_feature):,} rows x "
         f"{config.model.embedding_dim}, {torch.get_num_threads()} thread(s) per process"
     )
+    if sharded is not None:
+        say(f"sharding: {sharded.grid}, replicas synchronised every {sharded.sync_every} step(s)")
+        say(str(sharded.plans["sparse_arch"]))
     if data.teacher_auc is not None:
         say(f"teacher AUC on the evaluation set (the ceiling): {data.teacher_auc:.4f}")
 
@@ -295,8 +342,10 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if fold_increments:
-            model.sparse_arch.sync()  # one replica: fold this step's increments in (2D syncs across replicas)
+        if sharded is not None:
+            sharded.sync()  # 2D: agree the replicas every sync_every steps (and fold momentum-scaled increments)
+        elif fold_increments:
+            model.sparse_arch.sync()  # one process: fold this step's increments in
         step += 1
         elapsed = time.perf_counter() - tick
         train_seconds += elapsed

@@ -328,6 +328,36 @@ class ShardedEmbeddingBagCollection(nn.Module):
             for c, bag in zip(self.data_parallel.embedding_bag_configs(), self.data_parallel.embedding_bags.values())
         ]
 
+    @torch.no_grad()
+    def gather_unsharded(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
+        """The tables as the unsharded collection would hold them:
+        ``(state_dict, optimizer_state)`` with keys ``embedding_bags.<table>.weight``
+        and ``{table: {state: tensor}}``. A collective over the sharding
+        group; every rank gets full copies, so it is for tests, exports and
+        small models."""
+        weights, states = {}, {}
+        for c in self._configs:
+            weights[c.name] = torch.zeros(c.num_embeddings, c.embedding_dim, dtype=torch.float32, device=self._device)
+            states[c.name] = {n: torch.zeros(c.num_embeddings, device=self._device) for n in self._optimizer.state_names}
+        for local in self.local_shards():
+            s = local.shard
+            weights[local.table][s.row_offset : s.row_end, s.col_offset : s.col_end] = local.weight
+            if s.col_offset == 0:  # column blocks of a row share its state: count it once
+                for name, tensor in local.state.items():
+                    states[local.table][name][s.row_offset : s.row_end] = tensor
+        for c in self._configs:
+            if c.name in self._shards:
+                dist.all_reduce(weights[c.name], group=self._group)
+                for tensor in states[c.name].values():
+                    dist.all_reduce(tensor, group=self._group)
+        for local in self.data_parallel_tables():
+            weights[local.table].copy_(local.weight)
+            for name, tensor in local.state.items():
+                states[local.table][name].copy_(tensor)
+        dtypes = {c.name: c.dtype for c in self._configs}
+        state_dict = {f"embedding_bags.{name}.weight": w.to(dtypes[name]) for name, w in weights.items()}
+        return state_dict, states
+
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return list(self._configs)
 

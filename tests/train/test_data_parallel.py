@@ -104,19 +104,32 @@ def _config(batch_size: int, dense: str, sparse: str, out: str, interaction: str
     )
 
 
-def _train_rank(rank, world_size, dense, sparse, interaction, out):
+def _train_rank(rank, world_size, dense, sparse, interaction, sharding, out):
     env = Environment(rank=rank, world_size=world_size, local_world_size=world_size, backend="gloo")
-    result = train(_config(8, dense, sparse, f"{out}/two", interaction), env, quiet=True)
+    config = _config(8, dense, sparse, f"{out}/two", interaction)
+    config.sharding.type = sharding
+    result = train(config, env, quiet=True)
+    tables, optimizer_state = result.model.sparse_arch.gather_unsharded()  # a collective
     if rank == 0:
-        torch.save({"losses": result.losses, "state": result.model.state_dict(),
-                    "opt": result.model.sparse_arch.optimizer_state()}, f"{out}/two.pt")
+        state = {k: v for k, v in result.model.state_dict().items() if not k.startswith("sparse_arch.")}
+        state.update({f"sparse_arch.{k}": v for k, v in tables.items()})
+        torch.save({"losses": result.losses, "state": state, "opt": optimizer_state}, f"{out}/two.pt")
 
 
 @pytest.mark.parametrize(
-    "dense,sparse,interaction", [("adagrad", "rowwise_adagrad", "dot"), ("adam", "sgd", "dot"), ("sgd", "rowwise_adagrad", "dcn")]
+    "dense,sparse,interaction,sharding",
+    [
+        ("adagrad", "rowwise_adagrad", "dot", "data_parallel"),
+        ("adagrad", "rowwise_adagrad", "dot", "row_wise"),
+        ("adam", "sgd", "dot", "table_wise"),
+        ("sgd", "rowwise_adagrad", "dcn", "column_wise"),
+    ],
 )
-def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, dense, sparse, interaction):
-    run_multi_process(_train_rank, world_size=2, dense=dense, sparse=sparse, interaction=interaction, out=str(tmp_path))
+def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, dense, sparse, interaction, sharding):
+    """Whatever the sharding, 2 processes x B train like 1 process x 2B."""
+    run_multi_process(
+        _train_rank, world_size=2, dense=dense, sparse=sparse, interaction=interaction, sharding=sharding, out=str(tmp_path)
+    )
     one = train(_config(16, dense, sparse, str(tmp_path / "one"), interaction), Environment(), quiet=True)
     two = torch.load(tmp_path / "two.pt")
     assert len(one.losses) == len(two["losses"]) == 20
