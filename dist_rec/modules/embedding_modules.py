@@ -41,7 +41,8 @@ class EmbeddingBagCollection(nn.Module):
         is_weighted (bool): bags carry per-id weights (the input's
             ``weights()``), as in TorchRec. (Default: False)
         device (Optional[torch.device]): "cpu" or a CUDA device (needs the
-            extension built with CUDA). (Default: CPU)
+            extension built with CUDA), or "meta": no storage, for a model
+            whose tables only ever exist sharded. (Default: CPU)
         optimizer (Optional[FusedOptimizer]): fused sparse optimizer applied
             in the backward pass, or None for dense gradients. (Default: None)
 
@@ -66,8 +67,11 @@ class EmbeddingBagCollection(nn.Module):
         configs = [as_embedding_bag_config(t) for t in tables]
         _check_configs(configs)
         device = torch.device(device if device is not None else "cpu")
-        if device.type not in ("cpu", "cuda"):
-            raise NotImplementedError(f"EmbeddingBagCollection on device={device!s} is not supported; use cpu or cuda.")
+        if device.type not in ("cpu", "cuda", "meta"):
+            raise NotImplementedError(
+                f"EmbeddingBagCollection on device={device!s} is not supported; use cpu, cuda, or meta "
+                "(tables without storage, to be sharded by DistributedModelParallel)."
+            )
         if optimizer is not None and not isinstance(optimizer, FusedOptimizer):
             raise TypeError(
                 f"Invalid optimizer={optimizer!r}. Must be a dist_rec.optim fused optimizer "
@@ -124,7 +128,7 @@ class EmbeddingBagCollection(nn.Module):
             ]
 
     def _empty(self, size, dtype: torch.dtype) -> torch.Tensor:
-        """Big tables on the CPU go on huge pages; on a GPU, plain memory."""
+        """Big tables on the CPU go on huge pages; on a GPU (or meta), plain memory."""
         if self._device.type == "cpu":
             return empty_hugepage(size, dtype)
         return torch.empty(size, dtype=dtype, device=self._device)

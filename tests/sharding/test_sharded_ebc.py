@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from dist_rec.ops.reference import momentum_scaled_sync_ref
 from dist_rec.optim import SGD, MomentumScaledRowWiseAdagrad, RowWiseAdagrad
 from dist_rec.sharding import (
     COMM_STATS,
@@ -159,18 +160,34 @@ def _average_replicas(collections):
                     t.copy_(mean)
 
 
-def _two_d_rank(rank, world_size, sharding_type, layout):
+def _momentum_scaled_sync(collections):
+    """The reference sync of momentum-scaled row-wise AdaGrad over replicas."""
+    with torch.no_grad():
+        for table in collections[0].optimizer_state():
+            states = [c.optimizer_state()[table] for c in collections]
+            weights = [c.embedding_bags[table].weight for c in collections]
+            momentum_scaled_sync_ref(
+                states[0]["momentum1"], [s["momentum1_increment"] for s in states], weights,
+                collections[0].optimizer.momentum_scale,
+            )
+            for s in states[1:]:
+                s["momentum1"].copy_(states[0]["momentum1"])
+
+
+def _two_d_rank(rank, world_size, sharding_type, layout, optimizer_name):
     grid = make_grid(replicas=2, layout=layout)
     my_group = next(g for g in grid.sharding_groups if rank in g)
     plan = uniform_plan(TABLES, sharding_type, grid.group_size, local_world_size=grid.group_size)
     sharded = ShardedEmbeddingBagCollection(
-        TABLES, plan, _optimizer("rowwise_adagrad"), sharding_group=grid.sharding_group,
-        replica_group=grid.replica_group, source=_fresh_reference("rowwise_adagrad", False),
+        TABLES, plan, _optimizer(optimizer_name), sharding_group=grid.sharding_group,
+        replica_group=grid.replica_group, source=_fresh_reference(optimizer_name, False),
         all_sharding_groups=grid.sharding_groups,
     )
     # Reference: one unsharded copy per replica group, each stepping on its
-    # group's joined batch, then averaged (weights and row-wise state).
-    replicas = [_fresh_reference("rowwise_adagrad", False) for _ in grid.sharding_groups]
+    # group's joined batch, then averaged (weights and row-wise state), or
+    # synchronised as momentum-scaled row-wise AdaGrad prescribes.
+    replicas = [_fresh_reference(optimizer_name, False) for _ in grid.sharding_groups]
+    average = _momentum_scaled_sync if optimizer_name == "momentum_scaled" else _average_replicas
     for step in range(STEPS):
         kjt, grad = _rank_batch(rank, step, False)
         out = sharded(kjt).values()
@@ -183,13 +200,25 @@ def _two_d_rank(rank, world_size, sharding_type, layout):
             expected.backward(full_grad / len(group))
         out.backward(grad)
         sharded.sync_replicas()
-        _average_replicas(replicas)
+        average(replicas)
     _assert_shards_equal(sharded, replicas[0], f"2D {sharding_type}")
 
 
-@pytest.mark.parametrize("sharding_type, layout", [("table_wise", "shards_on_host"), ("row_wise", "replicas_on_host"), ("column_wise", "shards_on_host")])
-def test_two_d_with_plain_averaging_equals_step_then_average(sharding_type, layout):
-    run_multi_process(_two_d_rank, world_size=4, timeout=240, sharding_type=sharding_type, layout=layout)
+@pytest.mark.parametrize(
+    "sharding_type, layout, optimizer_name",
+    [
+        ("table_wise", "shards_on_host", "rowwise_adagrad"),
+        ("row_wise", "replicas_on_host", "rowwise_adagrad"),
+        ("column_wise", "shards_on_host", "rowwise_adagrad"),
+        ("row_wise", "shards_on_host", "momentum_scaled"),
+    ],
+)
+def test_two_d_equals_step_then_sync(sharding_type, layout, optimizer_name):
+    """2 x 2 grid, sync every step: plain averaging equals "local step then
+    average"; momentum-scaled row-wise AdaGrad equals its reference sync."""
+    run_multi_process(
+        _two_d_rank, world_size=4, timeout=240, sharding_type=sharding_type, layout=layout, optimizer_name=optimizer_name
+    )
 
 
 def _bad_input_rank(rank, world_size):

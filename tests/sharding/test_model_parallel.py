@@ -1,0 +1,94 @@
+"""``DistributedModelParallel`` on a DLRM: tables that never exist whole
+(meta device), plans from the planner, and 2D replicas kept equal."""
+
+import torch
+import torch.distributed as dist
+
+from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from dist_rec.models import DLRM
+from dist_rec.optim import RowWiseAdagrad
+from dist_rec.sharding import DistributedModelParallel, ShardedEmbeddingBagCollection
+from dist_rec.testing.multi_process import run_multi_process
+
+TABLES = [
+    EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=rows, feature_names=[f"f{i}"])
+    for i, rows in enumerate([5000, 300, 70, 20000])
+]
+KEYS = [f"f{i}" for i in range(len(TABLES))]
+
+
+def _batch(rank: int, step: int, batch: int = 16):
+    g = torch.Generator().manual_seed(10 * step + rank)
+    lengths = torch.randint(0, 3, (len(KEYS) * batch,), generator=g)
+    per_feature = lengths.view(len(KEYS), batch).sum(dim=1)
+    values = torch.cat([torch.randint(0, t.num_embeddings, (int(n),), generator=g) for t, n in zip(TABLES, per_feature)])
+    return torch.randn(batch, 4, generator=g), KeyedJaggedTensor(KEYS, values, lengths=lengths), torch.rand(batch, generator=g).round()
+
+
+def _model(device="cpu"):
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(TABLES, device=device, optimizer=RowWiseAdagrad(lr=0.05))
+    model = DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
+    return model
+
+
+def _train(dmp, rank, steps=3):
+    optimizer = torch.optim.Adagrad([p for p in dmp.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for step in range(steps):
+        dense, kjt, labels = _batch(rank, step)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(dense, kjt).reshape(-1), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        dmp.sync()
+        losses.append(float(loss))
+    return losses
+
+
+def _meta_rank(rank, world_size):
+    # The tables exist only as shards: each rank allocates its half of the rows.
+    model = _model(device="meta")
+    model.dense_arch.to_empty(device="cpu")
+    model.over_arch.to_empty(device="cpu")
+    for module in list(model.dense_arch.modules()) + list(model.over_arch.modules()):
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    dmp = DistributedModelParallel(model, sharding_type="row_wise")
+    sharded = dmp.sharded["sparse_arch"]
+    assert isinstance(model.sparse_arch, ShardedEmbeddingBagCollection)
+    held = sum(local.weight.numel() for local in sharded.local_shards())
+    assert held == sum(t.num_embeddings * t.embedding_dim for t in TABLES) // world_size
+    assert all(local.weight.device.type == "cpu" and local.weight.abs().sum() > 0 for local in sharded.local_shards())
+    losses = _train(dmp, rank)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_tables_initialised_as_shards_from_a_meta_model():
+    run_multi_process(_meta_rank, world_size=2)
+
+
+def _planned_two_d_rank(rank, world_size):
+    model = _model()
+    dmp = DistributedModelParallel(model, replicas=2, memory_per_rank=600_000)  # the planner decides
+    plan = dmp.plans["sparse_arch"]
+    types = {t.table: t.sharding_type for t in plan.tables.values()}
+    assert types["t3"] in ("row_wise", "table_row_wise"), str(plan)  # 20000 x 8 x (4 B + state) = 720 kB > 600 kB
+    _train(dmp, rank)
+    # Replicas of every shard are equal after sync(); dense layers equal everywhere.
+    for local in dmp.sharded["sparse_arch"].local_shards():
+        for tensor in [local.weight, *local.state.values()]:
+            copies = [torch.empty_like(tensor) for _ in range(2)]
+            dist.all_gather(copies, tensor, group=dmp.grid.replica_group)
+            torch.testing.assert_close(copies[0], copies[1], rtol=0, atol=0)
+    for name, p in dmp.unwrapped.named_parameters():
+        if not p.requires_grad:  # shards (the fused tables do not require grad)
+            continue
+        copies = [torch.empty_like(p) for _ in range(world_size)]
+        dist.all_gather(copies, p.detach())
+        for c in copies[1:]:
+            torch.testing.assert_close(c, copies[0], rtol=0, atol=0, msg=name)
+
+
+def test_planned_two_d_model_keeps_replicas_and_dense_layers_equal():
+    run_multi_process(_planned_two_d_rank, world_size=4, timeout=180)
