@@ -533,6 +533,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
             values = features.values()
             if self._is_weighted and features.weights_or_none() is None:
                 raise ValueError("This ShardedEmbeddingBagCollection has is_weighted=True but the input has no weights.")
+            if self._is_weighted and features.weights_or_none().requires_grad:
+                raise ValueError(
+                    "Per-id weights that require grad are not supported by sharded tables yet "
+                    "(their gradient would not flow back through the all-to-all); detach them."
+                )
             if lengths.numel() != len(keys) * batch:
                 raise ValueError(
                     f"Invalid lengths count {lengths.numel()} for {len(keys)} features {keys}. "
