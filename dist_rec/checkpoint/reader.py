@@ -1,0 +1,174 @@
+"""Reading a checkpoint, one verified file at a time, and the resharding
+rule that assembles any rectangle of a table from the saved blocks.
+
+Nothing here is a collective: a rank can read exactly the files its own
+shards need, which is what both ``load_checkpoint`` (every rank, then an
+agreement) and partial recovery (one replacement rank alone) do.
+
+Resharding rule. The saved files of a table tile it (validated from the
+manifest). For a live rectangle R, every saved block S that meets R gives
+``weight[R ∩ S]``; row-wise optimizer state holds one value per row,
+identical in every column block of that row, so each overlapping block
+gives ``state[rows of R ∩ S]`` and any of them serves. Together the blocks
+cover R exactly once (weights) and every row of R at least once (state).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from dist_rec.checkpoint.files import CheckpointError, resolve_for_load, sha256_bytes
+from dist_rec.checkpoint.manifest import Rect, file_rect, overlap, read_manifest
+
+
+class CheckpointReader:
+    """A checkpoint directory opened for reading.
+
+    Args:
+        directory: the checkpoint (``save_checkpoint``'s directory). When it
+            is missing because a save died while publishing, the complete
+            sibling it left is read instead (``note`` says so).
+
+    Example::
+
+        reader = CheckpointReader("ckpt/step_1000")
+        weight, state = reader.read_rectangle("sparse_arch", "t0", (0, 100, 0, 64))
+    """
+
+    def __init__(self, directory) -> None:
+        self.requested = Path(directory)
+        self.directory, self.note = resolve_for_load(self.requested)
+        self.manifest = read_manifest(self.directory)
+        self._cache: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    def entries(self, module: str, table: str) -> List[Dict]:
+        return [e for e in self.manifest["files"] if e.get("module") == module and e.get("table") == table]
+
+    def overlapping(self, module: str, table: str, rect: Rect) -> List[Tuple[Dict, Rect]]:
+        """The saved blocks of ``table`` that meet ``rect``, with the overlap."""
+        out = []
+        for entry in self.entries(module, table):
+            common = overlap(rect, file_rect(entry))
+            if common is not None:
+                out.append((entry, common))
+        return out
+
+    def check_present(self) -> None:
+        """Every listed file exists with its recorded size (a stat each:
+        cheap, and catches missing or truncated files whoever needs them)."""
+        for entry in self.manifest["files"]:
+            path = self.directory / entry["file"]
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing (listed in the manifest of {self.directory}).")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise CheckpointError(
+                    f"{path}: {size} bytes, the manifest records {entry['bytes']} (truncated or overwritten)."
+                )
+
+    def read_file(self, entry: Dict) -> Dict:
+        """The tensors of one file, after checking its size, sha256 and the
+        recorded names, shapes and dtypes. Cached per file."""
+        name = entry["file"]
+        if name in self._cache:
+            return self._cache[name]
+        path = self.directory / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing (listed in the manifest of {self.directory}).") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e}).") from None
+        if len(data) != entry["bytes"]:
+            raise CheckpointError(f"{path}: {len(data)} bytes, the manifest records {entry['bytes']} (truncated or overwritten).")
+        digest = sha256_bytes(data)
+        if digest != entry["sha256"]:
+            raise CheckpointError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} (corrupt file).")
+        try:
+            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # a checksummed file that torch cannot read: written by something else
+            raise CheckpointError(f"{path}: not a readable tensor file ({type(e).__name__}: {e}).") from None
+        if entry["kind"] != "dense":
+            _check_tensors(path, content, entry["tensors"])
+        self._cache[name] = content
+        return content
+
+    def read_dense(self) -> Dict:
+        entry = next(e for e in self.manifest["files"] if e["kind"] == "dense")
+        content = self.read_file(entry)
+        if not isinstance(content, dict) or not {"model", "optimizer", "extra"} <= set(content):
+            found = sorted(content) if isinstance(content, dict) else type(content).__name__
+            raise CheckpointError(f"{self.directory / entry['file']}: not a dense-state file (it holds {found}).")
+        return content
+
+    def copies_for(self, module: str, table: str, rect: Rect) -> List[Tuple[Dict[str, torch.Tensor], Rect, Rect]]:
+        """(saved tensors, saved rectangle, overlap) for every saved block
+        meeting ``rect``; reads and verifies those files."""
+        return [(self.read_file(entry), file_rect(entry), common) for entry, common in self.overlapping(module, table, rect)]
+
+    def read_rectangle(
+        self, module: str, table: str, rect: Rect, state_names: Optional[List[str]] = None
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """New tensors holding ``rect`` = (row_offset, num_rows, col_offset,
+        num_cols) of ``table``: the weight block and each row-wise state
+        (default: every state the checkpoint's optimizer keeps)."""
+        record = self.manifest["modules"].get(module)
+        if record is None or table not in record["tables"]:
+            raise CheckpointError(f"{self.directory}: no table {table!r} in module {module!r}.")
+        config = record["tables"][table]
+        saved_names = record["optimizer"]["state_names"]
+        names = saved_names if state_names is None else list(state_names)
+        if not set(names) <= set(saved_names):
+            unknown = sorted(set(names) - set(saved_names))
+            raise CheckpointError(f"{self.directory}: no optimizer state {unknown}; it saved {saved_names}.")
+        weight = torch.empty(rect[1], rect[3], dtype=getattr(torch, config["dtype"]))
+        state = {n: torch.empty(rect[1], dtype=torch.float32) for n in names}
+        copies = self.copies_for(module, table, rect)
+        if not copies or sum(c[2][1] * c[2][3] for c in copies) != rect[1] * rect[3]:
+            size = f"{config['num_embeddings']} x {config['embedding_dim']}"
+            raise CheckpointError(f"{self.directory}: rectangle {rect} is not inside table {table!r} ({size}).")
+        for tensors, saved, common in copies:
+            copy_block(weight, state, rect, tensors, saved, common)
+        return weight, state
+
+
+def _check_tensors(path: Path, content, recorded: Dict) -> None:
+    if not isinstance(content, dict) or set(content) != set(recorded):
+        got = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise CheckpointError(f"{path}: holds {got}; the manifest records tensors {sorted(recorded)}.")
+    for name, record in recorded.items():
+        tensor = content[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: {name!r} is a {type(tensor).__name__}, not a tensor.")
+        if list(tensor.shape) != list(record["shape"]) or str(tensor.dtype) != f"torch.{record['dtype']}":
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {list(tensor.shape)} {tensor.dtype}; the manifest records "
+                f"{record['shape']} torch.{record['dtype']}."
+            )
+
+
+@torch.no_grad()
+def copy_block(
+    weight: torch.Tensor,
+    state: Dict[str, torch.Tensor],
+    rect: Rect,
+    saved_tensors: Dict[str, torch.Tensor],
+    saved: Rect,
+    common: Rect,
+) -> None:
+    """Copies the ``common`` part of a saved block (at ``saved``) into the
+    live tensors of rectangle ``rect``: weight rows x cols, state rows."""
+    r0, nr, c0, nc = common
+    dr, dc = r0 - rect[0], c0 - rect[2]
+    sr, sc = r0 - saved[0], c0 - saved[2]
+    weight[dr : dr + nr, dc : dc + nc].copy_(saved_tensors["weight"][sr : sr + nr, sc : sc + nc])
+    for name, tensor in state.items():
+        tensor[dr : dr + nr].copy_(saved_tensors[name][sr : sr + nr])
