@@ -181,9 +181,9 @@ def save_checkpoint(directory, model, dense_optimizer=None, step: int = 0, extra
     if error is not None:
         raise CheckpointError(f"{what} refused on every rank. rank 0: {error}")
     tmp = sibling(directory, TMP_MARK, ident)
-    if rank == 0 and model.grid.replicas > 1 and model._steps % model.sync_every != 0:
+    if rank == 0 and model.grid.replicas > 1 and model.sync_steps % model.sync_every != 0:
         warnings.warn(
-            f"{what}: {model._steps} sync() calls is not a multiple of sync_every={model.sync_every}; replicas may "
+            f"{what}: {model.sync_steps} sync() calls is not a multiple of sync_every={model.sync_every}; replicas may "
             "differ and only the first sharding group's shards are saved.",
             stacklevel=2,
         )
@@ -295,7 +295,7 @@ def _manifest(model, dense_optimizer, step: int, files: List[Dict]) -> Dict:
             "group_size": grid.group_size,
             "sharding_groups": grid.sharding_groups,
             "sync_every": model.sync_every,
-            "sync_steps": model._steps,
+            "sync_steps": model.sync_steps,
         },
         "modules": {
             path: {
@@ -354,7 +354,7 @@ def load_checkpoint(directory, model, dense_optimizer=None) -> Dict:
         model.unwrapped.load_state_dict(dense["model"], strict=False)
     if dense_optimizer is not None:
         dense_optimizer.load_state_dict(dense["optimizer"])
-    model._steps = int(reader.manifest["grid"].get("sync_steps", 0))
+    model.sync_steps = int(reader.manifest["grid"].get("sync_steps", 0))
     dist.barrier()
     return {"step": reader.step, "extra": dense["extra"], "directory": str(reader.directory)}
 

@@ -132,6 +132,16 @@ class DistributedModelParallel(nn.Module):
             for sharded in self.sharded.values():
                 sharded.sync_replicas()
 
+    @property
+    def sync_steps(self) -> int:
+        """Calls of ``sync()`` so far (checkpoints keep it, so that
+        ``sync_every > 1`` keeps its phase across a resume)."""
+        return self._steps
+
+    @sync_steps.setter
+    def sync_steps(self, value: int) -> None:
+        self._steps = int(value)
+
     def sharded_modules(self) -> List[ShardedEmbeddingBagCollection]:
         return list(self.sharded.values())
 
