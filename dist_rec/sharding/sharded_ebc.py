@@ -395,8 +395,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
                     continue
                 # Data-parallel tables are already equal everywhere: fold only.
                 collection.sync(group if collection is not self.data_parallel else None)
-            if group is not None:
-                COMM_STATS.record("replica_sync", 0)  # bytes counted below for plain averaging only
+            if group is not None:  # the fold all-reduces each local weight and increment (float32 on the wire)
+                wire = sum(4 * (local.weight.numel() + local.state["momentum1_increment"].numel()) for local in self.local_shards())
+                COMM_STATS.record("replica_sync", 2 * (replicas - 1) * wire // replicas)
             return
         if replicas > 1:
             all_reduce_mean_(self._local_tensors(), self._replica_group, "replica_sync")
