@@ -210,6 +210,10 @@ class RunConfig:
         backend: "auto" (NCCL with GPUs, else gloo), "gloo" or "nccl".
         device: "auto", "cpu" or "cuda".
         threads: intra-op threads per process (0: cores / local processes).
+        checkpoint_dir: where sharded checkpoints go ("" : none). A run
+            whose checkpoint_dir holds a checkpoint resumes from it (any
+            world size or sharding with the same global batch).
+        checkpoint_every: save every this many steps (0: only at the end).
     """
 
     batch_size: int = 512
@@ -222,6 +226,8 @@ class RunConfig:
     backend: str = "auto"
     device: str = "auto"
     threads: int = 0
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 0
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
@@ -230,6 +236,7 @@ class RunConfig:
         _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, ">= 1")
         _check(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.threads >= 0, f"{prefix}.threads", self.threads, ">= 0 (0: automatic)")
+        _check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
         if self.backend not in BACKENDS:
             raise _invalid(f"{prefix}.backend", self.backend, f"one of {list(BACKENDS)}")
         if self.device not in DEVICES:

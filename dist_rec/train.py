@@ -39,6 +39,7 @@ from dist_rec.modules.embedding_configs import EmbeddingBagConfig
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
 from dist_rec.sparse.jagged_tensor import KeyedJaggedTensor
 from dist_rec.optim.fused import SGD, FusedOptimizer, MomentumScaledRowWiseAdagrad, RowWiseAdagrad
+from dist_rec.checkpoint import load_checkpoint, save_checkpoint
 from dist_rec.sharding.model_parallel import DistributedModelParallel
 from dist_rec.sharding.plan import ShardingPlan
 
@@ -232,6 +233,29 @@ def shard_model(model: DLRM, config: TrainConfig, env: Environment) -> Distribut
     )
 
 
+def _save(directory: Path, sharded: DistributedModelParallel, optimizer, step: int, global_batch: int, say) -> None:
+    tick = time.perf_counter()
+    save_checkpoint(directory, sharded, optimizer, step=step, extra={"examples": step * global_batch})
+    say(f"checkpoint @ step {step}: {directory} ({time.perf_counter() - tick:.1f} s)")
+
+
+def _resume(directory: Path, sharded: DistributedModelParallel, optimizer, global_batch: int, batches, say) -> int:
+    """Loads the checkpoint (resharding as needed) and moves the data stream
+    past the examples it had seen. Returns the step to continue from."""
+    info = load_checkpoint(directory, sharded, optimizer)
+    examples = int(info["extra"].get("examples", 0)) if isinstance(info["extra"], dict) else 0
+    if examples % global_batch != 0:
+        raise ConfigError(
+            f"The checkpoint in {directory} stopped after {examples} examples, not a multiple of this run's global "
+            f"batch {global_batch}; resume with a global batch that divides it."
+        )
+    for _ in range(examples // global_batch):  # the stream is deterministic: regenerate and drop
+        next(batches, None)
+    step = examples // global_batch
+    say(f"resumed from {directory}: step {info['step']}, {examples:,} examples seen; continuing at step {step}")
+    return step
+
+
 def _all_have_batch(has_batch: bool, env: Environment) -> bool:
     """Streams of unknown length can end at different steps on different
     ranks; every rank stops at the first step any of them cannot fill."""
@@ -305,7 +329,11 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         data.teacher_auc = data.eval.teacher_auc()
     torch.manual_seed(run.seed)
     model = build_model(config, data, env.device)
-    sharded = shard_model(model, config, env) if env.distributed else None
+    checkpoint_dir = Path(run.checkpoint_dir) if run.checkpoint_dir else None
+    own_group = checkpoint_dir is not None and not dist.is_initialized()
+    if own_group:  # checkpoints are written by the sharded model: a group of one
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    sharded = shard_model(model, config, env) if dist.is_initialized() else None
     trained = sharded if sharded is not None else model
     model = sharded.unwrapped if sharded is not None else model
     optimizer = dense_optimizer(config, [p for p in trained.parameters() if p.requires_grad])
@@ -326,9 +354,13 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         say(f"teacher AUC on the evaluation set (the ceiling): {data.teacher_auc:.4f}")
 
     batches: Iterator[Batch] = data.train.batches(run.batch_size, env.rank, env.world_size, drop_last=True)
+    step = 0
+    if checkpoint_dir is not None and (checkpoint_dir / "manifest.json").is_file():
+        step = _resume(checkpoint_dir, sharded, optimizer, global_batch, batches, say)
     losses: List[float] = []
     interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
-    train_seconds, step, final_eval = 0.0, 0, None
+    train_seconds, final_eval = 0.0, None
+    first_step = step
     warm_seconds, warm_steps = 0.0, 0  # after the first log interval (warm-up excluded from throughput)
     started = time.perf_counter()
     while run.steps == 0 or step < run.steps:
@@ -352,7 +384,7 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         interval_time += elapsed
         interval_loss += float(loss.detach())
         interval_steps += 1
-        if step > run.log_every:
+        if step > first_step + run.log_every:
             warm_seconds += elapsed
             warm_steps += 1
 
@@ -363,24 +395,28 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
             log.write(dict(kind="train", step=step, loss=mean_loss, examples_per_second=rate, seconds=time.perf_counter() - started))
             eta = ""
             if run.steps:
-                eta = f" | eta {_clock((run.steps - step) * train_seconds / step)}"
+                eta = f" | eta {_clock((run.steps - step) * train_seconds / (step - first_step))}"
             say(
                 f"step {step:>6}{'/' + str(run.steps) if run.steps else ''} | loss {mean_loss:.4f} | "
                 f"{rate:,.0f} ex/s | elapsed {_clock(time.perf_counter() - started)}{eta}"
             )
             interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
+        if checkpoint_dir is not None and run.checkpoint_every and step % run.checkpoint_every == 0 and step != run.steps:
+            _save(checkpoint_dir, sharded, optimizer, step, global_batch, say)
         if run.eval_every and step % run.eval_every == 0 and data.eval is not None and step != run.steps:
             metrics = evaluate(model, data.eval, config, env)
             log.write(dict(kind="eval", step=step, **metrics.as_dict()))
             say(f"eval @ step {step}: AUC {metrics.auc:.4f} | NE {metrics.ne:.4f} | log loss {metrics.log_loss:.4f}")
 
+    if checkpoint_dir is not None and step > first_step:
+        _save(checkpoint_dir, sharded, optimizer, step, global_batch, say)
     if data.eval is not None:
         final_eval = evaluate(model, data.eval, config, env)
         log.write(dict(kind="eval", step=step, **final_eval.as_dict()))
     log.close()
     examples = step * global_batch
     if warm_steps == 0:  # a run shorter than two log intervals: all of it
-        warm_seconds, warm_steps = train_seconds, step
+        warm_seconds, warm_steps = train_seconds, step - first_step
     result = TrainResult(
         steps=step,
         examples=examples,
@@ -397,6 +433,8 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         summary = _summary(config, env, result, plot_path)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         say(_summary_table(summary))
+    if own_group:
+        dist.destroy_process_group()
     return result
 
 

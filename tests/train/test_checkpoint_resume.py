@@ -1,0 +1,58 @@
+"""The trainer checkpoints and resumes: a run stopped at step 6 and resumed
+(on the same or another number of processes, with the same global batch)
+continues exactly like the run that never stopped."""
+
+import shutil
+
+import torch
+
+from dist_rec.config import load_config
+from dist_rec.testing.multi_process import run_multi_process
+from dist_rec.train import Environment, train
+
+
+def _config(batch_size: int, steps: int, out: str, checkpoint_dir: str = "", sharding: str = "row_wise"):
+    return load_config(
+        "launch/configs/tiny.yaml",
+        [
+            f"train.batch_size={batch_size}",
+            f"train.steps={steps}",
+            "train.log_every=1",
+            "train.eval_every=0",
+            f"train.output_dir={out}",
+            f"train.checkpoint_dir={checkpoint_dir}",
+            f"sharding.type={sharding}",
+            "data.mean_bag_length=2.0",
+        ],
+    )
+
+
+def _train_rank(rank, world_size, steps, out, checkpoint_dir, sharding, result_file):
+    env = Environment(rank=rank, world_size=world_size, local_world_size=world_size, backend="gloo")
+    result = train(_config(16 // world_size, steps, out, checkpoint_dir, sharding), env, quiet=True)
+    if rank == 0:
+        torch.save(result.losses, result_file)
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+    full = tmp_path / "full.pt"
+    run_multi_process(_train_rank, world_size=2, steps=12, out=str(tmp_path / "a"), checkpoint_dir="",
+                      sharding="row_wise", result_file=str(full))
+    checkpoint = tmp_path / "ckpt"
+    first = tmp_path / "first.pt"
+    run_multi_process(_train_rank, world_size=2, steps=6, out=str(tmp_path / "b"), checkpoint_dir=str(checkpoint),
+                      sharding="row_wise", result_file=str(first))
+    assert (checkpoint / "manifest.json").is_file()
+    copy = tmp_path / "ckpt_copy"
+    shutil.copytree(checkpoint, copy)
+    # Resume on 2 processes with another sharding, and on 1 process (batch 16).
+    second = tmp_path / "second.pt"
+    run_multi_process(_train_rank, world_size=2, steps=12, out=str(tmp_path / "c"), checkpoint_dir=str(checkpoint),
+                      sharding="table_wise", result_file=str(second))
+    single = train(_config(16, 12, str(tmp_path / "d"), str(copy), "data_parallel"), Environment(), quiet=True)
+
+    expected = torch.tensor(torch.load(full))
+    torch.testing.assert_close(torch.tensor(torch.load(first)), expected[:6], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(torch.load(second)), expected[6:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(single.losses), expected[6:], rtol=0, atol=1e-5)
+    assert (checkpoint / "manifest.json").is_file() and (copy / "manifest.json").is_file()
