@@ -1,0 +1,725 @@
+"""Sharded DLRM training on CPU processes joined by gloo: dist_rec against
+TorchRec's ``DistributedModelParallel``.
+
+``W`` processes (``--world``, spawned on loopback with gloo by
+``dist_rec.testing.multi_process``) train one ``dist_rec.models.DLRM``
+together: every process takes its own batch of ``B`` samples (the global
+batch is ``W x B``), the tables are sharded over the processes (every table
+table-wise, or every table row-wise), the MLPs are replicated under DDP.
+Variants (``<library>_<tw|rw>``):
+
+* ``dist_rec_tw`` / ``dist_rec_rw``
+      ``dist_rec.sharding.DistributedModelParallel(DLRM(dist_rec.
+      EmbeddingBagCollection(tables, optimizer=RowWiseAdagrad(lr, eps)), ...),
+      sharding_type="table_wise" | "row_wise")``, ``dmp.sync()`` after the
+      optimizer step as its API asks (a no-op here: one replica);
+* ``torchrec_tw`` / ``torchrec_rw``
+      ``torchrec.distributed.DistributedModelParallel`` over the same DLRM
+      holding a ``torchrec.EmbeddingBagCollection`` built on ``meta``, its
+      tables marked with ``apply_optimizer_in_backward(torchrec.optim.
+      RowWiseAdagrad, lr, eps)`` (FBGEMM TBE, ``EXACT_ROWWISE_ADAGRAD``
+      fused into the backward), a plan from ``EmbeddingShardingPlanner``
+      (CPU topology, every table constrained to the sharding type through
+      ``ParameterConstraints``), ``EmbeddingBagCollectionSharder``; DMP puts
+      the dense part under DDP itself. See ``_torchrec_dmp.py`` (row-wise
+      needs a sharder that offers it on the CPU: TorchRec 1.8.0 lists it for
+      CUDA only).
+
+Same model, initial weights (tables: per-table seeded uniform in
++-sqrt(1/rows); MLPs: same seed), data and optimizers on both sides: sparse
+exact row-wise AdaGrad with the same lr/eps fused into the backward, dense
+``torch.optim.Adagrad`` over the non-embedding parameters (for TorchRec the
+``KeyedOptimizerWrapper`` over DMP's non-fused parameters, as its DLRM
+example).
+
+Data: ``--batches`` batches per process from
+``dist_rec.data.synthetic.SyntheticDataset`` (rank ``r`` gets samples
+``[r B, (r + 1) B)`` of every global batch, as the training job reads them),
+generated once by the driver (not timed); each process turns its batches into
+its library's KeyedJaggedTensor before timing and the steps cycle through
+them.
+
+Timed step, on every process: forward (input all-to-all, lookups, output
+all-to-all / reduce-scatter, MLPs), BCE-with-logits loss (mean over the
+process's batch), ``zero_grad``, backward (DDP all-reduce of the dense
+gradients, the embedding gradients sent back to their shards and the fused
+update) and the dense optimizer step. After ``--warmup`` steps, ``--steps``
+steps are timed; a run's step time is the slowest process's median (the
+processes run in lock-step). Every run is a fresh set of processes; the
+variants take turns (order alternating) for ``--rounds`` rounds. Reported
+per (preset, processes, sharding type): each library's median over rounds,
+examples/s of the whole job (``W x B / step``) and the speedup, the median over
+rounds of the per-round ratio TorchRec / dist_rec step time.
+
+Correctness pass, before timing, per (preset, processes, sharding type): on
+``W`` processes, each library's sharded model trains ``--check-steps`` steps
+from the shared init; rank 0 also trains an unsharded reference (TorchRec's
+``FusedEmbeddingBagCollection``, the model of ``bench_train.py``, which that
+benchmark checks against dist_rec's) on the global batches (the ``W``
+processes' batches in rank order). Sharded training must be one step on the
+global batch: the mean of the processes' losses must match the reference's
+loss on the global batch, and the weights after the last step must match the
+reference's (dense for both libraries; tables gathered from TorchRec's
+ShardedTensors and by dist_rec's ``ShardedEmbeddingBagCollection.
+gather_unsharded()``). Dense gradients are DDP averages, so
+exactly the global batch's; TorchRec sums the embedding gradients of the
+processes' mean losses (``W`` times the global batch's mean): row-wise AdaGrad
+(``w -= lr g / (sqrt(G) + eps)``, ``G`` accumulating mean ``g^2``) makes the
+same update for any constant scale of ``g`` up to ``eps``, so either
+convention passes.
+
+Usage::
+
+    python benchmarks/bench_sharded.py --preset default multihot --world 2 4 --markdown docs/benchmarks.md
+    python benchmarks/bench_sharded.py --preset small --variants torchrec_tw torchrec_rw --steps 5 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_embedding import machine_summary, update_section  # noqa: E402
+from bench_train import KAGGLE_ROWS, SEED, describe, init_tables, to_kjt, torchrec_version  # noqa: E402
+
+PRESETS = {
+    # The README main job (launch/configs/default.yaml): 26 tables, 0.19M
+    # rows x 16, one id per bag, B=1024 per process.
+    "default": dict(config="launch/configs/default.yaml", batch=1024),
+    # bench_train's multihot workload (about 20 ids per bag, 64 wide, mean
+    # pooling) with the tables capped at 500k rows (3.07M rows, 0.8 GB of
+    # fp32 in all) and B=1024 per process, to fit 2 cores and 24 GB with 4
+    # processes and the correctness pass's unsharded reference.
+    "multihot": dict(
+        rows=[min(r, 500_000) for r in KAGGLE_ROWS], dim=64, bottom=[512, 256, 64], top=[512, 256, 1], batch=1024,
+        zipf=1.05, bag=20.0, missing=0.0, dense=13, pooling="mean",
+    ),
+    # A smoke run: seconds.
+    "small": dict(
+        rows=[1000, 50_000, 200_000, 20, 5000, 100_000, 300, 10_000], dim=16, bottom=[64, 16], top=[64, 1],
+        batch=256, zipf=1.05, bag=1.0, missing=0.0, dense=13,
+    ),
+}  # fmt: skip
+LIBRARIES = ("dist_rec", "torchrec")
+SHARDINGS = {"tw": "table_wise", "rw": "row_wise"}
+VARIANTS = [f"{lib}_{s}" for s in SHARDINGS for lib in LIBRARIES]
+SPARSE_LR, DENSE_LR, EPS = 0.05, 0.02, 1e-8
+
+
+def split_variant(variant: str) -> Tuple[str, str]:
+    """``"torchrec_rw"`` -> ``("torchrec", "row_wise")``."""
+    library, short = variant.rsplit("_", 1)
+    return library, SHARDINGS[short]
+
+
+# ---------------------------------------------------------------------------
+# Workload (the driver)
+# ---------------------------------------------------------------------------
+
+
+def resolve_preset(name: str, max_rows: Optional[int]) -> dict:
+    """The model and data of a preset as plain values (goes to the ranks)."""
+    preset = dict(PRESETS[name])
+    spec = dict(preset=name, batch=preset.pop("batch"), sparse_lr=SPARSE_LR, dense_lr=DENSE_LR, eps=EPS)
+    if "config" in preset:
+        from dist_rec.config import load_config
+
+        config = load_config(str(REPO / preset["config"]))
+        sizes = list(config.data.num_embeddings_per_feature)
+        spec.update(
+            rows=sizes * 26 if len(sizes) == 1 else sizes,
+            dim=config.model.embedding_dim,
+            bottom=list(config.model.dense_arch_layer_sizes),
+            top=list(config.model.over_arch_layer_sizes),
+            zipf=config.data.zipf_exponent,
+            bag=config.data.mean_bag_length,
+            missing=config.data.missing_probability,
+            dense=config.data.num_dense_features,
+            sparse_lr=config.optimizer.sparse_lr,
+            dense_lr=config.optimizer.dense_lr,
+            eps=config.optimizer.sparse_eps,
+            source=preset["config"],
+        )
+    else:
+        spec.update(preset)
+    spec["full_rows"] = list(spec["rows"])
+    if max_rows:
+        spec["rows"] = [min(n, max_rows) for n in spec["rows"]]
+    return spec
+
+
+def make_batches(spec: dict, count: int, batch_size: int, rank: int = 0, world_size: int = 1) -> List[dict]:
+    """``count`` batches of ``batch_size`` of one rank of ``world_size``
+    (rank ``r`` of step ``i``: samples ``[i W B + r B, i W B + (r + 1) B)``),
+    as tensors (feature-major)."""
+    from dist_rec.data.synthetic import SyntheticConfig, SyntheticDataset
+
+    data = SyntheticDataset(
+        SyntheticConfig(
+            num_embeddings_per_feature=spec["rows"],
+            num_dense_features=spec["dense"],
+            zipf_exponent=spec["zipf"],
+            mean_bag_length=spec["bag"],
+            missing_probability=spec["missing"],
+            seed=SEED,
+        )
+    )
+    batches = []
+    for batch, _ in zip(data.batches(batch_size, rank=rank, world_size=world_size), range(count)):
+        kjt = batch.sparse_features
+        batches.append(
+            dict(
+                keys=list(kjt.keys()),
+                values=kjt.values(),
+                lengths=kjt.lengths(),
+                offsets=kjt.offsets(),
+                dense=batch.dense_features,
+                labels=batch.labels,
+            )
+        )
+    return batches
+
+
+# ---------------------------------------------------------------------------
+# Sharded models (built in the ranks)
+# ---------------------------------------------------------------------------
+
+
+def full_table(spec: dict, table_index: int) -> torch.Tensor:
+    """Table ``table_index``'s initial weights, as ``bench_train.init_tables``
+    writes them."""
+    n = spec["rows"][table_index]
+    generator = torch.Generator().manual_seed(SEED * 1000 + table_index)
+    bound = (1.0 / n) ** 0.5
+    return torch.empty(n, spec["dim"]).uniform_(-bound, bound, generator=generator)
+
+
+def make_dlrm(spec: dict, ebc):
+    from dist_rec.models.dlrm import DLRM
+
+    torch.manual_seed(SEED)  # the MLPs: same init on every side
+    return DLRM(ebc, spec["dense"], spec["bottom"], spec["top"])
+
+
+def dense_parameter_count(spec: dict) -> int:
+    return 2 * (len(spec["bottom"]) + len(spec["top"]))  # weight and bias of every Linear
+
+
+def dist_rec_sharding_api():
+    """``dist_rec.sharding.DistributedModelParallel``, or None with the reason."""
+    try:
+        from dist_rec.sharding import DistributedModelParallel
+    except ImportError as error:
+        return None, f"{type(error).__name__}: {error}"
+    return DistributedModelParallel, ""
+
+
+def build_sharded(library: str, sharding_type: str, spec: dict, keys: List[str]):
+    """``(dmp, dense optimizer, info)`` of one library on this rank."""
+    names = [f"t_{key}" for key in keys]
+    pooling = spec.get("pooling", "sum")
+    if library == "torchrec":
+        import _torchrec_dmp
+
+        configs = _torchrec_dmp.tables(names, keys, spec["rows"], spec["dim"], pooling)
+        dmp, optimizer = _torchrec_dmp.build_dmp(
+            configs, lambda ebc: make_dlrm(spec, ebc), sharding_type, spec["sparse_lr"], spec["eps"],
+            spec["dense_lr"], spec["batch"],
+        )  # fmt: skip
+        _torchrec_dmp.load_tables(dmp, lambda name: full_table(spec, names.index(name)))
+        info = dict(plan=_torchrec_dmp.plan_summary(dmp), fused=_torchrec_dmp.fused_optimizer_names(dmp))
+        bad = [name for name in info["fused"] if name != "EXACT_ROWWISE_ADAGRAD"]
+        if not info["fused"] or bad:
+            raise RuntimeError(
+                f"TorchRec's sharded tables are not under a fused EXACT_ROWWISE_ADAGRAD: {info['fused']}"
+            )
+        dense = [p for group in optimizer.param_groups for p in group["params"]]
+    elif library == "dist_rec":
+        from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+        from dist_rec.optim import RowWiseAdagrad
+
+        DistributedModelParallel, why = dist_rec_sharding_api()
+        if DistributedModelParallel is None:
+            raise RuntimeError(f"dist_rec.sharding.DistributedModelParallel is not available ({why}).")
+        tables = [
+            EmbeddingBagConfig(name=name, embedding_dim=spec["dim"], num_embeddings=n, feature_names=[key],
+                               pooling=PoolingType(pooling.upper()))
+            for name, key, n in zip(names, keys, spec["rows"])
+        ]  # fmt: skip
+        ebc = EmbeddingBagCollection(tables=tables, optimizer=RowWiseAdagrad(lr=spec["sparse_lr"], eps=spec["eps"]))
+        init_tables(ebc, names, spec["rows"], spec["dim"])  # every rank the whole table; DMP keeps its shards
+        dmp = DistributedModelParallel(make_dlrm(spec, ebc), sharding_type=sharding_type)
+        dense = [p for name, p in dmp.named_parameters() if "sparse_arch" not in name]
+        optimizer = torch.optim.Adagrad(dense, lr=spec["dense_lr"])
+        info = dict(
+            plan={
+                name: [t.sharding_type, "dist_rec", t.ranks]
+                for plan in getattr(dmp, "plans", {}).values()
+                for name, t in plan.tables.items()
+            }
+        )
+    else:
+        raise ValueError(f"Invalid library={library!r}. Must be one of {', '.join(LIBRARIES)}.")
+    if len(dense) != dense_parameter_count(spec):
+        raise RuntimeError(
+            f"{library}: the dense optimizer holds {len(dense)} parameters; the MLPs have "
+            f"{dense_parameter_count(spec)} (weights and biases): the embedding tables must not be in it."
+        )
+    return dmp, optimizer, info
+
+
+def train_step(dmp, optimizer, dense, kjt, labels) -> Tuple[torch.Tensor, float, float, float]:
+    """The timed step: ``(loss, forward s, backward s, optimizer s)``. The
+    optimizer part includes dist_rec's ``dmp.sync()`` (its API asks for it
+    after every optimizer step; with one replica and row-wise AdaGrad it does
+    nothing); TorchRec's DMP has none (only its 2D ``DMPCollection``)."""
+    t0 = time.perf_counter()
+    logits = dmp(dense, kjt)
+    loss = F.binary_cross_entropy_with_logits(logits.squeeze(1), labels)
+    t1 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t2 = time.perf_counter()
+    optimizer.step()
+    sync = getattr(dmp, "sync", None)
+    if sync is not None:
+        sync()
+    t3 = time.perf_counter()
+    return loss.detach(), t1 - t0, t2 - t1, t3 - t2
+
+
+def quiet() -> None:
+    """TorchRec's planner and deprecation warnings, once per process, are noise here."""
+    warnings.filterwarnings("ignore")
+    for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------
+# Ranks
+# ---------------------------------------------------------------------------
+
+
+def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, result: str, steps: int,
+              warmup: int, threads: int) -> None:  # fmt: skip
+    """One rank of a timed run; writes ``result``/``rank<r>.json``."""
+    import torch.distributed as dist
+
+    quiet()
+    torch.set_num_threads(threads)
+    library, sharding_type = split_variant(variant)
+    batches = torch.load(Path(data) / f"rank{rank}.pt")
+    t0 = time.perf_counter()
+    dmp, optimizer, info = build_sharded(library, sharding_type, spec, batches[0]["keys"])
+    inputs = [(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
+    build_s = time.perf_counter() - t0
+
+    dist.barrier()
+    step_ms, phases, losses = [], {"forward": [], "backward": [], "optimizer": []}, []
+    for i in range(warmup + steps):
+        dense, kjt, labels = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        loss, fwd, bwd, opt = train_step(dmp, optimizer, dense, kjt, labels)
+        t1 = time.perf_counter()
+        losses.append(float(loss))
+        if i >= warmup:
+            step_ms.append((t1 - t0) * 1e3)
+            for key, seconds in zip(phases, (fwd, bwd, opt)):
+                phases[key].append(seconds * 1e3)
+    dist.barrier()
+    out = dict(
+        rank=rank,
+        step_ms=statistics.median(step_ms),
+        phases_ms={k: statistics.median(v) for k, v in phases.items()},
+        first_losses=losses[:5],
+        last_loss=losses[-1],
+        build_s=build_s,
+        threads=torch.get_num_threads(),
+        max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        info=info if rank == 0 else {},
+    )
+    (Path(result) / f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def _dense_state(dmp) -> Dict[str, torch.Tensor]:
+    """The MLP weights, by their name in ``DLRM`` (wrapper prefixes dropped)."""
+    out = {}
+    for name, p in dmp.named_parameters():
+        for arch in ("dense_arch.", "over_arch."):
+            if arch in name:
+                out[arch + name.split(arch, 1)[1]] = p.detach().clone()
+    return out
+
+
+def _gather_dist_rec_tables(dmp) -> Optional[Dict[str, torch.Tensor]]:
+    """dist_rec's tables in full on every rank (``gather_unsharded()`` of its
+    sharded collections, a collective), or None if the API lacks it."""
+    modules = getattr(dmp, "sharded_modules", lambda: [])()
+    if not modules or not all(hasattr(m, "gather_unsharded") for m in modules):
+        return None
+    out = {}
+    for module in modules:
+        state, _ = module.gather_unsharded()
+        out.update({key.split(".")[-2]: w for key, w in state.items()})
+    return out
+
+
+def rank_check(rank: int, world_size: int, libraries: List[str], sharding_type: str, spec: dict, data: str,
+               result: str, steps: int, threads: int) -> None:  # fmt: skip
+    """Trains each library's sharded model and, on rank 0, the unsharded
+    reference on the global batches; rank 0 writes ``result``/``check.json``."""
+    import torch.distributed as dist
+
+    from bench_train import build as build_unsharded
+
+    quiet()
+    torch.set_num_threads(threads)
+    batches = torch.load(Path(data) / f"rank{rank}.pt")
+    keys = batches[0]["keys"]
+    out: Dict[str, dict] = {"losses": {}, "weight_diff": {}}
+    trained = {}
+    for library in libraries:
+        dmp, optimizer, _ = build_sharded(library, sharding_type, spec, keys)
+        inputs = [(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
+        losses = []
+        for i in range(steps):
+            loss = train_step(dmp, optimizer, *inputs[i % len(inputs)])[0]
+            dist.all_reduce(loss)  # the processes' mean losses -> the global batch's mean loss
+            losses.append(float(loss) / world_size)
+        tables = (
+            __import__("_torchrec_dmp").gather_tables(dmp) if library == "torchrec" else _gather_dist_rec_tables(dmp)
+        )
+        trained[library] = (_dense_state(dmp), tables if rank == 0 else None)
+        out["losses"][library] = losses
+        del dmp, optimizer, inputs
+    if rank == 0:
+        global_batches = torch.load(Path(data) / "global.pt")
+        model, optimizer, _ = build_unsharded("torchrec", spec, keys)
+        inputs = [(b["dense"], to_kjt("torchrec", b), b["labels"]) for b in global_batches]
+        losses = []
+        for i in range(steps):
+            dense, kjt, labels = inputs[i % len(inputs)]
+            loss = F.binary_cross_entropy_with_logits(model(dense, kjt).squeeze(1), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        out["losses"]["reference"] = losses
+        reference = model.state_dict()
+        for library, (dense_state, tables) in trained.items():
+            diff = {"dense": max(float((v - reference[k]).abs().max()) for k, v in dense_state.items())}
+            if tables is not None:
+                diff["embedding"] = max(
+                    float((w - reference[f"sparse_arch.embedding_bags.{t}.weight"]).abs().max())
+                    for t, w in tables.items()
+                )
+            out["weight_diff"][library] = diff
+        (Path(result) / "check.json").write_text(json.dumps(out))
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def launch(fn, world_size: int, timeout: float, **kwargs) -> None:
+    from dist_rec.testing.multi_process import run_multi_process
+
+    try:
+        run_multi_process(fn, world_size=world_size, timeout=timeout, **kwargs)
+    except AssertionError as error:
+        what = kwargs.get("variant") or kwargs.get("sharding_type")
+        raise SystemExit(f"{fn.__name__} ({what}) on {world_size} processes failed:\n{error}") from None
+
+
+def run_variant(variant: str, world_size: int, spec: dict, data: Path, args) -> dict:
+    with tempfile.TemporaryDirectory() as result:
+        launch(
+            rank_time, world_size, args.timeout, variant=variant, spec=spec, data=str(data), result=result,
+            steps=args.steps, warmup=args.warmup, threads=args.threads or max(1, (os.cpu_count() or 1) // world_size),
+        )  # fmt: skip
+        ranks = [json.loads((Path(result) / f"rank{r}.json").read_text()) for r in range(world_size)]
+    slowest = max(ranks, key=lambda r: r["step_ms"])
+    return dict(
+        step_ms=slowest["step_ms"],
+        rank_step_ms=[r["step_ms"] for r in ranks],
+        phases_ms=slowest["phases_ms"],
+        examples_per_s=world_size * spec["batch"] / slowest["step_ms"] * 1e3,
+        first_losses=ranks[0]["first_losses"],
+        last_loss=ranks[0]["last_loss"],
+        build_s=max(r["build_s"] for r in ranks),
+        threads=ranks[0]["threads"],
+        max_rss_mb=max(r["max_rss_mb"] for r in ranks),
+        info=ranks[0]["info"],
+    )
+
+
+def check(world_size: int, sharding_type: str, libraries: List[str], spec: dict, data: Path, args) -> dict:
+    """The correctness pass of one sharding type; exits if a library does
+    not train as one step on the global batch."""
+    with tempfile.TemporaryDirectory() as result:
+        launch(
+            rank_check, world_size, args.timeout, libraries=libraries, sharding_type=sharding_type, spec=spec,
+            data=str(data), result=result, steps=args.check_steps,
+            threads=args.threads or max(1, (os.cpu_count() or 1) // world_size),
+        )  # fmt: skip
+        out = json.loads((Path(result) / "check.json").read_text())
+    reference = out["losses"]["reference"]
+    print(
+        f"  check {sharding_type}: mean loss over the {world_size} processes vs one process on the global batch",
+        flush=True,
+    )
+    print("    reference   " + " ".join(f"{x:.6f}" for x in reference), flush=True)
+    failures = []
+    out["max_loss_diff"] = {}
+    for library in libraries:
+        losses = out["losses"][library]
+        diff = max(abs(a - b) for a, b in zip(losses, reference))
+        out["max_loss_diff"][library] = diff
+        weights = out["weight_diff"][library]
+        weight_text = ", ".join(f"{k} {v:.1e}" for k, v in weights.items())
+        losses_text = " ".join(f"{x:.6f}" for x in losses)
+        print(
+            f"    {library:<11} {losses_text}   max |loss diff| {diff:.1e}; max |weight diff| {weight_text}", flush=True
+        )
+        if not diff <= args.loss_tolerance or not all(v <= args.weight_tolerance for v in weights.values()):
+            failures.append(f"{library} (loss diff {diff:.2e}, weight diff {weights})")
+    if failures:
+        raise SystemExit(
+            f"CORRECTNESS CHECK FAILED for {spec['preset']} on {world_size} processes, {sharding_type}: "
+            f"{'; '.join(failures)} differ from one step on the global batch (tolerances: loss "
+            f"{args.loss_tolerance:g}, weights {args.weight_tolerance:g})."
+        )
+    return out
+
+
+def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]:
+    spec = resolve_preset(name, args.max_rows)
+    print(f"== {describe(spec)} per process, {world_size} processes", flush=True)
+    shardings = [s for s in SHARDINGS.values() if any(split_variant(v)[1] == s for v in args.variants)]
+    rows = {
+        s: dict(preset=name, label=describe(spec), spec=spec, world_size=world_size, sharding_type=s) for s in shardings
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        t0 = time.time()
+        for rank in range(world_size):
+            torch.save(make_batches(spec, args.batches, spec["batch"], rank, world_size), data / f"rank{rank}.pt")
+        if not args.skip_check:
+            # The ranks cycle through their batches: so does the reference.
+            count = min(args.check_steps, args.batches)
+            torch.save(make_batches(spec, count, spec["batch"] * world_size), data / "global.pt")
+        print(f"  data: {args.batches} batches per process ({time.time() - t0:.0f}s)", flush=True)
+        if not args.skip_check:
+            for s in shardings:
+                libraries = [lib for lib in LIBRARIES if any(split_variant(v) == (lib, s) for v in args.variants)]
+                rows[s]["check"] = check(world_size, s, libraries, spec, data, args)
+        rounds: Dict[str, List[dict]] = {v: [] for v in args.variants}
+        for r in range(args.rounds):
+            order = args.variants if r % 2 == 0 else args.variants[::-1]
+            for variant in order:
+                result = run_variant(variant, world_size, spec, data, args)
+                rounds[variant].append(result)
+                if not all(map(math.isfinite, [*result["first_losses"], result["last_loss"]])):
+                    print(f"  warning: {variant} trained to a non-finite loss; timings may be off", flush=True)
+                print(
+                    f"[{name} x{world_size} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] {variant:<12} "
+                    f"step {result['step_ms']:8.2f} ms (ranks {', '.join(f'{x:.1f}' for x in result['rank_step_ms'])}; "
+                    f"fwd {result['phases_ms']['forward']:.1f} bwd {result['phases_ms']['backward']:.1f} "
+                    f"opt {result['phases_ms']['optimizer']:.1f})  {result['examples_per_s']:9.0f} ex/s  "
+                    f"rss {result['max_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+    for variant, results in rounds.items():
+        library, s = split_variant(variant)
+        step_ms = statistics.median(x["step_ms"] for x in results)
+        rows[s][library] = dict(
+            step_ms=step_ms,
+            examples_per_s=world_size * spec["batch"] / step_ms * 1e3,
+            phases_ms={k: statistics.median(x["phases_ms"][k] for x in results) for k in results[0]["phases_ms"]},
+            rounds=results,
+        )
+    for row in rows.values():
+        if "dist_rec" in row and "torchrec" in row:
+            row["ratios"] = [
+                t["step_ms"] / o["step_ms"] for t, o in zip(row["torchrec"]["rounds"], row["dist_rec"]["rounds"])
+            ]
+    return list(rows.values())
+
+
+def format_table(rows: List[dict]) -> str:
+    header = [
+        "preset", "processes", "sharding", "dist_rec step ms", "TorchRec step ms", "dist_rec ex/s", "TorchRec ex/s",
+        "speedup vs TorchRec (median of rounds; min-max)",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["preset"], str(r["world_size"]), r["sharding_type"]]
+        cells += [f"{r[lib]['step_ms']:.1f}" if lib in r else "-" for lib in LIBRARIES]
+        cells += [f"{r[lib]['examples_per_s']:,.0f}" if lib in r else "-" for lib in LIBRARIES]
+        ratios = r.get("ratios")
+        cells.append(
+            f"**{statistics.median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"
+            if ratios
+            else "-"
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_phases(rows: List[dict]) -> str:
+    header = ["preset", "processes", "sharding", "phase", "dist_rec ms", "TorchRec ms"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        for phase in ("forward", "backward", "optimizer"):
+            cells = [r["preset"], str(r["world_size"]), r["sharding_type"], phase]
+            cells += [f"{r[lib]['phases_ms'][phase]:.1f}" if lib in r else "-" for lib in LIBRARIES]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(
+    path: Path, table: str, phases: str, command: str, args, rows: List[dict], load: List[float]
+) -> None:
+    checks = "; ".join(
+        f"{r['preset']} x{r['world_size']} {r['sharding_type']}: "
+        + ", ".join(
+            f"{lib} loss {d:.1e}" + "".join(f", {k} {v:.1e}" for k, v in r["check"]["weight_diff"][lib].items())
+            for lib, d in r["check"]["max_loss_diff"].items()
+        )
+        for r in rows
+        if "check" in r
+    )
+    presets = "; ".join(sorted({r["label"] for r in rows}))
+    busy = (
+        f" **The machine was busy (load average {load[0]:.1f} at the start): indicative numbers only.**"
+        if load[0] > 0.5
+        else ""
+    )
+    threads = args.threads or "cores / processes"
+    text = f"""## Sharded DLRM training, end to end (CPU, gloo processes)
+
+Machine: {machine_summary()}, torchrec {torchrec_version()}; threads per process: {threads}.{busy}
+
+Command: `{command}` ({datetime.date.today().isoformat()}).
+
+Workloads (B is per process; the global batch is processes x B): {presets}.
+
+`W` processes on one host (gloo over loopback) train one `dist_rec.models.DLRM`:
+each its own batch, tables sharded over the processes (all table-wise, or all
+row-wise), MLPs replicated under DDP. dist_rec:
+`dist_rec.sharding.DistributedModelParallel(model, sharding_type=...)` over
+its `EmbeddingBagCollection` with the fused `RowWiseAdagrad`. TorchRec:
+`torchrec.distributed.DistributedModelParallel` over the same DLRM holding a
+`torchrec.EmbeddingBagCollection` (meta device), tables under
+`apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad)` (FBGEMM TBE,
+`EXACT_ROWWISE_ADAGRAD`, fused into the backward), plan from
+`EmbeddingShardingPlanner` (CPU topology, `ParameterConstraints` fixing the
+sharding type), `EmbeddingBagCollectionSharder` (TorchRec 1.8.0 offers
+row-wise only for CUDA; a subclass lifting that filter runs it on the CPU),
+dense `Adagrad` via `KeyedOptimizerWrapper`; its table-wise output comes
+grouped by rank and is put back in feature order (`to_dict` + `cat`, as
+TorchRec's own DLRM does) so that both sides compute the same model. Same initial weights, lr/eps,
+data. A timed step is forward, BCE loss, `zero_grad`, backward (DDP
+all-reduce, embedding gradients to their shards, fused update) and the dense
+optimizer step; {args.warmup} warm-up + {args.steps} timed steps per run, a
+run's time is the slowest process's median step; every run is a fresh set of
+processes, variants alternating for {args.rounds} rounds; step times are
+medians over rounds, ex/s is the whole job's (`W x B / step`; per process divide by `W`), the speedup the
+median of the per-round ratios TorchRec / dist_rec.
+
+Correctness pass before timing (each library's sharded model against one
+process trained on the global batches, {args.check_steps} steps; max
+differences of the mean loss and of the weights): {checks or "skipped"}.
+
+{table}
+
+Where a step's time goes (slowest process, medians over rounds):
+
+{phases}
+"""
+    update_section(path, "sharded", text)
+
+
+def busy_warning() -> List[float]:
+    load = list(os.getloadavg())
+    if load[0] > 0.5:
+        print(
+            f"warning: load average {load[0]:.1f} before starting; timings are only meaningful on an idle machine",
+            flush=True,
+        )
+    return load
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["default"])
+    parser.add_argument("--world", nargs="+", type=int, default=[2], help="numbers of processes")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--max-rows", type=int, default=None, help="cap every table at this many rows (memory)")
+    parser.add_argument(
+        "--batches", type=int, default=16, help="pre-generated batches per process the steps cycle through"
+    )
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="turns each variant takes")
+    parser.add_argument("--threads", type=int, default=None, help="threads per process (default: cores / processes)")
+    parser.add_argument("--check-steps", type=int, default=4, help="steps of the correctness pass")
+    parser.add_argument("--loss-tolerance", type=float, default=1e-4)
+    parser.add_argument("--weight-tolerance", type=float, default=1e-3)
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one multi-process run may take")
+    parser.add_argument("--markdown", type=Path, help="rewrite the sharded section of this page")
+    parser.add_argument("--json", type=Path, help="write all measurements as JSON")
+    args = parser.parse_args(argv)
+    if args.batches < 1 or args.steps < 1 or args.rounds < 1 or args.check_steps < 1:
+        parser.error("--batches, --steps, --rounds and --check-steps must be >= 1")
+    if any(w < 1 for w in args.world):
+        parser.error("--world: numbers of processes must be >= 1")
+    if any(v.startswith("dist_rec") for v in args.variants):
+        api, why = dist_rec_sharding_api()
+        if api is None:
+            parser.error(
+                f"the dist_rec variants need dist_rec.sharding.DistributedModelParallel, which this checkout lacks "
+                f"({why}); run the TorchRec side alone with --variants torchrec_tw torchrec_rw"
+            )
+
+    load = busy_warning()
+    started = time.time()
+    rows = [row for name in args.preset for world in args.world for row in bench_preset(name, world, args, started)]
+    table, phases = format_table(rows), format_phases(rows)
+    print()
+    print(table)
+    print()
+    print(phases)
+    command = "python benchmarks/bench_sharded.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.json:
+        args.json.write_text(
+            json.dumps(dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)
+        )
+    if args.markdown:
+        write_markdown(args.markdown, table, phases, command, args, rows, load)
+
+
+if __name__ == "__main__":
+    main()
