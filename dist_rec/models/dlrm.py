@@ -121,6 +121,7 @@ class DLRM(nn.Module):
                     f"needs every table's dim to equal dense_arch_layer_sizes[-1]={dim}."
                 )
         self.num_sparse_features = sum(len(c.feature_names) for c in configs)
+        self.feature_names = [f for c in configs for f in c.feature_names]
         self.sparse_arch = embedding_bag_collection
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
         self.inter_arch = InteractionArch(self.num_sparse_features)
@@ -128,9 +129,20 @@ class DLRM(nn.Module):
 
     def forward(self, dense_features: torch.Tensor, sparse_features) -> torch.Tensor:
         dense = self.dense_arch(dense_features)
-        pooled = self.sparse_arch(sparse_features).values()
+        pooled = _in_order(self.sparse_arch(sparse_features), self.feature_names)
         sparse = pooled.reshape(pooled.shape[0], self.num_sparse_features, -1)
         return self.over_arch(self.inter_arch(dense, sparse))
+
+
+def _in_order(pooled, feature_names) -> torch.Tensor:
+    """The pooled ``[B, F * D]`` columns in config feature order. A sharded
+    TorchRec collection returns its features grouped by rank; reading its
+    columns by position would silently permute the features."""
+    keys = list(pooled.keys())
+    if keys == feature_names:
+        return pooled.values()
+    columns = dict(zip(keys, torch.split(pooled.values(), list(pooled.length_per_key()), dim=1)))
+    return torch.cat([columns[f] for f in feature_names], dim=1)
 
 
 class LowRankCrossNet(nn.Module):

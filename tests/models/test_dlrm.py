@@ -109,3 +109,34 @@ def test_dlrm_dcn_forward_and_training():
     torch.testing.assert_close(logits, model.over_arch(crossnet_by_formula(model.inter_arch.crossnet, x0)))
     logits.sum().backward()
     assert model.inter_arch.crossnet.down[0].weight.grad is not None
+
+
+class _GroupedByRank(torch.nn.Module):
+    """A collection that returns its features in another order, as a sharded
+    TorchRec collection does (grouped by the rank that pooled them)."""
+
+    def __init__(self, ebc):
+        super().__init__()
+        self.ebc = ebc
+
+    def embedding_bag_configs(self):
+        return self.ebc.embedding_bag_configs()
+
+    def forward(self, kjt):
+        from dist_rec.sparse.jagged_tensor import KeyedTensor
+
+        out = self.ebc(kjt)
+        keys = list(out.keys())
+        columns = dict(zip(keys, torch.split(out.values(), list(out.length_per_key()), dim=1)))
+        order = keys[::-1]
+        return KeyedTensor(order, [columns[k].shape[1] for k in order], torch.cat([columns[k] for k in order], dim=1))
+
+
+def test_dlrm_reads_pooled_features_by_key_not_position():
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=_tables(), optimizer=RowWiseAdagrad(lr=0.1))
+    model = DLRM(ebc, dense_in_features=3, dense_arch_layer_sizes=[6, 4], over_arch_layer_sizes=[5, 1])
+    dense = torch.randn(2, 3)
+    expected = model(dense, _kjt())
+    model.sparse_arch = _GroupedByRank(ebc)
+    torch.testing.assert_close(model(dense, _kjt()), expected)
