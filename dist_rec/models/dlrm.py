@@ -128,8 +128,11 @@ class DLRM(nn.Module):
         self.over_arch = OverArch(self.inter_arch.output_features(dim), over_arch_layer_sizes)
 
     def forward(self, dense_features: torch.Tensor, sparse_features) -> torch.Tensor:
+        # Sparse first: a sharded collection returns while its pooled rows are
+        # still travelling, and the dense arch computes in the meantime.
+        lookup = self.sparse_arch(sparse_features)
         dense = self.dense_arch(dense_features)
-        pooled = _in_order(self.sparse_arch(sparse_features), self.feature_names)
+        pooled = _in_order(lookup, self.feature_names)
         sparse = pooled.reshape(pooled.shape[0], self.num_sparse_features, -1)
         return self.over_arch(self.inter_arch(dense, sparse))
 

@@ -38,13 +38,19 @@ COMM_STATS = CommStats()
 
 
 def all_to_all(
-    tensor: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group, kind: str
+    tensor: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group, kind: str, pending=None
 ) -> torch.Tensor:
     """``all_to_all_single`` of a 1-D tensor: ``send_splits[r]`` elements go
-    to rank r of ``group``, ``recv_splits[r]`` come from it."""
+    to rank r of ``group``, ``recv_splits[r]`` come from it. With a
+    ``pending`` list the collective runs in the background: its work handle
+    is appended there, and the output must not be read before ``wait()``."""
     send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
     output = tensor.new_empty(sum(recv_splits))
-    dist.all_to_all_single(output, tensor.contiguous(), recv_splits, send_splits, group=group)
+    work = dist.all_to_all_single(
+        output, tensor.contiguous(), recv_splits, send_splits, group=group, async_op=pending is not None
+    )
+    if pending is not None:
+        pending.append(work)
     me = dist.get_rank(group)
     COMM_STATS.record(kind, (sum(send_splits) - send_splits[me]) * tensor.element_size())
     return output
@@ -87,39 +93,40 @@ class PooledAllToAll(torch.autograd.Function):
 
     Forward: this rank's ``pooled`` ``[sum_q B_q, W_me]`` (rows of source q
     contiguous, in rank order) is split by source; rank q receives its
-    ``[B_q, W_r]`` block from every rank r and joins them column-wise into
-    ``[B_q, sum_r W_r]``. Backward runs the reverse all-to-all, the
+    ``[B_q, W_r]`` block from every rank r, flat and in rank order (the
+    caller views the blocks in place). The forward's collective runs in the
+    background: its work handle goes into ``pending``, and the caller waits
+    on it before reading the output, so the dense layers can compute in the
+    meantime. Backward runs the reverse all-to-all, the
     gradients multiplied by ``grad_scale``: 1 / ranks, so that a step of
     the group trains like one process on the group's whole batch with the
     mean of the ranks' losses, as DDP averages dense gradients.
     """
 
     @staticmethod
-    def forward(ctx, pooled, batch_sizes, widths, group, grad_scale):
+    def forward(ctx, pooled, batch_sizes, widths, group, grad_scale, pending):
         me = dist.get_rank(group)
         ctx.batch_sizes, ctx.widths, ctx.group, ctx.grad_scale = batch_sizes, widths, group, grad_scale
         my_batch, my_width = batch_sizes[me], widths[me]
-        received = all_to_all(
+        return all_to_all(
             pooled.reshape(-1),
             [b * my_width for b in batch_sizes],
             [my_batch * w for w in widths],
             group,
             "output_dist",
+            pending,
         )
-        blocks = torch.split(received, [my_batch * w for w in widths])
-        return torch.cat([block.view(my_batch, w) for block, w in zip(blocks, widths)], dim=1)
 
     @staticmethod
     def backward(ctx, grad):
         me = dist.get_rank(ctx.group)
         batch_sizes, widths = ctx.batch_sizes, ctx.widths
         my_batch, my_width = batch_sizes[me], widths[me]
-        send = torch.cat([g.reshape(-1) for g in torch.split(grad * ctx.grad_scale, widths, dim=1)])
         received = all_to_all(
-            send,
+            grad * ctx.grad_scale,
             [my_batch * w for w in widths],
             [b * my_width for b in batch_sizes],
             ctx.group,
             "output_dist_backward",
         )
-        return received.view(sum(batch_sizes), my_width), None, None, None, None
+        return received.view(sum(batch_sizes), my_width), None, None, None, None, None

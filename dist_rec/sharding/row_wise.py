@@ -15,6 +15,7 @@ from dist_rec.sharding.scheme import ShardingScheme
 
 class RowWise(ShardingScheme):
     sharding_type = "row_wise"
+    bucketed = True
 
     def route(self, shards, lengths, ids, weights):
         """Stable split of the ids by row block: bag order is kept inside

@@ -23,9 +23,14 @@ Routed = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
 
 class ShardingScheme:
-    """Routing of ids to the shards of one table; one subclass per type."""
+    """Routing of ids to the shards of one table; one subclass per type.
+
+    ``route`` is the readable rule for one feature; ``router.Router``
+    applies the same rule to a whole batch at once (and is tested against
+    this one)."""
 
     sharding_type: str = ""
+    bucketed: bool = False  # ids split by row range (row-wise) rather than sent whole to every shard
 
     def route(
         self, shards: Sequence[Shard], lengths: torch.Tensor, ids: torch.Tensor, weights: Optional[torch.Tensor]

@@ -41,6 +41,8 @@ from dist_rec.sharding.column_wise import ColumnBlockUpdate, ColumnWise
 from dist_rec.sharding.comm import COMM_STATS, PooledAllToAll, all_reduce_mean_, all_to_all, feature_major_order
 from dist_rec.sharding.dp_sharding import DataParallelUpdateExchange
 from dist_rec.sharding.plan import Shard, ShardingPlan
+from dist_rec.sharding.router import Router
+from dist_rec.sharding.router import payload as routed_payload
 from dist_rec.sharding.row_wise import RowWise
 from dist_rec.sharding.scheme import ShardingScheme
 from dist_rec.sharding.table_row_wise import TableRowWise
@@ -181,6 +183,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
                     (column_blocks if separate else regular)[shard.rank].append(_Slot(f, t, k, shard))
         self._slots_by_rank = [a + b for a, b in zip(regular, column_blocks)]
         self._my_slots = self._slots_by_rank[self._group_rank]
+        all_slots = [s for slots in self._slots_by_rank for s in slots]
+        self._slot_index = {(s.feature, s.shard_index): i for i, s in enumerate(all_slots)}
+        self._routers: Dict[Tuple[str, ...], Router] = {}
         self._num_regular_slots = len(regular[self._group_rank])
         self._widths = [sum(s.shard.num_cols for s in slots) for slots in self._slots_by_rank]
 
@@ -201,22 +206,28 @@ class ShardedEmbeddingBagCollection(nn.Module):
             self._dp_group = dist.new_group(ranks=None if group is dist.group.WORLD else dist.get_process_group_ranks(group))
             self.data_parallel._update_exchange = DataParallelUpdateExchange(self._dp_group)
 
-        # Where each received column lands in the output.
-        targets = []
+        # How the output is assembled from the pieces that come back (one per
+        # slot, rank-major, then the data-parallel features): per feature, its
+        # column groups in column order, each the sum of its row shards.
+        piece = 0
+        groups: Dict[str, Dict[int, List[int]]] = {f: {} for f in self._feature_names}
         for slots in self._slots_by_rank:
             for s in slots:
-                base = feature_column[s.feature] + s.shard.col_offset
-                targets.extend(range(base, base + s.shard.num_cols))
-        if self.data_parallel is not None:
-            for c in dp_configs:
-                for f in c.feature_names:
-                    targets.extend(range(feature_column[f], feature_column[f] + c.embedding_dim))
-        self.register_buffer("_output_index", torch.tensor(targets, dtype=torch.int64, device=self._device), persistent=False)
-        self._mean_features = [
-            f for f in self._feature_names
+                groups[s.feature].setdefault(s.shard.col_offset, []).append(piece)
+                piece += 1
+        self._dp_feature_dims = []
+        for c in dp_configs:
+            for f in c.feature_names:
+                groups[f][0] = [piece]
+                piece += 1
+                self._dp_feature_dims.append(c.embedding_dim)
+        self._assembly = [[groups[f][col] for col in sorted(groups[f])] for f in self._feature_names]
+        self._slot_widths = [[s.shard.num_cols for s in slots] for slots in self._slots_by_rank]
+        self._mean_features = {
+            i for i, f in enumerate(self._feature_names)
             if configs[self._feature_table[f]].pooling == PoolingType.MEAN
             and plan.tables[configs[self._feature_table[f]].name].sharding_type != "data_parallel"
-        ]
+        }
         self._feature_column = feature_column
         self._row_limits: Dict[Tuple[str, ...], torch.Tensor] = {}
 
@@ -412,7 +423,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
         (the others are told which rank), never a hang."""
         keys = list(features.keys())
         error = self._validate(keys, features)
-        self._agree_input(error)
+        if error is not None:
+            self._refuse(error)
         batch = features.stride()
         lengths = features.lengths().to(torch.int64)
         values = features.values()
@@ -423,9 +435,12 @@ class ShardedEmbeddingBagCollection(nn.Module):
         lengths_by_feature = lengths.view(len(keys), batch)
         by_name = {k: i for i, k in enumerate(keys)}
 
-        pooled_parts = []
+        received, work = None, None
         if self._shards:
-            pooled_parts.append(self._model_parallel(by_name, lengths_by_feature, value_slices, weight_slices, batch))
+            received, work = self._model_parallel(keys, lengths_by_feature, values.to(torch.int64), weights, batch)
+        elif self.data_parallel is not None:
+            self._agree_input(None)
+        dp_pooled = None
         if self.data_parallel is not None:
             dp_keys = [f for c in self.data_parallel.embedding_bag_configs() for f in c.feature_names]
             idx = [by_name[f] for f in dp_keys]
@@ -435,63 +450,53 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 lengths=torch.cat([lengths_by_feature[i] for i in idx]),
                 weights=torch.cat([weight_slices[i] for i in idx]) if weights is not None else None,
             )
-            pooled_parts.append(self.data_parallel(dp_input).values())
-        joined = pooled_parts[0] if len(pooled_parts) == 1 else torch.cat(pooled_parts, dim=1)
-        out = joined.new_zeros(batch, self._output_width).index_add(1, self._output_index, joined)
-        if self._mean_features:
-            divisor = torch.ones(batch, self._output_width, dtype=out.dtype, device=out.device)
-            for f in self._mean_features:
-                start = self._feature_column[f]
-                count = lengths_by_feature[by_name[f]].clamp(min=1).to(out.dtype)
-                divisor[:, start : start + self._configs[self._feature_table[f]].embedding_dim] = count[:, None]
-            out = out / divisor
-        return KeyedTensor(self._feature_names, self._feature_dims, out)
+            dp_pooled = self.data_parallel(dp_input).values()
+        mean_counts = {
+            f: lengths_by_feature[by_name[self._feature_names[f]]].clamp(min=1) for f in self._mean_features
+        }
 
-    def _model_parallel(self, by_name, lengths_by_feature, value_slices, weight_slices, batch) -> torch.Tensor:
-        """Input all-to-all, local fused lookup, output all-to-all."""
+        def assemble() -> torch.Tensor:
+            pieces: List[torch.Tensor] = []
+            if work is not None:
+                work.wait()
+                blocks = torch.split(received, [batch * w for w in self._widths])
+                for block, width, slot_widths in zip(blocks, self._widths, self._slot_widths):
+                    pieces.extend(torch.split(block.view(batch, width), slot_widths, dim=1))
+            if dp_pooled is not None:
+                pieces.extend(torch.split(dp_pooled, self._dp_feature_dims, dim=1))
+            columns = []
+            for f, groups in enumerate(self._assembly):
+                for group in groups:
+                    column = pieces[group[0]]
+                    for other in group[1:]:  # row shards: partial sums
+                        column = column + pieces[other]
+                    if f in mean_counts:
+                        column = column / mean_counts[f].to(column.dtype)[:, None]
+                    columns.append(column)
+            return torch.cat(columns, dim=1)
+
+        return _PendingKeyedTensor(self._feature_names, self._feature_dims, assemble)
+
+    def _model_parallel(self, keys, lengths_by_feature, values, weights, batch):
+        """Input all-to-all, local fused lookup, output all-to-all (started,
+        not waited for: returns the output buffer and its work handle)."""
         size, weighted = self._group_size, self._is_weighted
-        # Route every feature to the shards of its table, grouped by destination.
-        routed: Dict[Tuple[str, int], tuple] = {}
-        for c in self._configs:
-            shards = self._shards.get(c.name)
-            if shards is None:
-                continue
-            scheme = SCHEMES[self.plan.tables[c.name].sharding_type]
-            for f in c.feature_names:
-                i = by_name[f]
-                for k, part in enumerate(scheme.route(shards, lengths_by_feature[i], value_slices[i], weight_slices[i])):
-                    routed[(f, k)] = part
-        send_lengths, send_ids, send_weights, id_counts = [], [], [], []
-        for slots in self._slots_by_rank:
-            parts = [routed[(s.feature, s.shard_index)] for s in slots]
-            send_lengths.extend(p[0] for p in parts)
-            send_ids.extend(p[1] for p in parts)
-            if weighted:
-                send_weights.extend(p[2] for p in parts)
-            id_counts.append(sum(p[1].numel() for p in parts))
+        routed = self._router(keys).route(lengths_by_feature, values, weights)
+        id_counts = routed.ids_per_rank
         device = lengths_by_feature.device
-        counts = torch.tensor([[batch, n] for n in id_counts], dtype=torch.int64, device=device).reshape(-1)
-        received_counts = all_to_all(counts, [2] * size, [2] * size, self._group, "input_dist").view(size, 2)
+        counts = torch.tensor([[batch, n, 0] for n in id_counts], dtype=torch.int64, device=device).reshape(-1)
+        received_counts = self._exchange_counts(counts)
         batch_sizes = received_counts[:, 0].tolist()
         my_slots = len(self._my_slots)
         payload_sizes = [len(slots) * batch + n for slots, n in zip(self._slots_by_rank, id_counts)]
         receive_sizes = [my_slots * b + int(n) for b, n in zip(batch_sizes, received_counts[:, 1].tolist())]
 
-        # Per destination: the slots' lengths, then their ids.
-        chunks, start_l, start_i = [], 0, 0
-        for r, slots in enumerate(self._slots_by_rank):
-            n = len(slots)
-            chunks.extend(send_lengths[start_l : start_l + n])
-            chunks.extend(send_ids[start_i : start_i + n])
-            start_l += n
-            start_i += n
-        payload = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int64, device=device)
+        payload = routed_payload(routed, [len(slots) for slots in self._slots_by_rank])
         received = all_to_all(payload, payload_sizes, receive_sizes, self._group, "input_dist")
         received_weights = None
         if weighted:
-            weight_payload = torch.cat(send_weights) if send_weights else torch.zeros(0, device=device)
             received_weights = all_to_all(
-                weight_payload.to(torch.float32), id_counts, received_counts[:, 1].tolist(), self._group, "input_dist"
+                routed.weights.to(torch.float32), id_counts, received_counts[:, 1].tolist(), self._group, "input_dist"
             )
 
         if not self._my_slots:
@@ -503,8 +508,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 rank_lengths.append(part[:bags].view(my_slots, batch_sizes[q]))
                 rank_ids.append(part[bags:])
             order = feature_major_order(rank_lengths, [t.numel() for t in rank_ids])
-            local_values = torch.cat(rank_ids)[order]
-            local_weights = received_weights[order] if weighted else None
+            local_values = torch.cat(rank_ids).index_select(0, order)
+            local_weights = received_weights.index_select(0, order) if weighted else None
             local_lengths = torch.cat(rank_lengths, dim=1)  # [slots, group batch]
             pooled = torch.cat(
                 [
@@ -513,7 +518,47 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 ],
                 dim=1,
             )
-        return PooledAllToAll.apply(pooled, batch_sizes, self._widths, self._group, 1.0 / size)
+        pending: List = []
+        received = PooledAllToAll.apply(pooled, batch_sizes, self._widths, self._group, 1.0 / size, pending)
+        return received, pending[0]
+
+    def _exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """All-to-all of ``(batch, ids, refused)`` per destination; raises on
+        every rank if any rank refused its input."""
+        size = self._group_size
+        received = all_to_all(counts, [3] * size, [3] * size, self._group, "input_dist").view(size, 3)
+        refused = (received[:, 2] != 0).nonzero()
+        if refused.numel() > 0:
+            raise RuntimeError(
+                f"ShardedEmbeddingBagCollection: rank {int(refused[0])} of the sharding group refused its input "
+                "(its error says why); this rank stops too."
+            )
+        return received
+
+    def _refuse(self, error: Exception) -> None:
+        """Tells the other ranks this rank's input was bad (through the step's
+        first collective, so none of them waits), then raises ``error``."""
+        if self._shards:
+            flag = torch.tensor([0, 0, 1] * self._group_size, dtype=torch.int64, device=self._device)
+            all_to_all(flag, [3] * self._group_size, [3] * self._group_size, self._group, "input_dist")
+        else:
+            self._agree_input(error)
+        raise error
+
+    def _router(self, keys: List[str]) -> Router:
+        """The router of this key order (cached): each input feature's slots."""
+        router = self._routers.get(tuple(keys))
+        if router is None:
+            slot_of, row_offsets, bucketed = [], [], []
+            for key in keys:
+                config = self._configs[self._feature_table[key]]
+                shards = self._shards.get(config.name, [])
+                slot_of.append([self._slot_index[(key, k)] for k in range(len(shards))])
+                row_offsets.append([s.row_offset for s in shards])
+                bucketed.append(bool(shards) and SCHEMES[self.plan.tables[config.name].sharding_type].bucketed)
+            router = Router(slot_of, row_offsets, bucketed, [len(s) for s in self._slots_by_rank], self._device)
+            self._routers[tuple(keys)] = router
+        return router
 
     def _local_parts(self):
         """(collection, its slots, index of its first slot) of the local lookups."""
@@ -598,14 +643,19 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 [self._configs[self._feature_table[k]].num_embeddings for k in keys], dtype=torch.int64, device=values.device
             )
             self._row_limits[tuple(keys)] = limits
-        limit = torch.repeat_interleave(limits, per_feature, output_size=values.numel())
-        bad = (values < 0) | (values >= limit)
+        # Smallest and largest id per feature (one pass each), one sync.
+        slices = torch.split(values, per_feature.tolist())
+        extremes = torch.stack(
+            [torch.stack(torch.aminmax(v)) if v.numel() else limits.new_tensor([0, -1]) for v in slices]
+        ).to(torch.int64)
+        bad = (extremes[:, 0] < 0) | (extremes[:, 1] >= limits)
         if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            f = int(torch.searchsorted(torch.cumsum(per_feature, 0), torch.tensor(i), right=True))
+            f = int(bad.nonzero()[0])
+            v = slices[f]
+            value = int(v[(v < 0) | (v >= limits[f])][0])
             config = self._configs[self._feature_table[keys[f]]]
             raise IndexError(
-                f"ShardedEmbeddingBagCollection: id {int(values[i])} of feature {keys[f]!r} is out of range for "
+                f"ShardedEmbeddingBagCollection: id {value} of feature {keys[f]!r} is out of range for "
                 f"table {config.name!r} with {config.num_embeddings} rows (valid ids: 0..{config.num_embeddings - 1})."
             )
 
@@ -622,3 +672,23 @@ def _slot_input(slots, lengths: torch.Tensor, values: torch.Tensor, weights, fir
         lengths=lengths[first : first + len(slots)].reshape(-1),
         weights=weights[start:end] if weights is not None else None,
     )
+
+
+class _PendingKeyedTensor(KeyedTensor):
+    """The output of a sharded lookup whose pooled rows are still on their
+    way back: ``values()`` waits for them (once) and assembles the columns.
+    Whatever the caller computes before asking overlaps the all-to-all."""
+
+    def __init__(self, keys, length_per_key, assemble) -> None:
+        super().__init__(keys, length_per_key, None)
+        self._assemble = assemble
+
+    def values(self) -> torch.Tensor:
+        if self._values is None:
+            self._values = self._assemble()
+            self._assemble = None
+        return self._values
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.values()
+        return super().__getitem__(key)
