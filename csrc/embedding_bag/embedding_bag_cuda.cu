@@ -2,12 +2,20 @@
 // embedding_bag_ops.cpp; CPU twin in embedding_bag_cpu.cpp). Semantics are
 // the CPU ones exactly; docs/kernels.md describes them.
 //
-// Forward: one warp per bag, 16-byte row loads, sub-warp groups pooling
-// different rows of the bag when a row is narrower than a warp, no atomics.
-// Backward: linearise (table base + id), stable radix sort of (row,
-// position), one warp per unique row summing its occurrences in position
-// order (long segments of hot rows are first summed in fixed pieces, then the
-// pieces in order), then the optimizer on the row in place. Deterministic.
+// Forward: a light kernel checks ids and offsets, and the host reads its
+// verdict while the pooling kernel runs: one warp per bag, 16-byte row loads,
+// sub-warp groups pooling different rows of the bag when a row is narrower
+// than a warp, no atomics.
+// Backward: one warp per bag linearises (table base + id) and packs each
+// position's gradient offset and weight; a stable radix sort (cub, only the
+// key bits the rows need) groups a row's occurrences in position order; a
+// run-length encoding gives the segments; one warp per unique row sums its
+// occurrences in position order (long segments of hot rows are first summed
+// in fixed pieces, then the pieces in order), then applies the optimizer to
+// the row in place. Deterministic.
+//
+// Table and slot metadata travel as a kernel parameter (no copy to the
+// device per call) unless there are more than fit; see Meta.
 //
 // Bad input never reaches a device assert: kernels record the first bad
 // position in a small device buffer, which the host reads (one sync) and
@@ -16,8 +24,12 @@
 // Shape legend: B batch, F feature slots, T tables, N indices, U unique rows.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_run_length_encode.cuh>
+#include <cub/device/device_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
@@ -27,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "dist_rec/checks.h"
@@ -40,14 +53,28 @@ using at::TensorList;
 using c10::IntArrayRef;
 
 constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpsPerBlock = 8;
+constexpr int kBlock = kWarp * kWarpsPerBlock;
+// Occurrences a piece's warp loads before it adds any (independent loads in
+// flight per lane; the pieces of hot rows are long).
+constexpr int kPieceUnroll = 4;
 // Occurrences of one row summed by a single warp; longer segments (hot rows)
 // are split into pieces of this many, summed in parallel, then in order.
-constexpr int64_t kPieceOccurrences = 64;
+constexpr int kPieceOccurrences = 64;
+// Resident blocks per SM the forward and the update kernels are compiled for
+// (a register budget: 40 per thread at 6). Both wait on random row reads, and
+// more warps in flight beat more loads per warp: on an H100 the forward at 6
+// blocks (40 registers) beat 48-96 register versions with 2-4 row loads per
+// lane in flight, and the update at 6 blocks took 1 ms less per step at
+// B=65536 than at 4 blocks with its gradient sum unrolled 4 ways.
+constexpr int kForwardBlocksPerSM = 6;
+constexpr int update_blocks_per_sm(int chunks) {
+  return chunks == 1 ? 6 : chunks == 2 ? 4 : 1;
+}
 // Column chunks one lane keeps in registers in the backward: rows up to
 // kWarp * vec * kMaxChunks wide (1024 floats for float32).
 constexpr int kMaxChunks = 8;
-constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
 
 // ---------------------------------------------------------------------------
 // Metadata the kernels read: one record per table and per feature slot.
@@ -67,6 +94,48 @@ struct FeatureMeta {
   int64_t pooling; // 0 sum, 1 mean
   int64_t column;
 };
+
+// Up to this many tables and slots ride in the kernel parameter (about 3 KB
+// of the 4 KB a launch may pass); beyond, the kernels read a device copy.
+constexpr int kInlineTables = 32;
+constexpr int kInlineFeatures = 64;
+
+// Passed by value as a __grid_constant__ parameter: reads come from the
+// constant cache, and a launch needs no host-to-device copy (two pinned
+// copies per call cost about as much host time as the small forward itself).
+struct Meta {
+  TableMeta tables[kInlineTables];
+  FeatureMeta features[kInlineFeatures];
+  const TableMeta* device_tables; // non-null when there are more tables
+  const FeatureMeta* device_features; // non-null when there are more slots
+  int64_t num_tables;
+};
+
+__device__ __forceinline__ TableMeta table_meta(const Meta& m, int64_t t) {
+  return m.device_tables != nullptr ? m.device_tables[t] : m.tables[t];
+}
+
+__device__ __forceinline__ FeatureMeta feature_meta(const Meta& m, int64_t f) {
+  return m.device_features != nullptr ? m.device_features[f] : m.features[f];
+}
+
+__device__ __forceinline__ int64_t row_base_of(const Meta& m, int64_t t) {
+  return m.device_tables != nullptr ? m.device_tables[t].row_base : m.tables[t].row_base;
+}
+
+// The table of linear row `key`: the last table whose row_base <= key.
+__device__ __forceinline__ int64_t table_of(const Meta& m, int64_t key) {
+  int64_t lo = 0, hi = m.num_tables - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (row_base_of(m, mid) <= key) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
 
 struct Problem {
   BagLayout layout;
@@ -91,6 +160,33 @@ Tensor to_device(const std::vector<T>& records, const at::Device& device) {
     std::memcpy(host.mutable_data_ptr(), records.data(), bytes);
   }
   return host.to(device, /*non_blocking=*/true);
+}
+
+// The kernels' view of a problem, plus the device copies it may point into
+// (kept alive for as long as the launches that read them are queued).
+struct KernelMeta {
+  Meta meta;
+  Tensor device_tables;
+  Tensor device_features;
+};
+
+KernelMeta make_meta(const Problem& p, const at::Device& device) {
+  KernelMeta k;
+  std::memset(&k.meta, 0, sizeof(Meta));
+  k.meta.num_tables = static_cast<int64_t>(p.tables.size());
+  if (p.tables.size() <= kInlineTables) {
+    std::copy(p.tables.begin(), p.tables.end(), k.meta.tables);
+  } else {
+    k.device_tables = to_device(p.tables, device);
+    k.meta.device_tables = reinterpret_cast<const TableMeta*>(k.device_tables.const_data_ptr());
+  }
+  if (p.features.size() <= kInlineFeatures) {
+    std::copy(p.features.begin(), p.features.end(), k.meta.features);
+  } else {
+    k.device_features = to_device(p.features, device);
+    k.meta.device_features = reinterpret_cast<const FeatureMeta*>(k.device_features.const_data_ptr());
+  }
+  return k;
 }
 
 Problem make_problem(
@@ -150,78 +246,57 @@ void attach_state(const char* op, const char* name, Problem& p, TensorList weigh
 // Loads `vec` consecutive elements (16 bytes, or fewer when vec is smaller)
 // and widens them to float.
 template <typename W, int VEC>
-__device__ __forceinline__ void load_row(const W* row, float* out);
-
-template <>
-__device__ __forceinline__ void load_row<float, 4>(const float* row, float* out) {
-  const float4 v = *reinterpret_cast<const float4*>(row);
-  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-}
-template <>
-__device__ __forceinline__ void load_row<float, 2>(const float* row, float* out) {
-  const float2 v = *reinterpret_cast<const float2*>(row);
-  out[0] = v.x, out[1] = v.y;
-}
-template <>
-__device__ __forceinline__ void load_row<float, 1>(const float* row, float* out) {
-  out[0] = *row;
-}
-
-template <typename H, int VEC>
-__device__ __forceinline__ void load_row_16bit(const H* row, float* out) {
-  if constexpr (VEC == 8) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(row);
-    const H* h = reinterpret_cast<const H*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      out[i] = static_cast<float>(h[i]);
-    }
-  } else if constexpr (VEC == 4) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(row);
-    const H* h = reinterpret_cast<const H*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[i] = static_cast<float>(h[i]);
+__device__ __forceinline__ void load_row(const W* row, float* out) {
+  if constexpr (sizeof(W) == 4) {
+    if constexpr (VEC == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(row);
+      out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+    } else if constexpr (VEC == 2) {
+      const float2 v = *reinterpret_cast<const float2*>(row);
+      out[0] = v.x, out[1] = v.y;
+    } else {
+      out[0] = row[0];
     }
   } else {
+    if constexpr (VEC == 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row);
+      const W* h = reinterpret_cast<const W*>(&raw);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      out[i] = static_cast<float>(row[i]);
+      for (int i = 0; i < 8; ++i) {
+        out[i] = static_cast<float>(h[i]);
+      }
+    } else if constexpr (VEC == 4) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(row);
+      const W* h = reinterpret_cast<const W*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        out[i] = static_cast<float>(h[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        out[i] = static_cast<float>(row[i]);
+      }
     }
   }
 }
 
-template <>
-__device__ __forceinline__ void load_row<at::Half, 8>(const at::Half* row, float* out) {
-  load_row_16bit<at::Half, 8>(row, out);
-}
-template <>
-__device__ __forceinline__ void load_row<at::Half, 4>(const at::Half* row, float* out) {
-  load_row_16bit<at::Half, 4>(row, out);
-}
-template <>
-__device__ __forceinline__ void load_row<at::Half, 2>(const at::Half* row, float* out) {
-  load_row_16bit<at::Half, 2>(row, out);
-}
-template <>
-__device__ __forceinline__ void load_row<at::Half, 1>(const at::Half* row, float* out) {
-  load_row_16bit<at::Half, 1>(row, out);
-}
-template <>
-__device__ __forceinline__ void load_row<at::BFloat16, 8>(const at::BFloat16* row, float* out) {
-  load_row_16bit<at::BFloat16, 8>(row, out);
-}
-template <>
-__device__ __forceinline__ void load_row<at::BFloat16, 4>(const at::BFloat16* row, float* out) {
-  load_row_16bit<at::BFloat16, 4>(row, out);
-}
-template <>
-__device__ __forceinline__ void load_row<at::BFloat16, 2>(const at::BFloat16* row, float* out) {
-  load_row_16bit<at::BFloat16, 2>(row, out);
-}
-template <>
-__device__ __forceinline__ void load_row<at::BFloat16, 1>(const at::BFloat16* row, float* out) {
-  load_row_16bit<at::BFloat16, 1>(row, out);
+// Loads VEC consecutive floats, 16 bytes at a time when VEC allows (the
+// caller guarantees the alignment then).
+template <int VEC>
+__device__ __forceinline__ void load_floats(const float* src, float* out) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(src + k);
+      out[k] = v.x, out[k + 1] = v.y, out[k + 2] = v.z, out[k + 3] = v.w;
+    }
+  } else if constexpr (VEC == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    out[0] = v.x, out[1] = v.y;
+  } else {
+    out[0] = src[0];
+  }
 }
 
 // Stores floats (any count) to consecutive floats, 16 bytes at a time when
@@ -246,16 +321,52 @@ __device__ __forceinline__ W from_float(float x) {
   return static_cast<W>(x); // round to nearest even, as the CPU kernels
 }
 
+// Narrows VEC floats to W and stores them as one access (8 or 16 bytes where
+// the width allows; the row alignment of load_row holds for stores too).
+template <typename W, int VEC>
+__device__ __forceinline__ void store_row(W* dst, const float* v) {
+  if constexpr (sizeof(W) == 4) {
+    store_floats<VEC>(reinterpret_cast<float*>(dst), v);
+  } else if constexpr (VEC == 8 || VEC == 4) {
+    using Raw = std::conditional_t<VEC == 8, uint4, uint2>;
+    Raw raw;
+    W* h = reinterpret_cast<W*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      h[i] = from_float<W>(v[i]);
+    }
+    *reinterpret_cast<Raw*>(dst) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      dst[i] = from_float<W>(v[i]);
+    }
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    x += __shfl_xor_sync(0xffffffffu, x, offset);
+    x += __shfl_xor_sync(kFullMask, x, offset);
   }
   return x;
 }
 
+// Error words a kernel fills (see raise_if_errors): the host sets words 0 and
+// 1 to all ones (no error) before the launch.
+enum ErrorWord { kBadIndex = 0, kBadBag = 1, kFirstOffset = 2, kLastOffset = 3, kNumErrorWords = 4 };
+
 __device__ __forceinline__ void record_min(int64_t* slot, int64_t value) {
   atomicMin(reinterpret_cast<unsigned long long*>(slot), static_cast<unsigned long long>(value));
+}
+
+// offsets[0] and offsets[F*B], for the host's check that they are 0 and N.
+template <typename I>
+__device__ __forceinline__ void record_offset_ends(int64_t* errors, const I* offsets, int64_t num_bags) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    errors[kFirstOffset] = static_cast<int64_t>(offsets[0]);
+    errors[kLastOffset] = static_cast<int64_t>(offsets[num_bags]);
+  }
 }
 
 // Threads of a warp that share one row: the smallest power of two covering
@@ -272,12 +383,18 @@ __device__ __forceinline__ int lanes_per_row(int64_t dim, int vec) {
 // Forward
 // ---------------------------------------------------------------------------
 
-// errors[0]: first index position with an out-of-range id; errors[1]: first
-// bag whose offsets decrease or pass N (kNoError when none).
-template <typename I, typename W, int VEC>
-__global__ void forward_kernel(
-    const TableMeta* __restrict__ tables,
-    const FeatureMeta* __restrict__ features,
+// Each group of `lanes` pools rows start + group, start + group + groups,
+// ...: it reads the id (lanes of a group share the load) and then the row.
+// Rows are added in position order within a group and the groups summed in
+// a fixed order afterwards (deterministic). Ids and offsets were checked by
+// linearize_kernel, launched before, whose verdict the host reads; bad ones
+// are skipped here all the same (nothing out of range is read meanwhile) and
+// recorded again, though no one reads these records: without that path the
+// compiler hoists more row loads and spills registers at this kernel's
+// 40-register budget (ptxas: 72-120 bytes for float32).
+template <typename I, typename W, int VEC, bool WEIGHTED>
+__global__ void __launch_bounds__(kBlock, kForwardBlocksPerSM) forward_kernel(
+    const __grid_constant__ Meta meta,
     int64_t num_bags,
     int64_t batch,
     const I* __restrict__ indices,
@@ -287,6 +404,7 @@ __global__ void forward_kernel(
     float* __restrict__ out,
     int64_t out_dim,
     int64_t* __restrict__ errors) {
+  record_offset_ends(errors, offsets, num_bags);
   const int64_t bag = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (bag >= num_bags) {
@@ -294,13 +412,13 @@ __global__ void forward_kernel(
   }
   const int64_t feature = bag / batch;
   const int64_t sample = bag - feature * batch;
-  const FeatureMeta fm = features[feature];
-  const TableMeta tm = tables[fm.table];
+  const FeatureMeta fm = feature_meta(meta, feature);
+  const TableMeta tm = table_meta(meta, fm.table);
   const int64_t start = static_cast<int64_t>(offsets[bag]);
   const int64_t end = static_cast<int64_t>(offsets[bag + 1]);
   if (start > end || end > num_indices || start < 0) {
     if (lane == 0) {
-      record_min(errors + 1, bag);
+      record_min(errors + kBadBag, bag);
     }
     return;
   }
@@ -312,8 +430,8 @@ __global__ void forward_kernel(
   const int sub = lane % lanes;
   const float scale = (fm.pooling == 1 && end > start) ? 1.0f / static_cast<float>(end - start) : 1.0f;
   float* dst = out + sample * out_dim + fm.column;
-  // Column chunks of lanes * VEC elements; each group pools rows
-  // start + group, start + group + groups, ...
+  // Column chunks of lanes * VEC elements (one, unless rows are wider than
+  // a warp's 16-byte loads).
   for (int64_t c0 = 0; c0 < dim; c0 += static_cast<int64_t>(lanes) * VEC) {
     const int64_t col = c0 + static_cast<int64_t>(sub) * VEC;
     float acc[VEC];
@@ -326,17 +444,17 @@ __global__ void forward_kernel(
       const int64_t id = static_cast<int64_t>(indices[p]);
       if (id < 0 || id >= tm.rows) {
         if (sub == 0 && c0 == 0) {
-          record_min(errors, p);
+          record_min(errors + kBadIndex, p);
         }
         continue;
       }
       if (col < dim) {
         float x[VEC];
         load_row<W, VEC>(weights + id * dim + col, x);
-        const float w = per_sample_weights != nullptr ? per_sample_weights[p] : 1.0f;
+        const float w = WEIGHTED ? per_sample_weights[p] : 1.0f;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          acc[i] = fmaf(w, x[i], acc[i]);
+          acc[i] = WEIGHTED ? fmaf(w, x[i], acc[i]) : acc[i] + x[i];
         }
       }
     }
@@ -344,7 +462,7 @@ __global__ void forward_kernel(
     for (int offset = lanes; offset < kWarp; offset *= 2) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], offset);
+        acc[i] += __shfl_xor_sync(kFullMask, acc[i], offset);
       }
     }
     if (group == 0 && col < dim) {
@@ -357,13 +475,27 @@ __global__ void forward_kernel(
   }
 }
 
-// Checks ids and offsets, and linearises each position for the backward:
-// keys[p] = row_base(table) + id, grad_offset[p] = where its bag's gradient
-// starts, scale[p] = per-sample weight x 1/L (mean). One thread per bag.
-template <typename I>
-__global__ void linearize_kernel(
-    const TableMeta* __restrict__ tables,
-    const FeatureMeta* __restrict__ features,
+// One occurrence of a row in the backward, packed in 64 bits so that the
+// sort carries it as the value: where its bag's gradient starts in
+// grad_output (low 32 bits; the host checks B * out_dim < 2^32) and its
+// weight, per-sample weight x 1/L for mean pooling (high 32 bits).
+__device__ __forceinline__ uint64_t pack_occurrence(uint32_t grad_offset, float scale) {
+  return (static_cast<uint64_t>(__float_as_uint(scale)) << 32) | grad_offset;
+}
+__device__ __forceinline__ uint32_t occurrence_offset(uint64_t occ) {
+  return static_cast<uint32_t>(occ);
+}
+__device__ __forceinline__ float occurrence_scale(uint64_t occ) {
+  return __uint_as_float(static_cast<uint32_t>(occ >> 32));
+}
+
+// Checks ids and offsets and, when `keys` is given, linearises each
+// position: keys[p] = row_base(table) + id, occurrences[p] its packed
+// gradient offset and weight. One warp per bag, lanes over its positions
+// (coalesced).
+template <typename I, typename K>
+__global__ void __launch_bounds__(kBlock) linearize_kernel(
+    const __grid_constant__ Meta meta,
     int64_t num_bags,
     int64_t batch,
     const I* __restrict__ indices,
@@ -371,75 +503,151 @@ __global__ void linearize_kernel(
     int64_t num_indices,
     const float* __restrict__ per_sample_weights,
     int64_t out_dim,
-    int64_t* __restrict__ keys,
-    int64_t* __restrict__ grad_offset,
-    float* __restrict__ scale,
+    K* __restrict__ keys,
+    uint64_t* __restrict__ occurrences,
     int64_t* __restrict__ errors) {
-  const int64_t bag = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  record_offset_ends(errors, offsets, num_bags);
+  const int64_t bag = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
   if (bag >= num_bags) {
     return;
   }
   const int64_t start = static_cast<int64_t>(offsets[bag]);
   const int64_t end = static_cast<int64_t>(offsets[bag + 1]);
   if (start > end || end > num_indices || start < 0) {
-    record_min(errors + 1, bag);
+    if (lane == 0) {
+      record_min(errors + kBadBag, bag);
+    }
     return;
   }
   const int64_t feature = bag / batch;
   const int64_t sample = bag - feature * batch;
-  const FeatureMeta fm = features[feature];
-  const TableMeta tm = tables[fm.table];
+  const FeatureMeta fm = feature_meta(meta, feature);
+  const TableMeta tm = table_meta(meta, fm.table);
   const float bag_scale = (fm.pooling == 1 && end > start) ? 1.0f / static_cast<float>(end - start) : 1.0f;
-  for (int64_t p = start; p < end; ++p) {
+  const uint32_t grad_offset = static_cast<uint32_t>(sample * out_dim + fm.column);
+  for (int64_t p = start + lane; p < end; p += kWarp) {
     const int64_t id = static_cast<int64_t>(indices[p]);
-    if (id < 0 || id >= tm.rows) {
-      record_min(errors, p);
-      keys[p] = 0;
-    } else {
-      keys[p] = tm.row_base + id;
+    const bool ok = id >= 0 && id < tm.rows;
+    if (!ok) {
+      record_min(errors + kBadIndex, p);
     }
-    grad_offset[p] = sample * out_dim + fm.column;
-    scale[p] = per_sample_weights != nullptr ? per_sample_weights[p] * bag_scale : bag_scale;
+    if (keys != nullptr) {
+      keys[p] = static_cast<K>(ok ? tm.row_base + id : 0);
+      const float scale = per_sample_weights != nullptr ? per_sample_weights[p] * bag_scale : bag_scale;
+      occurrences[p] = pack_occurrence(grad_offset, scale);
+    }
   }
 }
 
 // ---------------------------------------------------------------------------
-// Error reporting (host side, after the kernel that filled `errors`)
+// Error reporting (host side)
 // ---------------------------------------------------------------------------
 
-template <typename I>
-void raise_if_errors(const char* op, const Problem& p, const Tensor& errors, const Tensor& indices, const Tensor& offsets) {
-  // Also checks offsets[0] == 0 and offsets[-1] == N (two scalars, same sync).
-  const Tensor ends = at::stack({offsets[0].to(at::kLong), offsets[-1].to(at::kLong)});
-  const Tensor host = at::cat({errors, ends}).cpu();
-  const int64_t* e = host.const_data_ptr<int64_t>();
-  DIST_REC_CHECK_VALUE(op, e[2] == 0, "offsets[0] must be 0; it is ", e[2]);
-  if (e[1] != kNoError) {
-    const Tensor pair = offsets.slice(0, e[1], e[1] + 2).to(at::kLong).cpu();
-    const int64_t feature = p.batch > 0 ? e[1] / p.batch : 0;
+// A fresh error buffer: words 0 and 1 all ones ("none"; record_min lowers
+// them), the rest written by the kernel. `extra` more words for the caller.
+Tensor new_errors(const at::Device& device, int extra = 0) {
+  Tensor errors = at::empty({kNumErrorWords + extra}, at::TensorOptions().dtype(at::kLong).device(device));
+  C10_CUDA_CHECK(cudaMemsetAsync(
+      errors.mutable_data_ptr(), 0xff, errors.numel() * sizeof(int64_t), c10::cuda::getCurrentCUDAStream()));
+  return errors;
+}
+
+// Copies `bytes` (at most 64) from the device to the host, waiting for the
+// kernels before them. Through a small pinned buffer per thread (allocated
+// once, never freed): one DMA straight into it, where pageable memory takes
+// the driver's staging path. Every op reads its checks this way, so the
+// copy sits on the critical path of each call.
+constexpr size_t kStagingBytes = 64;
+
+void* staging_buffer() {
+  thread_local void* staging = [] {
+    void* buffer = nullptr;
+    C10_CUDA_CHECK(cudaHostAlloc(&buffer, kStagingBytes, cudaHostAllocPortable));
+    return buffer;
+  }();
+  return staging;
+}
+
+void read_to_host(const void* device, void* host, size_t bytes) {
+  TORCH_INTERNAL_ASSERT(bytes <= kStagingBytes);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemcpyAsync(staging_buffer(), device, bytes, cudaMemcpyDeviceToHost, stream));
+  c10::cuda::stream_synchronize(stream);
+  std::memcpy(host, staging_buffer(), bytes);
+}
+
+// The same read in two halves, for work queued in between that the host
+// need not wait for: the constructor queues the copy after the kernels
+// queued so far and marks its end with an event (made on the current device,
+// per read: a few microseconds); finish() waits for that mark only.
+class QueuedRead {
+ public:
+  QueuedRead(const void* device, size_t bytes) : bytes_(bytes) {
+    TORCH_INTERNAL_ASSERT(bytes <= kStagingBytes);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaMemcpyAsync(staging_buffer(), device, bytes, cudaMemcpyDeviceToHost, stream));
+    C10_CUDA_CHECK(cudaEventRecord(done_, stream));
+  }
+  QueuedRead(const QueuedRead&) = delete;
+  QueuedRead& operator=(const QueuedRead&) = delete;
+  ~QueuedRead() {
+    C10_CUDA_CHECK_WARN(cudaEventDestroy(done_));
+  }
+
+  void finish(void* host) {
+    C10_CUDA_CHECK(cudaEventSynchronize(done_));
+    std::memcpy(host, staging_buffer(), bytes_);
+  }
+
+ private:
+  cudaEvent_t done_ = nullptr;
+  size_t bytes_;
+};
+
+void read_words(const Tensor& words, int64_t* host, int64_t count) {
+  read_to_host(words.const_data_ptr(), host, count * sizeof(int64_t));
+}
+
+constexpr int64_t kNone = -1; // all ones
+
+// Raises the CPU path's exception for the first problem the words record
+// (e: the error words as read back), in the CPU path's order of checks.
+void raise_if_errors(const char* op, const Problem& p, const int64_t* e, const Tensor& indices, const Tensor& offsets) {
+  DIST_REC_CHECK_VALUE(op, e[kFirstOffset] == 0, "offsets[0] must be 0; it is ", e[kFirstOffset]);
+  if (e[kBadBag] != kNone) {
+    const int64_t bag = e[kBadBag];
+    const Tensor pair = offsets.slice(0, bag, bag + 2).to(at::kLong).cpu();
+    const int64_t feature = p.batch > 0 ? bag / p.batch : 0;
     DIST_REC_CHECK_VALUE(
         op,
         false,
         "offsets must be non-decreasing and within len(indices)=",
         p.num_indices,
         ", but offsets[",
-        e[1],
+        bag,
         "]=",
         pair.const_data_ptr<int64_t>()[0],
         ", offsets[",
-        e[1] + 1,
+        bag + 1,
         "]=",
         pair.const_data_ptr<int64_t>()[1],
         " (bag of feature slot ",
         feature,
         ", sample ",
-        e[1] - feature * p.batch,
+        bag - feature * p.batch,
         ")");
   }
   DIST_REC_CHECK_VALUE(
-      op, e[3] == p.num_indices, "offsets must end at len(indices)=", p.num_indices, "; offsets[-1]=", e[3]);
-  if (e[0] != kNoError) {
-    const int64_t pos = e[0];
+      op,
+      e[kLastOffset] == p.num_indices,
+      "offsets must end at len(indices)=",
+      p.num_indices,
+      "; offsets[-1]=",
+      e[kLastOffset]);
+  if (e[kBadIndex] != kNone) {
+    const int64_t pos = e[kBadIndex];
     const Tensor host_offsets = offsets.to(at::kLong).cpu();
     const int64_t* o = host_offsets.const_data_ptr<int64_t>();
     const int64_t num_bags = host_offsets.numel() - 1;
@@ -447,18 +655,6 @@ void raise_if_errors(const char* op, const Problem& p, const Tensor& errors, con
     const int64_t table = p.features[bag / p.batch].table;
     throw_id_out_of_range(op, pos, indices[pos].item<int64_t>(), bag, p.batch, table, p.tables[table].rows);
   }
-}
-
-void raise_if_errors_any(const char* op, const Problem& p, const Tensor& errors, const Tensor& indices, const Tensor& offsets) {
-  if (p.int32_indices) {
-    raise_if_errors<int32_t>(op, p, errors, indices, offsets);
-  } else {
-    raise_if_errors<int64_t>(op, p, errors, indices, offsets);
-  }
-}
-
-Tensor new_errors(const at::Device& device) {
-  return at::full({2}, kNoError, at::TensorOptions().dtype(at::kLong).device(device));
 }
 
 template <typename Fn>
@@ -512,6 +708,38 @@ int64_t blocks_for(int64_t threads, int64_t per_block) {
   return std::max<int64_t>(1, (threads + per_block - 1) / per_block);
 }
 
+// Checks ids and offsets on the device (one sync) and raises as the CPU path
+// would; when `keys` is given, also linearises for the backward.
+template <typename K>
+void linearize(
+    const char* op,
+    const Problem& p,
+    const Meta& meta,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const float* psw,
+    K* keys,
+    uint64_t* occurrences,
+    const Tensor& errors) {
+  const int64_t num_bags = offsets.numel() - 1;
+  dispatch_index(p.int32_indices, [&](auto index_tag) {
+    using I = decltype(index_tag);
+    linearize_kernel<I, K><<<blocks_for(num_bags * kWarp, kBlock), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        meta,
+        num_bags,
+        p.batch,
+        indices.const_data_ptr<I>(),
+        offsets.const_data_ptr<I>(),
+        p.num_indices,
+        psw,
+        p.out_dim,
+        keys,
+        occurrences,
+        errors.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 Tensor embedding_bag_forward_cuda(
     TensorList weights,
     IntArrayRef feature_table,
@@ -527,21 +755,27 @@ Tensor embedding_bag_forward_cuda(
   const c10::cuda::CUDAGuard guard(device);
   Tensor out = at::empty({p.batch, p.out_dim}, weights[0].options().dtype(at::kFloat));
   const int64_t num_bags = offsets.numel() - 1;
+  const KernelMeta k = make_meta(p, device);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const float* psw = per_sample_weights.has_value() ? per_sample_weights->const_data_ptr<float>() : nullptr;
+  // Check ids and offsets first, with a light kernel (it reads the ids and
+  // offsets only), and queue its verdict's copy to the host before the
+  // pooling. The host then waits for the check alone: its wake-up and
+  // return overlap the pooling instead of following it, which at B=8192 is
+  // a third of the time a caller sees.
   Tensor errors = new_errors(device);
-  if (num_bags > 0) {
-    const Tensor tables = to_device(p.tables, device);
-    const Tensor features = to_device(p.features, device);
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    const float* psw = per_sample_weights.has_value() ? per_sample_weights->const_data_ptr<float>() : nullptr;
-    dispatch_index(p.int32_indices, [&](auto index_tag) {
-      using I = decltype(index_tag);
-      dispatch_weight(p.weight_dtype, [&](auto weight_tag) {
-        using W = decltype(weight_tag);
-        dispatch_vec<W>(p.vec, [&](auto vec_tag) {
-          constexpr int VEC = decltype(vec_tag)::value;
-          forward_kernel<I, W, VEC><<<blocks_for(num_bags * kWarp, kWarp * kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
-              reinterpret_cast<const TableMeta*>(tables.const_data_ptr()),
-              reinterpret_cast<const FeatureMeta*>(features.const_data_ptr()),
+  linearize<int32_t>(op, p, k.meta, indices, offsets, nullptr, nullptr, nullptr, errors);
+  QueuedRead verdict(errors.const_data_ptr(), kNumErrorWords * sizeof(int64_t));
+  // Launched even with no bags (a grid of one block that does nothing).
+  dispatch_index(p.int32_indices, [&](auto index_tag) {
+    using I = decltype(index_tag);
+    dispatch_weight(p.weight_dtype, [&](auto weight_tag) {
+      using W = decltype(weight_tag);
+      dispatch_vec<W>(p.vec, [&](auto vec_tag) {
+        constexpr int VEC = decltype(vec_tag)::value;
+        auto launch = [&](auto kernel) {
+          kernel<<<blocks_for(num_bags * kWarp, kBlock), kBlock, 0, stream>>>(
+              k.meta,
               num_bags,
               p.batch,
               indices.const_data_ptr<I>(),
@@ -552,11 +786,18 @@ Tensor embedding_bag_forward_cuda(
               p.out_dim,
               errors.mutable_data_ptr<int64_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        };
+        if (psw != nullptr) {
+          launch(forward_kernel<I, W, VEC, true>);
+        } else {
+          launch(forward_kernel<I, W, VEC, false>);
+        }
       });
     });
-  }
-  raise_if_errors_any(op, p, errors, indices, offsets);
+  });
+  int64_t e[kNumErrorWords];
+  verdict.finish(e);
+  raise_if_errors(op, p, e, indices, offsets);
   return out;
 }
 
@@ -575,139 +816,194 @@ struct Hyper {
 };
 
 struct Grouped {
-  Tensor grad_offset; // [N] int64: where each occurrence's bag gradient starts, in row order
-  Tensor scale; // [N] float: its per-sample weight x 1/L, in row order
+  KernelMeta k;
+  Tensor occurrences; // [N] packed (gradient offset, weight), in row order (as int64)
   Tensor unique_keys; // [U] int64
-  Tensor seg_start; // [U+1] int64
-  Tensor piece_base; // [U+1] int64: pieces of long segments before segment s
-  Tensor tables; // the problem's TableMeta records on the device
+  Tensor seg_start; // [U+1] int32: first occurrence of segment s
+  Tensor piece_base; // [U+1] int32: pieces of long segments before segment s
   int64_t num_segments = 0;
   int64_t num_pieces = 0;
 };
 
-__global__ void piece_counts_kernel(const int64_t* __restrict__ seg_start, int64_t num_segments, int64_t* __restrict__ pieces) {
+__global__ void piece_counts_kernel(const int32_t* __restrict__ seg_start, int64_t num_segments, int32_t* __restrict__ pieces) {
   const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s < num_segments) {
-    const int64_t count = seg_start[s + 1] - seg_start[s];
+    const int32_t count = seg_start[s + 1] - seg_start[s];
     pieces[s] = count > kPieceOccurrences ? (count + kPieceOccurrences - 1) / kPieceOccurrences : 0;
   }
 }
 
-Grouped group_by_row(const char* op, const Problem& p, const Tensor& indices, const Tensor& offsets, const std::optional<Tensor>& psw) {
+// Runs a cub device algorithm: once for its scratch size, once for real.
+template <typename Fn>
+void run_cub(const at::Device& device, const Fn& fn) {
+  size_t bytes = 0;
+  C10_CUDA_CHECK(fn(nullptr, bytes));
+  Tensor scratch = at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, at::TensorOptions().dtype(at::kByte).device(device));
+  C10_CUDA_CHECK(fn(scratch.mutable_data_ptr(), bytes));
+}
+
+// Bits a radix sort needs for keys in [0, total_rows).
+int key_bits(int64_t total_rows) {
+  int bits = 1;
+  while (bits < 63 && (int64_t{1} << bits) < total_rows) {
+    ++bits;
+  }
+  return bits;
+}
+
+// Linearise (with the id checks), sort (row, occurrence) by row, and find
+// the segments. K: the sort key, 32-bit when the rows allow (fewer passes).
+template <typename K>
+void group_by_row_with(
+    const char* op,
+    const Problem& p,
+    const Tensor& indices,
+    const Tensor& offsets,
+    const std::optional<Tensor>& psw,
+    Grouped& g) {
   const at::Device device = indices.device();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = p.num_indices;
-  DIST_REC_CHECK_VALUE(op, n < (int64_t{1} << 31), "a batch may hold at most 2^31 - 1 indices; got ", n);
+  const auto key_opts = at::TensorOptions().dtype(sizeof(K) == 4 ? at::kInt : at::kLong).device(device);
   const auto long_opts = at::TensorOptions().dtype(at::kLong).device(device);
-  Tensor keys = at::empty({n}, long_opts);
-  Grouped g;
-  g.grad_offset = at::empty({n}, long_opts);
-  g.scale = at::empty({n}, long_opts.dtype(at::kFloat));
-  Tensor errors = new_errors(device);
-  const int64_t num_bags = offsets.numel() - 1;
-  g.tables = to_device(p.tables, device);
-  const Tensor& tables = g.tables;
-  const Tensor features = to_device(p.features, device);
-  if (num_bags > 0) {
-    dispatch_index(p.int32_indices, [&](auto index_tag) {
-      using I = decltype(index_tag);
-      linearize_kernel<I><<<blocks_for(num_bags, 256), 256, 0, stream>>>(
-          reinterpret_cast<const TableMeta*>(tables.const_data_ptr()),
-          reinterpret_cast<const FeatureMeta*>(features.const_data_ptr()),
-          num_bags,
-          p.batch,
-          indices.const_data_ptr<I>(),
-          offsets.const_data_ptr<I>(),
-          n,
-          psw.has_value() ? psw->const_data_ptr<float>() : nullptr,
-          p.out_dim,
-          keys.mutable_data_ptr<int64_t>(),
-          g.grad_offset.mutable_data_ptr<int64_t>(),
-          g.scale.mutable_data_ptr<float>(),
-          errors.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto int_opts = at::TensorOptions().dtype(at::kInt).device(device);
+  Tensor keys = at::empty({n}, key_opts);
+  Tensor occurrences = at::empty({n}, long_opts);
+  // The error words, then the number of segments (written by the encoding).
+  Tensor words = new_errors(device, 1);
+  linearize<K>(
+      op,
+      p,
+      g.k.meta,
+      indices,
+      offsets,
+      psw.has_value() ? psw->const_data_ptr<float>() : nullptr,
+      keys.mutable_data_ptr<K>(),
+      reinterpret_cast<uint64_t*>(occurrences.mutable_data_ptr<int64_t>()),
+      words);
+
+  // Stable radix sort by row over the bits the rows need: a row's
+  // occurrences become adjacent, in position order.
+  Tensor sorted_keys = at::empty({n}, key_opts);
+  g.occurrences = at::empty({n}, long_opts);
+  Tensor unique_keys = at::empty({n}, long_opts);
+  Tensor counts = at::empty({n}, int_opts);
+  int64_t* num_runs = words.mutable_data_ptr<int64_t>() + kNumErrorWords;
+  if (n > 0) {
+    const int bits = key_bits(p.total_rows);
+    const K* keys_in = keys.const_data_ptr<K>();
+    K* keys_out = sorted_keys.mutable_data_ptr<K>();
+    const uint64_t* occ_in = reinterpret_cast<const uint64_t*>(occurrences.const_data_ptr<int64_t>());
+    uint64_t* occ_out = reinterpret_cast<uint64_t*>(g.occurrences.mutable_data_ptr<int64_t>());
+    const int items = static_cast<int>(n);
+    run_cub(device, [&](void* scratch, size_t& bytes) {
+      return cub::DeviceRadixSort::SortPairs(scratch, bytes, keys_in, keys_out, occ_in, occ_out, items, 0, bits, stream);
+    });
+    // Segments: unique rows and their occurrence counts.
+    int64_t* unique_out = unique_keys.mutable_data_ptr<int64_t>();
+    int32_t* counts_out = counts.mutable_data_ptr<int32_t>();
+    run_cub(device, [&](void* scratch, size_t& bytes) {
+      return cub::DeviceRunLengthEncode::Encode(scratch, bytes, keys_out, unique_out, counts_out, num_runs, items, stream);
     });
   }
-  raise_if_errors_any(op, p, errors, indices, offsets);
+  // One sync: the id and offset checks, and the number of segments.
+  int64_t e[kNumErrorWords + 1];
+  read_words(words, e, kNumErrorWords + 1);
+  raise_if_errors(op, p, e, indices, offsets);
+  g.num_segments = n > 0 ? e[kNumErrorWords] : 0;
+  const int64_t u = g.num_segments;
+  g.unique_keys = unique_keys.slice(0, 0, u);
+  g.seg_start = at::zeros({u + 1}, int_opts);
+  g.piece_base = at::zeros({u + 1}, int_opts);
+  if (u == 0) {
+    return;
+  }
+  const int items = static_cast<int>(u);
+  const int32_t* counts_in = counts.const_data_ptr<int32_t>();
+  int32_t* seg_start = g.seg_start.mutable_data_ptr<int32_t>();
+  run_cub(device, [&](void* scratch, size_t& bytes) {
+    return cub::DeviceScan::InclusiveSum(scratch, bytes, counts_in, seg_start + 1, items, stream);
+  });
+  // Pieces of long segments (counts is free again: it holds them).
+  int32_t* pieces = counts.mutable_data_ptr<int32_t>();
+  piece_counts_kernel<<<blocks_for(u, 256), 256, 0, stream>>>(seg_start, u, pieces);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  int32_t* piece_base = g.piece_base.mutable_data_ptr<int32_t>();
+  run_cub(device, [&](void* scratch, size_t& bytes) {
+    return cub::DeviceScan::InclusiveSum(scratch, bytes, pieces, piece_base + 1, items, stream);
+  });
+  int32_t total_pieces = 0;
+  read_to_host(piece_base + u, &total_pieces, sizeof(int32_t));
+  g.num_pieces = total_pieces;
+}
 
-  // Stable sort by row (a radix sort inside torch): a row's occurrences
-  // become adjacent, in position order; the permutation is their positions.
-  // 32-bit keys when the rows allow: half the radix passes.
-  const bool narrow = p.total_rows < (int64_t{1} << 31);
-  auto [sorted_keys, sorted_positions] =
-      at::sort(narrow ? keys.to(at::kInt) : keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  // The kernels walk occurrences in row order: lay their gradient offsets
-  // and weights out that way.
-  g.grad_offset = g.grad_offset.index_select(0, sorted_positions);
-  g.scale = g.scale.index_select(0, sorted_positions);
-  auto [unique_keys_narrow, inverse, counts] =
-      at::unique_consecutive(sorted_keys, /*return_inverse=*/false, /*return_counts=*/true);
-  const Tensor unique_keys = unique_keys_narrow.to(at::kLong);
-  g.unique_keys = unique_keys;
-  g.num_segments = unique_keys.numel();
-  g.seg_start = at::zeros({g.num_segments + 1}, long_opts);
-  if (g.num_segments > 0) {
-    g.seg_start.slice(0, 1).copy_(at::cumsum(counts, 0));
-  }
-  Tensor pieces = at::zeros({g.num_segments}, long_opts);
-  if (g.num_segments > 0) {
-    piece_counts_kernel<<<blocks_for(g.num_segments, 256), 256, 0, stream>>>(
-        g.seg_start.const_data_ptr<int64_t>(), g.num_segments, pieces.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  g.piece_base = at::zeros({g.num_segments + 1}, long_opts);
-  if (g.num_segments > 0) {
-    g.piece_base.slice(0, 1).copy_(at::cumsum(pieces, 0));
-    g.num_pieces = g.piece_base[-1].item<int64_t>();
+Grouped group_by_row(const char* op, const Problem& p, const Tensor& indices, const Tensor& offsets, const std::optional<Tensor>& psw) {
+  DIST_REC_CHECK_VALUE(op, p.num_indices < (int64_t{1} << 31), "a batch may hold at most 2^31 - 1 indices; got ", p.num_indices);
+  DIST_REC_CHECK_VALUE(
+      op,
+      p.batch * p.out_dim < (int64_t{1} << 32),
+      "the CUDA backward supports grad_output of at most 2^32 elements; it has ",
+      p.batch,
+      " x ",
+      p.out_dim);
+  Grouped g;
+  g.k = make_meta(p, indices.device());
+  if (p.total_rows < (int64_t{1} << 31)) {
+    group_by_row_with<int32_t>(op, p, indices, offsets, psw, g);
+  } else {
+    group_by_row_with<int64_t>(op, p, indices, offsets, psw, g);
   }
   return g;
 }
 
-// The table of linear row `key` (tables are few: a linear scan of the
-// cached metadata is cheap next to the row traffic).
-__device__ __forceinline__ int64_t table_of(const TableMeta* tables, int64_t num_tables, int64_t key) {
-  int64_t lo = 0, hi = num_tables - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (tables[mid].row_base <= key) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
-// Sums occurrences [begin, end) of columns [col, col + VEC) into acc. The
-// occurrence arrays are in sorted (row) order, so they are read in sequence.
-template <int VEC>
+// Adds occurrences [begin, end) of one row into g, in position order: the
+// warp loads up to 32 packed occurrences at once (one coalesced load), then
+// each lane reads its columns of U gradient rows before adding any. Lane
+// columns: col0 + c * kWarp * VEC for chunk c.
+template <int VEC, int CHUNKS, int U>
 __device__ __forceinline__ void sum_occurrences(
-    const int64_t* __restrict__ occ_grad_offset,
-    const float* __restrict__ occ_scale,
+    const uint64_t* __restrict__ occurrences,
     const float* __restrict__ grad_output,
-    int64_t begin,
-    int64_t end,
-    int64_t col,
-    float* acc) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float* src = grad_output + occ_grad_offset[i] + col;
-    const float w = occ_scale[i];
-    float x[VEC];
-    if constexpr (VEC % 4 == 0) {
+    int begin,
+    int end,
+    int64_t col0,
+    int64_t dim,
+    int lane,
+    float (&g)[CHUNKS][VEC]) {
+  for (int base = begin; base < end; base += kWarp) {
+    const int count = end - base < kWarp ? end - base : kWarp;
+    const uint64_t mine = lane < count ? occurrences[base + lane] : 0;
+    for (int j0 = 0; j0 < count; j0 += U) {
+      float x[U][CHUNKS][VEC];
+      float scale[U];
 #pragma unroll
-      for (int k = 0; k < VEC; k += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(src + k);
-        x[k] = v.x, x[k + 1] = v.y, x[k + 2] = v.z, x[k + 3] = v.w;
+      for (int u = 0; u < U; ++u) {
+        const uint64_t occ = __shfl_sync(kFullMask, mine, (j0 + u) & (kWarp - 1));
+        scale[u] = occurrence_scale(occ);
+        const float* src = grad_output + occurrence_offset(occ);
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+          const int64_t col = col0 + static_cast<int64_t>(c) * kWarp * VEC;
+          if (j0 + u < count && col < dim) {
+            load_floats<VEC>(src + col, x[u][c]);
+          }
+        }
       }
-    } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        x[k] = src[k];
+      for (int u = 0; u < U; ++u) {
+        if (j0 + u < count) {
+#pragma unroll
+          for (int c = 0; c < CHUNKS; ++c) {
+            const int64_t col = col0 + static_cast<int64_t>(c) * kWarp * VEC;
+            if (col < dim) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) {
+                g[c][k] = fmaf(scale[u], x[u][c][k], g[c][k]);
+              }
+            }
+          }
+        }
       }
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      acc[k] = fmaf(w, x[k], acc[k]);
     }
   }
 }
@@ -715,16 +1011,14 @@ __device__ __forceinline__ void sum_occurrences(
 // One warp per piece of a long segment: partial[q, 0:dim] = sum of its
 // occurrences, in position order.
 template <int VEC>
-__global__ void piece_sum_kernel(
-    const TableMeta* __restrict__ tables,
-    int64_t num_tables,
+__global__ void __launch_bounds__(kBlock) piece_sum_kernel(
+    const __grid_constant__ Meta meta,
     const int64_t* __restrict__ unique_keys,
-    const int64_t* __restrict__ seg_start,
-    const int64_t* __restrict__ piece_base,
+    const int32_t* __restrict__ seg_start,
+    const int32_t* __restrict__ piece_base,
     int64_t num_segments,
     int64_t num_pieces,
-    const int64_t* __restrict__ occ_grad_offset,
-    const float* __restrict__ occ_scale,
+    const uint64_t* __restrict__ occurrences,
     const float* __restrict__ grad_output,
     float* __restrict__ partials,
     int64_t partial_stride) {
@@ -744,34 +1038,35 @@ __global__ void piece_sum_kernel(
     }
   }
   const int64_t s = lo;
-  const int64_t dim = tables[table_of(tables, num_tables, unique_keys[s])].dim;
-  const int64_t begin = seg_start[s] + (q - piece_base[s]) * kPieceOccurrences;
-  const int64_t piece_end = begin + kPieceOccurrences;
-  const int64_t end = piece_end < seg_start[s + 1] ? piece_end : seg_start[s + 1];
-  for (int64_t col = static_cast<int64_t>(lane) * VEC; col < dim; col += kWarp * VEC) {
-    float acc[VEC];
+  const int64_t dim = table_meta(meta, table_of(meta, unique_keys[s])).dim;
+  const int begin = seg_start[s] + static_cast<int>(q - piece_base[s]) * kPieceOccurrences;
+  const int end = min(begin + kPieceOccurrences, seg_start[s + 1]);
+  for (int64_t c0 = 0; c0 < dim; c0 += kWarp * VEC) {
+    const int64_t col = c0 + static_cast<int64_t>(lane) * VEC;
+    float acc[1][VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      acc[k] = 0.0f;
+      acc[0][k] = 0.0f;
     }
-    sum_occurrences<VEC>(occ_grad_offset, occ_scale, grad_output, begin, end, col, acc);
-    store_floats<VEC>(partials + q * partial_stride + col, acc);
+    sum_occurrences<VEC, 1, kPieceUnroll>(occurrences, grad_output, begin, end, col, dim, lane, acc);
+    if (col < dim) {
+      store_floats<VEC>(partials + q * partial_stride + col, acc[0]);
+    }
   }
 }
 
 // One warp per unique row: its summed gradient (from occurrences, or from
 // its pieces in order), then the update. Each lane owns columns
-// lane*VEC + k*32*VEC, k < kMaxChunks.
+// lane*VEC + c*32*VEC, c < CHUNKS. The row and its state are read before the
+// gradient: they do not depend on it, so their latency overlaps its loads.
 template <typename W, int VEC, int CHUNKS, Update kUpdate>
-__global__ void update_kernel(
-    const TableMeta* __restrict__ tables,
-    int64_t num_tables,
+__global__ void __launch_bounds__(kBlock, update_blocks_per_sm(CHUNKS)) update_kernel(
+    const __grid_constant__ Meta meta,
     const int64_t* __restrict__ unique_keys,
-    const int64_t* __restrict__ seg_start,
-    const int64_t* __restrict__ piece_base,
+    const int32_t* __restrict__ seg_start,
+    const int32_t* __restrict__ piece_base,
     int64_t num_segments,
-    const int64_t* __restrict__ occ_grad_offset,
-    const float* __restrict__ occ_scale,
+    const uint64_t* __restrict__ occurrences,
     const float* __restrict__ grad_output,
     const float* __restrict__ partials,
     int64_t partial_stride,
@@ -784,30 +1079,56 @@ __global__ void update_kernel(
     return;
   }
   const int64_t key = unique_keys[s];
-  const int64_t t = table_of(tables, num_tables, key);
-  const TableMeta tm = tables[t];
+  const int begin = seg_start[s];
+  const int end = seg_start[s + 1];
+  const int first_piece = piece_base[s];
+  const int last_piece = piece_base[s + 1];
+  const TableMeta tm = table_meta(meta, table_of(meta, key));
   const int64_t row = key - tm.row_base;
   const int64_t dim = tm.dim;
-  const int64_t first_piece = piece_base[s];
-  const int64_t pieces = piece_base[s + 1] - first_piece;
+  const int64_t col0 = static_cast<int64_t>(lane) * VEC;
+  auto col_of = [&](int c) { return col0 + static_cast<int64_t>(c) * kWarp * VEC; };
+
+  W* w = static_cast<W*>(const_cast<void*>(tm.weights)) + row * dim;
+  float x[CHUNKS][VEC];
+  float state0 = 0.0f, state1 = 0.0f;
+  if constexpr (kUpdate != Update::kRowGrad) {
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      if (col_of(c) < dim) {
+        load_row<W, VEC>(w + col_of(c), x[c]);
+      }
+    }
+    if constexpr (kUpdate == Update::kRowwiseAdagrad || kUpdate == Update::kMomentumScaled) {
+      state0 = tm.state0[row];
+    }
+    if constexpr (kUpdate == Update::kMomentumScaled) {
+      state1 = tm.state1[row];
+    }
+  }
 
   float g[CHUNKS][VEC];
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
-    const int64_t col = static_cast<int64_t>(c) * kWarp * VEC + static_cast<int64_t>(lane) * VEC;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       g[c][k] = 0.0f;
     }
-    if (col < dim) {
-      if (pieces == 0) {
-        sum_occurrences<VEC>(occ_grad_offset, occ_scale, grad_output, seg_start[s], seg_start[s + 1], col, g[c]);
-      } else {
-        for (int64_t q = first_piece; q < first_piece + pieces; ++q) {
-          const float* src = partials + q * partial_stride + col;
+  }
+  if (first_piece == last_piece) {
+    // One occurrence at a time: rows touched once or twice are the common
+    // case, and the registers an unrolled sum takes cost more warps.
+    sum_occurrences<VEC, CHUNKS, 1>(occurrences, grad_output, begin, end, col0, dim, lane, g);
+  } else {
+    for (int q = first_piece; q < last_piece; ++q) {
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) {
+        if (col_of(c) < dim) {
+          float part[VEC];
+          load_floats<VEC>(partials + q * partial_stride + col_of(c), part);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            g[c][k] += src[k];
+            g[c][k] += part[k];
           }
         }
       }
@@ -818,17 +1139,12 @@ __global__ void update_kernel(
     float* dst = row_grad_out + row_grad_offset[s];
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      const int64_t col = static_cast<int64_t>(c) * kWarp * VEC + static_cast<int64_t>(lane) * VEC;
-      if (col < dim) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          dst[col + k] = g[c][k];
-        }
+      if (col_of(c) < dim) {
+        store_floats<VEC>(dst + col_of(c), g[c]);
       }
     }
     return;
   } else {
-    W* w = static_cast<W*>(const_cast<void*>(tm.weights)) + row * dim;
     float correction = 1.0f;
     float multiplier = hyper.learning_rate;
     if constexpr (kUpdate == Update::kSgd) {
@@ -841,32 +1157,30 @@ __global__ void update_kernel(
       float sum = 0.0f;
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
-        const int64_t col = static_cast<int64_t>(c) * kWarp * VEC + static_cast<int64_t>(lane) * VEC;
-        if (col < dim) {
-          float x[VEC];
-          load_row<W, VEC>(w + col, x);
+        if (col_of(c) < dim) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const float v = l2 != 0.0f ? fmaf(l2, x[k], g[c][k]) : g[c][k];
+            const float v = l2 != 0.0f ? fmaf(l2, x[c][k], g[c][k]) : g[c][k];
             sum = fmaf(v, v, sum);
           }
         }
       }
       const float mean_square = warp_sum(sum) / static_cast<float>(dim);
       float accumulator;
+      // Every lane has read the state (before the gradient); only then does
+      // lane 0 write it.
+      __syncwarp();
       if constexpr (kUpdate == Update::kRowwiseAdagrad) {
-        accumulator = tm.state0[row] + mean_square;
-        __syncwarp();
+        accumulator = state0 + mean_square;
         if (lane == 0) {
           tm.state0[row] = accumulator;
         }
       } else {
-        const float increment = tm.state1[row] + mean_square;
-        __syncwarp();
+        const float increment = state1 + mean_square;
         if (lane == 0) {
           tm.state1[row] = increment;
         }
-        accumulator = tm.state0[row] + hyper.momentum_scale * increment;
+        accumulator = state0 + hyper.momentum_scale * increment;
       }
       multiplier = hyper.learning_rate / (sqrtf(accumulator) + hyper.eps);
       if (hyper.weight_decay_mode == 1) {
@@ -877,16 +1191,14 @@ __global__ void update_kernel(
     }
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      const int64_t col = static_cast<int64_t>(c) * kWarp * VEC + static_cast<int64_t>(lane) * VEC;
-      if (col < dim) {
-        float x[VEC];
-        load_row<W, VEC>(w + col, x);
+      if (col_of(c) < dim) {
+        float updated[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const float updated = correction == 1.0f ? fmaf(-multiplier, g[c][k], x[k])
-                                                   : fmaf(-multiplier, g[c][k], correction * x[k]);
-          w[col + k] = from_float<W>(updated);
+          updated[k] = correction == 1.0f ? fmaf(-multiplier, g[c][k], x[c][k])
+                                          : fmaf(-multiplier, g[c][k], correction * x[c][k]);
         }
+        store_row<W, VEC>(w + col_of(c), updated);
       }
     }
   }
@@ -917,28 +1229,29 @@ void run_update(
   if (g.num_segments == 0) {
     return;
   }
-  const Tensor& tables = g.tables; // copied once, by group_by_row
-  const int64_t num_tables = static_cast<int64_t>(p.tables.size());
+  const uint64_t* occurrences = reinterpret_cast<const uint64_t*>(g.occurrences.const_data_ptr<int64_t>());
   // Round the partial rows up so every piece's row stays 16-byte aligned.
   const int64_t partial_stride = (p.max_dim + 3) / 4 * 4;
   Tensor partials = at::empty({std::max<int64_t>(g.num_pieces, 1), partial_stride}, grad_output.options());
+  // Elements per lane: at most 4 (16 bytes of float gradient), so that a
+  // 128-wide 16-bit row keeps all 32 lanes busy with half the registers;
+  // 8 only for 16-bit rows too wide for kMaxChunks chunks of 4.
+  const int vec = p.max_dim <= static_cast<int64_t>(kWarp) * 4 * kMaxChunks ? std::min(p.vec, 4) : p.vec;
   dispatch_weight(p.weight_dtype, [&](auto weight_tag) {
     using W = decltype(weight_tag);
-    dispatch_vec<W>(p.vec, [&](auto vec_tag) {
+    dispatch_vec<W>(vec, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       // The floats of grad_output are read VEC at a time: for 16-bit tables
       // VEC may be 8 (two float4), which alignment of columns to 4 allows.
       if (g.num_pieces > 0) {
-        piece_sum_kernel<VEC><<<blocks_for(g.num_pieces * kWarp, kWarp * kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
-            reinterpret_cast<const TableMeta*>(tables.const_data_ptr()),
-            num_tables,
+        piece_sum_kernel<VEC><<<blocks_for(g.num_pieces * kWarp, kBlock), kBlock, 0, stream>>>(
+            g.k.meta,
             g.unique_keys.const_data_ptr<int64_t>(),
-            g.seg_start.const_data_ptr<int64_t>(),
-            g.piece_base.const_data_ptr<int64_t>(),
+            g.seg_start.const_data_ptr<int32_t>(),
+            g.piece_base.const_data_ptr<int32_t>(),
             g.num_segments,
             g.num_pieces,
-            g.grad_offset.const_data_ptr<int64_t>(),
-            g.scale.const_data_ptr<float>(),
+            occurrences,
             grad_output.const_data_ptr<float>(),
             partials.mutable_data_ptr<float>(),
             partial_stride);
@@ -949,15 +1262,13 @@ void run_update(
       const int64_t chunks = (p.max_dim + kWarp * VEC - 1) / (kWarp * VEC);
       auto launch = [&](auto chunks_tag) {
         constexpr int CHUNKS = decltype(chunks_tag)::value;
-        update_kernel<W, VEC, CHUNKS, kUpdate><<<blocks_for(g.num_segments * kWarp, kWarp * kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
-            reinterpret_cast<const TableMeta*>(tables.const_data_ptr()),
-            num_tables,
+        update_kernel<W, VEC, CHUNKS, kUpdate><<<blocks_for(g.num_segments * kWarp, kBlock), kBlock, 0, stream>>>(
+            g.k.meta,
             g.unique_keys.const_data_ptr<int64_t>(),
-            g.seg_start.const_data_ptr<int64_t>(),
-            g.piece_base.const_data_ptr<int64_t>(),
+            g.seg_start.const_data_ptr<int32_t>(),
+            g.piece_base.const_data_ptr<int32_t>(),
             g.num_segments,
-            g.grad_offset.const_data_ptr<int64_t>(),
-            g.scale.const_data_ptr<float>(),
+            occurrences,
             grad_output.const_data_ptr<float>(),
             partials.const_data_ptr<float>(),
             partial_stride,
@@ -1120,9 +1431,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> embedding_bag_backward_row_
 
 // out[p] = scale(bag) * <row_p, grad of p's bag>: one warp per bag.
 template <typename I, typename W>
-__global__ void per_sample_weights_grad_kernel(
-    const TableMeta* __restrict__ tables,
-    const FeatureMeta* __restrict__ features,
+__global__ void __launch_bounds__(kBlock) per_sample_weights_grad_kernel(
+    const __grid_constant__ Meta meta,
     int64_t num_bags,
     int64_t batch,
     const I* __restrict__ indices,
@@ -1137,8 +1447,8 @@ __global__ void per_sample_weights_grad_kernel(
   }
   const int64_t feature = bag / batch;
   const int64_t sample = bag - feature * batch;
-  const FeatureMeta fm = features[feature];
-  const TableMeta tm = tables[fm.table];
+  const FeatureMeta fm = feature_meta(meta, feature);
+  const TableMeta tm = table_meta(meta, fm.table);
   const int64_t start = static_cast<int64_t>(offsets[bag]);
   const int64_t end = static_cast<int64_t>(offsets[bag + 1]);
   const float scale = (fm.pooling == 1 && end > start) ? 1.0f / static_cast<float>(end - start) : 1.0f;
@@ -1171,50 +1481,24 @@ Tensor embedding_bag_per_sample_weights_grad_cuda(
   const at::Device device = weights[0].device();
   const c10::cuda::CUDAGuard guard(device);
   check_grad_output(op, p.layout, grad_output);
-  // Validate ids and offsets with the forward's checks before reading rows.
+  const KernelMeta k = make_meta(p, device);
+  // Validate ids and offsets before reading rows.
   {
-    const Tensor tables = to_device(p.tables, device);
-    const Tensor features = to_device(p.features, device);
     Tensor errors = new_errors(device);
-    const int64_t num_bags = offsets.numel() - 1;
-    const int64_t n = p.num_indices;
-    Tensor keys = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
-    Tensor grad_offset = at::empty({n}, keys.options());
-    Tensor scale = at::empty({n}, keys.options().dtype(at::kFloat));
-    if (num_bags > 0) {
-      dispatch_index(p.int32_indices, [&](auto index_tag) {
-        using I = decltype(index_tag);
-        linearize_kernel<I><<<blocks_for(num_bags, 256), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            reinterpret_cast<const TableMeta*>(tables.const_data_ptr()),
-            reinterpret_cast<const FeatureMeta*>(features.const_data_ptr()),
-            num_bags,
-            p.batch,
-            indices.const_data_ptr<I>(),
-            offsets.const_data_ptr<I>(),
-            n,
-            nullptr,
-            p.out_dim,
-            keys.mutable_data_ptr<int64_t>(),
-            grad_offset.mutable_data_ptr<int64_t>(),
-            scale.mutable_data_ptr<float>(),
-            errors.mutable_data_ptr<int64_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-    raise_if_errors_any(op, p, errors, indices, offsets);
+    linearize<int32_t>(op, p, k.meta, indices, offsets, nullptr, nullptr, nullptr, errors);
+    int64_t e[kNumErrorWords];
+    read_words(errors, e, kNumErrorWords);
+    raise_if_errors(op, p, e, indices, offsets);
   }
   Tensor out = at::empty({p.num_indices}, grad_output.options());
   const int64_t num_bags = offsets.numel() - 1;
   if (num_bags > 0) {
-    const Tensor tables = to_device(p.tables, device);
-    const Tensor features = to_device(p.features, device);
     dispatch_index(p.int32_indices, [&](auto index_tag) {
       using I = decltype(index_tag);
       dispatch_weight(p.weight_dtype, [&](auto weight_tag) {
         using W = decltype(weight_tag);
-        per_sample_weights_grad_kernel<I, W><<<blocks_for(num_bags * kWarp, kWarp * kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            reinterpret_cast<const TableMeta*>(tables.const_data_ptr()),
-            reinterpret_cast<const FeatureMeta*>(features.const_data_ptr()),
+        per_sample_weights_grad_kernel<I, W><<<blocks_for(num_bags * kWarp, kBlock), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            k.meta,
             num_bags,
             p.batch,
             indices.const_data_ptr<I>(),
