@@ -112,9 +112,10 @@ PRESETS = {
     "multihot": dict(
         rows=[min(r, 500_000) for r in KAGGLE_ROWS], dim=64, bottom=[512, 256, 64], top=[512, 256, 1], batch=1024,
         zipf=1.05, bag=20.0, missing=0.0, dense=13, pooling="mean",
-        # Its loss spikes to ~22 at step 2 (for every library and the
-        # reference alike), which magnifies float rounding in the weights.
-        weight_tolerance=1e-2,
+        # Smaller steps than bench_train's: with those its loss spikes to ~22
+        # at step 2 (every library and the reference alike), which magnifies
+        # float rounding beyond any sensible tolerance.
+        dense_lr=0.002, sparse_lr=0.01,
     ),
     # A smoke run: seconds.
     "small": dict(

@@ -15,6 +15,7 @@ mkdir -p "$OUT"
 STAGES=${*:-build test bench}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, also for "bench" alone
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
