@@ -99,6 +99,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embedding import machine_summary, update_section  # noqa: E402
+import bench_train  # noqa: E402
 from bench_train import KAGGLE_ROWS, SEED, describe, init_tables, to_kjt, torchrec_version  # noqa: E402
 
 PRESETS = {
@@ -142,33 +143,7 @@ def split_variant(variant: str) -> Tuple[str, str]:
 
 def resolve_preset(name: str, max_rows: Optional[int]) -> dict:
     """The model and data of a preset as plain values (goes to the ranks)."""
-    preset = dict(PRESETS[name])
-    spec = dict(preset=name, batch=preset.pop("batch"), sparse_lr=SPARSE_LR, dense_lr=DENSE_LR, eps=EPS)
-    if "config" in preset:
-        from dist_rec.config import load_config
-
-        config = load_config(str(REPO / preset["config"]))
-        sizes = list(config.data.num_embeddings_per_feature)
-        spec.update(
-            rows=sizes * 26 if len(sizes) == 1 else sizes,
-            dim=config.model.embedding_dim,
-            bottom=list(config.model.dense_arch_layer_sizes),
-            top=list(config.model.over_arch_layer_sizes),
-            zipf=config.data.zipf_exponent,
-            bag=config.data.mean_bag_length,
-            missing=config.data.missing_probability,
-            dense=config.data.num_dense_features,
-            sparse_lr=config.optimizer.sparse_lr,
-            dense_lr=config.optimizer.dense_lr,
-            eps=config.optimizer.sparse_eps,
-            source=preset["config"],
-        )
-    else:
-        spec.update(preset)
-    spec["full_rows"] = list(spec["rows"])
-    if max_rows:
-        spec["rows"] = [min(n, max_rows) for n in spec["rows"]]
-    return spec
+    return bench_train.resolve_preset(name, max_rows, PRESETS)
 
 
 def make_batches(spec: dict, count: int, batch_size: int, rank: int = 0, world_size: int = 1) -> List[dict]:

@@ -116,9 +116,10 @@ SEED = 0
 # ---------------------------------------------------------------------------
 
 
-def resolve_preset(name: str, max_rows: Optional[int]) -> dict:
-    """The model and data of a preset as plain values (goes to workers as JSON)."""
-    preset = dict(PRESETS[name])
+def resolve_preset(name: str, max_rows: Optional[int], presets: Optional[dict] = None) -> dict:
+    """The model and data of a preset (of ``presets``, default this file's)
+    as plain values (goes to workers as JSON)."""
+    preset = dict((presets or PRESETS)[name])
     spec = dict(preset=name, batch=preset.pop("batch"), sparse_lr=SPARSE_LR, dense_lr=DENSE_LR, eps=EPS)
     if "config" in preset:
         from dist_rec.config import load_config

@@ -233,15 +233,7 @@ class EmbeddingBagCollection(nn.Module):
         """(table, pooling, output column) of each input key, cached per key order."""
         layout = self._layouts.get(tuple(keys))
         if layout is None:
-            unknown = [k for k in keys if k not in self._feature_slot]
-            if unknown:
-                raise ValueError(
-                    f"Unknown feature names {unknown} in the input. This EmbeddingBagCollection "
-                    f"has features {self._feature_names} (tables {[c.name for c in self._configs]})."
-                )
-            missing = [f for f in self._feature_names if f not in keys]
-            if missing:
-                raise ValueError(f"The input lacks features {missing}; it has keys {keys}.")
+            check_feature_keys(keys, self._feature_names, self._configs, "EmbeddingBagCollection")
             slots = [self._feature_slot[k] for k in keys]
             layout = tuple([list(x) for x in zip(*slots)])
             self._layouts[tuple(keys)] = layout
@@ -267,6 +259,20 @@ class EmbeddingBagCollection(nn.Module):
         for op_name, kjt_name in (("per_sample_weights", "weights"), ("indices", "values"), ("per index", "per value")):
             message = message.replace(op_name, kjt_name)
         return type(error)(f"EmbeddingBagCollection: {message}")
+
+
+def check_feature_keys(keys: List[str], feature_names: List[str], configs, what: str) -> None:
+    """Refuses an input whose keys are not exactly the collection's features."""
+    known = set(feature_names)
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown feature names {unknown} in the input. This {what} has features {feature_names} "
+            f"(tables {[c.name for c in configs]})."
+        )
+    missing = [f for f in feature_names if f not in keys]
+    if missing:
+        raise ValueError(f"The input lacks features {missing}; it has keys {keys}.")
 
 
 def _check_configs(configs: List[EmbeddingBagConfig]) -> None:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_rec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, as_embedding_bag_config
-from dist_rec.modules.embedding_modules import EmbeddingBagCollection, _check_configs
+from dist_rec.modules.embedding_modules import EmbeddingBagCollection, _check_configs, check_feature_keys
 from dist_rec.optim.fused import FusedOptimizer, MomentumScaledRowWiseAdagrad
 from dist_rec.sharding.column_wise import ColumnBlockUpdate, ColumnWise
 from dist_rec.sharding.comm import COMM_STATS, PooledAllToAll, all_reduce_mean_, all_to_all, feature_major_order
@@ -621,15 +621,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             )
 
     def _check_keys(self, keys: List[str]) -> None:
-        unknown = [k for k in keys if k not in self._feature_table]
-        if unknown:
-            raise ValueError(
-                f"Unknown feature names {unknown} in the input. This collection has features {self._feature_names} "
-                f"(tables {[c.name for c in self._configs]})."
-            )
-        missing = [f for f in self._feature_names if f not in keys]
-        if missing:
-            raise ValueError(f"The input lacks features {missing}; it has keys {keys}.")
+        check_feature_keys(keys, self._feature_names, self._configs, "ShardedEmbeddingBagCollection")
 
     def _check_ids(self, keys: List[str], values: torch.Tensor, per_feature: torch.Tensor) -> None:
         """Ids outside their table are refused here, on the rank that owns
