@@ -5,7 +5,7 @@ What each rank sends to other ranks in one training step, by kind of
 traffic, as ``dist_rec.sharding.comm.COMM_STATS`` counts it:
 
 * ``input_dist``            the input all-to-alls inside the sharding group:
-                            a counts exchange (2 int64 per peer), then per
+                            a counts exchange (3 int64 per peer: batch, ids, refused flag), then per
                             destination, for every (feature, shard) slot it
                             holds, a ``[B]`` int64 lengths vector and the
                             slot's ids (int64);
@@ -175,7 +175,7 @@ def predict(
         raise ValueError(f"Invalid sync_every={sync_every}. Must be >= 1.")
     L, G, B = world_size // replicas, replicas, workload.batch
     ranks = np.arange(L)
-    counts = np.full(L, 2 * LENGTH_BYTES * (L - 1), dtype=np.float64)
+    counts = np.full(L, 3 * LENGTH_BYTES * (L - 1), dtype=np.float64)
     lengths = np.zeros(L)
     ids = np.zeros(L)
     width = np.zeros(L)  # pooled floats per sample this rank returns
