@@ -151,16 +151,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
         # Output columns in config order, as the unsharded collection.
         self._feature_names, self._feature_dims, self._feature_table = [], [], {}
-        feature_column: Dict[str, int] = {}
-        column = 0
         for t, c in enumerate(configs):
             for f in c.feature_names:
                 self._feature_names.append(f)
                 self._feature_dims.append(c.embedding_dim)
                 self._feature_table[f] = t
-                feature_column[f] = column
-                column += c.embedding_dim
-        self._output_width = column
 
         # Slots: what each rank of the group pools, in one fixed order. Column
         # blocks under a row-wise optimizer come last: they update through
@@ -228,7 +223,6 @@ class ShardedEmbeddingBagCollection(nn.Module):
             if configs[self._feature_table[f]].pooling == PoolingType.MEAN
             and plan.tables[configs[self._feature_table[f]].name].sharding_type != "data_parallel"
         }
-        self._feature_column = feature_column
         self._row_limits: Dict[Tuple[str, ...], torch.Tensor] = {}
 
         self._initialise(source)
