@@ -687,18 +687,7 @@ def main(argv=None) -> None:
     load = busy_warning()
     started = time.time()
     rows = [row for name in args.preset for world in args.world for row in bench_preset(name, world, args, started)]
-    table, phases = format_table(rows), format_phases(rows)
-    print()
-    print(table)
-    print()
-    print(phases)
-    command = "python benchmarks/bench_sharded.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.json:
-        args.json.write_text(
-            json.dumps(dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)
-        )
-    if args.markdown:
-        write_markdown(args.markdown, table, phases, command, args, rows, load)
+    bench_train.report("bench_sharded.py", argv, args, rows, load, format_table, format_phases, write_markdown)
 
 
 if __name__ == "__main__":

@@ -598,12 +598,18 @@ def main(argv=None) -> None:
     load = busy_warning(args.threads)
     started = time.time()
     rows = [bench_preset(name, args, started) for name in args.preset]
+    report("bench_train.py", argv, args, rows, load, format_table, format_phases, write_markdown)
+
+
+def report(script, argv, args, rows, load, format_table, format_phases, write_markdown) -> None:
+    """Prints the tables and writes ``--json`` / ``--markdown`` (shared with
+    bench_sharded.py)."""
     table, phases = format_table(rows), format_phases(rows)
     print()
     print(table)
     print()
     print(phases)
-    command = "python benchmarks/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json:
         args.json.write_text(
             json.dumps(dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)
