@@ -147,35 +147,9 @@ def resolve_preset(name: str, max_rows: Optional[int]) -> dict:
 
 
 def make_batches(spec: dict, count: int, batch_size: int, rank: int = 0, world_size: int = 1) -> List[dict]:
-    """``count`` batches of ``batch_size`` of one rank of ``world_size``
-    (rank ``r`` of step ``i``: samples ``[i W B + r B, i W B + (r + 1) B)``),
-    as tensors (feature-major)."""
-    from dist_rec.data.synthetic import SyntheticConfig, SyntheticDataset
-
-    data = SyntheticDataset(
-        SyntheticConfig(
-            num_embeddings_per_feature=spec["rows"],
-            num_dense_features=spec["dense"],
-            zipf_exponent=spec["zipf"],
-            mean_bag_length=spec["bag"],
-            missing_probability=spec["missing"],
-            seed=SEED,
-        )
-    )
-    batches = []
-    for batch, _ in zip(data.batches(batch_size, rank=rank, world_size=world_size), range(count)):
-        kjt = batch.sparse_features
-        batches.append(
-            dict(
-                keys=list(kjt.keys()),
-                values=kjt.values(),
-                lengths=kjt.lengths(),
-                offsets=kjt.offsets(),
-                dense=batch.dense_features,
-                labels=batch.labels,
-            )
-        )
-    return batches
+    """``count`` batches of ``batch_size`` of one rank of ``world_size``, as
+    ``bench_train.make_batches`` makes them."""
+    return bench_train.make_batches(spec, count, batch_size, rank, world_size)
 
 
 # ---------------------------------------------------------------------------

@@ -157,8 +157,12 @@ def describe(spec: dict) -> str:
     )
 
 
-def make_batches(spec: dict, count: int) -> List[dict]:
-    """``count`` training batches of the workload, as tensors (feature-major)."""
+def make_batches(
+    spec: dict, count: int, batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1
+) -> List[dict]:
+    """``count`` training batches of ``batch_size`` (default: the preset's)
+    of one rank of ``world_size`` (rank ``r`` of step ``i``: samples
+    ``[i W B + r B, i W B + (r + 1) B)``), as tensors (feature-major)."""
     from dist_rec.data.synthetic import SyntheticConfig, SyntheticDataset
 
     data = SyntheticDataset(
@@ -172,7 +176,8 @@ def make_batches(spec: dict, count: int) -> List[dict]:
         )
     )
     batches = []
-    for batch, _ in zip(data.batches(spec["batch"]), range(count)):
+    batches_of_rank = data.batches(batch_size or spec["batch"], rank=rank, world_size=world_size)
+    for batch, _ in zip(batches_of_rank, range(count)):
         kjt = batch.sparse_features
         batches.append(
             dict(
