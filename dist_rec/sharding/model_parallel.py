@@ -44,6 +44,10 @@ class DistributedModelParallel(nn.Module):
         layout (str): "shards_on_host" or "replicas_on_host" (see ``grid.py``).
         memory_per_rank (Optional[int]): bytes per rank the planner may use.
         device (Optional[torch.device]): device of the shards and the model.
+        wrap_dense (bool): wrap the model in DDP (the sharded tables left
+            out). False leaves the dense parameters to another engine (e.g.
+            DeepSpeed ZeRO), which must then average their gradients.
+            (Default: True)
 
     Call ``sync()`` after every optimizer step (a no-op with one replica and
     an optimizer without per-replica increments).
@@ -59,6 +63,7 @@ class DistributedModelParallel(nn.Module):
         layout: str = "shards_on_host",
         memory_per_rank: Optional[int] = None,
         device: Optional[torch.device] = None,
+        wrap_dense: bool = True,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -95,7 +100,7 @@ class DistributedModelParallel(nn.Module):
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
         self.unwrapped = module
         trainable = any(p.requires_grad for p in module.parameters())
-        if dist.get_world_size() > 1 and trainable:
+        if wrap_dense and dist.get_world_size() > 1 and trainable:
             self.module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
             )
