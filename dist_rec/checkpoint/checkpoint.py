@@ -236,11 +236,14 @@ def _write_rank_files(tmp: Path, model, dense_optimizer, extra, rank: int) -> Li
             for local in sharded.data_parallel_tables():
                 name = f"data_parallel/{component(path)}/{component(local.table)}.pt"
                 records.append(_write_block(tmp, name, "data_parallel", path, local, rank))
+    # Every rank asks: a dense optimizer that partitions its state over the
+    # ranks (distributed Shampoo) gathers it in a collective state_dict().
+    optimizer_state = dense_optimizer.state_dict() if dense_optimizer is not None else None
     if rank == 0:
         model_state = {k: _cpu_tensor(v) for k, v in dense_state_dict(model).items()}
         content = {
             "model": model_state,
-            "optimizer": dense_optimizer.state_dict() if dense_optimizer is not None else None,
+            "optimizer": optimizer_state,
             "extra": extra,
         }
         size, sha = write_tensors(tmp / "dense.pt", content)
