@@ -1,20 +1,11 @@
 """Sanity tests of the Shampoo reference itself (tests/optim/shampoo/reference.py):
 blocking, one-step closed forms, grafting norms, weight decay, momentum, inverse roots."""
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 
-# Load reference.py by path under a unique name (works with any pytest import mode).
-_NAME = "dist_rec_tests_shampoo_reference"
-if _NAME not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(_NAME, pathlib.Path(__file__).with_name("reference.py"))
-    sys.modules[_NAME] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules[_NAME])
-ref = sys.modules[_NAME]
+import shampoo_reference as ref
+
 ReferenceShampoo = ref.ReferenceShampoo
 
 F64 = torch.float64
