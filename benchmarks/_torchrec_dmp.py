@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.fx
 from torch import nn
 
 # sharding type of bench_sharded -> TorchRec's ShardingType value
@@ -68,11 +69,55 @@ class ConfigOrder(nn.Module):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
         kt = self.ebc(features)
+        if isinstance(kt, torch.fx.Proxy):
+            # Traced by TrainPipelineSparseDist, which only looks for the
+            # collection's input: no branch on the keys.
+            pooled = kt.to_dict()
+            return _Columns(self.keys, torch.cat([pooled[k] for k in self.keys], dim=1))
         if kt.keys() == self.keys:
             return kt
         pooled = kt.to_dict()
         values = torch.cat([pooled[k] for k in self.keys], dim=1)
         return KeyedTensor(keys=self.keys, length_per_key=[pooled[k].shape[1] for k in self.keys], values=values)
+
+
+class _Columns:
+    """Pooled columns in a known key order (what a trace of ``ConfigOrder``
+    hands the DLRM: its keys are plain strings, its values a Proxy)."""
+
+    def __init__(self, keys: List[str], values) -> None:
+        self._keys, self._values = keys, values
+
+    def keys(self) -> List[str]:
+        return self._keys
+
+    def values(self):
+        return self._values
+
+
+class TrainModule(nn.Module):
+    """``model(batch) -> (loss, (loss, logits))``, the interface of
+    TorchRec's ``TrainPipelineSparseDist`` (as its ``DLRMTrain``; the
+    pipeline's ``progress`` returns the second part): BCE-with-logits, mean
+    over the batch, on a ``torchrec.datasets.utils.Batch``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach())
+
+
+def train_pipeline(dmp, optimizer):
+    """TorchRec's ``TrainPipelineSparseDist`` on the CPU: the next batch's
+    input dist (splits, then lengths/ids all-to-all) runs during the current
+    step. ``dmp`` must wrap a ``TrainModule``."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    return TrainPipelineSparseDist(dmp, optimizer, device=torch.device("cpu"))
 
 
 def _sharder(allow_cpu_row_wise: bool):

@@ -127,6 +127,7 @@ PRESETS = {
 LIBRARIES = ("dist_rec", "torchrec")
 SHARDINGS = {"tw": "table_wise", "rw": "row_wise"}
 VARIANTS = [f"{lib}_{s}" for s in SHARDINGS for lib in LIBRARIES]
+LOOPS = ("plain", "pipeline")
 SPARSE_LR, DENSE_LR, EPS = 0.05, 0.02, 1e-8
 
 
@@ -186,16 +187,19 @@ def dist_rec_sharding_api():
     return DistributedModelParallel, ""
 
 
-def build_sharded(library: str, sharding_type: str, spec: dict, keys: List[str]):
-    """``(dmp, dense optimizer, info)`` of one library on this rank."""
+def build_sharded(library: str, sharding_type: str, spec: dict, keys: List[str], loop: str = "plain"):
+    """``(dmp, dense optimizer, info)`` of one library on this rank; with
+    ``loop="pipeline"`` TorchRec's model is wrapped for its pipeline
+    (``model(batch) -> (loss, logits)``)."""
     names = [f"t_{key}" for key in keys]
     pooling = spec.get("pooling", "sum")
     if library == "torchrec":
         import _torchrec_dmp
 
         configs = _torchrec_dmp.tables(names, keys, spec["rows"], spec["dim"], pooling)
+        wrap = _torchrec_dmp.TrainModule if loop == "pipeline" else (lambda model: model)
         dmp, optimizer = _torchrec_dmp.build_dmp(
-            configs, lambda ebc: make_dlrm(spec, ebc), sharding_type, spec["sparse_lr"], spec["eps"],
+            configs, lambda ebc: wrap(make_dlrm(spec, ebc)), sharding_type, spec["sparse_lr"], spec["eps"],
             spec["dense_lr"], spec["batch"],
         )  # fmt: skip
         _torchrec_dmp.load_tables(dmp, lambda name: full_table(spec, names.index(name)))
@@ -260,6 +264,36 @@ def train_step(dmp, optimizer, dense, kjt, labels) -> Tuple[torch.Tensor, float,
     return loss.detach(), t1 - t0, t2 - t1, t3 - t2
 
 
+def _dist_rec_loss(model, batch) -> torch.Tensor:
+    logits = model(batch.dense_features, batch.sparse_features)
+    return F.binary_cross_entropy_with_logits(logits.squeeze(1), batch.labels)
+
+
+def pipelined(library: str, dmp, optimizer, batches: List[dict]):
+    """``(pipeline, batch objects)``: each library's own train pipeline,
+    which starts the next batch's input dist during the current step
+    (dist_rec: ``dist_rec.sharding.TrainPipelineSparseDist``; TorchRec:
+    ``torchrec.distributed.train_pipeline.TrainPipelineSparseDist``, whose
+    step is zero_grad, forward, backward, dense optimizer step, like
+    ``train_step``), and the batches in the form it takes."""
+    if library == "torchrec":
+        import _torchrec_dmp
+        from torchrec.datasets.utils import Batch
+
+        objects = [Batch(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
+        return _torchrec_dmp.train_pipeline(dmp, optimizer), objects
+    from dist_rec.data.batch import Batch
+    from dist_rec.sharding import TrainPipelineSparseDist
+
+    objects = [Batch(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
+    return TrainPipelineSparseDist(dmp, optimizer, _dist_rec_loss), objects
+
+
+def pipeline_loss(library: str, output) -> torch.Tensor:
+    """The loss of a ``progress`` call (TorchRec's returns ``(loss, logits)``)."""
+    return output[0] if library == "torchrec" else output
+
+
 def quiet() -> None:
     """TorchRec's planner and deprecation warnings, once per process, are noise here."""
     warnings.filterwarnings("ignore")
@@ -273,8 +307,9 @@ def quiet() -> None:
 
 
 def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, result: str, steps: int,
-              warmup: int, threads: int) -> None:  # fmt: skip
-    """One rank of a timed run; writes ``result``/``rank<r>.json``."""
+              warmup: int, threads: int, loop: str = "plain") -> None:  # fmt: skip
+    """One rank of a timed run; writes ``result``/``rank<r>.json``. A
+    pipelined step is one ``progress`` call (no phases)."""
     import torch.distributed as dist
 
     quiet()
@@ -282,27 +317,34 @@ def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, r
     library, sharding_type = split_variant(variant)
     batches = torch.load(Path(data) / f"rank{rank}.pt")
     t0 = time.perf_counter()
-    dmp, optimizer, info = build_sharded(library, sharding_type, spec, batches[0]["keys"])
-    inputs = [(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
+    dmp, optimizer, info = build_sharded(library, sharding_type, spec, batches[0]["keys"], loop)
+    if loop == "pipeline":
+        pipeline, objects = pipelined(library, dmp, optimizer, batches)
+        # One batch more than steps: the last timed step also has a next batch to send.
+        feed = iter([objects[i % len(objects)] for i in range(warmup + steps + 1)])
+    else:
+        inputs = [(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
     build_s = time.perf_counter() - t0
 
     dist.barrier()
     step_ms, phases, losses = [], {"forward": [], "backward": [], "optimizer": []}, []
     for i in range(warmup + steps):
-        dense, kjt, labels = inputs[i % len(inputs)]
         t0 = time.perf_counter()
-        loss, fwd, bwd, opt = train_step(dmp, optimizer, dense, kjt, labels)
+        if loop == "pipeline":
+            loss, split = pipeline_loss(library, pipeline.progress(feed)), None
+        else:
+            loss, *split = train_step(dmp, optimizer, *inputs[i % len(inputs)])
         t1 = time.perf_counter()
         losses.append(float(loss))
         if i >= warmup:
             step_ms.append((t1 - t0) * 1e3)
-            for key, seconds in zip(phases, (fwd, bwd, opt)):
+            for key, seconds in zip(phases, split or ()):
                 phases[key].append(seconds * 1e3)
     dist.barrier()
     out = dict(
         rank=rank,
         step_ms=statistics.median(step_ms),
-        phases_ms={k: statistics.median(v) for k, v in phases.items()},
+        phases_ms={k: statistics.median(v) for k, v in phases.items() if v},
         first_losses=losses[:5],
         last_loss=losses[-1],
         build_s=build_s,
@@ -336,10 +378,15 @@ def _gather_dist_rec_tables(dmp) -> Optional[Dict[str, torch.Tensor]]:
     return out
 
 
+def check_label(library: str, loop: str) -> str:
+    return library if loop == "plain" else f"{library}+pipeline"
+
+
 def rank_check(rank: int, world_size: int, libraries: List[str], sharding_type: str, spec: dict, data: str,
-               result: str, steps: int, threads: int) -> None:  # fmt: skip
-    """Trains each library's sharded model and, on rank 0, the unsharded
-    reference on the global batches; rank 0 writes ``result``/``check.json``."""
+               result: str, steps: int, threads: int, loops: Tuple[str, ...] = ("plain",)) -> None:  # fmt: skip
+    """Trains each library's sharded model (with each loop) and, on rank 0,
+    the unsharded reference on the global batches; rank 0 writes
+    ``result``/``check.json``."""
     import torch.distributed as dist
 
     from bench_train import build as build_unsharded
@@ -350,20 +397,27 @@ def rank_check(rank: int, world_size: int, libraries: List[str], sharding_type: 
     keys = batches[0]["keys"]
     out: Dict[str, dict] = {"losses": {}, "weight_diff": {}}
     trained = {}
-    for library in libraries:
-        dmp, optimizer, _ = build_sharded(library, sharding_type, spec, keys)
-        inputs = [(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
+    for library, loop in [(lib, loop) for loop in loops for lib in libraries]:
+        dmp, optimizer, _ = build_sharded(library, sharding_type, spec, keys, loop)
+        if loop == "pipeline":
+            pipeline, objects = pipelined(library, dmp, optimizer, batches)
+            feed = iter([objects[i % len(objects)] for i in range(steps)])
+            step = lambda i: pipeline_loss(library, pipeline.progress(feed))  # noqa: E731
+        else:
+            inputs = [(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
+            step = lambda i: train_step(dmp, optimizer, *inputs[i % len(inputs)])[0]  # noqa: E731
         losses = []
         for i in range(steps):
-            loss = train_step(dmp, optimizer, *inputs[i % len(inputs)])[0]
+            loss = step(i).clone()
             dist.all_reduce(loss)  # the processes' mean losses -> the global batch's mean loss
             losses.append(float(loss) / world_size)
         tables = (
             __import__("_torchrec_dmp").gather_tables(dmp) if library == "torchrec" else _gather_dist_rec_tables(dmp)
         )
-        trained[library] = (_dense_state(dmp), tables if rank == 0 else None)
-        out["losses"][library] = losses
-        del dmp, optimizer, inputs
+        label = check_label(library, loop)
+        trained[label] = (_dense_state(dmp), tables if rank == 0 else None)
+        out["losses"][label] = losses
+        del dmp, optimizer, step
     if rank == 0:
         global_batches = torch.load(Path(data) / "global.pt")
         model, optimizer, _ = build_unsharded("torchrec", spec, keys)
@@ -405,11 +459,12 @@ def launch(fn, world_size: int, timeout: float, **kwargs) -> None:
         raise SystemExit(f"{fn.__name__} ({what}) on {world_size} processes failed:\n{error}") from None
 
 
-def run_variant(variant: str, world_size: int, spec: dict, data: Path, args) -> dict:
+def run_variant(variant: str, world_size: int, spec: dict, data: Path, args, loop: str = "plain") -> dict:
     with tempfile.TemporaryDirectory() as result:
         launch(
             rank_time, world_size, args.timeout, variant=variant, spec=spec, data=str(data), result=result,
             steps=args.steps, warmup=args.warmup, threads=args.threads or max(1, (os.cpu_count() or 1) // world_size),
+            loop=loop,
         )  # fmt: skip
         ranks = [json.loads((Path(result) / f"rank{r}.json").read_text()) for r in range(world_size)]
     slowest = max(ranks, key=lambda r: r["step_ms"])
@@ -428,13 +483,13 @@ def run_variant(variant: str, world_size: int, spec: dict, data: Path, args) -> 
 
 
 def check(world_size: int, sharding_type: str, libraries: List[str], spec: dict, data: Path, args) -> dict:
-    """The correctness pass of one sharding type; exits if a library does
-    not train as one step on the global batch."""
+    """The correctness pass of one sharding type (every loop); exits if a
+    library does not train as one step on the global batch."""
     with tempfile.TemporaryDirectory() as result:
         launch(
             rank_check, world_size, args.timeout, libraries=libraries, sharding_type=sharding_type, spec=spec,
             data=str(data), result=result, steps=args.check_steps,
-            threads=args.threads or max(1, (os.cpu_count() or 1) // world_size),
+            threads=args.threads or max(1, (os.cpu_count() or 1) // world_size), loops=tuple(args.loop),
         )  # fmt: skip
         out = json.loads((Path(result) / "check.json").read_text())
     reference = out["losses"]["reference"]
@@ -445,7 +500,7 @@ def check(world_size: int, sharding_type: str, libraries: List[str], spec: dict,
     print("    reference   " + " ".join(f"{x:.6f}" for x in reference), flush=True)
     failures = []
     out["max_loss_diff"] = {}
-    for library in libraries:
+    for library in [check_label(lib, loop) for loop in args.loop for lib in libraries]:
         losses = out["losses"][library]
         diff = max(abs(a - b) for a, b in zip(losses, reference))
         out["max_loss_diff"][library] = diff
@@ -472,8 +527,11 @@ def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]
     print(f"== {describe(spec)} per process, {world_size} processes", flush=True)
     shardings = [s for s in SHARDINGS.values() if any(split_variant(v)[1] == s for v in args.variants)]
     rows = {
-        s: dict(preset=name, label=describe(spec), spec=spec, world_size=world_size, sharding_type=s) for s in shardings
+        (s, loop): dict(preset=name, label=describe(spec), spec=spec, world_size=world_size, sharding_type=s, loop=loop)
+        for s in shardings
+        for loop in args.loop
     }
+    runs = [(v, loop) for loop in args.loop for v in args.variants]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         t0 = time.time()
@@ -487,27 +545,32 @@ def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]
         if not args.skip_check:
             for s in shardings:
                 libraries = [lib for lib in LIBRARIES if any(split_variant(v) == (lib, s) for v in args.variants)]
-                rows[s]["check"] = check(world_size, s, libraries, spec, data, args)
-        rounds: Dict[str, List[dict]] = {v: [] for v in args.variants}
+                rows[(s, args.loop[0])]["check"] = check(world_size, s, libraries, spec, data, args)
+        rounds: Dict[Tuple[str, str], List[dict]] = {run: [] for run in runs}
         for r in range(args.rounds):
-            order = args.variants if r % 2 == 0 else args.variants[::-1]
-            for variant in order:
-                result = run_variant(variant, world_size, spec, data, args)
-                rounds[variant].append(result)
+            order = runs if r % 2 == 0 else runs[::-1]
+            for variant, loop in order:
+                result = run_variant(variant, world_size, spec, data, args, loop)
+                rounds[(variant, loop)].append(result)
                 if not all(map(math.isfinite, [*result["first_losses"], result["last_loss"]])):
                     print(f"  warning: {variant} trained to a non-finite loss; timings may be off", flush=True)
+                phases = result["phases_ms"]
+                split = (
+                    f"; fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} opt {phases['optimizer']:.1f}"
+                    if phases
+                    else ""
+                )
                 print(
                     f"[{name} x{world_size} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] {variant:<12} "
-                    f"step {result['step_ms']:8.2f} ms (ranks {', '.join(f'{x:.1f}' for x in result['rank_step_ms'])}; "
-                    f"fwd {result['phases_ms']['forward']:.1f} bwd {result['phases_ms']['backward']:.1f} "
-                    f"opt {result['phases_ms']['optimizer']:.1f})  {result['examples_per_s']:9.0f} ex/s  "
-                    f"rss {result['max_rss_mb']:.0f} MB",
+                    f"{loop:<8} step {result['step_ms']:8.2f} ms (ranks "
+                    f"{', '.join(f'{x:.1f}' for x in result['rank_step_ms'])}{split})  "
+                    f"{result['examples_per_s']:9.0f} ex/s  rss {result['max_rss_mb']:.0f} MB",
                     flush=True,
                 )
-    for variant, results in rounds.items():
+    for (variant, loop), results in rounds.items():
         library, s = split_variant(variant)
         step_ms = statistics.median(x["step_ms"] for x in results)
-        rows[s][library] = dict(
+        rows[(s, loop)][library] = dict(
             step_ms=step_ms,
             examples_per_s=world_size * spec["batch"] / step_ms * 1e3,
             phases_ms={k: statistics.median(x["phases_ms"][k] for x in results) for k in results[0]["phases_ms"]},
@@ -523,12 +586,12 @@ def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]
 
 def format_table(rows: List[dict]) -> str:
     header = [
-        "preset", "processes", "sharding", "dist_rec step ms", "TorchRec step ms", "dist_rec ex/s", "TorchRec ex/s",
-        "speedup vs TorchRec (median of rounds; min-max)",
+        "preset", "processes", "sharding", "train loop", "dist_rec step ms", "TorchRec step ms", "dist_rec ex/s",
+        "TorchRec ex/s", "speedup vs TorchRec (median of rounds; min-max)",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["preset"], str(r["world_size"]), r["sharding_type"]]
+        cells = [r["preset"], str(r["world_size"]), r["sharding_type"], r.get("loop", "plain")]
         cells += [f"{r[lib]['step_ms']:.1f}" if lib in r else "-" for lib in LIBRARIES]
         cells += [f"{r[lib]['examples_per_s']:,.0f}" if lib in r else "-" for lib in LIBRARIES]
         ratios = r.get("ratios")
@@ -545,6 +608,8 @@ def format_phases(rows: List[dict]) -> str:
     header = ["preset", "processes", "sharding", "phase", "dist_rec ms", "TorchRec ms"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        if r.get("loop", "plain") != "plain":
+            continue  # a pipelined step overlaps the phases
         for phase in ("forward", "backward", "optimizer"):
             cells = [r["preset"], str(r["world_size"]), r["sharding_type"], phase]
             cells += [f"{r[lib]['phases_ms'][phase]:.1f}" if lib in r else "-" for lib in LIBRARIES]
@@ -630,6 +695,10 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["default"])
     parser.add_argument("--world", nargs="+", type=int, default=[2], help="numbers of processes")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument(
+        "--loop", nargs="+", choices=LOOPS, default=list(LOOPS),
+        help="plain: forward, backward, step; pipeline: each library's TrainPipelineSparseDist",
+    )  # fmt: skip
     parser.add_argument("--max-rows", type=int, default=None, help="cap every table at this many rows (memory)")
     parser.add_argument(
         "--batches", type=int, default=16, help="pre-generated batches per process the steps cycle through"

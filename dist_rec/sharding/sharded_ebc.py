@@ -27,7 +27,7 @@ replicas over the replica group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,10 +38,17 @@ from dist_rec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, 
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection, _check_configs, check_feature_keys
 from dist_rec.optim.fused import FusedOptimizer, MomentumScaledRowWiseAdagrad
 from dist_rec.sharding.column_wise import ColumnBlockUpdate, ColumnWise
-from dist_rec.sharding.comm import COMM_STATS, PooledAllToAll, all_reduce_mean_, all_to_all, feature_major_order
+from dist_rec.sharding.comm import (
+    COMM_STATS,
+    all_reduce_mean_,
+    all_to_all,
+    feature_major_order,
+    finish_output_dist,
+    start_output_dist,
+)
 from dist_rec.sharding.dp_sharding import DataParallelUpdateExchange
 from dist_rec.sharding.plan import Shard, ShardingPlan
-from dist_rec.sharding.router import Router
+from dist_rec.sharding.router import Routed, Router
 from dist_rec.sharding.router import payload as routed_payload
 from dist_rec.sharding.row_wise import RowWise
 from dist_rec.sharding.scheme import ShardingScheme
@@ -66,6 +73,28 @@ class _Slot:
     @property
     def name(self) -> str:
         return f"{self.feature}@{self.shard_index}"
+
+
+@dataclass
+class _InputDist:
+    """One batch's input dist on its way (see ``start_input_dist``)."""
+
+    features: object  # the batch as given: a later forward matches it by identity
+    keys: List[str]
+    batch: int = 0
+    lengths: Optional[torch.Tensor] = None  # [F, B] int64
+    values: Optional[torch.Tensor] = None  # int64, feature-major
+    weights: Optional[torch.Tensor] = None
+    routed: Optional[Routed] = None
+    error: Optional[Exception] = None  # this rank's input was refused, for this reason
+    refused_by: Optional[int] = None  # the first rank of the group that refused its input
+    received_counts: Optional[torch.Tensor] = None
+    ids_started: bool = False
+    batch_sizes: Optional[List[int]] = None
+    receive_sizes: Optional[List[int]] = None
+    received: Optional[torch.Tensor] = None
+    received_weights: Optional[torch.Tensor] = None
+    works: List = field(default_factory=list)  # collectives still in flight
 
 
 @dataclass
@@ -224,6 +253,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             and plan.tables[configs[self._feature_table[f]].name].sharding_type != "data_parallel"
         }
         self._row_limits: Dict[Tuple[str, ...], torch.Tensor] = {}
+        self._prefetched: List[_InputDist] = []  # batches whose input dist was started, in order
 
         self._initialise(source)
 
@@ -414,46 +444,35 @@ class ShardedEmbeddingBagCollection(nn.Module):
         ``[B, sum of dims]`` columns in config order, as the unsharded
         collection. A collective over the sharding group: every rank calls
         it each step. Bad input on any rank stops every rank with an error
-        (the others are told which rank), never a hang."""
-        keys = list(features.keys())
-        error = self._validate(keys, features)
-        if error is not None:
-            self._refuse(error)
-        batch = features.stride()
-        lengths = features.lengths().to(torch.int64)
-        values = features.values()
-        weights = features.weights_or_none() if self._is_weighted else None
-        per_feature = lengths.view(len(keys), batch).sum(dim=1)
-        value_slices = torch.split(values.to(torch.int64), per_feature.tolist())
-        weight_slices = torch.split(weights, per_feature.tolist()) if weights is not None else [None] * len(keys)
-        lengths_by_feature = lengths.view(len(keys), batch)
-        by_name = {k: i for i, k in enumerate(keys)}
+        (the others are told which rank), never a hang.
 
-        received, work = None, None
+        If ``start_input_dist(features)`` was called for this very batch
+        (a train pipeline, one step ahead), its ids are already here and
+        only the lookup and the output all-to-all remain."""
+        state = self._take_prefetched(features)
+        if state is None:
+            state = self._start_input_dist(features) if self._shards else self._local_input(features)
+        received, box = None, None
         if self._shards:
-            received, work = self._model_parallel(keys, lengths_by_feature, values.to(torch.int64), weights, batch)
-        elif self.data_parallel is not None:
-            self._agree_input(None)
-        dp_pooled = None
-        if self.data_parallel is not None:
-            dp_keys = [f for c in self.data_parallel.embedding_bag_configs() for f in c.feature_names]
-            idx = [by_name[f] for f in dp_keys]
-            dp_input = KeyedJaggedTensor(
-                keys=dp_keys,
-                values=torch.cat([value_slices[i] for i in idx]),
-                lengths=torch.cat([lengths_by_feature[i] for i in idx]),
-                weights=torch.cat([weight_slices[i] for i in idx]) if weights is not None else None,
-            )
-            dp_pooled = self.data_parallel(dp_input).values()
+            if not state.ids_started:
+                self._exchange_ids(state)
+            self._finish_input_dist(state)
+            received, box = self._lookup_and_send(state)
+        batch, weights = state.batch, state.weights
+        lengths_by_feature = state.lengths
+        by_name = {k: i for i, k in enumerate(state.keys)}
+        dp_pooled = self._data_parallel_lookup(state.keys, lengths_by_feature, state.values, weights)
         mean_counts = {
             f: lengths_by_feature[by_name[self._feature_names[f]]].clamp(min=1) for f in self._mean_features
         }
 
         def assemble() -> torch.Tensor:
             pieces: List[torch.Tensor] = []
-            if work is not None:
-                work.wait()
-                blocks = torch.split(received, [batch * w for w in self._widths])
+            if received is not None:
+                # The rows were sent before the caller's dense layers ran; the
+                # node made here (after them) runs early in the backward.
+                joined = finish_output_dist(received, box)
+                blocks = torch.split(joined, [batch * w for w in self._widths])
                 for block, width, slot_widths in zip(blocks, self._widths, self._slot_widths):
                     pieces.extend(torch.split(block.view(batch, width), slot_widths, dim=1))
             if dp_pooled is not None:
@@ -471,39 +490,124 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
         return _PendingKeyedTensor(self._feature_names, self._feature_dims, assemble)
 
-    def _model_parallel(self, keys, lengths_by_feature, values, weights, batch):
-        """Input all-to-all, local fused lookup, output all-to-all (started,
-        not waited for: returns the output buffer and its work handle)."""
-        size, weighted = self._group_size, self._is_weighted
-        routed = self._router(keys).route(lengths_by_feature, values, weights)
-        id_counts = routed.ids_per_rank
-        device = lengths_by_feature.device
-        counts = torch.tensor([[batch, n, 0] for n in id_counts], dtype=torch.int64, device=device).reshape(-1)
-        received_counts = self._exchange_counts(counts)
-        batch_sizes = received_counts[:, 0].tolist()
-        my_slots = len(self._my_slots)
-        payload_sizes = [len(slots) * batch + n for slots, n in zip(self._slots_by_rank, id_counts)]
-        receive_sizes = [my_slots * b + int(n) for b, n in zip(batch_sizes, received_counts[:, 1].tolist())]
+    # -- input dist, in stages (a train pipeline runs them a step ahead) -------
 
-        payload = routed_payload(routed, [len(slots) for slots in self._slots_by_rank])
-        received = all_to_all(payload, payload_sizes, receive_sizes, self._group, "input_dist")
-        received_weights = None
-        if weighted:
-            received_weights = all_to_all(
-                routed.weights.to(torch.float32), id_counts, received_counts[:, 1].tolist(), self._group, "input_dist"
+    def start_input_dist(self, features) -> None:
+        """Starts sending ``features``' ids to their shards (first stage:
+        routing and the counts all-to-all, in the background). The matching
+        ``forward(features)`` -- the same object -- picks them up. A
+        collective: every rank of the group calls it, in the same order as
+        its other collectives. Bad input is reported by that ``forward``,
+        on every rank, not here. A no-op for a collection without
+        model-parallel tables."""
+        if not self._shards:
+            return
+        self._prefetched.append(self._start_input_dist(features))
+
+    def continue_input_dist(self) -> None:
+        """Second stage for every started batch: waits for its counts and
+        starts the all-to-all of its lengths and ids (in the background).
+        Call it after the forward of the current batch, before its backward,
+        so that the ids travel while the backward computes."""
+        for state in self._prefetched:
+            if not state.ids_started:
+                self._exchange_ids(state)
+
+    def _take_prefetched(self, features) -> Optional["_InputDist"]:
+        for i, state in enumerate(self._prefetched):
+            if state.features is features:
+                if i != 0:
+                    raise RuntimeError(
+                        "ShardedEmbeddingBagCollection: batches whose input dist was started must be looked up "
+                        "in the order they were started."
+                    )
+                return self._prefetched.pop(0)
+        if self._prefetched:
+            raise RuntimeError(
+                "ShardedEmbeddingBagCollection: forward got a batch other than the one whose input dist was "
+                "started (start_input_dist); every rank must look up the batches it started, in order."
             )
+        return None
 
+    def _start_input_dist(self, features) -> "_InputDist":
+        """Validates and routes this rank's batch, starts the counts
+        all-to-all ``(batch, ids, refused)`` per destination. Bad input sends
+        the refusal flag instead (so that no rank waits) and is raised later,
+        by ``_finish_input_dist``."""
+        keys = list(features.keys())
+        state = _InputDist(features=features, keys=keys)
+        state.error = self._validate(keys, features)
+        size = self._group_size
+        if state.error is not None:
+            counts = torch.tensor([0, 0, 1] * size, dtype=torch.int64, device=self._device)
+        else:
+            state.batch = features.stride()
+            state.lengths = features.lengths().to(torch.int64).view(len(keys), state.batch)
+            state.values = features.values().to(torch.int64)
+            state.weights = features.weights_or_none() if self._is_weighted else None
+            state.routed = self._router(keys).route(state.lengths, state.values, state.weights)
+            counts = torch.tensor(
+                [[state.batch, n, 0] for n in state.routed.ids_per_rank], dtype=torch.int64, device=self._device
+            ).reshape(-1)
+        pending: List = []
+        state.received_counts = all_to_all(counts, [3] * size, [3] * size, self._group, "input_dist", pending)
+        state.works = pending
+        return state
+
+    def _exchange_ids(self, state: "_InputDist") -> None:
+        """Waits for the counts; unless a rank refused, starts the all-to-all
+        of bag lengths and ids (and one of per-id weights)."""
+        for work in state.works:
+            work.wait()
+        state.works, state.ids_started = [], True
+        received_counts = state.received_counts.view(self._group_size, 3)
+        refused = (received_counts[:, 2] != 0).nonzero()
+        if state.error is not None or refused.numel() > 0:
+            state.refused_by = int(refused[0]) if refused.numel() > 0 else None
+            return
+        routed, slots = state.routed, len(self._my_slots)
+        state.batch_sizes = received_counts[:, 0].tolist()
+        received_ids = received_counts[:, 1].tolist()
+        payload_sizes = [len(s) * state.batch + n for s, n in zip(self._slots_by_rank, routed.ids_per_rank)]
+        state.receive_sizes = [slots * b + n for b, n in zip(state.batch_sizes, received_ids)]
+        payload = routed_payload(routed, [len(s) for s in self._slots_by_rank])
+        pending: List = []
+        state.received = all_to_all(payload, payload_sizes, state.receive_sizes, self._group, "input_dist", pending)
+        if self._is_weighted:
+            state.received_weights = all_to_all(
+                routed.weights.to(torch.float32), routed.ids_per_rank, received_ids, self._group, "input_dist", pending
+            )
+        state.works = pending
+        state.routed = None  # the payload is on its way; the routed copy is not needed
+
+    def _finish_input_dist(self, state: "_InputDist") -> None:
+        """Raises this rank's or another rank's refusal; else waits for the ids."""
+        if state.error is not None:
+            raise state.error
+        if state.refused_by is not None:
+            raise RuntimeError(
+                f"ShardedEmbeddingBagCollection: rank {state.refused_by} of the sharding group refused its input "
+                "(its error says why); this rank stops too."
+            )
+        for work in state.works:
+            work.wait()
+        state.works = []
+
+    def _lookup_and_send(self, state: "_InputDist"):
+        """Local fused lookup of the received bags, then the output
+        all-to-all (started, not waited for): ``(buffer, its box)``."""
+        batch_sizes, receive_sizes, my_slots = state.batch_sizes, state.receive_sizes, len(self._my_slots)
         if not self._my_slots:
-            pooled = torch.zeros(sum(batch_sizes), 0, device=device)
+            pooled = torch.zeros(sum(batch_sizes), 0, device=self._device)
         else:
             rank_lengths, rank_ids = [], []
-            for q, part in enumerate(torch.split(received, receive_sizes)):
+            for q, part in enumerate(torch.split(state.received, receive_sizes)):
                 bags = my_slots * batch_sizes[q]
                 rank_lengths.append(part[:bags].view(my_slots, batch_sizes[q]))
                 rank_ids.append(part[bags:])
             order = feature_major_order(rank_lengths, [t.numel() for t in rank_ids])
             local_values = torch.cat(rank_ids).index_select(0, order)
-            local_weights = received_weights.index_select(0, order) if weighted else None
+            local_weights = state.received_weights.index_select(0, order) if self._is_weighted else None
             local_lengths = torch.cat(rank_lengths, dim=1)  # [slots, group batch]
             pooled = torch.cat(
                 [
@@ -512,32 +616,37 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 ],
                 dim=1,
             )
-        pending: List = []
-        received = PooledAllToAll.apply(pooled, batch_sizes, self._widths, self._group, 1.0 / size, pending)
-        return received, pending[0]
+        state.received = state.received_weights = None
+        return start_output_dist(pooled, batch_sizes, self._widths, self._group, 1.0 / self._group_size)
 
-    def _exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """All-to-all of ``(batch, ids, refused)`` per destination; raises on
-        every rank if any rank refused its input."""
-        size = self._group_size
-        received = all_to_all(counts, [3] * size, [3] * size, self._group, "input_dist").view(size, 3)
-        refused = (received[:, 2] != 0).nonzero()
-        if refused.numel() > 0:
-            raise RuntimeError(
-                f"ShardedEmbeddingBagCollection: rank {int(refused[0])} of the sharding group refused its input "
-                "(its error says why); this rank stops too."
-            )
-        return received
+    def _data_parallel_lookup(self, keys, lengths_by_feature, values, weights) -> Optional[torch.Tensor]:
+        """Pooled ``[B, dims]`` of the data-parallel tables' features, or None."""
+        if self.data_parallel is None:
+            return None
+        per_feature = lengths_by_feature.sum(dim=1).tolist()
+        value_slices = torch.split(values, per_feature)
+        weight_slices = torch.split(weights, per_feature) if weights is not None else None
+        by_name = {k: i for i, k in enumerate(keys)}
+        dp_keys = [f for c in self.data_parallel.embedding_bag_configs() for f in c.feature_names]
+        idx = [by_name[f] for f in dp_keys]
+        dp_input = KeyedJaggedTensor(
+            keys=dp_keys,
+            values=torch.cat([value_slices[i] for i in idx]),
+            lengths=torch.cat([lengths_by_feature[i] for i in idx]),
+            weights=torch.cat([weight_slices[i] for i in idx]) if weights is not None else None,
+        )
+        return self.data_parallel(dp_input).values()
 
-    def _refuse(self, error: Exception) -> None:
-        """Tells the other ranks this rank's input was bad (through the step's
-        first collective, so none of them waits), then raises ``error``."""
-        if self._shards:
-            flag = torch.tensor([0, 0, 1] * self._group_size, dtype=torch.int64, device=self._device)
-            all_to_all(flag, [3] * self._group_size, [3] * self._group_size, self._group, "input_dist")
-        else:
-            self._agree_input(error)
-        raise error
+    def _local_input(self, features) -> "_InputDist":
+        """The input of a collection of data-parallel tables alone: the ranks
+        agree it is good (one tiny all-reduce); no ids move."""
+        keys = list(features.keys())
+        self._agree_input(self._validate(keys, features))
+        state = _InputDist(features=features, keys=keys, batch=features.stride())
+        state.lengths = features.lengths().to(torch.int64).view(len(keys), state.batch)
+        state.values = features.values().to(torch.int64)
+        state.weights = features.weights_or_none() if self._is_weighted else None
+        return state
 
     def _router(self, keys: List[str]) -> Router:
         """The router of this key order (cached): each input feature's slots."""
