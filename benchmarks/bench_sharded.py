@@ -283,7 +283,7 @@ def pipelined(library: str, dmp, optimizer, batches: List[dict]):
         objects = [Batch(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
         return _torchrec_dmp.train_pipeline(dmp, optimizer), objects
     from dist_rec.data.batch import Batch
-    from dist_rec.sharding import TrainPipelineSparseDist
+    from dist_rec.sharding.pipeline import TrainPipelineSparseDist
 
     objects = [Batch(b["dense"], to_kjt(library, b), b["labels"]) for b in batches]
     return TrainPipelineSparseDist(dmp, optimizer, _dist_rec_loss), objects

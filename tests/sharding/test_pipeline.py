@@ -17,7 +17,8 @@ from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from dist_rec.data.batch import Batch
 from dist_rec.models import DLRM
 from dist_rec.optim import RowWiseAdagrad
-from dist_rec.sharding import DistributedModelParallel, ShardingPlan, TrainPipelineSparseDist, table_sharding
+from dist_rec.sharding import DistributedModelParallel, ShardingPlan, table_sharding
+from dist_rec.sharding.pipeline import TrainPipelineSparseDist
 from dist_rec.testing.multi_process import run_multi_process
 
 TABLES = [
