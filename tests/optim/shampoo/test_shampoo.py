@@ -84,7 +84,7 @@ SETTINGS = {
     "decoupled-decay": dict(weight_decay=0.01, use_decoupled_weight_decay=True, momentum=0.5),
     "clip": dict(max_grad_norm=1.0),
     "root-override-int": dict(inv_root_override=2),
-    "root-override-list": dict(inv_root_override=[1, 0, 3]),
+    "root-override-list": dict(inv_root_override=[1, 0, 3], epsilon=1e-4),  # r=1 on vectors: a plain inverse
 }
 
 
