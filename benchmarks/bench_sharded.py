@@ -51,6 +51,17 @@ per (preset, processes, sharding type): each library's median over rounds,
 examples/s of the whole job (``W x B / step``) and the speedup, the median over
 rounds of the per-round ratio TorchRec / dist_rec step time.
 
+Train loops (``--loop``): ``plain`` is the step above, called by the
+benchmark; ``pipeline`` is each library's own train pipeline, which starts
+the input dist of the next batch while the current one trains (dist_rec:
+``dist_rec.sharding.pipeline.TrainPipelineSparseDist``; TorchRec:
+``torchrec.distributed.train_pipeline.TrainPipelineSparseDist`` on the CPU,
+its DMP wrapping ``_torchrec_dmp.TrainModule``, the same DLRM and loss
+behind TorchRec's ``model(batch) -> (loss, output)`` interface). A pipelined
+step is one ``progress`` call (zero_grad, forward, backward, dense step;
+dist_rec's also calls ``dmp.sync()``), fed one batch more than it trains so
+that the last timed step also sends a next batch.
+
 Correctness pass, before timing, per (preset, processes, sharding type): on
 ``W`` processes, each library's sharded model trains ``--check-steps`` steps
 from the shared init; rank 0 also trains an unsharded reference (TorchRec's
@@ -59,7 +70,7 @@ benchmark checks against dist_rec's) on the global batches (the ``W``
 processes' batches in rank order). Sharded training must be one step on the
 global batch: the mean of the processes' losses must match the reference's
 loss on the global batch, and the weights after the last step must match the
-reference's (dense for both libraries; tables gathered from TorchRec's
+reference's, for every loop (dense for both libraries; tables gathered from TorchRec's
 ShardedTensors and by dist_rec's ``ShardedEmbeddingBagCollection.
 gather_unsharded()``). Dense gradients are DDP averages, so
 exactly the global batch's; TorchRec sums the embedding gradients of the
@@ -272,7 +283,7 @@ def _dist_rec_loss(model, batch) -> torch.Tensor:
 def pipelined(library: str, dmp, optimizer, batches: List[dict]):
     """``(pipeline, batch objects)``: each library's own train pipeline,
     which starts the next batch's input dist during the current step
-    (dist_rec: ``dist_rec.sharding.TrainPipelineSparseDist``; TorchRec:
+    (dist_rec: ``dist_rec.sharding.pipeline.TrainPipelineSparseDist``; TorchRec:
     ``torchrec.distributed.train_pipeline.TrainPipelineSparseDist``, whose
     step is zero_grad, forward, backward, dense optimizer step, like
     ``train_step``), and the batches in the form it takes."""
@@ -667,9 +678,17 @@ processes, variants alternating for {args.rounds} rounds; step times are
 medians over rounds, ex/s is the whole job's (`W x B / step`; per process divide by `W`), the speedup the
 median of the per-round ratios TorchRec / dist_rec.
 
-Correctness pass before timing (each library's sharded model against one
-process trained on the global batches, {args.check_steps} steps; max
-differences of the mean loss and of the weights): {checks or "skipped"}.
+Train loops: `plain` is that step called in a loop; `pipeline` is each
+library's own `TrainPipelineSparseDist` (dist_rec's
+`dist_rec.sharding.pipeline`, TorchRec's `torchrec.distributed.train_pipeline`
+on the CPU, the same DLRM and loss behind its `model(batch) -> (loss, output)`
+interface), which sends the next batch's ids while the current batch trains;
+a pipelined step is one `progress` call (its phases overlap, so it has no
+row in the phase table).
+
+Correctness pass before timing (each library's sharded model, with every
+loop, against one process trained on the global batches, {args.check_steps}
+steps; max differences of the mean loss and of the weights): {checks or "skipped"}.
 
 {table}
 

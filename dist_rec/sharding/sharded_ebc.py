@@ -90,6 +90,7 @@ class _InputDist:
     refused_by: Optional[int] = None  # the first rank of the group that refused its input
     received_counts: Optional[torch.Tensor] = None
     ids_started: bool = False
+    background: bool = True  # collectives run asynchronously (started ahead by a pipeline)
     batch_sizes: Optional[List[int]] = None
     receive_sizes: Optional[List[int]] = None
     received: Optional[torch.Tensor] = None
@@ -451,7 +452,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         only the lookup and the output all-to-all remain."""
         state = self._take_prefetched(features)
         if state is None:
-            state = self._start_input_dist(features) if self._shards else self._local_input(features)
+            state = self._start_input_dist(features, background=False) if self._shards else self._local_input(features)
         received, box = None, None
         if self._shards:
             if not state.ids_started:
@@ -529,7 +530,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             )
         return None
 
-    def _start_input_dist(self, features) -> "_InputDist":
+    def _start_input_dist(self, features, background: bool = True) -> "_InputDist":
         """Validates and routes this rank's batch, starts the counts
         all-to-all ``(batch, ids, refused)`` per destination. Bad input sends
         the refusal flag instead (so that no rank waits) and is raised later,
@@ -549,9 +550,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
             counts = torch.tensor(
                 [[state.batch, n, 0] for n in state.routed.ids_per_rank], dtype=torch.int64, device=self._device
             ).reshape(-1)
-        pending: List = []
+        pending: Optional[List] = [] if background else None
         state.received_counts = all_to_all(counts, [3] * size, [3] * size, self._group, "input_dist", pending)
-        state.works = pending
+        state.works = pending or []
+        state.background = background
         return state
 
     def _exchange_ids(self, state: "_InputDist") -> None:
@@ -571,13 +573,13 @@ class ShardedEmbeddingBagCollection(nn.Module):
         payload_sizes = [len(s) * state.batch + n for s, n in zip(self._slots_by_rank, routed.ids_per_rank)]
         state.receive_sizes = [slots * b + n for b, n in zip(state.batch_sizes, received_ids)]
         payload = routed_payload(routed, [len(s) for s in self._slots_by_rank])
-        pending: List = []
+        pending: Optional[List] = [] if state.background else None  # the plain loop waits at once
         state.received = all_to_all(payload, payload_sizes, state.receive_sizes, self._group, "input_dist", pending)
         if self._is_weighted:
             state.received_weights = all_to_all(
                 routed.weights.to(torch.float32), routed.ids_per_rank, received_ids, self._group, "input_dist", pending
             )
-        state.works = pending
+        state.works = pending or []
         state.routed = None  # the payload is on its way; the routed copy is not needed
 
     def _finish_input_dist(self, state: "_InputDist") -> None:
