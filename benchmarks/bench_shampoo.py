@@ -219,7 +219,9 @@ def quality_part(args) -> str:
         for key, value in settings.items():
             setattr(config.optimizer, key, value)
         if settings["dense"] == "shampoo":
-            config.optimizer.shampoo = dict(precondition_frequency=args.quality_frequency, max_preconditioner_dim=args.max_preconditioner_dim)
+            config.optimizer.shampoo.precondition_frequency = args.quality_frequency
+            config.optimizer.shampoo.max_preconditioner_dim = args.max_preconditioner_dim
+            config.optimizer.shampoo.epsilon = args.quality_epsilon
         config.train.steps = args.quality_steps
         config.train.eval_every = 0
         config.train.output_dir = None
@@ -248,6 +250,7 @@ def main() -> None:
     parser.add_argument("--quality-config", default="launch/configs/default.yaml")
     parser.add_argument("--quality-steps", type=int, default=3000)
     parser.add_argument("--quality-frequency", type=int, default=10)
+    parser.add_argument("--quality-epsilon", type=float, default=1e-8)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()

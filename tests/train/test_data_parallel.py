@@ -100,6 +100,13 @@ def _config(batch_size: int, dense: str, sparse: str, out: str, interaction: str
             "data.mean_bag_length=2.5",
             f"model.interaction={interaction}",
             "model.dcn_low_rank=4",
+            # Shampoo: blocks spread over the 2 ranks; roots every 3 steps, split blocks;
+            # epsilon 1e-3: DDP's averaged gradient and one process's mean differ in
+            # the last bits of float32, which Shampoo magnifies by about 1/epsilon
+            # in directions its statistics have barely seen (docs/shampoo.md).
+            "optimizer.shampoo.precondition_frequency=3",
+            "optimizer.shampoo.max_preconditioner_dim=24",
+            "optimizer.shampoo.epsilon=1e-3",
         ],
     )
 
@@ -123,6 +130,7 @@ def _train_rank(rank, world_size, dense, sparse, interaction, sharding, out):
         ("adagrad", "rowwise_adagrad", "dot", "row_wise"),
         ("adam", "sgd", "dot", "table_wise"),
         ("sgd", "rowwise_adagrad", "dcn", "column_wise"),
+        ("shampoo", "rowwise_adagrad", "dot", "table_wise"),
     ],
 )
 def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, dense, sparse, interaction, sharding):
