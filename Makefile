@@ -2,6 +2,7 @@
 # `make test`; both create .venv and install everything they need first.
 #
 #   make install   virtual environment + dependencies + native extension
+#                  + DeepSpeed (the optional dense engine, docs/deepspeed.md)
 #   make main      the main job: 2-process torchrun DLRM training on synthetic data (~5 min)
 #   make test      the test suite
 #   make bench     the embedding and training benchmarks (write docs/benchmarks.md)
@@ -25,7 +26,14 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-install: $(VENV)/.built
+# DeepSpeed on the CPU accelerator, its shm comm op compiled here (about 1.5
+# min) rather than at the start of every run; --no-deps keeps our torch.
+$(VENV)/.deepspeed: requirements-deepspeed.txt | $(VENV)/.deps
+	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 \
+		$(PY) -m pip install --quiet --no-build-isolation --no-deps -r requirements-deepspeed.txt
+	touch $@
+
+install: $(VENV)/.built $(VENV)/.deepspeed
 
 main: install
 	PYTHON=$(PY) launch/train.sh --config launch/configs/default.yaml

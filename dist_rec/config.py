@@ -26,6 +26,11 @@ BACKENDS = ("auto", "gloo", "nccl")
 SHARDING_CHOICES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "auto")
 GRID_LAYOUTS = ("shards_on_host", "replicas_on_host")
 DEVICES = ("auto", "cpu", "cuda")
+DENSE_ENGINES = ("ddp", "deepspeed")
+ZERO_STAGES = (1, 2)
+# ZeRO steps the dense optimizer on flat slices of the parameters, so only
+# optimizers that update every element on its own are exact under it.
+DEEPSPEED_DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 
 
 class ConfigError(ValueError):
@@ -214,6 +219,12 @@ class RunConfig:
             whose checkpoint_dir holds a checkpoint resumes from it (any
             world size or sharding with the same global batch).
         checkpoint_every: save every this many steps (0: only at the end).
+        dense_engine: who owns the dense parameters: "ddp" (DistributedDataParallel)
+            or "deepspeed" (DeepSpeed ZeRO, an optional install; 2 or more
+            processes; see docs/deepspeed.md). The tables are sharded by
+            dist_rec either way.
+        zero_stage: DeepSpeed ZeRO stage with dense_engine="deepspeed": 1
+            (optimizer state partitioned over the ranks) or 2 (gradients too).
     """
 
     batch_size: int = 512
@@ -228,6 +239,8 @@ class RunConfig:
     threads: int = 0
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
+    dense_engine: str = "ddp"
+    zero_stage: int = 2
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
@@ -241,6 +254,10 @@ class RunConfig:
             raise _invalid(f"{prefix}.backend", self.backend, f"one of {list(BACKENDS)}")
         if self.device not in DEVICES:
             raise _invalid(f"{prefix}.device", self.device, f"one of {list(DEVICES)}")
+        if self.dense_engine not in DENSE_ENGINES:
+            raise _invalid(f"{prefix}.dense_engine", self.dense_engine, f"one of {list(DENSE_ENGINES)}")
+        if self.zero_stage not in ZERO_STAGES:
+            raise _invalid(f"{prefix}.zero_stage", self.zero_stage, f"one of {list(ZERO_STAGES)} (DeepSpeed ZeRO stage)")
 
 
 @dataclass
@@ -292,7 +309,31 @@ class TrainConfig:
             getattr(self, section.name).validate(section.name)
         if self.data.source == "synthetic" and self.train.steps == 0:
             raise _invalid("train.steps", 0, ">= 1 for synthetic data (its training stream is endless)")
+        if self.train.dense_engine == "deepspeed":
+            self.check_deepspeed()
         return self
+
+    def check_deepspeed(self) -> None:
+        """What the DeepSpeed dense engine cannot do, refused before a run
+        (the trainer asks again: a config can be edited after loading)."""
+        dense = self.optimizer.dense
+        if dense not in DEEPSPEED_DENSE_OPTIMIZERS:
+            why = (
+                " (Shampoo preconditions whole parameter blocks and distributes its own work; ZeRO would hand it flat "
+                "slices: use train.dense_engine='ddp')"
+                if "shampoo" in dense
+                else ""
+            )
+            raise _invalid(
+                "optimizer.dense", dense, f"one of {list(DEEPSPEED_DENSE_OPTIMIZERS)} with train.dense_engine='deepspeed'{why}"
+            )
+        if self.train.checkpoint_dir:
+            raise _invalid(
+                "train.checkpoint_dir",
+                self.train.checkpoint_dir,
+                "'' with train.dense_engine='deepspeed' (the ZeRO-partitioned dense optimizer state is not checkpointed; "
+                "use train.dense_engine='ddp' for runs that save and resume)",
+            )
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,7 +5,9 @@ form a group (NCCL with GPUs, gloo on CPU). Dense layers are data-parallel
 through DDP; embedding tables are data-parallel too, with the optimizer
 fused into the backward and updates agreed from the global batch
 (``dist_rec.sharding.dp_sharding``), so N processes with batch B train as
-one with batch N x B.
+one with batch N x B. With ``train.dense_engine=deepspeed`` DeepSpeed ZeRO
+(stage 1 or 2) owns the dense layers instead of DDP, with the same numbers
+(``dist_rec.engines.deepspeed_engine``).
 
     python -m dist_rec.train --config launch/configs/default.yaml train.steps=500
     torchrun --nproc-per-node 2 -m dist_rec.train --config launch/configs/default.yaml
@@ -211,11 +213,12 @@ class TrainResult:
     losses: List[float]
     output_dir: Optional[Path]
     model: Optional[nn.Module] = None
+    dense_engine: Optional[object] = None  # the DeepSpeedDenseEngine with train.dense_engine=deepspeed
 
 
 def shard_model(model: DLRM, config: TrainConfig, env: Environment) -> DistributedModelParallel:
     """The model with its tables spread as ``config.sharding`` says and its
-    dense layers under DDP."""
+    dense layers under DDP (left bare for another dense engine)."""
     s = config.sharding
     plan = ShardingPlan.load(s.plan) if s.plan else None
     sharding_type = None if plan is not None or s.type == "auto" else s.type
@@ -230,6 +233,7 @@ def shard_model(model: DLRM, config: TrainConfig, env: Environment) -> Distribut
         layout=s.layout,
         memory_per_rank=s.memory_per_rank_mb << 20 if s.memory_per_rank_mb else None,
         device=env.device,
+        wrap_dense=config.train.dense_engine == "ddp",
     )
 
 
@@ -317,6 +321,13 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
     of the group when distributed). Returns what rank 0 reports."""
     env = env or setup_environment(config)
     run = config.train
+    if run.dense_engine == "deepspeed":
+        config.check_deepspeed()
+        if not env.distributed:
+            raise ConfigError(
+                "Invalid train.dense_engine='deepspeed'. Must be 'ddp' for a single process (DeepSpeed ZeRO partitions "
+                "the dense optimizer over 2 or more processes: launch with torchrun)."
+            )
     say = (lambda *a: print(*a, flush=True)) if env.is_main and not quiet else (lambda *a: None)
     output_dir = Path(run.output_dir) if run.output_dir else None
     if env.is_main and output_dir is not None:
@@ -337,6 +348,12 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
     trained = sharded if sharded is not None else model
     model = sharded.unwrapped if sharded is not None else model
     optimizer = dense_optimizer(config, [p for p in trained.parameters() if p.requires_grad])
+    engine = None
+    if run.dense_engine == "deepspeed":
+        from dist_rec.engines.deepspeed_engine import DeepSpeedDenseEngine
+
+        engine = DeepSpeedDenseEngine(sharded, optimizer, run.zero_stage, run.batch_size)
+        trained = engine
     fold_increments = isinstance(model.sparse_arch.optimizer, MomentumScaledRowWiseAdagrad)
     loss_fn = nn.BCEWithLogitsLoss()
 
@@ -347,6 +364,8 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         f"{len(data.sparse_feature_names)} tables / {sum(data.num_embeddings_per_feature):,} rows x "
         f"{config.model.embedding_dim}, {torch.get_num_threads()} thread(s) per process"
     )
+    if engine is not None:
+        say(f"dense: {engine.describe()}")
     if sharded is not None:
         say(f"sharding: {sharded.grid}, replicas synchronised every {sharded.sync_every} step(s)")
         say(str(sharded.plans["sparse_arch"]))
@@ -371,9 +390,13 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         batch = batch.to(env.device)
         logits = trained(batch.dense_features, batch.sparse_features).reshape(-1)
         loss = loss_fn(logits, batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if engine is not None:
+            engine.backward(loss)  # the tables' all-to-alls and fused updates run in here too
+            engine.step()  # and zeroes the dense gradients
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         if sharded is not None:
             sharded.sync()  # 2D: agree the replicas every sync_every steps (and fold momentum-scaled increments)
         elif fold_increments:
@@ -427,6 +450,7 @@ def train(config: TrainConfig, env: Optional[Environment] = None, quiet: bool = 
         losses=losses,
         output_dir=output_dir,
         model=model,
+        dense_engine=engine,
     )
     if env.is_main and output_dir is not None:
         plot_path = plot_training(log.records, data.teacher_auc, output_dir / "training.png")
