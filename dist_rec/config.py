@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 DATA_SOURCES = ("synthetic", "criteo_text", "criteo_binary")
-DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "shampoo")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "momentum_scaled_rowwise_adagrad", "sgd")
 BACKENDS = ("auto", "gloo", "nccl")
 SHARDING_CHOICES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "auto")
@@ -162,12 +162,67 @@ class ModelConfig:
 
 
 @dataclass
+class ShampooConfig:
+    """``DistributedShampoo``'s settings for ``optimizer.dense: shampoo`` (the
+    optimizer's own names; see docs/shampoo.md). Its learning rate is
+    ``optimizer.dense_lr``.
+
+    Args:
+        distributed: with several processes, spread the blocks over the ranks
+            (each keeps and computes its share; one all-gather per step).
+        communication_dtype: "" (the parameters' dtype), "float32",
+            "bfloat16" or "float16" for that all-gather.
+    """
+
+    betas: List[float] = field(default_factory=lambda: [0.9, 1.0])
+    epsilon: float = 1e-12
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    use_decoupled_weight_decay: bool = True
+    max_preconditioner_dim: int = 1024
+    precondition_frequency: int = 1
+    start_preconditioning_step: int = -1
+    use_bias_correction: bool = True
+    grafting: str = "adagrad"
+    grafting_epsilon: float = 1e-10
+    grafting_beta2: float = 1.0
+    max_grad_norm: Optional[float] = None
+    distributed: bool = True
+    communication_dtype: str = ""
+
+    def optimizer_kwargs(self) -> Dict[str, Any]:
+        """The keyword arguments of ``DistributedShampoo`` (lr and
+        distribution aside)."""
+        kwargs = dataclasses.asdict(self)
+        for key in ("distributed", "communication_dtype"):
+            kwargs.pop(key)
+        kwargs["betas"] = tuple(kwargs["betas"])
+        return kwargs
+
+    def validate(self, prefix: str = "optimizer.shampoo") -> None:
+        if len(self.betas) != 2:
+            raise _invalid(f"{prefix}.betas", self.betas, "a list of two numbers [beta1, beta2]")
+        if self.communication_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise _invalid(f"{prefix}.communication_dtype", self.communication_dtype, "'', 'float32', 'bfloat16' or 'float16'")
+        import torch
+
+        from dist_rec.optim.shampoo import DistributedShampoo
+
+        try:  # the optimizer's own checks, on a stand-in parameter
+            DistributedShampoo([torch.zeros(1, requires_grad=True)], **self.optimizer_kwargs())
+        except ValueError as error:
+            raise ConfigError(f"{prefix}: {error}") from None
+
+
+@dataclass
 class OptimizerConfig:
     """Dense and sparse optimizers.
 
     Args:
-        dense: "sgd", "adagrad" or "adam", for the MLPs (DDP-averaged).
+        dense: "sgd", "adagrad", "adam" or "shampoo" (``DistributedShampoo``,
+            settings under ``shampoo``), for the MLPs (DDP-averaged).
         dense_lr: its learning rate.
+        shampoo: Shampoo's settings (used when dense is "shampoo").
         sparse: the fused embedding optimizer: "rowwise_adagrad",
             "momentum_scaled_rowwise_adagrad" or "sgd".
         sparse_lr, sparse_eps: its learning rate and epsilon.
@@ -184,10 +239,13 @@ class OptimizerConfig:
     sparse_weight_decay: float = 0.0
     sparse_weight_decay_mode: str = "none"
     sparse_momentum_scale: float = 1.0
+    shampoo: ShampooConfig = field(default_factory=ShampooConfig)
 
     def validate(self, prefix: str = "optimizer") -> None:
         if self.dense not in DENSE_OPTIMIZERS:
             raise _invalid(f"{prefix}.dense", self.dense, f"one of {list(DENSE_OPTIMIZERS)}")
+        if self.dense == "shampoo":
+            self.shampoo.validate(f"{prefix}.shampoo")
         if self.sparse not in SPARSE_OPTIMIZERS:
             raise _invalid(f"{prefix}.sparse", self.sparse, f"one of {list(SPARSE_OPTIMIZERS)}")
         _check(self.dense_lr > 0, f"{prefix}.dense_lr", self.dense_lr, "> 0")
@@ -391,6 +449,11 @@ def _coerce(hint, value: Any, name: str) -> Any:
             raise _invalid(name, value, "an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _invalid(name, value, "a number")
         return float(value)

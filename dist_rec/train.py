@@ -41,6 +41,7 @@ from dist_rec.modules.embedding_configs import EmbeddingBagConfig
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
 from dist_rec.sparse.jagged_tensor import KeyedJaggedTensor
 from dist_rec.optim.fused import SGD, FusedOptimizer, MomentumScaledRowWiseAdagrad, RowWiseAdagrad
+from dist_rec.optim.shampoo import DDPShampooConfig, DistributedShampoo
 from dist_rec.checkpoint import load_checkpoint, save_checkpoint
 from dist_rec.sharding.model_parallel import DistributedModelParallel
 from dist_rec.sharding.plan import ShardingPlan
@@ -158,6 +159,12 @@ def dense_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
         return torch.optim.SGD(parameters, lr=o.dense_lr)
     if o.dense == "adagrad":
         return torch.optim.Adagrad(parameters, lr=o.dense_lr)
+    if o.dense == "shampoo":
+        s = o.shampoo
+        spread = s.distributed and dist.is_initialized() and dist.get_world_size() > 1
+        dtype = getattr(torch, s.communication_dtype) if s.communication_dtype else None
+        distributed = DDPShampooConfig(communication_dtype=dtype) if spread else None
+        return DistributedShampoo(parameters, lr=o.dense_lr, distributed_config=distributed, **s.optimizer_kwargs())
     return torch.optim.Adam(parameters, lr=o.dense_lr)
 
 

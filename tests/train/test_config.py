@@ -35,7 +35,7 @@ def test_yaml_round_trip():
         ("train.batch_size=0", "Invalid train.batch_size=0. Must be >= 1."),
         ("train.steps=-3", "Invalid train.steps=-3. Must be >= 0."),
         ("train.steps=ten", "Invalid train.steps='ten'. Must be an integer."),
-        ("optimizer.dense=lamb", "Invalid optimizer.dense='lamb'. Must be one of ['sgd', 'adagrad', 'adam']."),
+        ("optimizer.dense=lamb", "Invalid optimizer.dense='lamb'. Must be one of ['sgd', 'adagrad', 'adam', 'shampoo']."),
         ("optimizer.sparse_lr=0", "Invalid optimizer.sparse_lr=0.0. Must be > 0."),
         ("data.source=parquet", "Invalid data.source='parquet'. Must be one of"),
         ("data.zipf_exponent=-1", "Invalid data.zipf_exponent=-1.0. Must be >= 0"),
@@ -72,3 +72,17 @@ def test_bad_config_file_is_refused(tmp_path):
 def test_command_line_reports_the_invalid_value(capsys):
     assert main(["--config", "launch/configs/tiny.yaml", "train.batch_size=-4"]) == 2
     assert "Invalid train.batch_size=-4. Must be >= 1." in capsys.readouterr().err
+
+
+def test_shampoo_settings_are_checked_by_the_optimizer():
+    config = load_config("launch/configs/default.yaml", ["optimizer.dense=shampoo", "optimizer.shampoo.precondition_frequency=10"])
+    assert config.optimizer.shampoo.optimizer_kwargs()["precondition_frequency"] == 10
+    with pytest.raises(ConfigError, match=r"optimizer.shampoo: Invalid grafting='lion'"):
+        load_config("launch/configs/default.yaml", ["optimizer.dense=shampoo", "optimizer.shampoo.grafting=lion"])
+    with pytest.raises(ConfigError, match=r"optimizer.shampoo.betas"):
+        load_config("launch/configs/default.yaml", ["optimizer.dense=shampoo", "optimizer.shampoo.betas=[0.9]"])
+
+
+def test_float_settings_accept_exponents_without_a_dot():
+    config = load_config("launch/configs/default.yaml", ["optimizer.shampoo.epsilon=1e-6"])
+    assert config.optimizer.shampoo.epsilon == 1e-6
