@@ -2,8 +2,6 @@
 docs/shampoo.md (float64, many shapes and settings, 40+ steps), plus its
 validation, blocking, root fallback and state_dict round trip."""
 
-import itertools
-
 import pytest
 import torch
 
@@ -300,4 +298,3 @@ def test_settings_table_covers_every_grafting_type():
     used = {SETTINGS[name].get("grafting", "adagrad") for name in SETTINGS}
     assert used == {"adagrad", "rmsprop", "adam", "sgd", "none"}
     assert any(len(s) == 3 for s in SHAPES) and any(len(s) == 1 for s in SHAPES)
-    assert list(itertools.chain(*[[s] for s in SHAPES]))
