@@ -284,7 +284,7 @@ def _any_has_batch(has_batch: bool) -> bool:
 
 
 def _empty_batch(like: Batch) -> Batch:
-    """A batch of no samples with ``like``'s features."""
+    """A batch of no samples with ``like``'s features and dtypes."""
     kjt = like.sparse_features
     empty = KeyedJaggedTensor(
         list(kjt.keys()), kjt.values()[:0], lengths=kjt.lengths()[:0],
@@ -298,18 +298,22 @@ def evaluate(model: nn.Module, dataset: Dataset, config: TrainConfig, env: Envir
     was_training = model.training
     model.eval()
     probabilities, labels = [], []
-    batches = dataset.batches(config.train.eval_batch_size, env.rank, env.world_size, drop_last=False)
+    batch_size = config.train.eval_batch_size
+    batches = dataset.batches(batch_size, env.rank, env.world_size, drop_last=False)
     template = None
     with torch.no_grad():
         while True:
             batch = next(batches, None)
-            # A sharded forward is a collective: ranks whose share has run
-            # out feed empty batches until every rank's has.
+            # A sharded forward is a collective: ranks whose share has run out
+            # (or never began: fewer batches than ranks) feed empty batches
+            # until every rank's has.
             if env.distributed and not _any_has_batch(batch is not None):
                 break
             if batch is None:
-                if not env.distributed or template is None:
+                if not env.distributed:
                     break
+                if template is None:  # shaped like the set's first batch
+                    template = next(dataset.batches(batch_size, 0, 1, drop_last=False))
                 batch = _empty_batch(template)
             template = batch
             batch = batch.to(env.device)

@@ -121,6 +121,7 @@ class DLRM(nn.Module):
                     f"needs every table's dim to equal dense_arch_layer_sizes[-1]={dim}."
                 )
         self.num_sparse_features = sum(len(c.feature_names) for c in configs)
+        self.embedding_dim = dim
         self.feature_names = [f for c in configs for f in c.feature_names]
         self.sparse_arch = embedding_bag_collection
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes)
@@ -133,7 +134,7 @@ class DLRM(nn.Module):
         lookup = self.sparse_arch(sparse_features)
         dense = self.dense_arch(dense_features)
         pooled = _in_order(lookup, self.feature_names)
-        sparse = pooled.reshape(pooled.shape[0], self.num_sparse_features, -1)
+        sparse = pooled.reshape(pooled.shape[0], self.num_sparse_features, self.embedding_dim)
         return self.over_arch(self.inter_arch(dense, sparse))
 
 
