@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embedding import machine_summary, update_section  # noqa: E402
 
 PRESETS = {
-    # A DLRM-like wide top MLP (hidden 2048 and 1024) at a production-like
-    # per-process batch: Shampoo's cost per step does not depend on the batch,
-    # the step's does (see --batch for the trade-off).
-    "wide": dict(widths=[512, 2048, 1024, 1], batch=4096),
+    # A wide top MLP (hidden 4096 and 1024 over a 1024-wide input) at a
+    # production-like per-process batch: Shampoo's cost per step does not
+    # depend on the batch, the step's does (see --batch for the trade-off).
+    "wide": dict(widths=[1024, 4096, 1024, 1], batch=4096),
     # The main job's DLRM dense arches (bottom 13-64-16, top 367-128-64-1 on the interaction).
     "dlrm": dict(widths=None, batch=1024),
 }

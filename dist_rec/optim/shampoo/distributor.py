@@ -5,7 +5,8 @@ block's search direction on every rank is pure duplication. Each block is
 instead owned by one rank, which alone keeps its statistics and roots and
 computes its direction; the directions are then all-gathered so that every
 rank applies the same update. Optimizer memory and compute fall with the
-number of ranks; the price is one all-gather of the update per step.
+number of ranks; the price is an all-gather of the update per step, cut
+into buckets that travel while the next ones compute.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ class DDPShampooConfig:
             directions travel in; None keeps the parameters' dtype. bf16 or
             fp16 halve the all-gather at the cost of rounding the update.
         process_group: the data-parallel group (None: the default group).
+        bucket_numel (int): the directions travel in buckets of about this
+            many elements, each all-gathered in the background while the
+            next bucket's directions compute. (Default: 2**20)
     """
 
     communication_dtype: Optional[torch.dtype] = None
     process_group: Optional[dist.ProcessGroup] = None
+    bucket_numel: int = 1 << 20
 
     def __post_init__(self) -> None:
+        if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 1:
+            raise ValueError(f"Invalid bucket_numel={self.bucket_numel!r}. Must be an int >= 1.")
         if self.communication_dtype not in COMMUNICATION_DTYPES:
             raise ValueError(
                 f"Invalid communication_dtype={self.communication_dtype}. Must be None, torch.float64, "
@@ -57,44 +64,73 @@ def assign_blocks(blocks: Sequence[Block], world_size: int) -> List[int]:
     return owners
 
 
-def all_gather_directions(
-    stepped: Sequence[int],
-    owners: Sequence[int],
-    blocks: Sequence[Block],
-    local: Dict[int, torch.Tensor],
-    dtype: torch.dtype,
-    device: torch.device,
-    group: Optional[dist.ProcessGroup],
-) -> Dict[int, torch.Tensor]:
-    """Every stepped block's direction on every rank.
-
-    ``stepped`` lists the blocks updated this step (the same on every rank),
-    ``local`` this rank's directions. Each rank packs its blocks into one
-    flat buffer, padded to the longest, and one all-gather delivers them; the
-    rank's own blocks are read back from the gathered copy too, so that every
-    rank applies bitwise the same update whatever the communication dtype.
-    """
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    by_rank: List[List[int]] = [[] for _ in range(world)]
+def buckets(stepped: Sequence[int], blocks: Sequence[Block], bucket_numel: int) -> List[List[int]]:
+    """``stepped`` cut into consecutive runs of about ``bucket_numel``
+    elements (a block is never split): the same cut on every rank."""
+    out: List[List[int]] = []
+    size = 0
     for b in stepped:
-        by_rank[owners[b]].append(b)
-    width = max(sum(blocks[b].numel for b in mine) for mine in by_rank)
-    if width == 0:
-        return {}
-    send = torch.zeros(width, dtype=dtype, device=device)
-    offset = 0
-    for b in by_rank[rank]:
-        n = blocks[b].numel
-        send[offset : offset + n] = local[b].reshape(-1)
-        offset += n
-    received = [torch.empty_like(send) for _ in range(world)]
-    dist.all_gather(received, send, group=group)
-    directions: Dict[int, torch.Tensor] = {}
-    for r, theirs in enumerate(by_rank):
+        if not out or size >= bucket_numel:
+            out.append([])
+            size = 0
+        out[-1].append(b)
+        size += blocks[b].numel
+    return out
+
+
+class DirectionBucket:
+    """One bucket's directions on their way to every rank.
+
+    Each rank writes the directions of the blocks it owns into one flat
+    buffer (``put``), padded to the longest rank's share; ``start`` launches
+    the all-gather in the background and ``finish`` waits for it. A rank reads
+    its own blocks back from the gathered copy too, so that every rank
+    applies bitwise the same update whatever the communication dtype.
+    """
+
+    def __init__(
+        self,
+        bucket: Sequence[int],
+        owners: Sequence[int],
+        blocks: Sequence[Block],
+        rank: int,
+        world: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        group: Optional[dist.ProcessGroup],
+    ) -> None:
+        self._blocks, self._group = blocks, group
+        self._by_rank: List[List[int]] = [[] for _ in range(world)]
+        for b in bucket:
+            self._by_rank[owners[b]].append(b)
+        shares = [sum(blocks[b].numel for b in mine) for mine in self._by_rank]
+        self.width = max(shares)
+        self._send = torch.empty(self.width, dtype=dtype, device=device)
+        self._send[shares[rank]:].zero_()
+        self._slots: Dict[int, slice] = {}
         offset = 0
-        for b in theirs:
-            n = blocks[b].numel
-            directions[b] = received[r][offset : offset + n].view(blocks[b].shape)
-            offset += n
-    return directions
+        for b in self._by_rank[rank]:
+            self._slots[b] = slice(offset, offset + blocks[b].numel)
+            offset += blocks[b].numel
+        self._received: List[torch.Tensor] = []
+        self._work = None
+
+    def put(self, b: int, direction: torch.Tensor) -> None:
+        """This rank's direction of its block ``b``."""
+        self._send[self._slots[b]].view(direction.shape).copy_(direction)
+
+    def start(self) -> None:
+        self._received = [torch.empty_like(self._send) for _ in self._by_rank]
+        self._work = dist.all_gather(self._received, self._send, group=self._group, async_op=True)
+
+    def finish(self) -> Dict[int, torch.Tensor]:
+        """Every block of the bucket's direction (views of the gathered buffers)."""
+        self._work.wait()
+        directions: Dict[int, torch.Tensor] = {}
+        for r, theirs in enumerate(self._by_rank):
+            offset = 0
+            for b in theirs:
+                n = self._blocks[b].numel
+                directions[b] = self._received[r][offset : offset + n].view(self._blocks[b].shape)
+                offset += n
+        return directions

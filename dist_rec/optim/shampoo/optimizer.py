@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dist_rec.optim.shampoo.blocking import Block, param_blocks
-from dist_rec.optim.shampoo.distributor import DDPShampooConfig, all_gather_directions, assign_blocks
+from dist_rec.optim.shampoo.distributor import DDPShampooConfig, DirectionBucket, assign_blocks, buckets
 from dist_rec.optim.shampoo.matrix_functions import inverse_root
 
 GRAFTING_TYPES = ("adagrad", "rmsprop", "adam", "sgd", "none")
@@ -226,27 +226,42 @@ class DistributedShampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._stepped = []
-        local: Dict[int, torch.Tensor] = {}
+        tasks: Dict[int, Tuple[torch.Tensor, Dict[str, Any], int]] = {}  # block -> (gradient, group, step)
         first = 0
         for group in self.param_groups:
-            self._step_group(group, first, local)
+            self._step_group(group, first, tasks)
             first += len(group["params"])
+        self._stepped = list(tasks)
         if self.distributed_config is None:
-            for b, direction in local.items():
+            directions = {b: self._direction(b, *task) for b, task in tasks.items()}
+            for b, direction in directions.items():
                 self._apply(b, direction)
-        else:
-            config = self.distributed_config
-            dtype = config.communication_dtype or self._widest_dtype()
-            device = self._params[0].device
-            gathered = all_gather_directions(
-                self._stepped, self._owners, self._blocks, local, dtype, device, config.process_group
+            return loss
+        # Each bucket's directions travel while the next bucket's compute;
+        # the updates are applied once every direction is computed.
+        config = self.distributed_config
+        dtype = config.communication_dtype or self._widest_dtype()
+        device = self._params[0].device
+        in_flight: List[DirectionBucket] = []
+        for bucket in buckets(self._stepped, self._blocks, config.bucket_numel):
+            exchange = DirectionBucket(
+                bucket, self._owners, self._blocks, self._rank, self._world, dtype, device, config.process_group
             )
-            for b in self._stepped:
-                self._apply(b, gathered[b])
+            for b in bucket:
+                if self._owners[b] == self._rank:
+                    exchange.put(b, self._direction(b, *tasks[b]))
+            exchange.start()
+            in_flight.append(exchange)
+        for exchange in in_flight:
+            for b, direction in exchange.finish().items():
+                self._apply(b, direction)
         return loss
 
-    def _step_group(self, group: Dict[str, Any], first: int, local: Dict[int, torch.Tensor]) -> None:
+    def _step_group(
+        self, group: Dict[str, Any], first: int, tasks: Dict[int, Tuple[torch.Tensor, Dict[str, Any], int]]
+    ) -> None:
+        """Adds the group's stepped blocks to ``tasks``: each with its
+        parameter's (clipped, L2-decayed) gradient, the group and the step."""
         indices = [first + i for i, p in enumerate(group["params"]) if p.grad is not None]
         if not indices:
             return
@@ -265,9 +280,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         for i, g in grads.items():
             self._steps[i] += 1
             for b in self._blocks_of[i]:
-                self._stepped.append(b)
-                if self._owners[b] == self._rank:
-                    local[b] = self._direction(b, g, group, self._steps[i])
+                tasks[b] = (g, group, self._steps[i])
 
     def _apply(self, b: int, direction: torch.Tensor) -> None:
         block = self._blocks[b]
@@ -282,7 +295,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         param = self._params[block.param_index]
         state = self._state(b)
         dtype = _state_dtype(param)
-        g = block.of(grad).to(dtype)
+        g = block.of(grad).to(dtype).contiguous()  # one copy of a strided block, not one per matmul
         beta1, beta2 = group["betas"]
         correct = group["use_bias_correction"]
         grafting = group["grafting"]
@@ -291,7 +304,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         for i, factor in enumerate(state["factors"]):
             if beta2 != 1.0:
                 factor.mul_(beta2)
-            factor.add_(_contract_all_but(g, i), alpha=weight)
+            if g.dim() == 2:  # accumulate in place: no temporary
+                factor.addmm_(g, g.T, alpha=weight) if i == 0 else factor.addmm_(g.T, g, alpha=weight)
+            else:
+                factor.add_(_contract_all_but(g, i), alpha=weight)
 
         if grafting in _GRAFTING_WITH_STATE:
             graft = self._buffer(state, "graft", g)

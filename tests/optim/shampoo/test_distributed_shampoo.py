@@ -73,11 +73,14 @@ def _single_process(dtype, steps=STEPS):
     return model, optimizer
 
 
-def _ddp_rank(rank, world_size, out, dtype_name, communication_dtype, save_at=None, load_from=None):
+def _ddp_rank(rank, world_size, out, dtype_name, communication_dtype, save_at=None, load_from=None, bucket_numel=None):
     dtype = getattr(torch, dtype_name)
     model = _model(dtype)
     ddp = nn.parallel.DistributedDataParallel(model)
-    config = DDPShampooConfig(communication_dtype=getattr(torch, communication_dtype) if communication_dtype else None)
+    config = DDPShampooConfig(
+        communication_dtype=getattr(torch, communication_dtype) if communication_dtype else None,
+        **({"bucket_numel": bucket_numel} if bucket_numel else {}),
+    )
     optimizer = DistributedShampoo(ddp.parameters(), **SETTINGS, distributed_config=config)
     first = 0
     if load_from is not None:
@@ -125,11 +128,15 @@ def _assert_close(state, reference: nn.Module, tol: float):
         assert diff <= tol, f"{name}: {diff:.2e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_distributed_equals_single_process_and_splits_the_state(tmp_path, world):
+@pytest.mark.parametrize("world,bucket_numel", [(2, None), (4, None), (2, 1)], ids=["2", "4", "2-bucket-per-block"])
+def test_distributed_equals_single_process_and_splits_the_state(tmp_path, world, bucket_numel):
     """float32 under DDP, fp32 communication: each rank's parameters equal a
-    one-process Shampoo stepped on the same averaged gradients, every step."""
-    run_multi_process(_ddp_rank, world_size=world, out=str(tmp_path), dtype_name="float32", communication_dtype="float32")
+    one-process Shampoo stepped on the same averaged gradients, every step
+    (one bucket for all directions, or one per block)."""
+    run_multi_process(
+        _ddp_rank, world_size=world, out=str(tmp_path), dtype_name="float32", communication_dtype="float32",
+        bucket_numel=bucket_numel,
+    )
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert max(r["worst_vs_one_process"] for r in reports) <= 1e-6
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
@@ -191,3 +198,22 @@ def test_checkpoint_round_trip_onto_another_world_size(tmp_path, saved_on, loade
     for r in range(loaded_on):
         assert json.loads((tmp_path / f"rank{r}.json").read_text())["worst_vs_one_process"] == 0.0
         _assert_close(torch.load(tmp_path / f"rank{r}.pt"), reference, FLOAT64_TOLERANCE)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True])
+def test_invalid_bucket_numel_is_refused(bad):
+    with pytest.raises(ValueError, match=f"Invalid bucket_numel={bad!r}. Must be an int >= 1."):
+        DDPShampooConfig(bucket_numel=bad)
+
+
+def test_buckets_cut_the_stepped_blocks_in_order():
+    from dist_rec.optim.shampoo.blocking import param_blocks
+    from dist_rec.optim.shampoo.distributor import buckets
+
+    blocks = list(param_blocks(0, (10, 4), 4)) + list(param_blocks(1, (6,), 4))  # 3 blocks of 16, 16, 8 + 2 of 4, 2
+    stepped = list(range(len(blocks)))
+    cut = buckets(stepped, blocks, 20)
+    assert [b for bucket in cut for b in bucket] == stepped
+    assert all(sum(blocks[b].numel for b in bucket[:-1]) < 20 for bucket in cut)
+    assert buckets(stepped, blocks, 1) == [[b] for b in stepped]
+    assert buckets([], blocks, 20) == []
