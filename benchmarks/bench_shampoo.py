@@ -8,10 +8,11 @@ Two parts:
   gloo processes, each process with the same batch. The figure that matters
   is the whole step's time against Adagrad's (Shampoo's promise is a small
   per-step overhead over diagonal methods); the optimizer step alone is shown
-  too. Each run is a fresh set of processes; variants alternate within a
-  round; a run's time is the slowest rank's mean step, root computations
-  amortised over their frequency; the ratio is the median over rounds of the
-  per-round ratio to Adagrad.
+  too. A round is a fresh set of processes in which every variant trains its
+  own copy of the model, one step each in turn, so that they all see the same
+  machine; a variant's time is the slowest rank's mean step, root
+  computations amortised over their frequency; the ratio is the median over
+  rounds of the per-round ratio to Adagrad.
 * **quality** (`--part quality`): the DLRM main job's model and data, trained
   with each dense optimizer for the same steps (one process); AUC and NE on
   the evaluation set.
@@ -46,7 +47,10 @@ PRESETS = {
     # The main job's DLRM dense arches (bottom 13-64-16, top 367-128-64-1 on the interaction).
     "dlrm": dict(widths=None, batch=1024),
 }
-VARIANTS = ["adagrad", "adam", "shampoo1", "shampoo10", "shampoo100"]
+# shampooN[-bf16][-dM]: precondition_frequency N; "-bf16": directions
+# all-gathered in bfloat16 (2 processes only; else --communication-dtype);
+# "-dM": max_preconditioner_dim M (else --max-preconditioner-dim).
+VARIANTS = ["adagrad", "adam", "shampoo1", "shampoo10", "shampoo100", "shampoo10-bf16", "shampoo10-d128"]
 SHAMPOO = dict(
     betas=(0.9, 1.0), epsilon=1e-12, momentum=0.0, weight_decay=0.0, grafting="adagrad", grafting_epsilon=1e-10,
 )
@@ -87,6 +91,23 @@ def input_width(preset: str) -> int:
     return 13 + 26 * 16 if preset == "dlrm" else PRESETS[preset]["widths"][0]
 
 
+def _shampoo_settings(variant: str, args) -> Dict:
+    """``precondition_frequency`` (0 for other optimizers), communication
+    dtype and ``max_preconditioner_dim`` of a variant."""
+    if not variant.startswith("shampoo"):
+        return dict(frequency=0)
+    frequency, *options = variant.removeprefix("shampoo").split("-")
+    settings = dict(frequency=int(frequency), dtype=args.communication_dtype, max_dim=args.max_preconditioner_dim)
+    for option in options:
+        if option == "bf16":
+            settings["dtype"] = "bfloat16"
+        elif option.startswith("d"):
+            settings["max_dim"] = int(option[1:])
+        else:
+            raise ValueError(f"Invalid variant {variant!r}: unknown option {option!r}.")
+    return settings
+
+
 def make_optimizer(variant: str, params, lr: float, distributed: bool, args, start: int = -1):
     from dist_rec.optim import DDPShampooConfig, DistributedShampoo
 
@@ -94,22 +115,30 @@ def make_optimizer(variant: str, params, lr: float, distributed: bool, args, sta
         return torch.optim.Adagrad(params, lr=lr)
     if variant == "adam":
         return torch.optim.Adam(params, lr=lr)
-    frequency = int(variant.removeprefix("shampoo"))
-    config = DDPShampooConfig(communication_dtype=getattr(torch, args.communication_dtype)) if distributed else None
+    settings = _shampoo_settings(variant, args)
+    config = DDPShampooConfig(communication_dtype=getattr(torch, settings["dtype"])) if distributed else None
     return DistributedShampoo(
-        params, lr=lr, max_preconditioner_dim=args.max_preconditioner_dim, precondition_frequency=frequency,
+        params, lr=lr, max_preconditioner_dim=settings["max_dim"], precondition_frequency=settings["frequency"],
         start_preconditioning_step=start, distributed_config=config, **SHAMPOO,
     )  # fmt: skip
 
 
-def rank_time(rank: int, world_size: int, variant: str, preset: str, batch: int, steps: int, warmup: int, result: str, args):
+def rank_time(rank: int, world_size: int, variants: List[str], preset: str, batch: int, steps: int, warmup: int,
+              result: str, args):  # fmt: skip
+    """Every variant trains its own copy of the model in these processes, one
+    step each in turn (the order rotating), so that all see the same machine
+    at the same moments: only the same-run ratios are compared."""
     torch.set_num_threads(1)
-    model = build_model(preset)
-    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    # Preconditioning starts (with a root computation) at the first timed
-    # step, so that the window sees the steady state and its root steps.
-    optimizer = make_optimizer(variant, trained.parameters(), 0.01, world_size > 1, args, start=warmup + 1)
-    frequency = int(variant.removeprefix("shampoo")) if variant.startswith("shampoo") else 0
+    runs = {}
+    for variant in variants:
+        model = build_model(preset)
+        trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        # Preconditioning starts (with a root computation) at the first timed
+        # step, so that the window sees the steady state and its root steps.
+        optimizer = make_optimizer(variant, trained.parameters(), 0.01, world_size > 1, args, start=warmup + 1)
+        frequency = _shampoo_settings(variant, args)["frequency"]
+        runs[variant] = dict(model=trained, optimizer=optimizer, frequency=frequency, plain_s=[], plain_opt_s=[],
+                             root_s=[], root_opt_s=[], losses=[])  # fmt: skip
     g = torch.Generator().manual_seed(1 + rank)
     teacher = torch.randn(input_width(preset), generator=g)
     batches = []
@@ -117,65 +146,77 @@ def rank_time(rank: int, world_size: int, variant: str, preset: str, batch: int,
         x = torch.randn(batch, input_width(preset), generator=g)
         batches.append((x, (x @ teacher > 0).float()))
     loss_fn = nn.BCEWithLogitsLoss()
-    plain_s, plain_opt_s, root_s, root_opt_s, losses = [], [], [], [], []
     for step in range(warmup + steps):
         x, y = batches[step % len(batches)]
-        if world_size > 1:
-            dist.barrier()
-        start = time.perf_counter()
-        loss = loss_fn(trained(x).reshape(-1), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        before_step = time.perf_counter()
-        optimizer.step()
-        end = time.perf_counter()
         t = step + 1
-        if step >= warmup:
-            is_root = frequency and (t - (warmup + 1)) % frequency == 0
-            (root_s if is_root else plain_s).append(end - start)
-            (root_opt_s if is_root else plain_opt_s).append(end - before_step)
-        losses.append(float(loss.detach()))
+        shift = step % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            r = runs[variant]
+            if world_size > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            loss = loss_fn(r["model"](x).reshape(-1), y)
+            r["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+            before_step = time.perf_counter()
+            r["optimizer"].step()
+            end = time.perf_counter()
+            if step >= warmup:
+                is_root = r["frequency"] and (t - (warmup + 1)) % r["frequency"] == 0
+                r["root_s" if is_root else "plain_s"].append(end - start)
+                r["root_opt_s" if is_root else "plain_opt_s"].append(end - before_step)
+            r["losses"].append(float(loss.detach()))
 
-    def amortised(plain: List[float], root: List[float]) -> float:
+    def amortised(plain: List[float], root: List[float], frequency: int) -> float:
         """Mean step with one root computation every ``frequency`` steps."""
         if not plain:  # frequency 1: every step computes roots
             return statistics.fmean(root)
         mean = statistics.fmean(plain)
         return mean + (statistics.fmean(root) - mean) / frequency if root else mean
 
-    state_bytes = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else sum(
-        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
-    )
-    report = dict(
-        step_ms=1e3 * amortised(plain_s, root_s), optimizer_ms=1e3 * amortised(plain_opt_s, root_opt_s),
-        root_step_ms=1e3 * statistics.fmean(root_s) if root_s else None,
-        state_bytes=state_bytes, last_loss=losses[-1],
-    )  # fmt: skip
+    report = {}
+    for variant, r in runs.items():
+        optimizer = r["optimizer"]
+        state_bytes = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else sum(
+            t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+        )
+        report[variant] = dict(
+            step_ms=1e3 * amortised(r["plain_s"], r["root_s"], r["frequency"]),
+            optimizer_ms=1e3 * amortised(r["plain_opt_s"], r["root_opt_s"], r["frequency"]),
+            root_step_ms=1e3 * statistics.fmean(r["root_s"]) if r["root_s"] else None,
+            state_bytes=state_bytes, last_loss=r["losses"][-1],
+        )  # fmt: skip
     Path(result, f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def run(variant: str, world: int, preset: str, args) -> Dict:
+def run(variants: List[str], world: int, preset: str, args) -> Dict[str, Dict]:
+    """One round: fresh processes timing every variant, interleaved."""
     from dist_rec.testing.multi_process import run_multi_process
 
     batch = args.batch or PRESETS[preset]["batch"]
     with tempfile.TemporaryDirectory() as result:
         run_multi_process(
-            rank_time, world_size=world, timeout=args.timeout, variant=variant, preset=preset, batch=batch,
+            rank_time, world_size=world, timeout=args.timeout, variants=variants, preset=preset, batch=batch,
             steps=args.steps, warmup=args.warmup, result=result, args=args,
         )  # fmt: skip
         ranks = [json.loads(Path(result, f"rank{r}.json").read_text()) for r in range(world)]
-    slowest = max(ranks, key=lambda r: r["step_ms"])
-    return dict(slowest, state_bytes_per_rank=[r["state_bytes"] for r in ranks])
+    out = {}
+    for variant in variants:
+        slowest = max((r[variant] for r in ranks), key=lambda r: r["step_ms"])
+        out[variant] = dict(slowest, state_bytes_per_rank=[r[variant]["state_bytes"] for r in ranks])
+    return out
 
 
 def time_part(args) -> str:
     rows = []
     for preset in args.preset:
         for world in args.world:
-            per_round: Dict[str, List[Dict]] = {v: [] for v in args.variants}
+            variants = [v for v in args.variants if world > 1 or not v.endswith("-bf16")]
+            per_round: Dict[str, List[Dict]] = {v: [] for v in variants}
             for round_ in range(args.rounds):
-                for variant in args.variants:
-                    r = run(variant, world, preset, args)
+                measured = run(variants, world, preset, args)
+                for variant in variants:
+                    r = measured[variant]
                     per_round[variant].append(r)
                     print(
                         f"{preset} x{world} round {round_ + 1}: {variant:<11} step {r['step_ms']:8.1f} ms "
@@ -183,7 +224,7 @@ def time_part(args) -> str:
                         flush=True,
                     )
             base = per_round["adagrad"]
-            for variant in args.variants:
+            for variant in variants:
                 runs = per_round[variant]
                 ratios = [r["step_ms"] / b["step_ms"] for r, b in zip(runs, base)]
                 rows.append(dict(
@@ -213,14 +254,14 @@ def quality_part(args) -> str:
     for name, settings in [
         ("adagrad", dict(dense="adagrad", dense_lr=0.02)),
         ("adam", dict(dense="adam", dense_lr=0.001)),
-        ("shampoo (adagrad grafting)", dict(dense="shampoo", dense_lr=0.02)),
+        (f"shampoo (adagrad grafting, max_dim {args.max_preconditioner_dim})", dict(dense="shampoo", dense_lr=0.02)),
+        ("shampoo (adagrad grafting, max_dim 128)", dict(dense="shampoo", dense_lr=0.02, max_dim=128)),
     ]:
         config = load_config(args.quality_config)
-        for key, value in settings.items():
-            setattr(config.optimizer, key, value)
+        config.optimizer.dense, config.optimizer.dense_lr = settings["dense"], settings["dense_lr"]
         if settings["dense"] == "shampoo":
             config.optimizer.shampoo.precondition_frequency = args.quality_frequency
-            config.optimizer.shampoo.max_preconditioner_dim = args.max_preconditioner_dim
+            config.optimizer.shampoo.max_preconditioner_dim = settings.get("max_dim", args.max_preconditioner_dim)
             config.optimizer.shampoo.epsilon = args.quality_epsilon
         config.train.steps = args.quality_steps
         config.train.eval_every = 0
@@ -229,7 +270,7 @@ def quality_part(args) -> str:
         result = train(config, quiet=True)
         m = result.final_eval
         rows.append((name, m.auc, m.ne, m.log_loss, time.perf_counter() - started))
-        print(f"quality: {name:<28} AUC {m.auc:.4f} NE {m.ne:.4f} ({rows[-1][-1]:.0f} s)", flush=True)
+        print(f"quality: {name:<44} AUC {m.auc:.4f} NE {m.ne:.4f} ({rows[-1][-1]:.0f} s)", flush=True)
     lines = ["| dense optimizer | AUC | NE | log loss | wall s |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {auc:.4f} | {ne:.4f} | {ll:.4f} | {s:.0f} |" for n, auc, ne, ll, s in rows]
     return "\n".join(lines)
@@ -272,7 +313,8 @@ def main() -> None:
             f"(blocks spread over the ranks); {args.steps} timed steps after {args.warmup} warm-up; a run's step time is the "
             f"slowest rank's mean step with root computations amortised over their frequency (preconditioning starts, "
             f"with a root computation, at the first timed step: mean of the other steps + (root step - mean) / frequency); "
-            f"{args.rounds} rounds, variants alternating.\n\n" + table
+            f"{args.rounds} rounds (each a fresh set of processes in which the variants train their own copies of the model, "
+            f"one step each in turn).\n\n" + table
         )
     if "quality" in args.part:
         table = quality_part(args)
@@ -280,7 +322,7 @@ def main() -> None:
         sections.append(
             f"Quality: `{args.quality_config}` (the main job's model and data), one process, {args.quality_steps} steps, "
             f"the same sparse optimizer; Shampoo with precondition_frequency {args.quality_frequency}, "
-            f"max_preconditioner_dim {args.max_preconditioner_dim}, AdaGrad grafting at Adagrad's learning rate.\n\n" + table
+            f"max_preconditioner_dim as named, AdaGrad grafting at Adagrad's learning rate.\n\n" + table
         )
     if args.markdown:
         text = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 from typing import List, Sequence, Tuple
 
 import torch
@@ -43,7 +44,8 @@ class Block:
     merged_shape: Tuple[int, ...]
     slices: Tuple[slice, ...]
 
-    @property
+    # Cached: the step asks for them on every block, every step.
+    @cached_property
     def shape(self) -> Tuple[int, ...]:
         return tuple(s.stop - s.start for s in self.slices)
 
@@ -51,7 +53,7 @@ class Block:
     def order(self) -> int:
         return len(self.slices)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         count = 1
         for n in self.shape:
