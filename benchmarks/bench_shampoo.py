@@ -313,6 +313,7 @@ def main() -> None:
             f"(blocks spread over the ranks); {args.steps} timed steps after {args.warmup} warm-up; a run's step time is the "
             f"slowest rank's mean step with root computations amortised over their frequency (preconditioning starts, "
             f"with a root computation, at the first timed step: mean of the other steps + (root step - mean) / frequency); "
+            f"variants: shampooN = precondition_frequency N, -bf16 = bfloat16 all-gather, -dM = max_preconditioner_dim M; "
             f"{args.rounds} rounds (each a fresh set of processes in which the variants train their own copies of the model, "
             f"one step each in turn).\n\n" + table
         )
