@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -99,19 +99,23 @@ class DirectionBucket:
         device: torch.device,
         group: Optional[dist.ProcessGroup],
     ) -> None:
-        self._blocks, self._group = blocks, group
-        self._by_rank: List[List[int]] = [[] for _ in range(world)]
+        self._group = group
+        by_rank: List[List[int]] = [[] for _ in range(world)]
         for b in bucket:
-            self._by_rank[owners[b]].append(b)
-        shares = [sum(blocks[b].numel for b in mine) for mine in self._by_rank]
-        self.width = max(shares)
+            by_rank[owners[b]].append(b)
+        # Where each block sits in its owner's flat buffer: (block, slice, shape).
+        self._layout: List[List[Tuple[int, slice, Tuple[int, ...]]]] = []
+        for mine in by_rank:
+            offset, places = 0, []
+            for b in mine:
+                places.append((b, slice(offset, offset + blocks[b].numel), blocks[b].shape))
+                offset += blocks[b].numel
+            self._layout.append(places)
+        self.width = max(places[-1][1].stop if places else 0 for places in self._layout)
+        own = self._layout[rank]
         self._send = torch.empty(self.width, dtype=dtype, device=device)
-        self._send[shares[rank]:].zero_()
-        self._slots: Dict[int, slice] = {}
-        offset = 0
-        for b in self._by_rank[rank]:
-            self._slots[b] = slice(offset, offset + blocks[b].numel)
-            offset += blocks[b].numel
+        self._send[own[-1][1].stop if own else 0 :].zero_()
+        self._slots = {b: where for b, where, _ in own}
         self._received: List[torch.Tensor] = []
         self._work = None
 
@@ -120,17 +124,14 @@ class DirectionBucket:
         self._send[self._slots[b]].view(direction.shape).copy_(direction)
 
     def start(self) -> None:
-        self._received = [torch.empty_like(self._send) for _ in self._by_rank]
+        self._received = [torch.empty_like(self._send) for _ in self._layout]
         self._work = dist.all_gather(self._received, self._send, group=self._group, async_op=True)
 
     def finish(self) -> Dict[int, torch.Tensor]:
         """Every block of the bucket's direction (views of the gathered buffers)."""
         self._work.wait()
-        directions: Dict[int, torch.Tensor] = {}
-        for r, theirs in enumerate(self._by_rank):
-            offset = 0
-            for b in theirs:
-                n = self._blocks[b].numel
-                directions[b] = self._received[r][offset : offset + n].view(self._blocks[b].shape)
-                offset += n
-        return directions
+        return {
+            b: received[where].view(shape)
+            for received, places in zip(self._received, self._layout)
+            for b, where, shape in places
+        }

@@ -211,7 +211,6 @@ class DistributedShampoo(torch.optim.Optimizer):
         self._owners = assign_blocks(self._blocks, self._world)
         self._steps: List[int] = [0] * len(self._params)
         self._block_state: Dict[int, Dict[str, Any]] = {}
-        self._stepped: List[int] = []
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if self._blocks is not None:
@@ -231,7 +230,6 @@ class DistributedShampoo(torch.optim.Optimizer):
         for group in self.param_groups:
             self._step_group(group, first, tasks)
             first += len(group["params"])
-        self._stepped = list(tasks)
         if self.distributed_config is None:
             directions = {b: self._direction(b, *task) for b, task in tasks.items()}
             for b, direction in directions.items():
@@ -243,7 +241,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         dtype = config.communication_dtype or self._widest_dtype()
         device = self._params[0].device
         in_flight: List[DirectionBucket] = []
-        for bucket in buckets(self._stepped, self._blocks, config.bucket_numel):
+        for bucket in buckets(list(tasks), self._blocks, config.bucket_numel):
             exchange = DirectionBucket(
                 bucket, self._owners, self._blocks, self._rank, self._world, dtype, device, config.process_group
             )
