@@ -1,7 +1,8 @@
 """TorchRec ``DistributedModelParallel`` on CPU processes joined by gloo.
 
 What ``bench_sharded.py`` needs from TorchRec 1.8.0, kept apart because it
-is the fiddly part: a ``dist_rec.models.DLRM`` holding a
+is the fiddly part: a DLRM (``torchrec.models.dlrm.DLRM`` or
+``dist_rec.models.DLRM``) holding a
 ``torchrec.EmbeddingBagCollection`` built on the ``meta`` device, the
 embedding parameters marked for a fused in-backward
 ``torchrec.optim.RowWiseAdagrad`` (FBGEMM ``EXACT_ROWWISE_ADAGRAD``), a plan
@@ -12,7 +13,7 @@ part (the MLPs) under DDP. The dense optimizer is ``torch.optim.Adagrad``
 over DMP's non-sharded parameters (``in_backward_optimizer_filter``), in a
 ``KeyedOptimizerWrapper`` as TorchRec's own DLRM example does.
 
-The collection sits in a ``ConfigOrder`` wrapper: a sharded collection
+Under dist_rec's DLRM the collection sits in a ``ConfigOrder`` wrapper: a sharded collection
 returns its pooled embeddings grouped by shard (table-wise: rank 0's tables,
 then rank 1's, ...), not in the configured feature order that
 ``dist_rec.models.DLRM`` reads positionally (``kt.values()``), which would
@@ -159,8 +160,12 @@ def build_dmp(
     dense_lr: float,
     batch_size: int,
     allow_cpu_row_wise: bool = True,
+    reorder: bool = True,
 ) -> Tuple[nn.Module, torch.optim.Optimizer]:
-    """``(dmp, dense optimizer)``: ``make_model(ebc)`` sharded by TorchRec.
+    """``(dmp, dense optimizer)``: ``make_model(ebc)`` sharded by TorchRec;
+    with ``reorder`` the collection is wrapped in ``ConfigOrder`` (for a
+    model that reads the pooled columns by position; TorchRec's own DLRM
+    reorders them itself and takes the collection as it is).
 
     ``make_model`` builds the dense part on the CPU (seed it first for the
     same MLPs on every side); the collection is on ``meta`` and DMP
@@ -177,7 +182,7 @@ def build_dmp(
     if sharding_type not in SHARDING_TYPES:
         raise ValueError(f"Invalid sharding_type={sharding_type!r}. Must be one of {', '.join(SHARDING_TYPES)}.")
     ebc = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
-    model = make_model(ConfigOrder(ebc))
+    model = make_model(ConfigOrder(ebc) if reorder else ebc)
     # Marks the tables for a fused optimizer: the sharder turns this into the
     # TBE's EXACT_ROWWISE_ADAGRAD, applied in the backward.
     apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ebc.parameters(), {"lr": sparse_lr, "eps": eps})

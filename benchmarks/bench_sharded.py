@@ -185,6 +185,43 @@ def make_dlrm(spec: dict, ebc):
     return DLRM(ebc, spec["dense"], spec["bottom"], spec["top"])
 
 
+def make_torchrec_dlrm(spec: dict, ebc):
+    """``torchrec.models.dlrm.DLRM`` over ``ebc`` (what TorchRec users
+    train), its MLP weights copied from ``make_dlrm``'s (same layers, in
+    order), so that both libraries start from the same model."""
+    from torchrec.models.dlrm import DLRM as TorchRecDLRM
+
+    ours = make_dlrm(spec, ebc)
+    theirs = TorchRecDLRM(
+        embedding_bag_collection=ebc, dense_in_features=spec["dense"], dense_arch_layer_sizes=spec["bottom"],
+        over_arch_layer_sizes=spec["top"], dense_device=torch.device("cpu"),
+    )  # fmt: skip
+    with torch.no_grad():
+        for arch in ("dense_arch", "over_arch"):
+            for name, value in _linear_state(getattr(theirs, arch), arch).items():
+                value.copy_(_linear_state(getattr(ours, arch), arch)[name])
+    return theirs
+
+
+def torchrec_model_builder(spec: dict):
+    """The DLRM the TorchRec side trains: TorchRec's own (``--torchrec-model
+    torchrec``, the default) or dist_rec's (``dist_rec``: isolates the
+    embedding and sharding stack, both sides then share the dense code)."""
+    return make_dlrm if spec.get("torchrec_model", "torchrec") == "dist_rec" else make_torchrec_dlrm
+
+
+def _linear_state(module: torch.nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
+    """``{prefix}.linear{k}.weight|bias`` of the k-th ``nn.Linear`` under
+    ``module``, in order: the MLP weights under names both libraries' DLRMs
+    share (their module trees differ)."""
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    out = {}
+    for k, linear in enumerate(linears):
+        out[f"{prefix}.linear{k}.weight"] = linear.weight
+        out[f"{prefix}.linear{k}.bias"] = linear.bias
+    return out
+
+
 def dense_parameter_count(spec: dict) -> int:
     return 2 * (len(spec["bottom"]) + len(spec["top"]))  # weight and bias of every Linear
 
@@ -210,8 +247,8 @@ def build_sharded(library: str, sharding_type: str, spec: dict, keys: List[str],
         configs = _torchrec_dmp.tables(names, keys, spec["rows"], spec["dim"], pooling)
         wrap = _torchrec_dmp.TrainModule if loop == "pipeline" else (lambda model: model)
         dmp, optimizer = _torchrec_dmp.build_dmp(
-            configs, lambda ebc: wrap(make_dlrm(spec, ebc)), sharding_type, spec["sparse_lr"], spec["eps"],
-            spec["dense_lr"], spec["batch"],
+            configs, lambda ebc: wrap(torchrec_model_builder(spec)(spec, ebc)), sharding_type, spec["sparse_lr"], spec["eps"],
+            spec["dense_lr"], spec["batch"], reorder=torchrec_model_builder(spec) is make_dlrm,
         )  # fmt: skip
         _torchrec_dmp.load_tables(dmp, lambda name: full_table(spec, names.index(name)))
         info = dict(plan=_torchrec_dmp.plan_summary(dmp), fused=_torchrec_dmp.fused_optimizer_names(dmp))
@@ -366,13 +403,15 @@ def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, r
     (Path(result) / f"rank{rank}.json").write_text(json.dumps(out))
 
 
-def _dense_state(dmp) -> Dict[str, torch.Tensor]:
-    """The MLP weights, by their name in ``DLRM`` (wrapper prefixes dropped)."""
+def _dense_state(model) -> Dict[str, torch.Tensor]:
+    """The MLP weights under names shared by both libraries' DLRMs
+    (``_linear_state``; wrappers such as DMP, DDP or ``TrainModule``
+    looked through)."""
     out = {}
-    for name, p in dmp.named_parameters():
-        for arch in ("dense_arch.", "over_arch."):
-            if arch in name:
-                out[arch + name.split(arch, 1)[1]] = p.detach().clone()
+    for name, module in model.named_modules():
+        arch = name.rsplit(".", 1)[-1]
+        if arch in ("dense_arch", "over_arch"):
+            out.update({k: v.detach().clone() for k, v in _linear_state(module, arch).items()})
     return out
 
 
@@ -443,8 +482,11 @@ def rank_check(rank: int, world_size: int, libraries: List[str], sharding_type: 
             losses.append(float(loss))
         out["losses"]["reference"] = losses
         reference = model.state_dict()
+        reference_dense = _dense_state(model)
         for library, (dense_state, tables) in trained.items():
-            diff = {"dense": max(float((v - reference[k]).abs().max()) for k, v in dense_state.items())}
+            if dense_state.keys() != reference_dense.keys():
+                raise RuntimeError(f"{library}: MLP weights {sorted(dense_state)} != {sorted(reference_dense)}")
+            diff = {"dense": max(float((v - reference_dense[k]).abs().max()) for k, v in dense_state.items())}
             if tables is not None:
                 diff["embedding"] = max(
                     float((w - reference[f"sparse_arch.embedding_bags.{t}.weight"]).abs().max())
@@ -535,7 +577,9 @@ def check(world_size: int, sharding_type: str, libraries: List[str], spec: dict,
 
 def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]:
     spec = resolve_preset(name, args.max_rows)
-    print(f"== {describe(spec)} per process, {world_size} processes", flush=True)
+    spec["torchrec_model"] = args.torchrec_model
+    print(f"== {describe(spec)} per process, {world_size} processes, TorchRec trains {args.torchrec_model}'s DLRM",
+          flush=True)  # fmt: skip
     shardings = [s for s in SHARDINGS.values() if any(split_variant(v)[1] == s for v in args.variants)]
     rows = {
         (s, loop): dict(preset=name, label=describe(spec), spec=spec, world_size=world_size, sharding_type=s, loop=loop)
@@ -717,6 +761,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--loop", nargs="+", choices=LOOPS, default=list(LOOPS),
         help="plain: forward, backward, step; pipeline: each library's TrainPipelineSparseDist",
+    )  # fmt: skip
+    parser.add_argument(
+        "--torchrec-model", choices=("torchrec", "dist_rec"), default="torchrec",
+        help="the DLRM TorchRec trains: torchrec.models.dlrm.DLRM (its users' model) or dist_rec's (same dense code "
+        "on both sides: compares the embedding and sharding stacks alone)",
     )  # fmt: skip
     parser.add_argument("--max-rows", type=int, default=None, help="cap every table at this many rows (memory)")
     parser.add_argument(

@@ -38,8 +38,7 @@ std::atomic<const cpu::KernelTable*> g_kernel_override{nullptr};
 std::atomic<bool> g_index_checks{true};
 
 const cpu::KernelTable& kernels() {
-  const cpu::KernelTable* chosen = g_kernel_override.load(std::memory_order_relaxed);
-  return chosen != nullptr ? *chosen : cpu::active_kernels();
+  return cpu::current_kernels();
 }
 
 std::string set_cpu_isa(c10::string_view isa) {
@@ -767,6 +766,13 @@ Tensor embedding_bag_per_sample_weights_grad_cpu(
 }
 
 } // namespace
+
+namespace cpu {
+const KernelTable& current_kernels() {
+  const KernelTable* chosen = g_kernel_override.load(std::memory_order_relaxed);
+  return chosen != nullptr ? *chosen : active_kernels();
+}
+} // namespace cpu
 
 TORCH_LIBRARY_IMPL(dist_rec, CPU, m) {
   m.impl("embedding_bag_forward", &embedding_bag_forward_cpu);

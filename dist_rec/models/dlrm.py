@@ -21,6 +21,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from dist_rec.ops.interaction import dot_interaction
+
 
 def _mlp(in_features: int, layer_sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
     layers: List[nn.Module] = []
@@ -57,25 +59,22 @@ class DenseArch(_MLPArch):
 
 class InteractionArch(nn.Module):
     """Dot products of every pair among the dense vector and the F pooled
-    embeddings, appended to the dense vector: ``[B, D + (F + 1) F / 2]``."""
+    embeddings, appended to the dense vector: ``[B, D + (F + 1) F / 2]``.
+
+    Runs the fused ``dist_rec.ops.dot_interaction`` (one native pass per
+    sample on the CPU; its plain-PyTorch reference elsewhere)."""
 
     def __init__(self, num_sparse_features: int) -> None:
         super().__init__()
         self.num_sparse_features = num_sparse_features
-        rows, cols = torch.triu_indices(num_sparse_features + 1, num_sparse_features + 1, offset=1)
-        self.register_buffer("_pair_index", rows * (num_sparse_features + 1) + cols, persistent=False)
 
     def output_features(self, dense_dim: int) -> int:
         f = self.num_sparse_features
         return dense_dim + (f + 1) * f // 2
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """``dense`` [B, D], ``sparse`` [B, F, D]."""
-        vectors = torch.cat([dense.unsqueeze(1), sparse], dim=1)  # [B, F + 1, D]
-        dots = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1)  # [B, (F + 1)^2]
-        # index_select, not dots[:, index]: its backward is a cheap index_add
-        # where advanced indexing's is an accumulating index_put.
-        return torch.cat([dense, dots.index_select(1, self._pair_index)], dim=1)
+        """``dense`` [B, D], ``sparse`` [B, F, D] or [B, F * D]."""
+        return dot_interaction(dense, sparse)
 
 
 class OverArch(_MLPArch):
@@ -133,9 +132,8 @@ class DLRM(nn.Module):
         # still travelling, and the dense arch computes in the meantime.
         lookup = self.sparse_arch(sparse_features)
         dense = self.dense_arch(dense_features)
-        pooled = _in_order(lookup, self.feature_names)
-        sparse = pooled.reshape(pooled.shape[0], self.num_sparse_features, self.embedding_dim)
-        return self.over_arch(self.inter_arch(dense, sparse))
+        pooled = _in_order(lookup, self.feature_names)  # [B, F * D]
+        return self.over_arch(self.inter_arch(dense, pooled))
 
 
 def _in_order(pooled, feature_names) -> torch.Tensor:

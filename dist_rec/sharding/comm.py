@@ -114,7 +114,8 @@ def start_output_dist(pooled: torch.Tensor, batch_sizes: List[int], widths: List
     all-to-all; ``_WaitGradient``'s, older than the dense layers', waits for
     it just before the local lookup's backward. The dense layers' backward
     (and DDP's all-reduce launch) runs while the gradients travel. The
-    gradients are multiplied by ``grad_scale``: 1 / ranks, so that a step of
+    gradients are multiplied by ``grad_scale`` (on arrival, in the received
+    buffer, so that no scaled copy is made): 1 / ranks, so that a step of
     the group trains like one process on the group's whole batch with the
     mean of the ranks' losses, as DDP averages dense gradients.
     """
@@ -148,6 +149,8 @@ class _WaitGradient(torch.autograd.Function):
         box = ctx.box
         box.work.wait()
         box.work = None
+        if box.grad_scale != 1.0:
+            grad.mul_(box.grad_scale)  # the all-to-all's own buffer: scaled in place
         return grad, None
 
 
@@ -175,7 +178,7 @@ class OutputDist(torch.autograd.Function):
         batch_sizes, widths = box.batch_sizes, box.widths
         pending: List = []
         received = all_to_all(
-            grad * box.grad_scale,
+            grad.reshape(-1),  # unscaled: _WaitGradient scales what arrives, in place
             [batch_sizes[me] * w for w in widths],
             [b * widths[me] for b in batch_sizes],
             box.group,

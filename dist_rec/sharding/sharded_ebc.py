@@ -611,13 +611,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
             local_values = torch.cat(rank_ids).index_select(0, order)
             local_weights = state.received_weights.index_select(0, order) if self._is_weighted else None
             local_lengths = torch.cat(rank_lengths, dim=1)  # [slots, group batch]
-            pooled = torch.cat(
-                [
-                    collection(_slot_input(slots, local_lengths, local_values, local_weights, first)).values()
-                    for collection, slots, first in self._local_parts()
-                ],
-                dim=1,
-            )
+            parts = [
+                collection(_slot_input(slots, local_lengths, local_values, local_weights, first)).values()
+                for collection, slots, first in self._local_parts()
+            ]
+            pooled = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # no copy of a lone part
         state.received = state.received_weights = None
         return start_output_dist(pooled, batch_sizes, self._widths, self._group, 1.0 / self._group_size)
 
@@ -740,16 +738,14 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 [self._configs[self._feature_table[k]].num_embeddings for k in keys], dtype=torch.int64, device=values.device
             )
             self._row_limits[tuple(keys)] = limits
-        # Smallest and largest id per feature (one pass each), one sync.
-        slices = torch.split(values, per_feature.tolist())
-        extremes = torch.stack(
-            [torch.stack(torch.aminmax(v)) if v.numel() else limits.new_tensor([0, -1]) for v in slices]
-        ).to(torch.int64)
-        bad = (extremes[:, 0] < 0) | (extremes[:, 1] >= limits)
+        # One vectorised pass over all ids against their feature's limit, one
+        # sync; the per-feature search runs only on failure.
+        per_id_limit = limits.repeat_interleave(per_feature, output_size=values.numel())
+        bad = (values < 0) | (values >= per_id_limit)
         if bool(bad.any()):
-            f = int(bad.nonzero()[0])
-            v = slices[f]
-            value = int(v[(v < 0) | (v >= limits[f])][0])
+            position = int(bad.nonzero()[0])
+            f = int(torch.searchsorted(per_feature.cumsum(0), torch.tensor(position), right=True))
+            value = int(values[position])
             config = self._configs[self._feature_table[keys[f]]]
             raise IndexError(
                 f"ShardedEmbeddingBagCollection: id {value} of feature {keys[f]!r} is out of range for "

@@ -221,19 +221,22 @@ def test_two_d_equals_step_then_sync(sharding_type, layout, optimizer_name):
     )
 
 
-def _bad_input_rank(rank, world_size):
+def _bad_input_rank(rank, world_size, feature, value, expected):
     plan = uniform_plan(TABLES, "row_wise", world_size)
     sharded = ShardedEmbeddingBagCollection(TABLES, plan, _optimizer("rowwise_adagrad"))
     kjt, _ = _rank_batch(rank, 0, False)
     if rank == 1:
         values = kjt.values().clone()
-        values[-1] = 40  # f3's table t2 has 40 rows
+        f = KEYS.index(feature)
+        start = int(kjt.lengths().view(len(KEYS), -1)[:f].sum())
+        assert int(kjt.lengths().view(len(KEYS), -1)[f].sum()) > 0, "the test needs an id of that feature"
+        values[start] = value  # the feature's first id
         kjt = KeyedJaggedTensor(KEYS, values, lengths=kjt.lengths())
     with pytest.raises((IndexError, RuntimeError)) as info:
         sharded(kjt)
     message = str(info.value)
     if rank == 1:
-        assert "id 40" in message and "'f3'" in message and "'t2'" in message and "40 rows" in message, message
+        assert all(part in message for part in expected), message
     else:
         assert "rank 1" in message, message
     # The group is still usable after the refusal: a good step on both ranks.
@@ -241,8 +244,16 @@ def _bad_input_rank(rank, world_size):
     sharded(kjt).values().backward(grad)
 
 
-def test_bad_ids_stop_every_rank_with_a_clear_error():
-    run_multi_process(_bad_input_rank, world_size=2, timeout=120)
+@pytest.mark.parametrize(
+    "feature,value,expected",
+    [
+        ("f3", 40, ["id 40", "'f3'", "'t2'", "40 rows"]),  # f3's table t2 has 40 rows
+        ("f2", -1, ["id -1", "'f2'", "'t1'", "9 rows"]),  # a negative id in a middle feature
+        ("f0", 23, ["id 23", "'f0'", "'t0'", "23 rows"]),  # the first feature
+    ],
+)
+def test_bad_ids_stop_every_rank_with_a_clear_error(feature, value, expected):
+    run_multi_process(_bad_input_rank, world_size=2, timeout=120, feature=feature, value=value, expected=expected)
 
 
 def _comm_rank(rank, world_size, out):

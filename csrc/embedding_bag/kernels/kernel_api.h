@@ -114,6 +114,10 @@ const KernelTable& avx512_kernels();
 // The best table this CPU can run, unless DIST_REC_CPU_ISA (scalar | avx2 |
 // avx512) asks for a lesser one. Defined in dispatch.cpp.
 const KernelTable& active_kernels();
+// active_kernels() unless the _set_cpu_isa test hook chose another (every
+// op family with per-ISA builds follows this choice). Defined in
+// embedding_bag_cpu.cpp.
+const KernelTable& current_kernels();
 // Lists the ISAs this CPU supports, best first.
 int supported_isas(const KernelTable** out, int max_out);
 
