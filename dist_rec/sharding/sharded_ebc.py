@@ -253,10 +253,24 @@ class ShardedEmbeddingBagCollection(nn.Module):
             if configs[self._feature_table[f]].pooling == PoolingType.MEAN
             and plan.tables[configs[self._feature_table[f]].name].sharding_type != "data_parallel"
         }
+        self._row_sums = self._aligned_row_shards(bool(dp_configs))
         self._row_limits: Dict[Tuple[str, ...], torch.Tensor] = {}
         self._prefetched: List[_InputDist] = []  # batches whose input dist was started, in order
 
         self._initialise(source)
+
+    def _aligned_row_shards(self, has_data_parallel: bool) -> bool:
+        """Whether the output is the plain sum of the ranks' blocks: every
+        rank of the group holds one whole-width row shard of every feature,
+        in config feature order (row-wise sharding of every table), and no
+        feature is mean-pooled or data-parallel."""
+        if has_data_parallel or self._mean_features or len(self._slots_by_rank) < 2:
+            return False
+        layout = [(s.feature, s.shard.col_offset, s.shard.num_cols) for s in self._slots_by_rank[0]]
+        whole = [(f, 0, dim) for f, dim in zip(self._feature_names, self._feature_dims)]
+        return layout == whole and all(
+            [(s.feature, s.shard.col_offset, s.shard.num_cols) for s in slots] == layout for slots in self._slots_by_rank
+        )
 
     def _local_collection(self, slots: List[_Slot]) -> Optional[EmbeddingBagCollection]:
         """A fused collection with one table per local shard of ``slots``."""
@@ -468,6 +482,15 @@ class ShardedEmbeddingBagCollection(nn.Module):
         }
 
         def assemble() -> torch.Tensor:
+            if received is not None and self._row_sums:
+                # Row-wise everywhere: one add per extra rank, in rank order
+                # as the general path sums each feature's row shards.
+                joined = finish_output_dist(received, box)
+                blocks = torch.split(joined, [batch * w for w in self._widths])
+                total = blocks[0].view(batch, self._widths[0])
+                for block, width in zip(blocks[1:], self._widths[1:]):
+                    total = total + block.view(batch, width)
+                return total
             pieces: List[torch.Tensor] = []
             if received is not None:
                 # The rows were sent before the caller's dense layers ran; the

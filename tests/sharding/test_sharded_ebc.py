@@ -94,9 +94,18 @@ def _plans(world: int):
     return plans
 
 
-def _fresh_reference(optimizer_name: str, weighted: bool) -> EmbeddingBagCollection:
+# TABLES with every table sum-pooled: row-wise sharding then assembles its
+# output as the plain sum of the ranks' blocks (no per-feature work).
+SUM_TABLES = [
+    EmbeddingBagConfig(name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
+                       feature_names=c.feature_names)
+    for c in TABLES
+]  # fmt: skip
+
+
+def _fresh_reference(optimizer_name: str, weighted: bool, tables=TABLES) -> EmbeddingBagCollection:
     torch.manual_seed(7)
-    return EmbeddingBagCollection(TABLES, is_weighted=weighted, optimizer=_optimizer(optimizer_name))
+    return EmbeddingBagCollection(tables, is_weighted=weighted, optimizer=_optimizer(optimizer_name))
 
 
 def _assert_shards_equal(sharded: ShardedEmbeddingBagCollection, reference: EmbeddingBagCollection, what: str) -> None:
@@ -114,12 +123,16 @@ def _assert_shards_equal(sharded: ShardedEmbeddingBagCollection, reference: Embe
 
 
 def _equivalence_rank(rank, world_size, optimizer_name, weighted):
-    for name, plan in _plans(world_size).items():
-        reference = _fresh_reference(optimizer_name, weighted)
-        source = _fresh_reference(optimizer_name, weighted)
+    plans = [(name, TABLES, plan) for name, plan in _plans(world_size).items()]
+    plans.append(("row_wise, all sum-pooled", SUM_TABLES, uniform_plan(SUM_TABLES, "row_wise", world_size)))
+    for name, tables, plan in plans:
+        reference = _fresh_reference(optimizer_name, weighted, tables)
+        source = _fresh_reference(optimizer_name, weighted, tables)
         sharded = ShardedEmbeddingBagCollection(
-            TABLES, plan, _optimizer(optimizer_name), is_weighted=weighted, source=source
+            tables, plan, _optimizer(optimizer_name), is_weighted=weighted, source=source
         )
+        if name.startswith("row_wise"):
+            assert sharded._row_sums == (tables is SUM_TABLES), name  # which assembly runs
         for step in range(STEPS):
             kjt, grad = _rank_batch(rank, step, weighted)
             out = sharded(kjt).values()
