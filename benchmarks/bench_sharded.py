@@ -699,21 +699,25 @@ Command: `{command}` ({datetime.date.today().isoformat()}).
 
 Workloads (B is per process; the global batch is processes x B): {presets}.
 
-`W` processes on one host (gloo over loopback) train one `dist_rec.models.DLRM`:
-each its own batch, tables sharded over the processes (all table-wise, or all
-row-wise), MLPs replicated under DDP. dist_rec:
+`W` processes on one host (gloo over loopback) train one DLRM: each its own
+batch, tables sharded over the processes (all table-wise, or all row-wise),
+MLPs replicated under DDP. Each library trains its own DLRM implementation
+of the same model (TorchRec: `torchrec.models.dlrm.DLRM`, its MLP weights
+copied from dist_rec's initial ones; `--torchrec-model dist_rec` puts
+`dist_rec.models.DLRM` on both sides instead, to compare the embedding and
+sharding stacks alone). dist_rec:
 `dist_rec.sharding.DistributedModelParallel(model, sharding_type=...)` over
 its `EmbeddingBagCollection` with the fused `RowWiseAdagrad`. TorchRec:
-`torchrec.distributed.DistributedModelParallel` over the same DLRM holding a
+`torchrec.distributed.DistributedModelParallel` over its DLRM holding a
 `torchrec.EmbeddingBagCollection` (meta device), tables under
 `apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad)` (FBGEMM TBE,
 `EXACT_ROWWISE_ADAGRAD`, fused into the backward), plan from
 `EmbeddingShardingPlanner` (CPU topology, `ParameterConstraints` fixing the
 sharding type), `EmbeddingBagCollectionSharder` (TorchRec 1.8.0 offers
 row-wise only for CUDA; a subclass lifting that filter runs it on the CPU),
-dense `Adagrad` via `KeyedOptimizerWrapper`; its table-wise output comes
-grouped by rank and is put back in feature order (`to_dict` + `cat`, as
-TorchRec's own DLRM does) so that both sides compute the same model. Same initial weights, lr/eps,
+dense `Adagrad` via `KeyedOptimizerWrapper` (under dist_rec's DLRM, its
+table-wise output, grouped by rank, is first put back in feature order, as
+TorchRec's own DLRM does with `to_dict`). Same initial weights, lr/eps,
 data. A timed step is forward, BCE loss, `zero_grad`, backward (DDP
 all-reduce, embedding gradients to their shards, fused update) and the dense
 optimizer step; {args.warmup} warm-up + {args.steps} timed steps per run, a
