@@ -1,24 +1,14 @@
-// AVX-512F build (16 floats per register) of the fused dot interaction's loops. A
-// target pragma rather than global flags, as for the embedding kernels: the
-// rest of the extension keeps the baseline ISA, and dot_interaction_cpu.cpp
-// calls in here only on a CPU that has it. Empty off x86-64.
+// AVX-512F build (16 floats per register) of the fused dot interaction's
+// loops. Off x86-64 its table says it is unavailable.
 #include "interaction/interaction_kernels.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
 #include <algorithm>
 #include <vector>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-// GCC 12 warns inside its own intrinsics headers (_mm512_undefined_*).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC target("avx512f,avx2,fma,f16c")
-#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-#include <immintrin.h>
+#define DIST_REC_ISA_TARGET "avx512f,avx2,fma,f16c"
+#include "dist_rec/isa_target_begin.inc"
 
 namespace dist_rec::interaction::avx512 {
 
@@ -30,10 +20,22 @@ constexpr int64_t kLanes = 16;
 
 } // namespace dist_rec::interaction::avx512
 
-#if defined(__clang__)
-#pragma clang attribute pop
+#include "dist_rec/isa_target_end.inc"
+
+namespace dist_rec::interaction {
+const Kernels& avx512_kernels() {
+  static constexpr Kernels table = avx512::make_kernels("avx512");
+  return table;
+}
+} // namespace dist_rec::interaction
+
 #else
-#pragma GCC pop_options
-#endif
+
+namespace dist_rec::interaction {
+const Kernels& avx512_kernels() {
+  static constexpr Kernels table{"avx512-unavailable"};
+  return table;
+}
+} // namespace dist_rec::interaction
 
 #endif

@@ -15,29 +15,59 @@ inline int64_t round_up(int64_t n, int64_t to) {
   return (n + to - 1) / to * to;
 }
 
+// Vector v of sample b: the dense vector (v = 0), then the pooled features.
+template <typename T>
+inline const T* vector_row(const Shapes& s, const T* dense, const T* sparse, int64_t b, int64_t v) {
+  const Layout& l = s.layout;
+  return v == 0 ? dense + b * l.dense_stride : sparse + l.sparse_offset[v - 1] + b * l.sparse_stride[v - 1];
+}
+
 // Copies sample b's F + 1 vectors into rows of `buffer` of stride
 // `row_stride` (>= D; padding left as the caller set it).
 template <typename T>
 inline void gather_sample(const Shapes& s, const T* dense, const T* sparse, int64_t b, int64_t row_stride, T* buffer) {
-  const T* d = dense + b * s.dense_stride;
+  for (int64_t v = 0; v < s.vectors; ++v) {
+    std::copy_n(vector_row(s, dense, sparse, b, v), s.dim, buffer + v * row_stride);
+  }
+}
+
+// Writes sample b's gradients: `grads` holds d(pairs)/d(vector v) in rows
+// of stride `row_stride`; the dense vector also passes straight through
+// (the first D columns of `g`, sample b's row of grad_out).
+template <typename T>
+inline void write_gradients(
+    const Shapes& s,
+    const T* g,
+    const T* grads,
+    int64_t row_stride,
+    T* grad_dense,
+    T* grad_sparse,
+    int64_t b) {
+  T* gd = grad_dense + b * s.dim;
   for (int64_t k = 0; k < s.dim; ++k) {
-    buffer[k] = d[k];
+    gd[k] = g[k] + grads[k];
   }
-  const T* e = sparse + b * s.sparse_stride;
+  const Layout& l = s.layout;
   for (int64_t v = 1; v < s.vectors; ++v) {
-    T* row = buffer + v * row_stride;
-    const T* source = e + (v - 1) * s.dim;
-    for (int64_t k = 0; k < s.dim; ++k) {
-      row[k] = source[k];
-    }
+    std::copy_n(grads + v * row_stride, s.dim, grad_sparse + l.grad_offset[v - 1] + b * l.grad_stride[v - 1]);
   }
+}
+
+// Where row j of the upper triangle starts among the pair gradients:
+// pair (j, i), i > j, is at [j] + i.
+inline std::vector<int64_t> triangle_rows(int64_t n) {
+  std::vector<int64_t> rows(n);
+  for (int64_t j = 0; j < n; ++j) {
+    rows[j] = j * n - j * (j + 1) / 2 - j - 1;
+  }
+  return rows;
 }
 
 // Sample rows [begin, end) of the forward, float: Gram rows kRows at a
 // time against the transposed vectors, then the upper triangle copied out.
 // The vectors are read where they are (row pointers; rows past n point at
 // zeros).
-inline void forward_rows_impl(const Shapes& s, const float* dense, const float* sparse, float* out, int64_t begin, int64_t end) {
+void forward_float(const Shapes& s, const float* dense, const float* sparse, float* out, int64_t begin, int64_t end) {
   const int64_t n = s.vectors, dim = s.dim;
   const int64_t padded = round_up(n, kLanes); // Gram columns
   // transposed [D, padded] (extra columns stay 0); gram: kRows Gram rows.
@@ -45,9 +75,8 @@ inline void forward_rows_impl(const Shapes& s, const float* dense, const float* 
   std::vector<const float*> rows(round_up(n, kRows), zeros.data());
   const int64_t width = dim + s.pairs;
   for (int64_t b = begin; b < end; ++b) {
-    rows[0] = dense + b * s.dense_stride;
-    for (int64_t v = 1; v < n; ++v) {
-      rows[v] = sparse + b * s.sparse_stride + (v - 1) * dim;
+    for (int64_t v = 0; v < n; ++v) {
+      rows[v] = vector_row(s, dense, sparse, b, v);
     }
     for (int64_t j = 0; j < n; ++j) {
       const float* source = rows[j];
@@ -56,9 +85,7 @@ inline void forward_rows_impl(const Shapes& s, const float* dense, const float* 
       }
     }
     float* row = out + b * width;
-    for (int64_t k = 0; k < dim; ++k) {
-      row[k] = rows[0][k];
-    }
+    std::copy_n(rows[0], dim, row);
     float* pair = row + dim;
     for (int64_t i0 = 0; i0 + 1 < n; i0 += kRows) {
       const float* const* a = rows.data() + i0;
@@ -92,7 +119,7 @@ inline void forward_rows_impl(const Shapes& s, const float* dense, const float* 
 
 // Float backward: the pair gradients mirrored into a symmetric matrix with
 // a zero diagonal, times the vectors, kRows rows at a time.
-inline void backward_rows_impl(
+void backward_float(
     const Shapes& s,
     const float* grad_out,
     int64_t grad_stride,
@@ -109,11 +136,7 @@ inline void backward_rows_impl(
   // 0); symmetric [padded_rows, n] (extra rows stay 0).
   std::vector<float> vectors(n * row_stride, 0.0f), grads(padded_rows * row_stride);
   std::vector<float> symmetric(padded_rows * n, 0.0f);
-  // Where row j of the upper triangle starts among the pair gradients.
-  std::vector<int64_t> triangle_row(n);
-  for (int64_t j = 0; j < n; ++j) {
-    triangle_row[j] = j * n - j * (j + 1) / 2 - j - 1; // + i: pair (j, i), i > j
-  }
+  const std::vector<int64_t> triangle_row = triangle_rows(n);
   for (int64_t b = begin; b < end; ++b) {
     gather_sample(s, dense, sparse, b, row_stride, vectors.data());
     const float* g = grad_out + b * grad_stride;
@@ -152,30 +175,18 @@ inline void backward_rows_impl(
         }
       }
     }
-    float* gd = grad_dense + b * dim;
-    for (int64_t k = 0; k < dim; ++k) {
-      gd[k] = g[k] + grads[k]; // the dense vector also passes through
-    }
-    float* gs = grad_sparse + b * (n - 1) * dim;
-    for (int64_t v = 1; v < n; ++v) {
-      const float* source = grads.data() + v * row_stride;
-      for (int64_t k = 0; k < dim; ++k) {
-        gs[(v - 1) * dim + k] = source[k];
-      }
-    }
+    write_gradients(s, g, grads.data(), row_stride, grad_dense, grad_sparse, b);
   }
 }
 
 // float64: plain loops, one pair (forward) or one vector (backward) at a time.
-inline void forward_rows_impl(const Shapes& s, const double* dense, const double* sparse, double* out, int64_t begin, int64_t end) {
+void forward_double(const Shapes& s, const double* dense, const double* sparse, double* out, int64_t begin, int64_t end) {
   const int64_t n = s.vectors, dim = s.dim;
   std::vector<double> vectors(n * dim);
   for (int64_t b = begin; b < end; ++b) {
     gather_sample(s, dense, sparse, b, dim, vectors.data());
     double* row = out + b * (dim + s.pairs);
-    for (int64_t k = 0; k < dim; ++k) {
-      row[k] = vectors[k];
-    }
+    std::copy_n(vectors.data(), dim, row);
     double* pair = row + dim;
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = i + 1; j < n; ++j) {
@@ -189,7 +200,7 @@ inline void forward_rows_impl(const Shapes& s, const double* dense, const double
   }
 }
 
-inline void backward_rows_impl(
+void backward_double(
     const Shapes& s,
     const double* grad_out,
     int64_t grad_stride,
@@ -215,43 +226,10 @@ inline void backward_rows_impl(
         }
       }
     }
-    for (int64_t k = 0; k < dim; ++k) {
-      grad_dense[b * dim + k] = g[k] + grads[k]; // the dense vector also passes through
-    }
-    std::copy(grads.begin() + dim, grads.end(), grad_sparse + b * (n - 1) * dim);
+    write_gradients(s, g, grads.data(), dim, grad_dense, grad_sparse, b);
   }
 }
 
-void forward_rows(const Shapes& s, const float* dense, const float* sparse, float* out, int64_t begin, int64_t end) {
-  forward_rows_impl(s, dense, sparse, out, begin, end);
-}
-
-void forward_rows(const Shapes& s, const double* dense, const double* sparse, double* out, int64_t begin, int64_t end) {
-  forward_rows_impl(s, dense, sparse, out, begin, end);
-}
-
-void backward_rows(
-    const Shapes& s,
-    const float* grad_out,
-    int64_t grad_stride,
-    const float* dense,
-    const float* sparse,
-    float* grad_dense,
-    float* grad_sparse,
-    int64_t begin,
-    int64_t end) {
-  backward_rows_impl(s, grad_out, grad_stride, dense, sparse, grad_dense, grad_sparse, begin, end);
-}
-
-void backward_rows(
-    const Shapes& s,
-    const double* grad_out,
-    int64_t grad_stride,
-    const double* dense,
-    const double* sparse,
-    double* grad_dense,
-    double* grad_sparse,
-    int64_t begin,
-    int64_t end) {
-  backward_rows_impl(s, grad_out, grad_stride, dense, sparse, grad_dense, grad_sparse, begin, end);
+constexpr Kernels make_kernels(const char* isa_name) {
+  return Kernels{isa_name, &forward_float, &forward_double, &backward_float, &backward_double};
 }

@@ -6,7 +6,8 @@
 
 #include "interaction/interaction_kernels.h"
 
-namespace dist_rec::interaction::scalar {
+namespace dist_rec::interaction {
+namespace scalar {
 
 using vec = float;
 constexpr int64_t kLanes = 1;
@@ -29,4 +30,11 @@ static inline void v_store(float* p, vec v) {
 
 #include "interaction/interaction_impl.h"
 
-} // namespace dist_rec::interaction::scalar
+} // namespace scalar
+
+const Kernels& scalar_kernels() {
+  static constexpr Kernels table = scalar::make_kernels("scalar");
+  return table;
+}
+
+} // namespace dist_rec::interaction

@@ -21,7 +21,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from dist_rec.ops.interaction import dot_interaction
+from dist_rec.ops.interaction import dot_interaction, dot_interaction_blocks
+from dist_rec.sparse.jagged_tensor import FeatureBlocks
 
 
 def _mlp(in_features: int, layer_sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
@@ -72,8 +73,13 @@ class InteractionArch(nn.Module):
         f = self.num_sparse_features
         return dense_dim + (f + 1) * f // 2
 
-    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """``dense`` [B, D], ``sparse`` [B, F, D] or [B, F * D]."""
+    reads_blocks = True  # takes FeatureBlocks as they are
+
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        """``dense`` [B, D], ``sparse`` [B, F, D] or [B, F * D], or
+        ``FeatureBlocks`` of the F features in order."""
+        if isinstance(sparse, FeatureBlocks):
+            return dot_interaction_blocks(dense, sparse.values, sparse.block_widths, sparse.feature_block, sparse.feature_column)
         return dot_interaction(dense, sparse)
 
 
@@ -132,8 +138,17 @@ class DLRM(nn.Module):
         # still travelling, and the dense arch computes in the meantime.
         lookup = self.sparse_arch(sparse_features)
         dense = self.dense_arch(dense_features)
-        pooled = _in_order(lookup, self.feature_names)  # [B, F * D]
-        return self.over_arch(self.inter_arch(dense, pooled))
+        return self.over_arch(self.inter_arch(dense, self._pooled(lookup)))
+
+    def _pooled(self, lookup):
+        """The pooled embeddings as the interaction takes them: the sharded
+        lookup's received blocks as they are when both sides allow it (no
+        copy into feature order), else ``[B, F * D]`` in config order."""
+        if getattr(self.inter_arch, "reads_blocks", False) and hasattr(lookup, "feature_blocks"):
+            blocks = lookup.feature_blocks()
+            if blocks is not None and blocks.keys == self.feature_names:
+                return blocks
+        return _in_order(lookup, self.feature_names)
 
 
 def _in_order(pooled, feature_names) -> torch.Tensor:

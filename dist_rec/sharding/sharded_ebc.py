@@ -54,7 +54,7 @@ from dist_rec.sharding.row_wise import RowWise
 from dist_rec.sharding.scheme import ShardingScheme
 from dist_rec.sharding.table_row_wise import TableRowWise
 from dist_rec.sharding.table_wise import TableWise
-from dist_rec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from dist_rec.sparse.jagged_tensor import FeatureBlocks, KeyedJaggedTensor, KeyedTensor
 
 SCHEMES: Dict[str, ShardingScheme] = {
     s.sharding_type: s for s in (TableWise(), RowWise(), ColumnWise(), TableRowWise())
@@ -248,12 +248,15 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 self._dp_feature_dims.append(c.embedding_dim)
         self._assembly = [[groups[f][col] for col in sorted(groups[f])] for f in self._feature_names]
         self._slot_widths = [[s.shard.num_cols for s in slots] for slots in self._slots_by_rank]
+        # Mean pooling of row-split tables divides after the partial sums are
+        # joined; shards that see whole bags pool means themselves.
         self._mean_features = {
             i for i, f in enumerate(self._feature_names)
             if configs[self._feature_table[f]].pooling == PoolingType.MEAN
-            and plan.tables[configs[self._feature_table[f]].name].sharding_type != "data_parallel"
+            and self._row_split(configs[self._feature_table[f]].name)
         }
         self._row_sums = self._aligned_row_shards(bool(dp_configs))
+        self._block_layout = self._features_in_blocks(bool(dp_configs))
         self._row_limits: Dict[Tuple[str, ...], torch.Tensor] = {}
         self._prefetched: List[_InputDist] = []  # batches whose input dist was started, in order
 
@@ -271,6 +274,33 @@ class ShardedEmbeddingBagCollection(nn.Module):
         return layout == whole and all(
             [(s.feature, s.shard.col_offset, s.shard.num_cols) for s in slots] == layout for slots in self._slots_by_rank
         )
+
+    def _row_split(self, table: str) -> bool:
+        """Whether the table's bags are split by row range over its shards
+        (row-wise, table-row-wise): each shard then pools a partial sum."""
+        sharding_type = self.plan.tables[table].sharding_type
+        return sharding_type != "data_parallel" and SCHEMES[sharding_type].bucketed
+
+    def _features_in_blocks(self, has_data_parallel: bool) -> Optional[Tuple[List[int], List[int]]]:
+        """``(feature_block, feature_column)`` when every feature's pooled
+        columns come back whole from one rank (table-wise, no row or column
+        split, no data-parallel table, no mean left to take): the output
+        can then be handed over as ``FeatureBlocks``, the received buffer
+        as it is. Else None."""
+        if has_data_parallel or self._mean_features:
+            return None
+        dims = dict(zip(self._feature_names, self._feature_dims))
+        where: Dict[str, Tuple[int, int]] = {}
+        for rank, slots in enumerate(self._slots_by_rank):
+            column = 0
+            for s in slots:
+                if s.feature in where or s.shard.num_cols != dims[s.feature]:
+                    return None  # split over shards
+                where[s.feature] = (rank, column)
+                column += s.shard.num_cols
+        if set(where) != set(self._feature_names):
+            return None
+        return [where[f][0] for f in self._feature_names], [where[f][1] for f in self._feature_names]
 
     def _local_collection(self, slots: List[_Slot]) -> Optional[EmbeddingBagCollection]:
         """A fused collection with one table per local shard of ``slots``."""
@@ -290,7 +320,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
                     embedding_dim=s.shard.num_cols,
                     name=name,
                     feature_names=features[name],
-                    pooling=PoolingType.SUM,  # means are taken after the shards' sums are joined
+                    # A row-split table's means are taken after its shards' sums are joined.
+                    pooling=PoolingType.SUM if self._row_split(c.name) else c.pooling,
                     data_type=c.data_type,
                     weight_init_min=c.weight_init_min,
                     weight_init_max=c.weight_init_max,
@@ -481,22 +512,32 @@ class ShardedEmbeddingBagCollection(nn.Module):
             f: lengths_by_feature[by_name[self._feature_names[f]]].clamp(min=1) for f in self._mean_features
         }
 
+        joined_once: List[torch.Tensor] = []
+
+        def joined() -> torch.Tensor:
+            # The rows were sent before the caller's dense layers ran; the
+            # node made here (after them) runs early in the backward.
+            if not joined_once:
+                joined_once.append(finish_output_dist(received, box))
+            return joined_once[0]
+
+        def blocks() -> Optional[FeatureBlocks]:
+            if received is None or self._block_layout is None:
+                return None
+            return FeatureBlocks(list(self._feature_names), joined(), list(self._widths), *self._block_layout)
+
         def assemble() -> torch.Tensor:
             if received is not None and self._row_sums:
                 # Row-wise everywhere: one add per extra rank, in rank order
                 # as the general path sums each feature's row shards.
-                joined = finish_output_dist(received, box)
-                blocks = torch.split(joined, [batch * w for w in self._widths])
+                blocks = torch.split(joined(), [batch * w for w in self._widths])
                 total = blocks[0].view(batch, self._widths[0])
                 for block, width in zip(blocks[1:], self._widths[1:]):
                     total = total + block.view(batch, width)
                 return total
             pieces: List[torch.Tensor] = []
             if received is not None:
-                # The rows were sent before the caller's dense layers ran; the
-                # node made here (after them) runs early in the backward.
-                joined = finish_output_dist(received, box)
-                blocks = torch.split(joined, [batch * w for w in self._widths])
+                blocks = torch.split(joined(), [batch * w for w in self._widths])
                 for block, width, slot_widths in zip(blocks, self._widths, self._slot_widths):
                     pieces.extend(torch.split(block.view(batch, width), slot_widths, dim=1))
             if dp_pooled is not None:
@@ -512,7 +553,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
                     columns.append(column)
             return torch.cat(columns, dim=1)
 
-        return _PendingKeyedTensor(self._feature_names, self._feature_dims, assemble)
+        return _PendingKeyedTensor(self._feature_names, self._feature_dims, assemble, blocks)
 
     # -- input dist, in stages (a train pipeline runs them a step ahead) -------
 
@@ -793,11 +834,17 @@ def _slot_input(slots, lengths: torch.Tensor, values: torch.Tensor, weights, fir
 class _PendingKeyedTensor(KeyedTensor):
     """The output of a sharded lookup whose pooled rows are still on their
     way back: ``values()`` waits for them (once) and assembles the columns.
-    Whatever the caller computes before asking overlaps the all-to-all."""
+    Whatever the caller computes before asking overlaps the all-to-all.
+    ``feature_blocks()`` waits likewise but hands over the received buffer
+    unassembled (``FeatureBlocks``), where the layout allows, else None."""
 
-    def __init__(self, keys, length_per_key, assemble) -> None:
+    def __init__(self, keys, length_per_key, assemble, blocks) -> None:
         super().__init__(keys, length_per_key, None)
         self._assemble = assemble
+        self._blocks = blocks
+
+    def feature_blocks(self) -> Optional[FeatureBlocks]:
+        return self._blocks()
 
     def values(self) -> torch.Tensor:
         if self._values is None:

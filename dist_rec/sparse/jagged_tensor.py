@@ -4,7 +4,8 @@
 key (feature) and each sample a variable-length list of ids, stored
 feature-major as one flat ``values`` tensor with ``lengths`` (or ``offsets``)
 of ``len(keys) * stride`` bags. ``KeyedTensor`` is the pooled result: a dense
-``[B, sum of dims]`` tensor whose columns are grouped by key.
+``[B, sum of dims]`` tensor whose columns are grouped by key;
+``FeatureBlocks`` the same before a sharded lookup joins its ranks' blocks.
 
 The embedding modules take these, and equally TorchRec's own
 ``torchrec.sparse.jagged_tensor.KeyedJaggedTensor`` (anything with the same
@@ -15,6 +16,7 @@ Shape legend: F keys, B stride (batch size), N values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -295,3 +297,20 @@ class KeyedTensor:
 
     def __repr__(self) -> str:
         return f"KeyedTensor(keys={self._keys}, length_per_key={self._length_per_key}, values={self._values})"
+
+
+@dataclass
+class FeatureBlocks:
+    """Pooled embeddings left where an all-to-all delivered them, not yet
+    joined into a ``KeyedTensor``'s ``[B, sum of dims]``: ``values`` holds
+    row-major blocks ``[B, block_widths[r]]`` one after another (one per
+    source rank), and key ``k`` is columns ``[feature_column[k],
+    feature_column[k] + dim)`` of block ``feature_block[k]``. A consumer that
+    reads this layout (``dist_rec.ops.dot_interaction_blocks``) skips the
+    copy into key order and, in the backward, its split."""
+
+    keys: List[str]
+    values: torch.Tensor
+    block_widths: List[int]
+    feature_block: List[int]
+    feature_column: List[int]

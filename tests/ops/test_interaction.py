@@ -1,11 +1,17 @@
 """The fused dot interaction against its plain-PyTorch reference (and a
 loop-simple oracle), in every CPU build this machine runs, forward and
-backward, with bad input refused clearly."""
+backward, with bad input refused clearly; its blocks form (features read
+where a sharded lookup receives them) against the same."""
 
 import pytest
 import torch
 
-from dist_rec.ops.interaction import dot_interaction, dot_interaction_reference
+from dist_rec.ops.interaction import (
+    dot_interaction,
+    dot_interaction_blocks,
+    dot_interaction_blocks_reference,
+    dot_interaction_reference,
+)
 
 ops = torch.ops.dist_rec
 SHAPES = [  # (batch, features, dim)
@@ -132,3 +138,100 @@ def test_bad_input_is_refused_by_the_function():
         dot_interaction(torch.zeros(4, 3), torch.zeros(4, 2, 5))
     with pytest.raises(ValueError, match=r"grad_output must have shape \[4, 6\]"):
         ops.dot_interaction_backward(torch.zeros(4, 7), torch.zeros(4, 3), torch.zeros(4, 6))
+
+
+# -- blocks form ---------------------------------------------------------------
+
+
+def _block_layout(seed, batch, features, dim, blocks, gap):
+    """A random blocks layout: features dealt to ``blocks`` blocks in a
+    shuffled order, each block's features at shuffled column positions,
+    ``gap`` unused columns after each feature (0: the blocks are covered)."""
+    g = torch.Generator().manual_seed(seed)
+    owner = torch.randint(0, blocks, (features,), generator=g).tolist()
+    feature_block, feature_column, widths = [0] * features, [0] * features, [0] * blocks
+    for r in range(blocks):
+        mine = [f for f in range(features) if owner[f] == r]
+        for position, f in enumerate(torch.randperm(len(mine), generator=g).tolist()):
+            feature_block[mine[f]], feature_column[mine[f]] = r, position * (dim + gap)
+        widths[r] = len(mine) * (dim + gap)
+    return widths, feature_block, feature_column
+
+
+BLOCK_SHAPES = [  # (batch, features, dim, blocks, gap)
+    (7, 26, 16, 2, 0),  # the README job on 2 ranks, table-wise
+    (9, 26, 16, 4, 0),
+    (5, 3, 5, 3, 2),  # odd dim, uncovered columns (zero gradient there)
+    (0, 4, 4, 2, 0),  # empty batch
+    (6, 0, 8, 2, 0),  # no sparse features
+    (4, 2, 4, 4, 0),  # more blocks than features: empty blocks
+    (64, 7, 24, 2, 1),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocks_match_reference_forward_and_backward(isa, seed, shape, dtype):
+    batch, features, dim, blocks, gap = shape
+    widths, feature_block, feature_column = _block_layout(seed, batch, features, dim, blocks, gap)
+    g = torch.Generator().manual_seed(seed + 10)
+    dense = torch.randn(batch, dim, generator=g, dtype=dtype, requires_grad=True)
+    values = torch.randn(batch * sum(widths), generator=g, dtype=dtype, requires_grad=True)
+    layout = (widths, feature_block, feature_column)
+    out = dot_interaction_blocks(dense, values, *layout)
+    expected = dot_interaction_blocks_reference(dense, values, *layout)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected, **tol)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=dtype)
+    got = torch.autograd.grad(out, (dense, values), grad, allow_unused=True)
+    want = torch.autograd.grad(expected, (dense, values), grad, allow_unused=True)
+    for g_got, g_want, x in zip(got, want, (dense, values)):
+        torch.testing.assert_close(
+            g_got if g_got is not None else torch.zeros_like(x), g_want if g_want is not None else torch.zeros_like(x), **tol
+        )
+
+
+def test_blocks_equal_the_joined_form_bit_for_bit(isa):
+    """Same vectors, same loops: reading them in blocks changes no bit."""
+    widths, feature_block, feature_column = _block_layout(3, 11, 26, 16, 2, 0)
+    dense = torch.randn(11, 16)
+    values = torch.randn(11 * sum(widths))
+    blocks = [b.view(11, w) for b, w in zip(torch.split(values, [11 * w for w in widths]), widths)]
+    joined = torch.cat([blocks[r][:, c : c + 16] for r, c in zip(feature_block, feature_column)], dim=1)
+    assert torch.equal(
+        ops.dot_interaction_blocks(dense, values, widths, feature_block, feature_column), ops.dot_interaction(dense, joined)
+    )
+
+
+def test_blocks_gradcheck_and_opcheck():
+    widths, feature_block, feature_column = [7, 4], [1, 0], [0, 3]  # columns 0-2 of block 0 unused
+    dense = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(3 * 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda d, v: dot_interaction_blocks(d, v, widths, feature_block, feature_column), (dense, values)
+    )
+    torch.library.opcheck(ops.dot_interaction_blocks.default, (dense.float(), values.float(), widths, feature_block, feature_column))
+    grad = torch.randn(3, 4 + 3)
+    torch.library.opcheck(
+        ops.dot_interaction_blocks_backward.default,
+        (grad, dense.detach().float(), values.detach().float(), widths, feature_block, feature_column),
+    )
+
+
+@pytest.mark.parametrize(
+    "numel,layout,error,message",
+    [
+        (20, ([4, 4], [0, 1], [0, 0]), ValueError, "values has 20 elements but 2 blocks of widths"),
+        (24, ([4, 4], [0, 2], [0, 0]), IndexError, "feature 1 is in block 2; there are 2 blocks"),
+        (24, ([4, 4], [0, 1], [0, 2]), IndexError, r"feature 1 takes columns \[2, 6\) of block 1, which has 4 columns"),
+        (24, ([8, 0], [0, 0], [0, 3]), ValueError, "features 0 and 1 overlap in block 0"),
+        (24, ([4, 4], [0], [0, 0]), ValueError, "feature_block has 1 entries but feature_column has 2"),
+        (24, ([4, -4, 4], [0, 2], [0, 0]), ValueError, r"block_widths\[1\] is -4"),
+    ],
+)
+def test_bad_blocks_are_refused(numel, layout, error, message):
+    with pytest.raises(error, match=message):
+        ops.dot_interaction_blocks(torch.zeros(3, 4), torch.zeros(numel), *layout)
+    with pytest.raises(TypeError, match="values must have dense's dtype"):
+        ops.dot_interaction_blocks(torch.zeros(3, 4), torch.zeros(24, dtype=torch.float64), [4, 4], [0, 1], [0, 0])

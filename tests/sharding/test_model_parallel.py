@@ -1,10 +1,16 @@
-"""``DistributedModelParallel`` on a DLRM: tables that never exist whole
-(meta device), plans from the planner, and 2D replicas kept equal."""
+"""``DistributedModelParallel`` on a DLRM: sharded training equals one
+process on the global batch (the table-wise path hands the interaction the
+received blocks as they are), tables that never exist whole (meta device),
+plans from the planner, and 2D replicas kept equal."""
 
+from unittest import mock
+
+import pytest
 import torch
 import torch.distributed as dist
 
-from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+import dist_rec.models.dlrm as dlrm_module
+from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from dist_rec.models import DLRM
 from dist_rec.optim import RowWiseAdagrad
 from dist_rec.sharding import DistributedModelParallel, ShardedEmbeddingBagCollection
@@ -44,6 +50,65 @@ def _train(dmp, rank, steps=3):
         dmp.sync()
         losses.append(float(loss))
     return losses
+
+
+MIXED_TABLES = TABLES[:3] + [  # a mean-pooled table among sum-pooled ones
+    EmbeddingBagConfig(name="t3", embedding_dim=8, num_embeddings=20000, feature_names=["f3"], pooling=PoolingType.MEAN)
+]
+
+
+def _mixed_model():
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(MIXED_TABLES, optimizer=RowWiseAdagrad(lr=0.05))
+    return DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
+
+
+def _global_batch(step: int, world_size: int):
+    """Every rank's batch of ``step`` joined in rank order."""
+    parts = [_batch(r, step) for r in range(world_size)]
+    batch = parts[0][1].stride()
+    lengths = [p[1].lengths().view(len(KEYS), batch) for p in parts]
+    values = [torch.split(p[1].values(), l.sum(dim=1).tolist()) for p, l in zip(parts, lengths)]
+    kjt = KeyedJaggedTensor(
+        KEYS,
+        torch.cat([v[f] for f in range(len(KEYS)) for v in values]),
+        lengths=torch.cat(lengths, dim=1).reshape(-1),
+    )
+    return torch.cat([p[0] for p in parts]), kjt, torch.cat([p[2] for p in parts])
+
+
+def _equal_to_global_rank(rank, world_size, sharding_type, blocks_expected):
+    dmp = DistributedModelParallel(_mixed_model(), sharding_type=sharding_type)
+    reference = _mixed_model()
+    read = mock.patch.object(dlrm_module, "dot_interaction_blocks", wraps=dlrm_module.dot_interaction_blocks)
+    with read as spy:
+        losses = _train(dmp, rank, steps=5)
+    assert spy.called == blocks_expected, f"{sharding_type}: blocks path taken {spy.called}, expected {blocks_expected}"
+    mean_losses = torch.tensor(losses)
+    dist.all_reduce(mean_losses)
+    mean_losses /= world_size
+    optimizer = torch.optim.Adagrad([p for p in reference.parameters() if p.requires_grad], lr=0.05)
+    for step in range(5):
+        dense, kjt, labels = _global_batch(step, world_size)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(reference(dense, kjt).reshape(-1), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert abs(float(loss) - float(mean_losses[step])) < 1e-5, (step, float(loss), float(mean_losses[step]))
+    tables, _ = dmp.sharded["sparse_arch"].gather_unsharded()
+    for name, weight in tables.items():
+        torch.testing.assert_close(weight, reference.sparse_arch.state_dict()[name], rtol=1e-5, atol=1e-5, msg=name)
+    trained = {n: p for n, p in dmp.unwrapped.named_parameters() if p.requires_grad}
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "sharding_type,blocks_expected", [("table_wise", True), ("row_wise", False), ("column_wise", False)]
+)
+def test_sharded_dlrm_trains_as_one_process_on_the_global_batch(sharding_type, blocks_expected):
+    run_multi_process(_equal_to_global_rank, world_size=2, sharding_type=sharding_type, blocks_expected=blocks_expected)
 
 
 def _meta_rank(rank, world_size):

@@ -4,16 +4,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-// GCC 12 warns inside its own intrinsics headers (_mm512_undefined_*).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
-#include <immintrin.h>
+#define DIST_REC_ISA_TARGET "avx2,fma,f16c"
+#include "dist_rec/isa_target_begin.inc"
 
 namespace dist_rec::cpu::avx2 {
 
@@ -25,11 +17,7 @@ constexpr int64_t kLanes = 8;
 
 } // namespace dist_rec::cpu::avx2
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "dist_rec/isa_target_end.inc"
 
 namespace dist_rec::cpu {
 const KernelTable& avx2_kernels() {

@@ -5,16 +5,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-// GCC 12 warns inside its own intrinsics headers (_mm512_undefined_*).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC target("avx512f,avx2,fma,f16c")
-#endif
-
-#include <immintrin.h>
+#define DIST_REC_ISA_TARGET "avx512f,avx2,fma,f16c"
+#include "dist_rec/isa_target_begin.inc"
 
 namespace dist_rec::cpu::avx512 {
 
@@ -26,11 +18,7 @@ constexpr int64_t kLanes = 16;
 
 } // namespace dist_rec::cpu::avx512
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "dist_rec/isa_target_end.inc"
 
 namespace dist_rec::cpu {
 const KernelTable& avx512_kernels() {
