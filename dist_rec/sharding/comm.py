@@ -14,6 +14,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.distributed as dist
 
+from dist_rec.sharding.shm_transport import transport_for
+
 
 class CommStats:
     """Bytes this rank sent to other ranks (its own share excluded), per kind."""
@@ -43,12 +45,20 @@ def all_to_all(
     """``all_to_all_single`` of a 1-D tensor: ``send_splits[r]`` elements go
     to rank r of ``group``, ``recv_splits[r]`` come from it. With a
     ``pending`` list the collective runs in the background: its work handle
-    is appended there, and the output must not be read before ``wait()``."""
+    is appended there, and the output must not be read before ``wait()``.
+    Ranks of one host use the group's shared-memory all-to-all where
+    ``shm_transport.intra_host_all_to_all`` made one; gloo otherwise."""
     send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
-    output = tensor.new_empty(sum(recv_splits))
-    work = dist.all_to_all_single(
-        output, tensor.contiguous(), recv_splits, send_splits, group=group, async_op=pending is not None
-    )
+    transport = transport_for(group) if tensor.device.type == "cpu" else None
+    if transport is not None:  # ranks of one host: through shared memory
+        output, work = transport.all_to_all(tensor, send_splits, recv_splits)
+        if pending is None:
+            work.wait()
+    else:
+        output = tensor.new_empty(sum(recv_splits))
+        work = dist.all_to_all_single(
+            output, tensor.contiguous(), recv_splits, send_splits, group=group, async_op=pending is not None
+        )
     if pending is not None:
         pending.append(work)
     me = dist.get_rank(group)

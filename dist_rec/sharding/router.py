@@ -73,6 +73,7 @@ class Router:
         self.bounds = bounds.to(device)
         self.offsets = bounds.clamp(max=2**62).reshape(-1).to(device)
         self.key_dtype = torch.int16 if self.num_slots < 2**15 else torch.int32
+        self._bag_number_cache: dict = {}
 
     def route(self, lengths: torch.Tensor, ids: torch.Tensor, weights: Optional[torch.Tensor]) -> Routed:
         """``lengths`` ``[F, B]`` and ``ids`` (feature-major, int64) of one
@@ -104,6 +105,14 @@ class Router:
             ids_per_rank=ids_per_rank,
         )
 
+    def _bag_numbers(self, batch: int, device) -> torch.Tensor:
+        """``0 .. batch - 1`` once per bucketised feature (cached per batch size)."""
+        numbers = self._bag_number_cache.get(batch)
+        if numbers is None:
+            numbers = torch.arange(batch, device=device).repeat(len(self.bucketed_features))
+            self._bag_number_cache = {batch: numbers}  # batch sizes rarely change: keep the last
+        return numbers
+
     def _bucketise(self, lengths, all_ids, id_slices, weight_slices, batch, slot_ids, slot_weights, slot_lengths) -> None:
         """Splits the ids of every row-wise feature by row block, in one pass."""
         features = self.bucketed_features
@@ -117,9 +126,7 @@ class Router:
         flat = which * self.widest + block
         slot = self.slot_table.index_select(0, flat)
         local = ids - self.offsets.index_select(0, flat)
-        bag = torch.repeat_interleave(
-            torch.arange(batch, device=device).repeat(len(features)), sub_lengths.reshape(-1), output_size=ids.numel()
-        )
+        bag = torch.repeat_interleave(self._bag_numbers(batch, device), sub_lengths.reshape(-1), output_size=ids.numel())
         order = torch.sort(slot.to(self.key_dtype), stable=True).indices
         per_slot_lengths = torch.bincount(slot * batch + bag, minlength=self.num_slots * batch).view(self.num_slots, batch)
         per_slot = per_slot_lengths.sum(dim=1).tolist()

@@ -52,6 +52,7 @@ from dist_rec.sharding.router import Routed, Router
 from dist_rec.sharding.router import payload as routed_payload
 from dist_rec.sharding.row_wise import RowWise
 from dist_rec.sharding.scheme import ShardingScheme
+from dist_rec.sharding.shm_transport import intra_host_all_to_all
 from dist_rec.sharding.table_row_wise import TableRowWise
 from dist_rec.sharding.table_wise import TableWise
 from dist_rec.sparse.jagged_tensor import FeatureBlocks, KeyedJaggedTensor, KeyedTensor
@@ -261,6 +262,9 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self._prefetched: List[_InputDist] = []  # batches whose input dist was started, in order
 
         self._initialise(source)
+        # A collective: ranks of one host exchange ids and pooled rows through
+        # shared memory (gloo's loopback sockets otherwise).
+        intra_host_all_to_all(self._group, self._device)
 
     def _aligned_row_shards(self, has_data_parallel: bool) -> bool:
         """Whether the output is the plain sum of the ranks' blocks: every

@@ -1,0 +1,284 @@
+"""All-to-alls among the ranks of one host, through shared memory.
+
+Gloo moves an all-to-all over loopback TCP: on both sides its worker and
+socket threads must get a core for every chunk. When the cores are busy
+with the ranks' own compute (a CPU job runs a rank per core), those threads
+wait for a time slice, and an all-to-all of a megabyte, 0.3 ms on idle
+cores, takes several milliseconds in a training step. Here the ranks'
+main threads copy the data themselves:
+
+* every rank of the group maps one segment per rank from ``/dev/shm``; a
+  segment holds its owner's outboxes, ``slots`` of ``slot_bytes`` per
+  destination, and a header of int32 words: a doorbell, the pieces posted
+  to each destination, the pieces consumed from each source;
+* a message is cut into pieces of at most ``slot_bytes``; the sender copies
+  a piece into a free slot of its outbox for the destination and publishes
+  the new count (release store), the receiver copies it out and publishes
+  its own count, which frees the slot; each rings the other's doorbell;
+* ``all_to_all`` queues the pieces and moves whatever fits at once (the
+  send side of a small message completes there); ``wait()`` moves the rest,
+  sleeping on its doorbell (a futex) while nothing can move.
+
+Pieces of one pair travel in the order the collectives were issued, which
+every rank issues in the same order (as for any process group), so no
+message carries a header. A peer that exits (or a wait past ``timeout``)
+raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import deque
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+import dist_rec._C  # noqa: F401  registers torch.ops.dist_rec._shm_*
+
+_ops = torch.ops.dist_rec
+SLOT_BYTES = 2 << 20
+SLOTS = 4
+_MASK = 0xFFFFFFFF  # the header words are int32 counters; compare them modulo 2^32
+_CHECK_PEERS_S = 0.5  # how long a wait sleeps without progress before checking the peers are alive
+ENV = "DIST_REC_INTRA_HOST_ALL_TO_ALL"  # "shm" (default) or "gloo"
+
+_TRANSPORTS: Dict[object, "ShmAllToAll"] = {}  # by process group
+
+
+class _Collective:
+    """Pieces of one all-to-all still to move (both directions)."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = 0
+
+
+class ShmWork:
+    """The handle ``all_to_all`` returns: ``wait()`` completes the collective."""
+
+    def __init__(self, transport: "ShmAllToAll", collective: _Collective) -> None:
+        self._transport, self._collective = transport, collective
+
+    def wait(self) -> bool:
+        self._transport.complete(self._collective)
+        return True
+
+
+class ShmAllToAll:
+    """All-to-alls over the ranks of ``group``, all on this host.
+
+    A collective to set up (every rank of the group calls it); raises
+    ``OSError`` if this rank cannot map every segment (``intra_host_all_to_all``
+    agrees the fallback over the group)."""
+
+    def __init__(
+        self, group, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, timeout: float = 1800.0, token: str = ""
+    ) -> None:
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.slot_bytes, self.slots, self.timeout = int(slot_bytes), int(slots), float(timeout)
+        words = 1 + 2 * self.size  # doorbell, posted to each destination, consumed from each source
+        self._header_bytes = (4 * words + 63) // 64 * 64
+        total = self._header_bytes + self.size * self.slots * self.slot_bytes
+        path = _segment_path(token, self.rank)
+        with open(path, "wb") as f:  # sparse: pages appear as they are written
+            f.truncate(total)
+        self._own_path = path
+        self._paths = [_segment_path(token, r) for r in range(self.size)]
+        self._total = total
+        self.segments: List[torch.Tensor] = []
+        self.flags: List[torch.Tensor] = []
+        self._posted = [0] * self.size  # pieces this rank posted to each destination
+        self._consumed = [0] * self.size  # pieces this rank consumed from each source
+        self._sends: List[Deque[Tuple[_Collective, torch.Tensor]]] = [deque() for _ in range(self.size)]
+        self._receives: List[Deque[Tuple[_Collective, torch.Tensor]]] = [deque() for _ in range(self.size)]
+        self._peers = [r for r in range(self.size) if r != self.rank]
+        self._pids: List[int] = []
+
+    def map_peers(self, pids: Sequence[int]) -> None:
+        """Maps every rank's segment (after all were created)."""
+        for path in self._paths:
+            segment = torch.from_file(path, shared=True, size=self._total, dtype=torch.uint8)
+            self.segments.append(segment)
+            self.flags.append(segment[: self._header_bytes].view(torch.int32))
+        self._pids = list(pids)
+
+    def unlink(self) -> None:
+        """Removes this rank's file (the mappings stay)."""
+        try:
+            os.unlink(self._own_path)
+        except FileNotFoundError:
+            pass
+
+    # -- words of the header ---------------------------------------------------
+
+    def _posted_word(self, destination: int) -> int:
+        return 1 + destination
+
+    def _consumed_word(self, source: int) -> int:
+        return 1 + self.size + source
+
+    def _outbox(self, owner: int, destination: int, slot: int) -> torch.Tensor:
+        start = self._header_bytes + (destination * self.slots + slot) * self.slot_bytes
+        return self.segments[owner][start : start + self.slot_bytes]
+
+    # -- the collective -------------------------------------------------------
+
+    def all_to_all(self, tensor: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]):
+        """``(output, work)``: as ``dist.all_to_all_single`` of a 1-D tensor
+        with ``async_op=True``; the output must not be read before
+        ``work.wait()``. ``tensor`` must not change until then."""
+        element = tensor.element_size()
+        output = tensor.new_empty(sum(recv_splits))
+        source = tensor.contiguous().view(torch.uint8)
+        target = output.view(torch.uint8)
+        collective = _Collective()
+        send_at = recv_at = 0
+        for peer in range(self.size):
+            send = source[send_at * element : (send_at + send_splits[peer]) * element]
+            receive = target[recv_at * element : (recv_at + recv_splits[peer]) * element]
+            send_at += send_splits[peer]
+            recv_at += recv_splits[peer]
+            if peer == self.rank:
+                receive.copy_(send)
+                continue
+            # An empty message has no pieces on either side.
+            for piece in torch.split(send, self.slot_bytes) if send.numel() else ():
+                self._sends[peer].append((collective, piece))
+                collective.pending += 1
+            for piece in torch.split(receive, self.slot_bytes) if receive.numel() else ():
+                self._receives[peer].append((collective, piece))
+                collective.pending += 1
+        self._progress()
+        return output, ShmWork(self, collective)
+
+    def _progress(self) -> bool:
+        """Moves every piece that can move now; whether any did."""
+        moved = False
+        me, my_flags = self.rank, self.flags[self.rank]
+        for peer in self._peers:
+            queue = self._sends[peer]
+            while queue:
+                posted = self._posted[peer]
+                consumed = _ops._shm_load(self.flags[peer], self._consumed_word(me))
+                if (posted - consumed) & _MASK >= self.slots:
+                    break  # every slot to this peer still holds an unread piece
+                collective, piece = queue.popleft()
+                self._outbox(me, peer, posted % self.slots)[: piece.numel()].copy_(piece)
+                self._posted[peer] = posted + 1
+                _ops._shm_store(my_flags, self._posted_word(peer), (posted + 1) & _MASK)
+                _ops._shm_ring(self.flags[peer], 0)
+                collective.pending -= 1
+                moved = True
+        for peer in self._peers:
+            queue = self._receives[peer]
+            while queue:
+                got = self._consumed[peer]
+                available = _ops._shm_load(self.flags[peer], self._posted_word(me))
+                if (available - got) & _MASK == 0:
+                    break
+                collective, piece = queue.popleft()
+                piece.copy_(self._outbox(peer, me, got % self.slots)[: piece.numel()])
+                self._consumed[peer] = got + 1
+                _ops._shm_store(my_flags, self._consumed_word(peer), (got + 1) & _MASK)
+                _ops._shm_ring(self.flags[peer], 0)
+                collective.pending -= 1
+                moved = True
+        return moved
+
+    def complete(self, collective: _Collective) -> None:
+        """Moves pieces until ``collective`` has none left (earlier
+        collectives' pieces move first, in order)."""
+        my_flags = self.flags[self.rank]
+        started = idle_since = time.monotonic()
+        while collective.pending:
+            bell = _ops._shm_load(my_flags, 0)
+            if self._progress():
+                idle_since = time.monotonic()
+                continue
+            _ops._shm_sleep(my_flags, 0, bell, int(_CHECK_PEERS_S * 1000))
+            now = time.monotonic()
+            if now - idle_since >= _CHECK_PEERS_S:
+                self._check_peers(now - started)
+                idle_since = now
+
+    def _check_peers(self, waited: float) -> None:
+        for peer in self._peers:
+            if not _alive(self._pids[peer]):
+                raise RuntimeError(
+                    f"Intra-host all-to-all: rank {peer} of the group (pid {self._pids[peer]}) has exited; "
+                    f"rank {self.rank} stops instead of waiting for it."
+                )
+        if waited > self.timeout:
+            raise RuntimeError(
+                f"Intra-host all-to-all: rank {self.rank} waited {waited:.0f} s (timeout {self.timeout:.0f} s) for its "
+                "peers; they are alive but did not take part (are all ranks issuing the same collectives?)."
+            )
+
+
+def _segment_path(token: str, rank: int) -> str:
+    return f"/dev/shm/dist_rec_a2a_{token}_{rank}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited child not yet reaped is a zombie: dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def intra_host_all_to_all(
+    group, device: torch.device, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS
+) -> Optional[ShmAllToAll]:
+    """The shared-memory all-to-all of ``group`` (made once per group), or
+    None where it does not apply: CUDA tensors, one rank, ``DIST_REC_INTRA_HOST_ALL_TO_ALL=gloo``,
+    or a rank that cannot map every rank's segment (not one host, no
+    ``/dev/shm``): then gloo carries the group's all-to-alls. A collective
+    over ``group`` (every rank decides the same)."""
+    if group in _TRANSPORTS:
+        return _TRANSPORTS[group]
+    if torch.device(device).type != "cpu" or dist.get_world_size(group) < 2:
+        return None
+    if os.environ.get(ENV, "shm").lower() != "shm":
+        return None
+    first = dist.get_process_group_ranks(group)[0]
+    token = [uuid.uuid4().hex if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(token, src=first, group=group)
+    transport: Optional[ShmAllToAll] = None
+    try:
+        transport = ShmAllToAll(group, slot_bytes=slot_bytes, slots=slots, token=token[0])
+    except OSError:
+        transport = None
+    pids: List[Optional[int]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(pids, os.getpid() if transport is not None else None, group=group)
+    mapped = torch.tensor([1 if transport is not None and None not in pids else 0])
+    if mapped.item():
+        try:
+            transport.map_peers(pids)
+        except (OSError, RuntimeError):
+            mapped.zero_()
+    dist.all_reduce(mapped, op=dist.ReduceOp.MIN, group=group)  # every rank mapped every segment
+    if transport is not None:
+        transport.unlink()  # every rank has mapped it, or gave up
+    if not mapped.item():
+        return None
+    _TRANSPORTS[group] = transport
+    return transport
+
+
+def transport_for(group) -> Optional[ShmAllToAll]:
+    """The group's shared-memory all-to-all, if ``intra_host_all_to_all`` made one."""
+    return _TRANSPORTS.get(group)
