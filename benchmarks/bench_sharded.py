@@ -12,7 +12,10 @@ Variants (``<library>_<tw|rw>``):
       ``dist_rec.sharding.DistributedModelParallel(DLRM(dist_rec.
       EmbeddingBagCollection(tables, optimizer=RowWiseAdagrad(lr, eps)), ...),
       sharding_type="table_wise" | "row_wise")``, ``dmp.sync()`` after the
-      optimizer step as its API asks (a no-op here: one replica);
+      optimizer step as its API asks (a no-op here: one replica); its
+      sharding all-to-alls go through shared memory (the processes share a
+      host: ``dist_rec.sharding.shm_transport``, dist_rec's default;
+      ``DIST_REC_INTRA_HOST_ALL_TO_ALL=gloo`` keeps them on gloo);
 * ``torchrec_tw`` / ``torchrec_rw``
       ``torchrec.distributed.DistributedModelParallel`` over the same DLRM
       holding a ``torchrec.EmbeddingBagCollection`` built on ``meta``, its
@@ -707,7 +710,10 @@ copied from dist_rec's initial ones; `--torchrec-model dist_rec` puts
 `dist_rec.models.DLRM` on both sides instead, to compare the embedding and
 sharding stacks alone). dist_rec:
 `dist_rec.sharding.DistributedModelParallel(model, sharding_type=...)` over
-its `EmbeddingBagCollection` with the fused `RowWiseAdagrad`. TorchRec:
+its `EmbeddingBagCollection` with the fused `RowWiseAdagrad`; its sharding
+all-to-alls between processes of one host go through shared memory
+(`dist_rec.sharding.shm_transport`, its default; TorchRec's go through
+gloo, and DDP's all-reduce is gloo on both sides). TorchRec:
 `torchrec.distributed.DistributedModelParallel` over its DLRM holding a
 `torchrec.EmbeddingBagCollection` (meta device), tables under
 `apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad)` (FBGEMM TBE,
