@@ -36,6 +36,17 @@ def pairs_by_loops(dense, sparse):
     return torch.stack(rows) if rows else dense.new_zeros(0, dim + (sparse.shape[1] // dim + 1) * (sparse.shape[1] // dim) // 2)
 
 
+def _assert_same_gradients(out, expected, inputs, seed, tol):
+    """Both outputs' gradients w.r.t. ``inputs`` under one random upstream gradient."""
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=out.dtype)
+    got = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    want = torch.autograd.grad(expected, inputs, grad, allow_unused=True)
+    for g_got, g_want, x in zip(got, want, inputs):
+        torch.testing.assert_close(
+            g_got if g_got is not None else torch.zeros_like(x), g_want if g_want is not None else torch.zeros_like(x), **tol
+        )
+
+
 @pytest.fixture(params=ops._supported_cpu_isas())
 def isa(request):
     ops._set_cpu_isa(request.param)
@@ -60,13 +71,7 @@ def test_matches_reference_forward_and_backward(isa, seed, shape, dtype):
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, expected, **tol)
     torch.testing.assert_close(out.detach(), pairs_by_loops(dense.detach(), sparse.detach()), **tol)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=dtype)
-    got = torch.autograd.grad(out, (dense, sparse), grad, allow_unused=True)
-    want = torch.autograd.grad(expected, (dense, sparse), grad, allow_unused=True)
-    for g_got, g_want, x in zip(got, want, (dense, sparse)):
-        torch.testing.assert_close(
-            g_got if g_got is not None else torch.zeros_like(x), g_want if g_want is not None else torch.zeros_like(x), **tol
-        )
+    _assert_same_gradients(out, expected, (dense, sparse), seed, tol)
 
 
 def test_gradcheck_float64(isa):
@@ -183,13 +188,7 @@ def test_blocks_match_reference_forward_and_backward(isa, seed, shape, dtype):
     expected = dot_interaction_blocks_reference(dense, values, *layout)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, expected, **tol)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=dtype)
-    got = torch.autograd.grad(out, (dense, values), grad, allow_unused=True)
-    want = torch.autograd.grad(expected, (dense, values), grad, allow_unused=True)
-    for g_got, g_want, x in zip(got, want, (dense, values)):
-        torch.testing.assert_close(
-            g_got if g_got is not None else torch.zeros_like(x), g_want if g_want is not None else torch.zeros_like(x), **tol
-        )
+    _assert_same_gradients(out, expected, (dense, values), seed, tol)
 
 
 def test_blocks_equal_the_joined_form_bit_for_bit(isa):
