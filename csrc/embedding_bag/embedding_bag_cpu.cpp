@@ -81,7 +81,6 @@ struct Problem {
   BagLayout layout;
   std::vector<cpu::TableView> tables;
   std::vector<cpu::FeatureView> features;
-  std::vector<int64_t> row_base; // [T+1] first linear row of each table
   int64_t batch = 0; // B
   int64_t num_indices = 0; // N
   int64_t out_dim = 0;
@@ -155,10 +154,8 @@ Problem make_problem(
   p.num_indices = layout.num_indices;
   p.out_dim = layout.out_dim;
   p.int32_indices = layout.int32_indices;
-  p.row_base.push_back(0);
   for (const Tensor& w : weights) {
     p.tables.push_back(cpu::TableView{const_cast<void*>(w.const_data_ptr()), w.size(0), w.size(1), nullptr, nullptr});
-    p.row_base.push_back(p.row_base.back() + w.size(0));
   }
   for (int64_t f = 0; f < layout.num_features; ++f) {
     p.features.push_back(cpu::FeatureView{
@@ -361,6 +358,65 @@ struct Segments {
   const float* occ_scale = nullptr; // [N] in sorted order, or null
 };
 
+// Where each table's occurrences go before sorting: table t owns slots
+// [begin[t], begin[t+1]), and its features' position ranges are laid there
+// one after another in feature order, so a table's slots list its positions
+// in increasing order (which keeps the stable sort's result unique).
+struct TableRegions {
+  std::vector<int64_t> begin; // [T+1]
+  std::vector<int64_t> feature_slot; // [F] first slot of each feature
+};
+
+template <typename I>
+TableRegions table_regions(const Problem& p, const I* off) {
+  const int64_t num_tables = static_cast<int64_t>(p.tables.size());
+  const int64_t num_features = static_cast<int64_t>(p.features.size());
+  TableRegions r;
+  r.begin.assign(num_tables + 1, 0);
+  for (int64_t f = 0; f < num_features; ++f) {
+    r.begin[p.features[f].table + 1] += static_cast<int64_t>(off[(f + 1) * p.batch] - off[f * p.batch]);
+  }
+  for (int64_t t = 0; t < num_tables; ++t) {
+    r.begin[t + 1] += r.begin[t];
+  }
+  std::vector<int64_t> cursor(r.begin.begin(), r.begin.end() - 1);
+  r.feature_slot.resize(num_features);
+  for (int64_t f = 0; f < num_features; ++f) {
+    const int32_t t = p.features[f].table;
+    r.feature_slot[f] = cursor[t];
+    cursor[t] += static_cast<int64_t>(off[(f + 1) * p.batch] - off[f * p.batch]);
+  }
+  return r;
+}
+
+// Sorts each table's slots by row. A table's sort needs only the bits of
+// its own row count and stays in cache, where one sort of all tables by
+// (table, row) needed a pass more over the whole batch and scattered it
+// across memory (half the backward's time at dim 16, measured). Tables too
+// small to split over threads are sorted side by side.
+template <typename K>
+void sort_each_table(const Problem& p, const TableRegions& r, K* keys, uint32_t* pos, K* tmp_keys, uint32_t* tmp_pos) {
+  const int64_t num_tables = static_cast<int64_t>(p.tables.size());
+  const auto sort_table = [&](int64_t t) {
+    const int64_t b = r.begin[t];
+    const uint64_t max_row = static_cast<uint64_t>(std::max<int64_t>(p.tables[t].rows - 1, 0));
+    cpu::radix_sort_pairs<K>(keys + b, pos + b, tmp_keys + b, tmp_pos + b, r.begin[t + 1] - b, cpu::bits_needed(max_row));
+  };
+  std::vector<int64_t> small;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    if (r.begin[t + 1] - r.begin[t] >= cpu::kRadixParallelMin) {
+      sort_table(t);
+    } else if (r.begin[t + 1] - r.begin[t] > 1) {
+      small.push_back(t);
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      sort_table(small[i]);
+    }
+  });
+}
+
 template <typename I, typename K>
 Segments group_by_row(
     const char* op,
@@ -373,13 +429,15 @@ Segments group_by_row(
   const int64_t num_bags = offsets.numel() - 1;
   const I* idx = indices.const_data_ptr<I>();
   const I* off = offsets.const_data_ptr<I>();
+  const TableRegions regions = table_regions(p, off);
   K* keys = ws.take<K>(Scratch::kKeys, n);
   uint32_t* pos = ws.take<uint32_t>(Scratch::kPos, n);
   int64_t* grad_offset = ws.take<int64_t>(Scratch::kGradOffset, n);
   float* scale = (psw != nullptr || p.any_mean) ? ws.take<float>(Scratch::kScale, n) : nullptr;
 
-  // 1. Per position: its linear row (table base + id), where its bag's
-  //    gradient sits in grad_output, and its weight (per-sample x 1/L).
+  // 1. Per position: its row and position in its table's slots, and (by
+  //    position) where its bag's gradient sits in grad_output and its
+  //    weight (per-sample x 1/L).
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   for_each_chunk(bag_chunks(off, num_bags, n), [&](int64_t b0, int64_t b1) {
     for (int64_t bag = b0; bag < b1; ++bag) {
@@ -387,9 +445,9 @@ Segments group_by_row(
       const int64_t sample = bag - feature * p.batch;
       const cpu::FeatureView& fv = p.features[feature];
       const int64_t rows = p.tables[fv.table].rows;
-      const K base = static_cast<K>(p.row_base[fv.table]);
       const int64_t start = static_cast<int64_t>(off[bag]);
       const int64_t end = static_cast<int64_t>(off[bag + 1]);
+      const int64_t slot = regions.feature_slot[feature] - static_cast<int64_t>(off[feature * p.batch]);
       const int64_t gofs = sample * p.out_dim + fv.out_col;
       const float bag_scale =
           (fv.pooling == static_cast<int32_t>(cpu::PoolingMode::kMean) && end > start) ? 1.0f / (end - start) : 1.0f;
@@ -399,8 +457,8 @@ Segments group_by_row(
           atomic_min(first_bad, i);
           return;
         }
-        keys[i] = base + static_cast<K>(id);
-        pos[i] = static_cast<uint32_t>(i);
+        keys[slot + i] = static_cast<K>(id);
+        pos[slot + i] = static_cast<uint32_t>(i);
         grad_offset[i] = gofs;
         if (scale != nullptr) {
           scale[i] = psw != nullptr ? psw[i] * bag_scale : bag_scale;
@@ -412,15 +470,28 @@ Segments group_by_row(
     throw_bad_index_any(op, p, indices, offsets, first_bad.load());
   }
 
-  // 2. Stable sort by row: occurrences of a row become adjacent, in position
-  //    order, so each row's gradient is summed in a fixed order.
+  // 2. Stable sort of each table's slots by row: occurrences of a row become
+  //    adjacent, in position order, so each row's gradient is summed in a
+  //    fixed order.
   K* tmp_keys = ws.take<K>(Scratch::kTmpKeys, n);
   uint32_t* tmp_pos = ws.take<uint32_t>(Scratch::kTmpPos, n);
-  const uint64_t max_key = static_cast<uint64_t>(std::max<int64_t>(p.row_base.back() - 1, 0));
-  cpu::radix_sort_pairs<K>(keys, pos, tmp_keys, tmp_pos, n, cpu::bits_needed(max_key));
+  sort_each_table<K>(p, regions, keys, pos, tmp_keys, tmp_pos);
 
-  // 3. Segment boundaries (one segment per unique row), counted per chunk so
-  //    the writes can run in parallel.
+  // 3. Segment boundaries (one segment per unique row of a table), counted
+  //    per chunk so the writes can run in parallel.
+  const std::vector<int64_t>& region = regions.begin;
+  // Branch-free: whether a row repeats is data (a third of the positions
+  // start a segment at Zipf ids), and a branch on it mispredicted often.
+  const auto starts_segment = [&](int64_t i, int64_t t) {
+    return static_cast<int64_t>((i == region[t]) | (keys[i] != keys[i > 0 ? i - 1 : 0]));
+  };
+  // The table whose slots hold i, searching on from table t.
+  const auto table_of = [&](int64_t i, int64_t t) {
+    while (region[t + 1] <= i) {
+      ++t;
+    }
+    return t;
+  };
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = n < (1 << 16) ? 1 : threads;
   const int64_t chunk_size = chunks > 0 ? (n + chunks - 1) / chunks : 0;
@@ -429,8 +500,9 @@ Segments group_by_row(
     for (int64_t c = c0; c < c1; ++c) {
       int64_t count = 0;
       const int64_t end = std::min(n, (c + 1) * chunk_size);
-      for (int64_t i = c * chunk_size; i < end; ++i) {
-        count += (i == 0 || keys[i] != keys[i - 1]);
+      for (int64_t i = c * chunk_size, t = 0; i < end; ++i) {
+        t = table_of(i, t);
+        count += starts_segment(i, t);
       }
       chunk_segments[c + 1] = count;
     }
@@ -439,32 +511,44 @@ Segments group_by_row(
     chunk_segments[c + 1] += chunk_segments[c];
   }
   const int64_t num_segments = chunk_segments[chunks];
-  int64_t* occ_begin = ws.take<int64_t>(Scratch::kOccBegin, num_segments + 1);
+  // Segment entries are written at every position, to the next segment's
+  // slot when the position starts one and to a slot of the chunk's own past
+  // the end otherwise (no branch; chunks never write each other's slots).
+  const int64_t slots = num_segments + 1 + chunks;
+  int64_t* occ_begin = ws.take<int64_t>(Scratch::kOccBegin, slots);
   int64_t* occ_grad_offset = ws.take<int64_t>(Scratch::kOccGradOffset, n);
   float* occ_scale = scale != nullptr ? ws.take<float>(Scratch::kOccScale, n) : nullptr;
-  int32_t* seg_table = ws.take<int32_t>(Scratch::kSegTable, num_segments);
-  int64_t* seg_row = ws.take<int64_t>(Scratch::kSegRow, num_segments);
-  const std::vector<int64_t>& row_base = p.row_base;
+  int32_t* seg_table = ws.take<int32_t>(Scratch::kSegTable, slots);
+  int64_t* seg_row = ws.take<int64_t>(Scratch::kSegRow, slots);
+  // The gathers below read by sorted position, which left the cache while
+  // the other tables were sorted: fetched this many positions ahead.
+  constexpr int64_t kGatherAhead = 16;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t s = chunk_segments[c];
+      const int64_t discard = num_segments + 1 + c;
       const int64_t end = std::min(n, (c + 1) * chunk_size);
-      for (int64_t i = c * chunk_size; i < end; ++i) {
+      for (int64_t i = c * chunk_size, t = 0; i < end; ++i) {
         // The kernels walk occurrences in sorted order: lay their gradient
         // offsets and weights out that way (one gather here instead of a
         // dependent random load per occurrence there).
+        if (i + kGatherAhead < end) {
+          __builtin_prefetch(grad_offset + pos[i + kGatherAhead]);
+          if (occ_scale != nullptr) {
+            __builtin_prefetch(scale + pos[i + kGatherAhead]);
+          }
+        }
         occ_grad_offset[i] = grad_offset[pos[i]];
         if (occ_scale != nullptr) {
           occ_scale[i] = scale[pos[i]];
         }
-        if (i == 0 || keys[i] != keys[i - 1]) {
-          const int64_t key = static_cast<int64_t>(keys[i]);
-          const int64_t t = std::upper_bound(row_base.begin(), row_base.end(), key) - row_base.begin() - 1;
-          occ_begin[s] = i;
-          seg_table[s] = static_cast<int32_t>(t);
-          seg_row[s] = key - row_base[t];
-          ++s;
-        }
+        t = table_of(i, t);
+        const int64_t start = starts_segment(i, t);
+        const int64_t slot = start != 0 ? s : discard;
+        occ_begin[slot] = i;
+        seg_table[slot] = static_cast<int32_t>(t);
+        seg_row[slot] = static_cast<int64_t>(keys[i]);
+        s += start;
       }
     }
   });
@@ -493,7 +577,11 @@ Segments group_by_row_any(
       "a batch may hold at most 2^31 - 1 indices; got ",
       p.num_indices);
   const float* psw = per_sample_weights.has_value() ? per_sample_weights->const_data_ptr<float>() : nullptr;
-  const bool narrow_keys = p.row_base.back() <= (int64_t{1} << 32);
+  int64_t max_rows = 0;
+  for (const cpu::TableView& t : p.tables) {
+    max_rows = std::max(max_rows, t.rows);
+  }
+  const bool narrow_keys = max_rows <= (int64_t{1} << 32);
   if (p.int32_indices) {
     return narrow_keys ? group_by_row<int32_t, uint32_t>(op, p, indices, offsets, psw, ws)
                        : group_by_row<int32_t, uint64_t>(op, p, indices, offsets, psw, ws);

