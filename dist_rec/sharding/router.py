@@ -9,7 +9,10 @@ sort groups the ids by slot (bag order kept), and one ``bincount`` gives
 every slot's bag lengths. Slots are numbered destination-major, so the
 result splits straight into the per-rank payloads of the input all-to-all.
 ``tests/sharding/test_router.py`` checks it against the per-feature
-``ShardingScheme.route``.
+``ShardingScheme.route``. On the CPU the row-wise split is one native op
+(``bucketize_by_rows``: two passes over the ids, a stable counting sort by
+slot); ``_bucketise_with_tensor_ops`` is its tensor-op form, used on other
+devices and as the op's reference in ``tests/sharding/test_router.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
+
+import dist_rec._C  # noqa: F401  registers torch.ops.dist_rec.bucketize_by_rows
 
 _NO_SHARD = torch.iinfo(torch.int64).max  # bound of a shard a feature does not have
 
@@ -69,7 +74,8 @@ class Router:
             slot_table[i, : len(slot_of[f])] = torch.tensor(slot_of[f])
             bounds[i, : len(row_offsets[f])] = torch.tensor(row_offsets[f])
         self.widest = widest
-        self.slot_table = slot_table.reshape(-1).to(device)
+        self.slot_table_2d = slot_table.to(device)
+        self.slot_table = self.slot_table_2d.reshape(-1)
         self.bounds = bounds.to(device)
         self.offsets = bounds.clamp(max=2**62).reshape(-1).to(device)
         self.key_dtype = torch.int16 if self.num_slots < 2**15 else torch.int32
@@ -116,12 +122,34 @@ class Router:
     def _bucketise(self, lengths, all_ids, id_slices, weight_slices, batch, slot_ids, slot_weights, slot_lengths) -> None:
         """Splits the ids of every row-wise feature by row block, in one pass."""
         features = self.bucketed_features
-        device = lengths.device
         every = features == list(range(len(id_slices)))  # all features row-wise: the batch's ids as they are
         ids = all_ids if every else torch.cat([id_slices[f] for f in features])
-        sub_lengths = lengths.index_select(0, torch.tensor(features, device=device))
+        sub_lengths = lengths.index_select(0, torch.tensor(features, device=lengths.device))
+        weights = None
+        if weight_slices is not None:
+            weights = torch.cat(weight_slices) if every else torch.cat([weight_slices[f] for f in features])
+        if ids.device.type == "cpu":
+            local, per_slot_lengths, order = torch.ops.dist_rec.bucketize_by_rows(
+                ids.contiguous(), sub_lengths.to(torch.int64).contiguous(), self.bounds, self.slot_table_2d, self.num_slots, weights is not None
+            )
+            per_slot_lengths = per_slot_lengths.to(lengths.dtype)
+        else:
+            local, per_slot_lengths, order = self._bucketise_with_tensor_ops(ids, sub_lengths, batch)
+        per_slot = per_slot_lengths.sum(dim=1).tolist()
+        grouped = torch.split(local, per_slot)
+        grouped_weights = torch.split(weights.index_select(0, order), per_slot) if weights is not None else None
+        for s, bucketed in enumerate(self.slot_bucketed):
+            if bucketed:
+                slot_ids[s], slot_lengths[s] = grouped[s], per_slot_lengths[s]
+                if grouped_weights is not None:
+                    slot_weights[s] = grouped_weights[s]
+
+    def _bucketise_with_tensor_ops(self, ids, sub_lengths, batch):
+        """``bucketize_by_rows`` in tensor ops: (local ids grouped by slot,
+        per-slot bag lengths ``[slots, B]``, each output id's input position)."""
+        device = ids.device
         counts = sub_lengths.sum(dim=1)
-        which = torch.repeat_interleave(torch.arange(len(features), device=device), counts, output_size=ids.numel())
+        which = torch.repeat_interleave(torch.arange(len(self.bucketed_features), device=device), counts, output_size=ids.numel())
         block = (ids[:, None] >= self.bounds.index_select(0, which)).sum(dim=1) - 1
         flat = which * self.widest + block
         slot = self.slot_table.index_select(0, flat)
@@ -129,17 +157,7 @@ class Router:
         bag = torch.repeat_interleave(self._bag_numbers(batch, device), sub_lengths.reshape(-1), output_size=ids.numel())
         order = torch.sort(slot.to(self.key_dtype), stable=True).indices
         per_slot_lengths = torch.bincount(slot * batch + bag, minlength=self.num_slots * batch).view(self.num_slots, batch)
-        per_slot = per_slot_lengths.sum(dim=1).tolist()
-        grouped = torch.split(local.index_select(0, order), per_slot)
-        grouped_weights = None
-        if weight_slices is not None:
-            weights = torch.cat([weight_slices[f] for f in features]) if not every else torch.cat(weight_slices)
-            grouped_weights = torch.split(weights.index_select(0, order), per_slot)
-        for s, bucketed in enumerate(self.slot_bucketed):
-            if bucketed:
-                slot_ids[s], slot_lengths[s] = grouped[s], per_slot_lengths[s]
-                if grouped_weights is not None:
-                    slot_weights[s] = grouped_weights[s]
+        return local.index_select(0, order), per_slot_lengths, order
 
 
 def payload(routed: Routed, slots_per_rank: Sequence[int]) -> torch.Tensor:

@@ -270,8 +270,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
         """Whether the output is the plain sum of the ranks' blocks: every
         rank of the group holds one whole-width row shard of every feature,
         in config feature order (row-wise sharding of every table), and no
-        feature is mean-pooled or data-parallel."""
-        if has_data_parallel or self._mean_features or len(self._slots_by_rank) < 2:
+        feature is data-parallel. Mean-pooled features are divided after."""
+        if has_data_parallel or len(self._slots_by_rank) < 2:
             return False
         layout = [(s.feature, s.shard.col_offset, s.shard.num_cols) for s in self._slots_by_rank[0]]
         whole = [(f, 0, dim) for f, dim in zip(self._feature_names, self._feature_dims)]
@@ -538,7 +538,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 total = blocks[0].view(batch, self._widths[0])
                 for block, width in zip(blocks[1:], self._widths[1:]):
                     total = total + block.view(batch, width)
-                return total
+                return self._divide_means(total, mean_counts) if mean_counts else total
             pieces: List[torch.Tensor] = []
             if received is not None:
                 blocks = torch.split(joined(), [batch * w for w in self._widths])
@@ -558,6 +558,18 @@ class ShardedEmbeddingBagCollection(nn.Module):
             return torch.cat(columns, dim=1)
 
         return _PendingKeyedTensor(self._feature_names, self._feature_dims, assemble, blocks)
+
+    def _divide_means(self, total: torch.Tensor, mean_counts: Dict[int, torch.Tensor]) -> torch.Tensor:
+        """The summed ``[B, width]`` output with each mean-pooled feature's
+        columns divided by its bag sizes: one division for all features,
+        where one per feature cost a small op each way."""
+        batch, dims = total.shape[0], self._feature_dims
+        per_feature = torch.ones(batch, len(dims), dtype=total.dtype, device=total.device)
+        for f, counts in mean_counts.items():
+            per_feature[:, f] = counts
+        if len(set(dims)) == 1:  # equal widths: broadcast over [B, F, D]
+            return (total.view(batch, len(dims), dims[0]) / per_feature[:, :, None]).view(batch, -1)
+        return total / per_feature.repeat_interleave(torch.tensor(dims, device=total.device), dim=1)
 
     # -- input dist, in stages (a train pipeline runs them a step ahead) -------
 

@@ -69,3 +69,68 @@ def test_router_matches_the_per_feature_rule(seed):
     # The payload interleaves each rank's lengths and ids.
     buffer = payload(routed, [len(s) for s in by_rank])
     assert buffer.numel() == routed.lengths.numel() + routed.ids.numel()
+
+
+def _row_wise_router(seed: int):
+    """A router over row-wise features only (different shard counts and
+    sizes) and a batch for it with empty bags and repeated ids."""
+    g = torch.Generator().manual_seed(seed)
+    world = int(torch.randint(1, 5, (1,), generator=g))
+    slot_of, offsets, rows, next_slot = [], [], [], 0
+    for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+        shards = int(torch.randint(1, world + 1, (1,), generator=g))
+        table_rows = int(torch.randint(shards, 300, (1,), generator=g))
+        cuts = sorted(torch.randperm(table_rows - 1, generator=g)[: shards - 1].add(1).tolist())
+        offsets.append([0] + cuts)
+        slot_of.append(list(range(next_slot, next_slot + shards)))
+        next_slot += shards
+        rows.append(table_rows)
+    router = Router(slot_of, offsets, [True] * len(rows), [next_slot], "cpu")
+    batch = int(torch.randint(0, 40, (1,), generator=g))
+    lengths = torch.randint(0, 25, (len(rows), batch), generator=g) * (torch.rand(len(rows), batch, generator=g) > 0.2)
+    ids = torch.cat([torch.randint(0, r, (int(lengths[f].sum()),), generator=g) for f, r in enumerate(rows)])
+    return router, lengths, ids
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_native_bucketize_matches_its_tensor_op_form(seed):
+    router, lengths, ids = _row_wise_router(seed)
+    batch = lengths.shape[1]
+    local, per_slot, order = torch.ops.dist_rec.bucketize_by_rows(ids, lengths, router.bounds, router.slot_table_2d, router.num_slots, True)
+    ref_local, ref_per_slot, ref_order = router._bucketise_with_tensor_ops(ids, lengths, batch)
+    assert torch.equal(local, ref_local)
+    assert torch.equal(per_slot, ref_per_slot)
+    assert torch.equal(order, ref_order)
+    # Without weights no order is produced; the routing is the same.
+    weighted = router.route(lengths, ids, torch.rand(ids.numel()))
+    plain = router.route(lengths, ids, None)
+    assert plain.weights is None
+    assert torch.equal(plain.ids, weighted.ids) and torch.equal(plain.lengths, weighted.lengths)
+
+
+def test_native_bucketize_refuses_bad_input():
+    router, lengths, ids = _row_wise_router(3)
+    op = torch.ops.dist_rec.bucketize_by_rows
+    args = (router.bounds, router.slot_table_2d, router.num_slots, False)
+    with pytest.raises(ValueError, match="lengths sum to"):
+        op(ids[:-1], lengths, *args)
+    bad = ids.clone()
+    bad[-1] = -5
+    with pytest.raises(IndexError, match="id -5 at position"):
+        op(bad, lengths, *args)
+    with pytest.raises(TypeError, match="int64|Long"):
+        op(ids.int(), lengths, *args)
+    with pytest.raises(IndexError, match="slot_table holds slot"):
+        op(ids, lengths, router.bounds, router.slot_table_2d, 0, False)
+
+
+def test_native_bucketize_with_many_row_blocks():
+    """Over 16 blocks the native op binary-searches the block starts."""
+    g = torch.Generator().manual_seed(5)
+    starts = [0] + sorted(torch.randperm(999, generator=g)[:23].add(1).tolist())
+    router = Router([list(range(24)), list(range(24, 26))], [starts, [0, 7]], [True, True], [26], "cpu")
+    lengths = torch.randint(0, 9, (2, 30), generator=g)
+    ids = torch.cat([torch.randint(0, 1000, (int(lengths[0].sum()),), generator=g), torch.randint(0, 12, (int(lengths[1].sum()),), generator=g)])
+    local, per_slot, order = torch.ops.dist_rec.bucketize_by_rows(ids, lengths, router.bounds, router.slot_table_2d, router.num_slots, True)
+    ref_local, ref_per_slot, ref_order = router._bucketise_with_tensor_ops(ids, lengths, 30)
+    assert torch.equal(local, ref_local) and torch.equal(per_slot, ref_per_slot) and torch.equal(order, ref_order)

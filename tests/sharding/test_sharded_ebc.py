@@ -48,7 +48,7 @@ def _optimizer(name: str):
     return MomentumScaledRowWiseAdagrad(lr=0.1, eps=1e-3, momentum_scale=1.5, weight_decay=0.02, weight_decay_mode="decoupled")
 
 
-def _rank_batch(rank: int, step: int, weighted: bool):
+def _rank_batch(rank: int, step: int, weighted: bool, width: int = WIDTH):
     """Unequal batches per rank, empty bags, repeated (hot) ids; keys in an
     order different from the tables'."""
     g = torch.Generator().manual_seed(1000 * step + rank)
@@ -62,12 +62,12 @@ def _rank_batch(rank: int, step: int, weighted: bool):
     values = torch.cat(values)
     weights = torch.rand(values.numel(), generator=g) if weighted else None
     kjt = KeyedJaggedTensor(KEYS, values, lengths=lengths.reshape(-1), weights=weights)
-    return kjt, torch.randn(batch, WIDTH, generator=g, dtype=torch.float64).float()
+    return kjt, torch.randn(batch, width, generator=g, dtype=torch.float64).float()
 
 
-def _joined_batch(ranks, step: int, weighted: bool):
+def _joined_batch(ranks, step: int, weighted: bool, width: int = WIDTH):
     """The batches of ``ranks`` as one, samples in rank order."""
-    parts = [_rank_batch(r, step, weighted) for r in ranks]
+    parts = [_rank_batch(r, step, weighted, width) for r in ranks]
     lengths = torch.cat([p[0].lengths().reshape(len(KEYS), -1) for p in parts], dim=1)
     values, weights = [], []
     for key in KEYS:
@@ -94,11 +94,18 @@ def _plans(world: int):
     return plans
 
 
-# TABLES with every table sum-pooled: row-wise sharding then assembles its
-# output as the plain sum of the ranks' blocks (no per-feature work).
+# Row-wise sharding assembles its output as the sum of the ranks' blocks,
+# mean-pooled features divided after: TABLES (unequal widths), with every
+# table sum-pooled (no division), and with equal widths (the division
+# broadcast over [B, F, D]).
 SUM_TABLES = [
     EmbeddingBagConfig(name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
                        feature_names=c.feature_names)
+    for c in TABLES
+]  # fmt: skip
+EQUAL_WIDTH_TABLES = [
+    EmbeddingBagConfig(name=c.name, embedding_dim=8, num_embeddings=c.num_embeddings,
+                       feature_names=c.feature_names, pooling=c.pooling)
     for c in TABLES
 ]  # fmt: skip
 
@@ -125,6 +132,7 @@ def _assert_shards_equal(sharded: ShardedEmbeddingBagCollection, reference: Embe
 def _equivalence_rank(rank, world_size, optimizer_name, weighted):
     plans = [(name, TABLES, plan) for name, plan in _plans(world_size).items()]
     plans.append(("row_wise, all sum-pooled", SUM_TABLES, uniform_plan(SUM_TABLES, "row_wise", world_size)))
+    plans.append(("row_wise, equal widths", EQUAL_WIDTH_TABLES, uniform_plan(EQUAL_WIDTH_TABLES, "row_wise", world_size)))
     for name, tables, plan in plans:
         reference = _fresh_reference(optimizer_name, weighted, tables)
         source = _fresh_reference(optimizer_name, weighted, tables)
@@ -132,11 +140,12 @@ def _equivalence_rank(rank, world_size, optimizer_name, weighted):
             tables, plan, _optimizer(optimizer_name), is_weighted=weighted, source=source
         )
         if name.startswith("row_wise"):
-            assert sharded._row_sums == (tables is SUM_TABLES), name  # which assembly runs
+            assert sharded._row_sums, name  # which assembly runs
+        width = sum(c.embedding_dim * len(c.feature_names) for c in tables)
         for step in range(STEPS):
-            kjt, grad = _rank_batch(rank, step, weighted)
+            kjt, grad = _rank_batch(rank, step, weighted, width)
             out = sharded(kjt).values()
-            full_kjt, full_grad = _joined_batch(range(world_size), step, weighted)
+            full_kjt, full_grad = _joined_batch(range(world_size), step, weighted, width)
             expected = reference(full_kjt).values()
             first = sum(_rank_batch(r, step, weighted)[1].shape[0] for r in range(rank))
             torch.testing.assert_close(
