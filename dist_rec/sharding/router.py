@@ -27,6 +27,11 @@ import dist_rec._C  # noqa: F401  registers torch.ops.dist_rec.bucketize_by_rows
 _NO_SHARD = torch.iinfo(torch.int64).max  # bound of a shard a feature does not have
 
 
+@torch.library.register_fake("dist_rec::bucketize_by_rows")
+def _bucketize_by_rows_fake(ids, lengths, bounds, slot_table, num_slots, with_order):
+    return ids.new_empty(ids.shape), lengths.new_empty(num_slots, lengths.shape[1]), ids.new_empty(ids.shape[0] if with_order else 0)
+
+
 @dataclass
 class Routed:
     """A batch's ids grouped by slot (destination-major slot order)."""

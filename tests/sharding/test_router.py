@@ -134,3 +134,10 @@ def test_native_bucketize_with_many_row_blocks():
     local, per_slot, order = torch.ops.dist_rec.bucketize_by_rows(ids, lengths, router.bounds, router.slot_table_2d, router.num_slots, True)
     ref_local, ref_per_slot, ref_order = router._bucketise_with_tensor_ops(ids, lengths, 30)
     assert torch.equal(local, ref_local) and torch.equal(per_slot, ref_per_slot) and torch.equal(order, ref_order)
+
+
+@pytest.mark.parametrize("with_order", [False, True])
+def test_native_bucketize_passes_opcheck(with_order):
+    router, lengths, ids = _row_wise_router(7)
+    args = (ids, lengths, router.bounds, router.slot_table_2d, router.num_slots, with_order)
+    torch.library.opcheck(torch.ops.dist_rec.bucketize_by_rows.default, args)
