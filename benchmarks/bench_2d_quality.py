@@ -24,10 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bench_embedding import machine_summary, update_section  # noqa: E402
+from harness import REPO, command_line, machine_summary, markdown_table, update_section
 
 
 def variants(momentum_scale: float, sync_every: int):
@@ -45,11 +42,11 @@ def variants(momentum_scale: float, sync_every: int):
 
 
 def run_variant(name: str, overrides, args) -> dict:
-    out = ROOT / "runs" / "quality_2d" / name
+    out = REPO / "runs" / "quality_2d" / name
     command = [
-        str(ROOT / "launch" / "train.sh"),
+        str(REPO / "launch" / "train.sh"),
         "--config",
-        str(ROOT / "launch" / "configs" / "default.yaml"),
+        str(REPO / "launch" / "configs" / "default.yaml"),
         "train.batch_size=512",  # 4 x 512 = the 1D main job's 2 x 1024
         f"train.steps={args.steps}",
         f"train.eval_every={args.eval_every}",
@@ -59,7 +56,7 @@ def run_variant(name: str, overrides, args) -> dict:
     ]
     env = dict(os.environ, NPROC_PER_NODE="4", RDZV_ENDPOINT=f"127.0.0.1:{args.port}", RDZV_ID=f"quality-{name}")
     print(f"== {name}: {' '.join(overrides)}", flush=True)
-    subprocess.run(command, env=env, check=True, cwd=ROOT)
+    subprocess.run(command, env=env, check=True, cwd=REPO)
     summary = json.loads((out / "summary.json").read_text())
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary["auc_curve"] = [(r["step"], r["auc"]) for r in curve if r.get("kind") == "eval"]
@@ -94,28 +91,25 @@ def main() -> int:
     parser.add_argument("--momentum-scale", type=float, default=2.0)
     parser.add_argument("--port", type=int, default=29631)
     parser.add_argument("--markdown", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "images" / "quality_2d.png")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "quality_2d.png")
     args = parser.parse_args()
 
     results = {name: run_variant(name, overrides, args) for name, overrides in variants(args.momentum_scale, args.sync_every).items()}
     teacher = next(iter(results.values()))["teacher_auc"]
     reference = results["full_model_parallel"]["eval"]["auc"]
-    lines = [
-        "| variant | grid | eval AUC | AUC - full MP | NE | log loss | ex/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
     grids = {"full_model_parallel": "1 x 4", "2d_average": "2 x 2", "2d_momentum_scaled": "2 x 2"}
+    cells = []
     for name, s in results.items():
         e = s["eval"]
-        lines.append(
-            f"| {name} | {grids[name]} | {e['auc']:.4f} | {e['auc'] - reference:+.4f} | {e['ne']:.4f} | "
-            f"{e['log_loss']:.4f} | {s['examples_per_second']:,.0f} |"
-        )
-    table = "\n".join(lines)
+        cells.append([
+            name, grids[name], f"{e['auc']:.4f}", f"{e['auc'] - reference:+.4f}", f"{e['ne']:.4f}",
+            f"{e['log_loss']:.4f}", f"{s['examples_per_second']:,.0f}",
+        ])  # fmt: skip
+    table = markdown_table(["variant", "grid", "eval AUC", "AUC - full MP", "NE", "log loss", "ex/s"], cells)
     print(table)
     plot(results, teacher, args.plot)
     if args.markdown:
-        command = " ".join(["python benchmarks/bench_2d_quality.py", *sys.argv[1:]])
+        command = command_line(__file__)
         text = (
             "## 2D sparse parallelism: quality at equal global batch (CPU, 4 gloo processes)\n\n"
             f"Machine: {machine_summary()}\n\n"

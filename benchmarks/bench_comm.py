@@ -62,8 +62,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +70,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_embedding import machine_summary, update_section  # noqa: E402
+from harness import command_line, machine_summary, markdown_table, run_ranks, update_section
 
 KINDS = ("input_dist", "output_dist", "output_dist_backward", "replica_sync")
 A2A_KINDS = KINDS[:3]
@@ -137,7 +131,7 @@ class Workload:
 
 def rows_per_rank(rows: int, group_size: int) -> np.ndarray:
     """Rows of one table on each rank of the group under row-wise sharding,
-    as ``dist_rec.sharding.plan.even_splits`` cuts them (the first ``rows %
+    as ``dist_rec.planner.plan.even_splits`` cuts them (the first ``rows %
     L`` ranks one more; with fewer rows than ranks, the last ranks none)."""
     base, extra = divmod(rows, group_size)
     return base + (np.arange(group_size) < extra).astype(np.int64)
@@ -287,10 +281,10 @@ def _ids_sent(
 
 
 def _measure_rank(
-    rank: int, world_size: int, configs, rows, dims, batch, min_ids, max_ids, steps, seed, out_path
-) -> None:
+    rank: int, world_size: int, configs, rows, dims, batch, min_ids, max_ids, steps, seed
+) -> Optional[List[dict]]:
     """Every config of this world in turn: build, train ``steps`` steps,
-    gather every rank's counters on rank 0."""
+    gather every rank's counters on rank 0, which returns them."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -327,8 +321,7 @@ def _measure_rank(
         dist.all_gather_object(gathered, record)
         results.append(dict(config=config, ranks=gathered))
         del dmp, model
-    if rank == 0:
-        Path(out_path).write_text(json.dumps(results))
+    return results if rank == 0 else None
 
 
 def measured_configs(world_size: int, steps: int) -> List[dict]:
@@ -346,29 +339,23 @@ def measured_configs(world_size: int, steps: int) -> List[dict]:
 
 def measure(args) -> List[dict]:
     """Runs every world's configs; one row per (T, G, sharding, N)."""
-    from dist_rec.testing.multi_process import run_multi_process
-
     rows_out = []
     for world_size in args.worlds:
         configs = measured_configs(world_size, args.steps)
         started = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            out_path = Path(tmp) / "comm.json"
-            run_multi_process(
-                _measure_rank,
-                world_size=world_size,
-                timeout=args.timeout,
-                configs=configs,
-                rows=[args.rows] * len(args.dims),
-                dims=list(args.dims),
-                batch=args.batch,
-                min_ids=args.min_ids,
-                max_ids=args.max_ids,
-                steps=args.steps,
-                seed=args.seed,
-                out_path=str(out_path),
-            )
-            results = json.loads(out_path.read_text())
+        results = run_ranks(
+            _measure_rank,
+            world_size,
+            args.timeout,
+            configs=configs,
+            rows=[args.rows] * len(args.dims),
+            dims=list(args.dims),
+            batch=args.batch,
+            min_ids=args.min_ids,
+            max_ids=args.max_ids,
+            steps=args.steps,
+            seed=args.seed,
+        )[0]
         print(f"T = {world_size}: {len(configs)} configs in {time.time() - started:.0f} s", flush=True)
         for result in results:
             rows_out.append(summarise(result, world_size, args))
@@ -443,12 +430,12 @@ def add_ratios(rows: List[dict]) -> None:
 def measured_table(rows: List[dict]) -> str:
     """Markdown: KiB per rank per step, measured (model) per kind."""
     kib = lambda b: f"{b / 1024:.1f}"  # noqa: E731
-    header = (
-        "| T | G | L | sharding | N | input a2a | output a2a fwd | output a2a bwd | replica sync "
-        "| total, mean rank | total, max rank | measured / model | gap with realised ids | a2a 1D/2D "
-        "| output fwd 1D/2D (model) |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    header = [
+        "T", "G", "L", "sharding", "N", "input a2a", "output a2a fwd", "output a2a bwd", "replica sync",
+        "total, mean rank", "total, max rank", "measured / model", "gap with realised ids", "a2a 1D/2D",
+        "output fwd 1D/2D (model)",
+    ]  # fmt: skip
+    lines = []
     for r in rows:
         cells = [str(r["T"]), str(r["G"]), str(r["L"]), r["sharding"], str(r["N"])]
         cells += [f"{kib(r['measured'][k])} ({kib(r['model'][k])})" for k in KINDS]
@@ -461,8 +448,8 @@ def measured_table(rows: List[dict]) -> str:
             "-" if r["a2a_ratio"] is None else f"{r['a2a_ratio']:.2f}",
             "-" if r["output_ratio"] is None else f"{r['output_ratio']:.3f} ({r['output_ratio_theory']:.3f})",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return markdown_table(header, lines)
 
 
 # ---------------------------------------------------------------------------
@@ -522,16 +509,17 @@ def bytes_optimal_group_size(workload: Workload, sync_every: int) -> Tuple[float
 
 def optimal_group_table(workload: Workload, world_size: int = 4096) -> str:
     """Markdown: L* for several N, and what a rank holds and sends there."""
-    lines = [
+    title = (
         f"**Bytes-optimal sharding group size L* = sqrt(2 S / (a N)), row-wise, {workload.name}** "
         f"(S = {human_bytes(bytes_optimal_group_size(workload, 1)[2])} per replica, "
         f"a = {human_bytes(bytes_optimal_group_size(workload, 1)[1])} per peer per step; "
-        f"bytes per step from `predict` at T = {world_size}, L = the power of two nearest L*)",
-        "",
-        f"| sync_every N | L* | shard per rank at L* | G = T / L at T = {world_size} | a2a per step | sync per step "
-        "| total per step | 1D total per step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        f"bytes per step from `predict` at T = {world_size}, L = the power of two nearest L*)"
+    )
+    header = [
+        "sync_every N", "L*", "shard per rank at L*", f"G = T / L at T = {world_size}", "a2a per step",
+        "sync per step", "total per step", "1D total per step",
+    ]  # fmt: skip
+    lines = []
     one_d = float(a2a_total(predict(workload, world_size, 1, "row_wise")).mean())
     for N in (1, 10, 100, 1000, 10000):
         best, _, S = bytes_optimal_group_size(workload, N)
@@ -539,23 +527,20 @@ def optimal_group_table(workload: Workload, world_size: int = 4096) -> str:
         G = world_size // L
         p = predict(workload, world_size, G, "row_wise", N)
         a2a, sync = float(a2a_total(p).mean()), float(p["replica_sync"].mean())
-        lines.append(
-            f"| {N} | {best:.1f} | {human_bytes(S / best)} | {G} (L = {L}) | {human_bytes(a2a)} | {human_bytes(sync)} "
-            f"| {human_bytes(a2a + sync)} | {human_bytes(one_d)} |"
-        )
-    return "\n".join(lines)
+        lines.append([
+            N, f"{best:.1f}", human_bytes(S / best), f"{G} (L = {L})", human_bytes(a2a), human_bytes(sync),
+            human_bytes(a2a + sync), human_bytes(one_d),
+        ])  # fmt: skip
+    return f"{title}\n\n{markdown_table(header, lines)}"
 
 
 def extrapolation_tables(ext: Dict[str, Dict[Tuple[int, int], dict]], workloads: Sequence[Workload]) -> str:
     """Markdown: one table per quantity, T down, G across."""
 
     def grid(title: str, cell) -> str:
-        header = "| T | " + " | ".join(f"G = {g}" for g in EXTRAPOLATION_REPLICAS) + " |"
-        lines = [f"**{title}**", "", header, "|" + "---|" * (len(EXTRAPOLATION_REPLICAS) + 1)]
-        for T in EXTRAPOLATION_WORLDS:
-            cells = [cell(T, g) for g in EXTRAPOLATION_REPLICAS]
-            lines.append(f"| {T} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        header = ["T", *(f"G = {g}" for g in EXTRAPOLATION_REPLICAS)]
+        lines = [[T, *(cell(T, g) for g in EXTRAPOLATION_REPLICAS)] for T in EXTRAPOLATION_WORLDS]
+        return f"**{title}**\n\n{markdown_table(header, lines)}"
 
     def value(name, key, fmt):
         def cell(T, G):
@@ -717,7 +702,7 @@ def main(argv=None) -> None:
         parser.error(f"Invalid --min-ids={args.min_ids} / --max-ids={args.max_ids}. Must be 0 <= min <= max.")
     if args.steps < 1 or args.batch < 1 or args.rows < max(args.worlds):
         parser.error("--steps and --batch must be >= 1 and --rows at least the largest world")
-    command = "python benchmarks/bench_comm.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
 
     rows: List[dict] = []
     if not args.model_only:

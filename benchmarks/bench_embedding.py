@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +44,11 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+
+from harness import (
+    command_line, machine_summary, markdown_table, median_fields, run_rounds, run_worker_process, update_section,
+    write_worker_result,
+)  # fmt: skip
 
 PRESETS = {
     # The configuration the foundation issue asks for: 8 x 1M rows, fp32.
@@ -166,9 +168,8 @@ def build_dist_rec(config: Config, device: str = "cpu", dtype: str = "fp32"):
         optimizer=RowWiseAdagrad(lr=LEARNING_RATE, eps=EPS),
         device=device,
     )
-    with torch.no_grad():
-        for t, bag in enumerate(ebc.embedding_bags.values()):
-            bag.weight.copy_(init_weight(config, t, device))
+    for t in range(config.tables):
+        ebc.storage.write_block(t, 0, init_weight(config, t, device))
 
     def forward(batch):
         kjt = KeyedJaggedTensor(keys, batch["indices"], lengths=batch["lengths"], offsets=batch["offsets"])
@@ -326,7 +327,7 @@ def worker_main(args) -> None:
     else:
         result = time_variant(args.worker, config, batches, args.steps, args.warmup)
     result["threads"] = torch.get_num_threads()
-    Path(args.result).write_text(json.dumps(result))
+    write_worker_result(args.result, result)
 
 
 # ---------------------------------------------------------------------------
@@ -336,73 +337,22 @@ def worker_main(args) -> None:
 
 def median_of_rounds(results: List[dict]) -> dict:
     """Each numeric figure's median over the rounds (other fields from round 1)."""
-    merged = dict(results[0])
-    for key, value in results[0].items():
-        if isinstance(value, (int, float)):
-            merged[key] = statistics.median(r[key] for r in results)
-    merged["rounds"] = results
-    return merged
+    return {**median_fields(results), "rounds": results}
 
 
 def run_worker(name: str, config: Config, data: Path, steps: int, warmup: int) -> dict:
-    env = dict(os.environ)
-    env.pop("THP_MEM_ALLOC_ENABLE", None)
-    if name == "tbe_thp":
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
-    with tempfile.NamedTemporaryFile(suffix=".json") as result:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            name,
-            "--config",
-            json.dumps(asdict(config)),
-            "--data",
-            str(data),
-            "--result",
-            result.name,
-            "--steps",
-            str(steps),
-            "--warmup",
-            str(warmup),
-        ]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} on {config.label()} failed:\n{proc.stderr[-4000:]}")
-        return json.loads(Path(result.name).read_text())
-
-
-def machine_summary() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    thp = "unknown"
-    try:
-        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip()
-    except OSError:
-        pass
-    versions = [f"torch {torch.__version__}"]
-    try:
-        import fbgemm_gpu
-
-        versions.append(f"fbgemm_gpu {fbgemm_gpu.__version__}")
-    except ImportError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, THP `{thp}`, {', '.join(versions)}"
+    args = ["--worker", name, "--config", json.dumps(asdict(config)), "--data", str(data)]
+    args += ["--steps", str(steps), "--warmup", str(warmup)]
+    return run_worker_process(__file__, args, label=f"{name} on {config.label()}", thp=name == "tbe_thp")
 
 
 def format_table(rows: List[dict]) -> str:
-    header = (
-        "| config | dist_rec step ms | TBE ms | TBE+THP ms | torch ms | vs TBE | vs TBE+THP | vs torch "
-        "| fwd ms dist_rec / TBE / torch | gather ceiling GB/s | dist_rec step GB/s (of ceiling) "
-        "| TBE step GB/s (of ceiling) | dist_rec fwd GB/s (of ceiling) | range check cost |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    header = [
+        "config", "dist_rec step ms", "TBE ms", "TBE+THP ms", "torch ms", "vs TBE", "vs TBE+THP", "vs torch",
+        "fwd ms dist_rec / TBE / torch", "gather ceiling GB/s", "dist_rec step GB/s (of ceiling)",
+        "TBE step GB/s (of ceiling)", "dist_rec fwd GB/s (of ceiling)", "range check cost",
+    ]  # fmt: skip
+    lines = []
     for r in rows:
         v = r["variants"]
 
@@ -422,14 +372,13 @@ def format_table(rows: List[dict]) -> str:
 
         fwd_gbps = r["forward_bytes"] / (v["dist_rec"]["forward_ms"] * 1e-3) / 1e9 if "dist_rec" in v else float("nan")
         check = f"{v['dist_rec']['range_check_cost']:+.1%}" if "dist_rec" in v else "-"
-        lines.append(
-            f"| {r['label']} | {ms('dist_rec')} | {ms('tbe')} | {ms('tbe_thp')} | {ms('torch')} "
-            f"| {ratio('tbe')} | {ratio('tbe_thp')} | {ratio('torch')} "
-            f"| {ms('dist_rec', 'forward_ms')} / {ms('tbe', 'forward_ms')} / {ms('torch', 'forward_ms')} "
-            f"| {ceiling:.1f} | {step_gbps('dist_rec')} | {step_gbps('tbe')} "
-            f"| {fwd_gbps:.1f} ({fwd_gbps / ceiling:.0%}) | {check} |"
-        )
-    return "\n".join(lines)
+        forwards = f"{ms('dist_rec', 'forward_ms')} / {ms('tbe', 'forward_ms')} / {ms('torch', 'forward_ms')}"
+        lines.append([
+            r["label"], ms("dist_rec"), ms("tbe"), ms("tbe_thp"), ms("torch"), ratio("tbe"), ratio("tbe_thp"),
+            ratio("torch"), forwards, f"{ceiling:.1f}", step_gbps("dist_rec"), step_gbps("tbe"),
+            f"{fwd_gbps:.1f} ({fwd_gbps / ceiling:.0%})", check,
+        ])  # fmt: skip
+    return markdown_table(header, lines)
 
 
 def main(argv=None) -> None:
@@ -501,21 +450,23 @@ def main(argv=None) -> None:
                 step_bytes=(n + 2 * u) * config.dim * 4,
                 variants={},
             )
-            rounds: Dict[str, List[dict]] = {name: [] for name in ["ceiling", *args.variants]}
-            for r in range(args.rounds):
-                for name in rounds:
-                    result = run_worker(name, config, data, args.steps, args.warmup)
-                    rounds[name].append(result)
-                    figure = (
-                        f"gather {result['gather_gbps']:6.1f} GB/s"
-                        if name == "ceiling"
-                        else f"step {result['step_ms']:8.1f} ms  forward {result['forward_ms']:7.1f} ms"
-                    )
-                    print(
-                        f"[{i + 1}/{len(configs)} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] "
-                        f"{config.label():<36} {name:<9} {figure}",
-                        flush=True,
-                    )
+
+            def measure(name: str, r: int) -> dict:
+                result = run_worker(name, config, data, args.steps, args.warmup)
+                figure = (
+                    f"gather {result['gather_gbps']:6.1f} GB/s"
+                    if name == "ceiling"
+                    else f"step {result['step_ms']:8.1f} ms  forward {result['forward_ms']:7.1f} ms"
+                )
+                print(
+                    f"[{i + 1}/{len(configs)} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] "
+                    f"{config.label():<36} {name:<9} {figure}",
+                    flush=True,
+                )
+                return result
+
+            # The same order every round, as the published figures were measured.
+            rounds = run_rounds(["ceiling", *args.variants], args.rounds, measure, order="fixed")
             row["ceiling"] = median_of_rounds(rounds.pop("ceiling"))
             row["variants"] = {name: median_of_rounds(results) for name, results in rounds.items()}
             rows.append(row)
@@ -523,7 +474,7 @@ def main(argv=None) -> None:
     table = format_table(rows)
     print()
     print(table)
-    command = "python benchmarks/bench_embedding.py " + " ".join(sys.argv[1:])
+    command = command_line(__file__, argv)
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine_summary(), command=command, rows=rows), indent=2))
     if args.markdown:
@@ -549,20 +500,6 @@ compares forwards with id checks on and off, in alternating blocks.
 {table}
 """
     update_section(path, "cpu", text)
-
-
-def update_section(path: Path, name: str, text: str) -> None:
-    """Replaces one marked section of the benchmark page, keeping the others."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{text.strip()}\n{end}\n"
-    page = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if begin in page and end in page:
-        page = page[: page.index(begin)] + block + page[page.index(end) + len(end) + 1 :]
-    else:
-        page = page.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page)
-    print(f"\nwrote the {name} section of {path}")
 
 
 # ---------------------------------------------------------------------------
@@ -646,7 +583,7 @@ def run_cuda(args) -> None:
     table = format_cuda_table(rows, copy_gbps)
     print()
     print(table)
-    command = "python benchmarks/bench_embedding.py " + " ".join(sys.argv[1:])
+    command = command_line(__file__)
     if args.json:
         args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_gbps=copy_gbps, command=command, rows=rows), indent=2))
     if args.markdown:
@@ -667,20 +604,21 @@ AdaGrad. Forward GB/s counts the looked-up rows read and the output written.
 
 
 def format_cuda_table(rows: List[dict], copy_gbps: float) -> str:
-    lines = [
-        "| config | dist_rec step ms | torch step ms | step speedup | dist_rec fwd ms | torch fwd ms | dist_rec fwd GB/s (of copy) | torch fwd GB/s (of copy) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "config", "dist_rec step ms", "torch step ms", "step speedup", "dist_rec fwd ms", "torch fwd ms",
+        "dist_rec fwd GB/s (of copy)", "torch fwd GB/s (of copy)",
+    ]  # fmt: skip
+    lines = []
     for r in rows:
         ours, theirs = r["variants"]["dist_rec"], r["variants"]["torch"]
         ours_gbps = r["forward_bytes"] / (ours["forward_ms"] * 1e-3) / 1e9
         theirs_gbps = r["forward_bytes"] / (theirs["forward_ms"] * 1e-3) / 1e9
-        lines.append(
-            f"| {r['label']} | {ours['step_ms']:.2f} | {theirs['step_ms']:.2f} | {theirs['step_ms'] / ours['step_ms']:.2f}x "
-            f"| {ours['forward_ms']:.3f} | {theirs['forward_ms']:.3f} | {ours_gbps:.0f} ({ours_gbps / copy_gbps:.0%}) "
-            f"| {theirs_gbps:.0f} ({theirs_gbps / copy_gbps:.0%}) |"
-        )
-    return "\n".join(lines)
+        lines.append([
+            r["label"], f"{ours['step_ms']:.2f}", f"{theirs['step_ms']:.2f}",
+            f"{theirs['step_ms'] / ours['step_ms']:.2f}x", f"{ours['forward_ms']:.3f}", f"{theirs['forward_ms']:.3f}",
+            f"{ours_gbps:.0f} ({ours_gbps / copy_gbps:.0%})", f"{theirs_gbps:.0f} ({theirs_gbps / copy_gbps:.0%})",
+        ])  # fmt: skip
+    return markdown_table(header, lines)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_embedding import machine_summary, update_section  # noqa: E402
-from dist_rec.ops.interaction import dot_interaction_reference  # noqa: E402
+# harness first: it puts this checkout's dist_rec ahead of an installed one.
+from harness import command_line, machine_summary, markdown_table, median_fields, run_rounds, update_section
+from dist_rec.ops.interaction import dot_interaction_reference
 
 ops = torch.ops.dist_rec
 
@@ -63,31 +59,29 @@ def measure(batch: int, features: int, dim: int, rounds: int, calls: int) -> dic
             lambda: ops.dot_interaction_backward(grad, dense, sparse),
         )
     variants["reference"] = (lambda: ops._set_cpu_isa(""), lambda: dot_interaction_reference(dense, sparse), None)
-    times = {name: {"forward": [], "forward+backward": []} for name in variants}
-    for _ in range(rounds):
-        for name, (select, forward, backward) in variants.items():
-            select()
-            for _ in range(3):
-                forward()
-            times[name]["forward"].append(_timed(forward, calls))
-            if backward is None:  # the reference's backward runs through autograd
-                times[name]["forward+backward"].append(_timed(reference_backward, calls))
-            else:
-                times[name]["forward+backward"].append(_timed(lambda: (forward(), backward()), calls))
+
+    def time_variant(name: str, round_index: int) -> dict:
+        select, forward, backward = variants[name]
+        select()
+        for _ in range(3):
+            forward()
+        # The reference's backward runs through autograd.
+        both = reference_backward if backward is None else (lambda: (forward(), backward()))
+        return {"forward": _timed(forward, calls), "forward+backward": _timed(both, calls)}
+
+    per_round = run_rounds(list(variants), rounds, time_variant, order="fixed")
     ops._set_cpu_isa("")
-    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    return {name: median_fields(results) for name, results in per_round.items()}
 
 
 def format_table(results: dict) -> str:
     ref = results["reference"]
-    lines = [
-        "| variant | forward ms | forward + backward ms | reference / variant (forward + backward) |",
-        "|---|---|---|---|",
-    ]
+    header = ["variant", "forward ms", "forward + backward ms", "reference / variant (forward + backward)"]
+    cells = []
     for name, t in results.items():
         ratio = ref["forward+backward"] / t["forward+backward"]
-        lines.append(f"| {name} | {t['forward']:.3f} | {t['forward+backward']:.3f} | {ratio:.2f}x |")
-    return "\n".join(lines)
+        cells.append([name, f"{t['forward']:.3f}", f"{t['forward+backward']:.3f}", f"{ratio:.2f}x"])
+    return markdown_table(header, cells)
 
 
 def main(argv=None) -> None:
@@ -108,7 +102,7 @@ def main(argv=None) -> None:
 
 Machine: {machine_summary()}.
 
-Command: `python {' '.join(sys.argv)}`.
+Command: `{command_line(__file__, argv)}`.
 
 B={args.batch}, F={args.features} pooled embeddings + the dense vector, D={args.dim}, float32. Fused:
 `torch.ops.dist_rec.dot_interaction` and its backward op, per CPU build; reference:

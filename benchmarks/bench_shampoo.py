@@ -23,11 +23,8 @@ Two parts:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -36,8 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_embedding import machine_summary, update_section  # noqa: E402
+from harness import (
+    command_line, machine_summary, markdown_table, per_round_ratios, ratio_cell, rotated, run_ranks, update_section,
+)  # fmt: skip
 
 PRESETS = {
     # A wide top MLP (hidden 4096 and 1024 over a 1024-wide input) at a
@@ -124,7 +122,7 @@ def make_optimizer(variant: str, params, lr: float, distributed: bool, args, sta
 
 
 def rank_time(rank: int, world_size: int, variants: List[str], preset: str, batch: int, steps: int, warmup: int,
-              result: str, args):  # fmt: skip
+              args) -> Dict[str, Dict]:  # fmt: skip
     """Every variant trains its own copy of the model in these processes, one
     step each in turn (the order rotating), so that all see the same machine
     at the same moments: only the same-run ratios are compared."""
@@ -149,8 +147,7 @@ def rank_time(rank: int, world_size: int, variants: List[str], preset: str, batc
     for step in range(warmup + steps):
         x, y = batches[step % len(batches)]
         t = step + 1
-        shift = step % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
+        for variant in rotated(variants, step):
             r = runs[variant]
             if world_size > 1:
                 dist.barrier()
@@ -186,20 +183,16 @@ def rank_time(rank: int, world_size: int, variants: List[str], preset: str, batc
             root_step_ms=1e3 * statistics.fmean(r["root_s"]) if r["root_s"] else None,
             state_bytes=state_bytes, last_loss=r["losses"][-1],
         )  # fmt: skip
-    Path(result, f"rank{rank}.json").write_text(json.dumps(report))
+    return report
 
 
 def run(variants: List[str], world: int, preset: str, args) -> Dict[str, Dict]:
     """One round: fresh processes timing every variant, interleaved."""
-    from dist_rec.testing.multi_process import run_multi_process
-
     batch = args.batch or PRESETS[preset]["batch"]
-    with tempfile.TemporaryDirectory() as result:
-        run_multi_process(
-            rank_time, world_size=world, timeout=args.timeout, variants=variants, preset=preset, batch=batch,
-            steps=args.steps, warmup=args.warmup, result=result, args=args,
-        )  # fmt: skip
-        ranks = [json.loads(Path(result, f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = run_ranks(
+        rank_time, world, args.timeout, variants=variants, preset=preset, batch=batch, steps=args.steps,
+        warmup=args.warmup, args=args,
+    )  # fmt: skip
     out = {}
     for variant in variants:
         slowest = max((r[variant] for r in ranks), key=lambda r: r["step_ms"])
@@ -226,24 +219,23 @@ def time_part(args) -> str:
             base = per_round["adagrad"]
             for variant in variants:
                 runs = per_round[variant]
-                ratios = [r["step_ms"] / b["step_ms"] for r, b in zip(runs, base)]
                 rows.append(dict(
                     preset=preset, world=world, variant=variant,
                     step_ms=statistics.median(r["step_ms"] for r in runs),
                     optimizer_ms=statistics.median(r["optimizer_ms"] for r in runs),
-                    ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                    ratios=per_round_ratios(runs, base),
                     state_mib=max(runs[-1]["state_bytes_per_rank"]) / 2**20,
                 ))  # fmt: skip
-    lines = [
-        "| model | processes | dense optimizer | step ms | optimizer step ms | step vs Adagrad (median; min-max) | optimizer state per rank MiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['preset']} | {r['world']} | {r['variant']} | {r['step_ms']:.1f} | {r['optimizer_ms']:.1f} | "
-            f"**{r['ratio']:.3f}x** ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {r['state_mib']:.2f} |"
-        )
-    return "\n".join(lines)
+    header = [
+        "model", "processes", "dense optimizer", "step ms", "optimizer step ms", "step vs Adagrad (median; min-max)",
+        "optimizer state per rank MiB",
+    ]  # fmt: skip
+    cells = [
+        [r["preset"], r["world"], r["variant"], f"{r['step_ms']:.1f}", f"{r['optimizer_ms']:.1f}",
+         ratio_cell(r["ratios"], digits=3, count_rounds=False), f"{r['state_mib']:.2f}"]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(header, cells)
 
 
 def quality_part(args) -> str:
@@ -271,9 +263,8 @@ def quality_part(args) -> str:
         m = result.final_eval
         rows.append((name, m.auc, m.ne, m.log_loss, time.perf_counter() - started))
         print(f"quality: {name:<44} AUC {m.auc:.4f} NE {m.ne:.4f} ({rows[-1][-1]:.0f} s)", flush=True)
-    lines = ["| dense optimizer | AUC | NE | log loss | wall s |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {auc:.4f} | {ne:.4f} | {ll:.4f} | {s:.0f} |" for n, auc, ne, ll, s in rows]
-    return "\n".join(lines)
+    cells = [[n, f"{auc:.4f}", f"{ne:.4f}", f"{ll:.4f}", f"{s:.0f}"] for n, auc, ne, ll, s in rows]
+    return markdown_table(["dense optimizer", "AUC", "NE", "log loss", "wall s"], cells)
 
 
 def main() -> None:
@@ -298,7 +289,7 @@ def main() -> None:
     if "adagrad" not in args.variants:
         args.variants = ["adagrad"] + args.variants
 
-    command = "python benchmarks/bench_shampoo.py " + " ".join(sys.argv[1:])
+    command = command_line(__file__)
     sections = []
     if "time" in args.part:
         table = time_part(args)

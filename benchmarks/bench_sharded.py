@@ -14,7 +14,7 @@ Variants (``<library>_<tw|rw>``):
       sharding_type="table_wise" | "row_wise")``, ``dmp.sync()`` after the
       optimizer step as its API asks (a no-op here: one replica); its
       sharding all-to-alls go through shared memory (the processes share a
-      host: ``dist_rec.sharding.shm_transport``, dist_rec's default;
+      host: ``dist_rec.distributed.shm_transport``, dist_rec's default;
       ``DIST_REC_INTRA_HOST_ALL_TO_ALL=gloo`` keeps them on gloo);
 * ``torchrec_tw`` / ``torchrec_rw``
       ``torchrec.distributed.DistributedModelParallel`` over the same DLRM
@@ -92,13 +92,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import math
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -108,13 +106,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_embedding import machine_summary, update_section  # noqa: E402
-import bench_train  # noqa: E402
-from bench_train import KAGGLE_ROWS, SEED, describe, init_tables, to_kjt, torchrec_version  # noqa: E402
+import bench_train
+from bench_train import KAGGLE_ROWS, SEED, describe, init_tables, to_kjt
+from harness import (
+    busy_note, machine_summary, markdown_table, median_fields, per_round_ratios, ratio_cell, run_ranks, run_rounds,
+    update_section, warn_if_busy,
+)  # fmt: skip
 
 PRESETS = {
     # The README main job (launch/configs/default.yaml): 26 tables, 0.19M
@@ -357,10 +354,10 @@ def quiet() -> None:
 # ---------------------------------------------------------------------------
 
 
-def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, result: str, steps: int,
-              warmup: int, threads: int, loop: str = "plain") -> None:  # fmt: skip
-    """One rank of a timed run; writes ``result``/``rank<r>.json``. A
-    pipelined step is one ``progress`` call (no phases)."""
+def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, steps: int, warmup: int,
+              threads: int, loop: str = "plain") -> dict:  # fmt: skip
+    """One rank of a timed run: its times, losses and memory. A pipelined
+    step is one ``progress`` call (no phases)."""
     import torch.distributed as dist
 
     quiet()
@@ -392,7 +389,7 @@ def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, r
             for key, seconds in zip(phases, split or ()):
                 phases[key].append(seconds * 1e3)
     dist.barrier()
-    out = dict(
+    return dict(
         rank=rank,
         step_ms=statistics.median(step_ms),
         phases_ms={k: statistics.median(v) for k, v in phases.items() if v},
@@ -403,7 +400,6 @@ def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, r
         max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         info=info if rank == 0 else {},
     )
-    (Path(result) / f"rank{rank}.json").write_text(json.dumps(out))
 
 
 def _dense_state(model) -> Dict[str, torch.Tensor]:
@@ -436,10 +432,10 @@ def check_label(library: str, loop: str) -> str:
 
 
 def rank_check(rank: int, world_size: int, libraries: List[str], sharding_type: str, spec: dict, data: str,
-               result: str, steps: int, threads: int, loops: Tuple[str, ...] = ("plain",)) -> None:  # fmt: skip
+               steps: int, threads: int, loops: Tuple[str, ...] = ("plain",)) -> Optional[dict]:  # fmt: skip
     """Trains each library's sharded model (with each loop) and, on rank 0,
-    the unsharded reference on the global batches; rank 0 writes
-    ``result``/``check.json``."""
+    the unsharded reference on the global batches; rank 0 returns the
+    losses and weight differences."""
     import torch.distributed as dist
 
     from bench_train import build as build_unsharded
@@ -496,8 +492,8 @@ def rank_check(rank: int, world_size: int, libraries: List[str], sharding_type: 
                     for t, w in tables.items()
                 )
             out["weight_diff"][library] = diff
-        (Path(result) / "check.json").write_text(json.dumps(out))
     dist.barrier()
+    return out if rank == 0 else None
 
 
 # ---------------------------------------------------------------------------
@@ -505,24 +501,12 @@ def rank_check(rank: int, world_size: int, libraries: List[str], sharding_type: 
 # ---------------------------------------------------------------------------
 
 
-def launch(fn, world_size: int, timeout: float, **kwargs) -> None:
-    from dist_rec.testing.multi_process import run_multi_process
-
-    try:
-        run_multi_process(fn, world_size=world_size, timeout=timeout, **kwargs)
-    except AssertionError as error:
-        what = kwargs.get("variant") or kwargs.get("sharding_type")
-        raise SystemExit(f"{fn.__name__} ({what}) on {world_size} processes failed:\n{error}") from None
-
-
 def run_variant(variant: str, world_size: int, spec: dict, data: Path, args, loop: str = "plain") -> dict:
-    with tempfile.TemporaryDirectory() as result:
-        launch(
-            rank_time, world_size, args.timeout, variant=variant, spec=spec, data=str(data), result=result,
-            steps=args.steps, warmup=args.warmup, threads=args.threads or max(1, (os.cpu_count() or 1) // world_size),
-            loop=loop,
-        )  # fmt: skip
-        ranks = [json.loads((Path(result) / f"rank{r}.json").read_text()) for r in range(world_size)]
+    ranks = run_ranks(
+        rank_time, world_size, args.timeout, label=f"rank_time ({variant})", variant=variant, spec=spec,
+        data=str(data), steps=args.steps, warmup=args.warmup,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // world_size), loop=loop,
+    )  # fmt: skip
     slowest = max(ranks, key=lambda r: r["step_ms"])
     return dict(
         step_ms=slowest["step_ms"],
@@ -541,13 +525,11 @@ def run_variant(variant: str, world_size: int, spec: dict, data: Path, args, loo
 def check(world_size: int, sharding_type: str, libraries: List[str], spec: dict, data: Path, args) -> dict:
     """The correctness pass of one sharding type (every loop); exits if a
     library does not train as one step on the global batch."""
-    with tempfile.TemporaryDirectory() as result:
-        launch(
-            rank_check, world_size, args.timeout, libraries=libraries, sharding_type=sharding_type, spec=spec,
-            data=str(data), result=result, steps=args.check_steps,
-            threads=args.threads or max(1, (os.cpu_count() or 1) // world_size), loops=tuple(args.loop),
-        )  # fmt: skip
-        out = json.loads((Path(result) / "check.json").read_text())
+    out = run_ranks(
+        rank_check, world_size, args.timeout, label=f"rank_check ({sharding_type})", libraries=libraries,
+        sharding_type=sharding_type, spec=spec, data=str(data), steps=args.check_steps,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // world_size), loops=tuple(args.loop),
+    )[0]  # fmt: skip
     reference = out["losses"]["reference"]
     print(
         f"  check {sharding_type}: mean loss over the {world_size} processes vs one process on the global batch",
@@ -604,41 +586,40 @@ def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]
             for s in shardings:
                 libraries = [lib for lib in LIBRARIES if any(split_variant(v) == (lib, s) for v in args.variants)]
                 rows[(s, args.loop[0])]["check"] = check(world_size, s, libraries, spec, data, args)
-        rounds: Dict[Tuple[str, str], List[dict]] = {run: [] for run in runs}
-        for r in range(args.rounds):
-            order = runs if r % 2 == 0 else runs[::-1]
-            for variant, loop in order:
-                result = run_variant(variant, world_size, spec, data, args, loop)
-                rounds[(variant, loop)].append(result)
-                if not all(map(math.isfinite, [*result["first_losses"], result["last_loss"]])):
-                    print(f"  warning: {variant} trained to a non-finite loss; timings may be off", flush=True)
-                phases = result["phases_ms"]
-                split = (
-                    f"; fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} opt {phases['optimizer']:.1f}"
-                    if phases
-                    else ""
-                )
-                print(
-                    f"[{name} x{world_size} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] {variant:<12} "
-                    f"{loop:<8} step {result['step_ms']:8.2f} ms (ranks "
-                    f"{', '.join(f'{x:.1f}' for x in result['rank_step_ms'])}{split})  "
-                    f"{result['examples_per_s']:9.0f} ex/s  rss {result['max_rss_mb']:.0f} MB",
-                    flush=True,
-                )
+
+        def measure(run: Tuple[str, str], r: int) -> dict:
+            variant, loop = run
+            result = run_variant(variant, world_size, spec, data, args, loop)
+            if not all(map(math.isfinite, [*result["first_losses"], result["last_loss"]])):
+                print(f"  warning: {variant} trained to a non-finite loss; timings may be off", flush=True)
+            phases = result["phases_ms"]
+            split = (
+                f"; fwd {phases['forward']:.1f} bwd {phases['backward']:.1f} opt {phases['optimizer']:.1f}"
+                if phases
+                else ""
+            )
+            print(
+                f"[{name} x{world_size} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] {variant:<12} "
+                f"{loop:<8} step {result['step_ms']:8.2f} ms (ranks "
+                f"{', '.join(f'{x:.1f}' for x in result['rank_step_ms'])}{split})  "
+                f"{result['examples_per_s']:9.0f} ex/s  rss {result['max_rss_mb']:.0f} MB",
+                flush=True,
+            )
+            return result
+
+        rounds = run_rounds(runs, args.rounds, measure)
     for (variant, loop), results in rounds.items():
         library, s = split_variant(variant)
         step_ms = statistics.median(x["step_ms"] for x in results)
         rows[(s, loop)][library] = dict(
             step_ms=step_ms,
             examples_per_s=world_size * spec["batch"] / step_ms * 1e3,
-            phases_ms={k: statistics.median(x["phases_ms"][k] for x in results) for k in results[0]["phases_ms"]},
+            phases_ms=median_fields([x["phases_ms"] for x in results]),
             rounds=results,
         )
     for row in rows.values():
         if "dist_rec" in row and "torchrec" in row:
-            row["ratios"] = [
-                t["step_ms"] / o["step_ms"] for t, o in zip(row["torchrec"]["rounds"], row["dist_rec"]["rounds"])
-            ]
+            row["ratios"] = per_round_ratios(row["torchrec"]["rounds"], row["dist_rec"]["rounds"])
     return list(rows.values())
 
 
@@ -647,32 +628,27 @@ def format_table(rows: List[dict]) -> str:
         "preset", "processes", "sharding", "train loop", "dist_rec step ms", "TorchRec step ms", "dist_rec ex/s",
         "TorchRec ex/s", "speedup vs TorchRec (median of rounds; min-max)",
     ]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for r in rows:
         cells = [r["preset"], str(r["world_size"]), r["sharding_type"], r.get("loop", "plain")]
         cells += [f"{r[lib]['step_ms']:.1f}" if lib in r else "-" for lib in LIBRARIES]
         cells += [f"{r[lib]['examples_per_s']:,.0f}" if lib in r else "-" for lib in LIBRARIES]
-        ratios = r.get("ratios")
-        cells.append(
-            f"**{statistics.median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"
-            if ratios
-            else "-"
-        )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append(ratio_cell(r.get("ratios")))
+        lines.append(cells)
+    return markdown_table(header, lines)
 
 
 def format_phases(rows: List[dict]) -> str:
     header = ["preset", "processes", "sharding", "phase", "dist_rec ms", "TorchRec ms"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for r in rows:
         if r.get("loop", "plain") != "plain":
             continue  # a pipelined step overlaps the phases
         for phase in ("forward", "backward", "optimizer"):
             cells = [r["preset"], str(r["world_size"]), r["sharding_type"], phase]
             cells += [f"{r[lib]['phases_ms'][phase]:.1f}" if lib in r else "-" for lib in LIBRARIES]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            lines.append(cells)
+    return markdown_table(header, lines)
 
 
 def write_markdown(
@@ -688,15 +664,10 @@ def write_markdown(
         if "check" in r
     )
     presets = "; ".join(sorted({r["label"] for r in rows}))
-    busy = (
-        f" **The machine was busy (load average {load[0]:.1f} at the start): indicative numbers only.**"
-        if load[0] > 0.5
-        else ""
-    )
     threads = args.threads or "cores / processes"
     text = f"""## Sharded DLRM training, end to end (CPU, gloo processes)
 
-Machine: {machine_summary()}, torchrec {torchrec_version()}; threads per process: {threads}.{busy}
+Machine: {machine_summary(torchrec=True)}; threads per process: {threads}.{busy_note(load)}
 
 Command: `{command}` ({datetime.date.today().isoformat()}).
 
@@ -712,7 +683,7 @@ sharding stacks alone). dist_rec:
 `dist_rec.sharding.DistributedModelParallel(model, sharding_type=...)` over
 its `EmbeddingBagCollection` with the fused `RowWiseAdagrad`; its sharding
 all-to-alls between processes of one host go through shared memory
-(`dist_rec.sharding.shm_transport`, its default; TorchRec's go through
+(`dist_rec.distributed.shm_transport`, its default; TorchRec's go through
 gloo, and DDP's all-reduce is gloo on both sides). TorchRec:
 `torchrec.distributed.DistributedModelParallel` over its DLRM holding a
 `torchrec.EmbeddingBagCollection` (meta device), tables under
@@ -751,16 +722,6 @@ Where a step's time goes (slowest process, medians over rounds):
 {phases}
 """
     update_section(path, "sharded", text)
-
-
-def busy_warning() -> List[float]:
-    load = list(os.getloadavg())
-    if load[0] > 0.5:
-        print(
-            f"warning: load average {load[0]:.1f} before starting; timings are only meaningful on an idle machine",
-            flush=True,
-        )
-    return load
 
 
 def main(argv=None) -> None:
@@ -805,7 +766,7 @@ def main(argv=None) -> None:
                 f"({why}); run the TorchRec side alone with --variants torchrec_tw torchrec_rw"
             )
 
-    load = busy_warning()
+    load = warn_if_busy()
     started = time.time()
     rows = [row for name in args.preset for world in args.world for row in bench_preset(name, world, args, started)]
     bench_train.report("bench_sharded.py", argv, args, rows, load, format_table, format_phases, write_markdown)

@@ -60,8 +60,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,11 +68,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_embedding import machine_summary, update_section  # noqa: E402
+from harness import (
+    REPO, busy_note, command_line, machine_summary, markdown_table, median_fields, per_round_ratios, ratio_cell,
+    run_rounds, run_worker_process, update_section, warn_if_busy, write_worker_result,
+)  # fmt: skip
 
 # Criteo Kaggle (Display Advertising Challenge) cardinalities of C1..C26, as
 # in the DLRM repo's Kaggle runs (33.76M rows in all).
@@ -364,7 +361,7 @@ def worker_main(args) -> None:
         result = check_variants(spec, batches, args.steps)
     else:
         result = time_variant(args.worker, spec, batches, args.steps, args.warmup, args.phase_steps)
-    Path(args.result).write_text(json.dumps(result))
+    write_worker_result(args.result, result)
 
 
 # ---------------------------------------------------------------------------
@@ -373,22 +370,12 @@ def worker_main(args) -> None:
 
 
 def run_worker(name: str, spec: dict, data: Path, args, steps: Optional[int] = None) -> dict:
-    env = dict(os.environ)
-    env.pop("THP_MEM_ALLOC_ENABLE", None)
-    if name == "torchrec_thp":
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
     worker = "torchrec" if name == "torchrec_thp" else name
-    with tempfile.NamedTemporaryFile(suffix=".json") as result:
-        cmd = [
-            sys.executable, __file__, "--worker", worker, "--spec", json.dumps(spec), "--data", str(data),
-            "--result", result.name, "--steps", str(steps or args.steps), "--warmup", str(args.warmup),
-            "--phase-steps", str(args.phase_steps), "--threads", str(args.threads),
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr)
-            raise SystemExit(f"worker {name} failed (exit {proc.returncode})")
-        return json.loads(Path(result.name).read_text())
+    worker_args = [
+        "--worker", worker, "--spec", json.dumps(spec), "--data", str(data), "--steps", str(steps or args.steps),
+        "--warmup", str(args.warmup), "--phase-steps", str(args.phase_steps), "--threads", str(args.threads),
+    ]  # fmt: skip
+    return run_worker_process(__file__, worker_args, label=name, thp=name == "torchrec_thp")
 
 
 def check(spec: dict, data: Path, args) -> dict:
@@ -425,37 +412,31 @@ def bench_preset(name: str, args, started: float) -> dict:
         row = dict(label=describe(spec), spec=spec, ids_per_step=ids)
         if not args.skip_check:
             row["check"] = check(spec, data, args)
-        rounds: Dict[str, List[dict]] = {v: [] for v in args.variants}
-        for r in range(args.rounds):
-            order = args.variants if r % 2 == 0 else args.variants[::-1]
-            for variant in order:
-                result = run_worker(variant, spec, data, args)
-                rounds[variant].append(result)
-                if not all(map(math.isfinite, [*result["first_losses"], result["last_loss"]])):
-                    print(f"  warning: {variant} trained to a non-finite loss; timings may be off", flush=True)
-                print(
-                    f"[{name} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] {variant:<13} "
-                    f"step {result['step_ms']:8.2f} ms  {result['examples_per_s']:9.0f} ex/s",
-                    flush=True,
-                )
+
+        def measure(variant: str, r: int) -> dict:
+            result = run_worker(variant, spec, data, args)
+            if not all(map(math.isfinite, [*result["first_losses"], result["last_loss"]])):
+                print(f"  warning: {variant} trained to a non-finite loss; timings may be off", flush=True)
+            print(
+                f"[{name} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] {variant:<13} "
+                f"step {result['step_ms']:8.2f} ms  {result['examples_per_s']:9.0f} ex/s",
+                flush=True,
+            )
+            return result
+
+        rounds = run_rounds(args.variants, args.rounds, measure)
     row["rounds"] = rounds
     row["variants"] = {
         v: dict(
             step_ms=statistics.median(x["step_ms"] for x in results),
-            phases_ms={
-                k: statistics.median(x["phases_ms"][k] for x in results) for k in results[0].get("phases_ms", {})
-            },
+            phases_ms=median_fields([x.get("phases_ms", {}) for x in results]),
         )
         for v, results in rounds.items()
     }
     for v in row["variants"].values():
         v["examples_per_s"] = spec["batch"] / v["step_ms"] * 1e3
     if "dist_rec" in rounds:
-        row["ratios"] = {
-            v: [t["step_ms"] / o["step_ms"] for t, o in zip(rounds[v], rounds["dist_rec"])]
-            for v in rounds
-            if v != "dist_rec"
-        }
+        row["ratios"] = {v: per_round_ratios(rounds[v], rounds["dist_rec"]) for v in rounds if v != "dist_rec"}
     return row
 
 
@@ -463,22 +444,16 @@ def format_table(rows: List[dict]) -> str:
     others = [v for v in VARIANTS if v != "dist_rec" and any(v in r["variants"] for r in rows)]
     header = ["config", "dist_rec ms", *(f"{v} ms" for v in others), "dist_rec ex/s", *(f"{v} ex/s" for v in others)]
     header += [f"speedup vs {v} (median of rounds; min-max)" for v in others]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for r in rows:
         v = r["variants"]
         cells = [r["label"], f"{v['dist_rec']['step_ms']:.1f}"]
         cells += [f"{v[o]['step_ms']:.1f}" if o in v else "-" for o in others]
         cells += [f"{v['dist_rec']['examples_per_s']:,.0f}"]
         cells += [f"{v[o]['examples_per_s']:,.0f}" if o in v else "-" for o in others]
-        for o in others:
-            ratios = r.get("ratios", {}).get(o)
-            cells.append(
-                f"**{statistics.median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"
-                if ratios
-                else "-"
-            )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells += [ratio_cell(r.get("ratios", {}).get(o)) for o in others]
+        lines.append(cells)
+    return markdown_table(header, lines)
 
 
 PHASES = [
@@ -494,13 +469,13 @@ PHASES = [
 def format_phases(rows: List[dict]) -> str:
     variants = [v for v in VARIANTS if any(v in r["variants"] and r["variants"][v]["phases_ms"] for r in rows)]
     header = ["config", "phase", *(f"{v} ms" for v in variants)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for r in rows:
         for key, label in PHASES:
             cells = [r["spec"]["preset"], label]
             cells += [f"{r['variants'][v]['phases_ms'][key]:.1f}" if v in r["variants"] else "-" for v in variants]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            lines.append(cells)
+    return markdown_table(header, lines)
 
 
 def write_markdown(path: Path, table: str, phases: str, command: str, args, rows: List[dict], load: List[float]) -> None:
@@ -509,14 +484,9 @@ def write_markdown(path: Path, table: str, phases: str, command: str, args, rows
         for r in rows
         if "check" in r
     )
-    busy = (
-        f" **The machine was busy (load average {load[0]:.1f} at the start): indicative numbers only.**"
-        if load[0] > 0.5
-        else ""
-    )
     text = f"""## DLRM training step, end to end (CPU, one process)
 
-Machine: {machine_summary()}, torchrec {torchrec_version()}; threads: {args.threads}.{busy}
+Machine: {machine_summary(torchrec=True)}; threads: {args.threads}.{busy_note(load)}
 
 Command: `{command}` ({datetime.date.today().isoformat()}).
 
@@ -548,29 +518,6 @@ is roughly backward - (embedding alone - embedding fwd):
     update_section(path, "train", text)
 
 
-def torchrec_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("torchrec")
-    except Exception:
-        return "unknown"
-
-
-def busy_warning(threads: int) -> List[float]:
-    """Warns when other processes hold the cores: with every core's worth of
-    OpenMP threads, a busy machine makes steps many times slower, and
-    unevenly so between variants."""
-    load = list(os.getloadavg())
-    if load[0] > 0.5 and threads >= (os.cpu_count() or 1):
-        print(
-            f"warning: load average {load[0]:.1f} before starting; timings with {threads} threads on "
-            f"{os.cpu_count()} cores are only meaningful on an otherwise idle machine",
-            flush=True,
-        )
-    return load
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["kaggle"])
@@ -600,7 +547,9 @@ def main(argv=None) -> None:
     if args.batches < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--batches, --steps and --rounds must be >= 1")
 
-    load = busy_warning(args.threads)
+    # With every core's worth of OpenMP threads, a busy machine makes steps
+    # many times slower, and unevenly so between variants.
+    load = warn_if_busy(args.threads)
     started = time.time()
     rows = [bench_preset(name, args, started) for name in args.preset]
     report("bench_train.py", argv, args, rows, load, format_table, format_phases, write_markdown)
@@ -614,7 +563,7 @@ def report(script, argv, args, rows, load, format_table, format_phases, write_ma
     print(table)
     print()
     print(phases)
-    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(script, argv)
     if args.json:
         args.json.write_text(
             json.dumps(dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)

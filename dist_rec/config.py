@@ -19,12 +19,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from dist_rec.distributed.grid import LAYOUTS
+from dist_rec.planner.plan import ShardingType
+
 DATA_SOURCES = ("synthetic", "criteo_text", "criteo_binary")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "shampoo")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "momentum_scaled_rowwise_adagrad", "sgd")
 BACKENDS = ("auto", "gloo", "nccl")
-SHARDING_CHOICES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "auto")
-GRID_LAYOUTS = ("shards_on_host", "replicas_on_host")
+SHARDING_CHOICES = (*ShardingType.str_values(), "auto")
+GRID_LAYOUTS = LAYOUTS
 DEVICES = ("auto", "cpu", "cuda")
 DENSE_ENGINES = ("ddp", "deepspeed")
 ZERO_STAGES = (1, 2)

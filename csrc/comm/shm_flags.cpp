@@ -1,5 +1,5 @@
 // Flags in shared memory for the intra-host all-to-all
-// (dist_rec/sharding/shm_transport.py): a rank publishes how far it has
+// (dist_rec/distributed/shm_transport.py): a rank publishes how far it has
 // written or read with a release store, and sleeps on a peer's progress
 // with a futex on a "doorbell" word that the peer increments and wakes.
 // The words live in int32 tensors mapped from /dev/shm by every rank of the

@@ -52,7 +52,7 @@ from dist_rec.checkpoint.manifest import (
     table_records,
     tensor_record,
 )
-from dist_rec.checkpoint.reader import CheckpointReader, copy_block
+from dist_rec.checkpoint.reader import CheckpointReader, copy_block_into_shard
 
 # Test seam: called as ``_fault_hook(stage, path)`` at "file_written" (every
 # writing rank, after each file), "manifest_written" and "renamed_old"
@@ -262,8 +262,9 @@ def _write_rank_files(tmp: Path, model, dense_optimizer, extra, rank: int) -> Li
 
 
 def _write_block(tmp: Path, name: str, kind: str, module: str, local, rank: int) -> Dict:
-    tensors = {"weight": _cpu_tensor(local.weight)}
-    tensors.update({state: _cpu_tensor(t) for state, t in local.state.items()})
+    weight, state = local.read()  # through the shard's storage: views in memory, copies elsewhere
+    tensors = {"weight": _cpu_tensor(weight)}
+    tensors.update({name_: _cpu_tensor(t) for name_, t in state.items()})
     size, sha = write_tensors(tmp / name, tensors)
     s = local.shard
     _hook("file_written", tmp / name)
@@ -393,7 +394,7 @@ def _shard_copies(reader: CheckpointReader, model, modules: Optional[Sequence[st
 def _apply_copies(copies: _Copies) -> None:
     for local, rect, blocks in copies:
         for tensors, saved, common in blocks:
-            copy_block(local.weight, local.state, rect, tensors, saved, common)
+            copy_block_into_shard(local, rect, tensors, saved, common)
 
 
 def _check_dense(reader: CheckpointReader, dense: Dict, model, dense_optimizer) -> None:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from dist_rec.checkpoint.files import MANIFEST, CheckpointError
-from dist_rec.sharding.plan import ShardingPlan
+from dist_rec.planner.plan import ShardingPlan, ShardingType
 
 FORMAT = "dist_rec.checkpoint"
 FORMAT_VERSION = 1
@@ -164,7 +164,7 @@ def _check_structure(manifest: Dict) -> None:
             sharding = plan.tables.get(table)
             if sharding is None:
                 raise CheckpointError(f"table {table!r} of module {module!r} has no saved plan.")
-            if sharding.sharding_type == "data_parallel":
+            if sharding.sharding_type == ShardingType.DATA_PARALLEL:
                 expected_rects = [(0, config["num_embeddings"], 0, config["embedding_dim"])]
             else:
                 expected_rects = [(s.row_offset, s.num_rows, s.col_offset, s.num_cols) for s in sharding.shards]

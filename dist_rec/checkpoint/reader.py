@@ -172,3 +172,21 @@ def copy_block(
     weight[dr : dr + nr, dc : dc + nc].copy_(saved_tensors["weight"][sr : sr + nr, sc : sc + nc])
     for name, tensor in state.items():
         tensor[dr : dr + nr].copy_(saved_tensors[name][sr : sr + nr])
+
+
+@torch.no_grad()
+def copy_block_into_shard(local, rect: Rect, saved_tensors: Dict[str, torch.Tensor], saved: Rect, common: Rect) -> None:
+    """``copy_block`` into a live shard (``LocalShard``), through its
+    storage: whole rows go in as they are; a column part of rows is merged
+    into the shard's rows first."""
+    r0, nr, c0, nc = common
+    dr, dc = r0 - rect[0], c0 - rect[2]
+    sr, sc = r0 - saved[0], c0 - saved[2]
+    part = saved_tensors["weight"][sr : sr + nr, sc : sc + nc]
+    state = {name: saved_tensors[name][sr : sr + nr] for name in local.state_names}
+    if nc == rect[3]:
+        local.write(part, state, start=dr)
+        return
+    weight, _ = local.read(dr, nr)
+    weight[:, dc : dc + nc] = part
+    local.write(weight, state, start=dr)

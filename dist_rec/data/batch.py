@@ -51,7 +51,15 @@ class Batch:
 
 
 class Dataset(Protocol):
-    """What the trainer needs from a data source."""
+    """What the trainer needs from a data source.
+
+    ``equal_batches_per_rank``: a source that guarantees every rank the
+    same number of batches (with ``drop_last``) says so with a True class
+    attribute; for any other (a stream of unknown length) the trainer
+    agrees over the ranks, before each step, that every rank has a batch.
+    """
+
+    equal_batches_per_rank: bool
 
     @property
     def sparse_feature_names(self) -> List[str]: ...

@@ -71,6 +71,10 @@ class BinaryDataset:
     complete dataset of this format and version.
     """
 
+    # With drop_last every rank yields the same number of batches (the split
+    # in dist_rec.data.batch): the trainer needs no per-step agreement.
+    equal_batches_per_rank = True
+
     def __init__(self, directory: PathLike, verify: bool = False) -> None:
         self._directory = Path(directory)
         if not self._directory.is_dir():

@@ -95,6 +95,10 @@ class CriteoTextDataset:
             ...
     """
 
+    # With drop_last every rank yields the same number of batches (the split
+    # in dist_rec.data.batch): the trainer needs no per-step agreement.
+    equal_batches_per_rank = True
+
     def __init__(
         self,
         paths: Union[PathLike, Sequence[PathLike]],

@@ -134,6 +134,10 @@ class SyntheticDataset:
         data.teacher_auc(num_samples=100_000)   # the ceiling for eval AUC
     """
 
+    # With drop_last every rank yields the same number of batches (the split
+    # in dist_rec.data.batch): the trainer needs no per-step agreement.
+    equal_batches_per_rank = True
+
     def __init__(self, config: SyntheticConfig, split: str = "train", num_samples: Optional[int] = None) -> None:
         if split not in ("train", "eval"):
             raise ValueError(f"Invalid split={split!r}. Must be 'train' or 'eval'.")

@@ -10,7 +10,10 @@ configs, ``KeyedJaggedTensor`` in (ours or TorchRec's), ``KeyedTensor`` out,
 * without, the tables are ordinary parameters with dense gradients, for any
   ``torch.optim`` optimizer (as TorchRec's unsharded module).
 
-Tables live on 2 MiB huge pages (see ``dist_rec.ops.empty_hugepage``).
+Tables live on 2 MiB huge pages (see ``dist_rec.ops.empty_hugepage``), held
+by an ``InMemoryStorage`` (``dist_rec.placement``) whose tensors are the
+``nn.EmbeddingBag`` weights themselves: the lookup and the fused update go
+through it, as they do for the shards of a sharded collection.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dist_rec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, 
 from dist_rec.ops.embedding_bag import PoolingMode, embedding_bag_forward, empty_hugepage
 from dist_rec.ops.fused_lookup import fused_lookup
 from dist_rec.optim.fused import FusedOptimizer, MomentumScaledRowWiseAdagrad
+from dist_rec.placement import InMemoryStorage, TableSpec
 from dist_rec.sparse.jagged_tensor import KeyedTensor
 
 _POOLING_MODE = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
@@ -94,7 +98,12 @@ class EmbeddingBagCollection(nn.Module):
             )
             bag.weight.requires_grad_(optimizer is None)
             self.embedding_bags[config.name] = bag
-        self._optimizer_states: List[Dict[str, torch.Tensor]] = []
+        self._storage = InMemoryStorage(
+            [TableSpec(c.name, c.num_embeddings, c.embedding_dim, c.dtype) for c in configs],
+            optimizer.state_names if optimizer is not None else (),
+            device,
+            weights=[bag.weight for bag in self.embedding_bags.values()],
+        )
         self.reset_parameters()
 
         # Output columns follow the configs' feature order, as in TorchRec.
@@ -109,8 +118,6 @@ class EmbeddingBagCollection(nn.Module):
                 self._feature_slot[name] = (t, int(_POOLING_MODE[config.pooling]), column)
                 column += config.embedding_dim
         self._layouts: Dict[Tuple[str, ...], Tuple[List[int], List[int], List[int]]] = {}
-        # Set by data-parallel wrapping: combines all ranks' batches before an update.
-        self._update_exchange = None
         # Puts fused lookups in the autograd graph though the tables do not require grad.
         self._grad_anchor = torch.empty(0, device=device, requires_grad=True)
 
@@ -121,11 +128,7 @@ class EmbeddingBagCollection(nn.Module):
         """Uniform init in [weight_init_min, weight_init_max]; fresh optimizer state."""
         for config, bag in zip(self._configs, self.embedding_bags.values()):
             bag.weight.uniform_(config.weight_init_min, config.weight_init_max)
-        if self._optimizer is not None:
-            self._optimizer_states = [
-                self._optimizer.init_state(config.num_embeddings, allocate=lambda n: self._empty((n,), torch.float32).zero_())
-                for config in self._configs
-            ]
+        self._storage.reset_state_()
 
     def _empty(self, size, dtype: torch.dtype) -> torch.Tensor:
         """Big tables on the CPU go on huge pages; on a GPU (or meta), plain memory."""
@@ -147,12 +150,24 @@ class EmbeddingBagCollection(nn.Module):
     def optimizer(self) -> Optional[FusedOptimizer]:
         return self._optimizer
 
-    def _weights(self) -> List[torch.Tensor]:
-        return [bag.weight for bag in self.embedding_bags.values()]
+    @property
+    def storage(self) -> InMemoryStorage:
+        """The storage of the tables' rows and optimizer state (the door a
+        sharded collection reads this one's rows through)."""
+        return self._storage
+
+    def _apply(self, fn, recurse=True):
+        # ``.to()`` / ``.cuda()`` may replace the parameters: the storage then
+        # holds the new tensors (the optimizer state stays where it was made).
+        super()._apply(fn, recurse)
+        self._storage.rebind_weights([bag.weight for bag in self.embedding_bags.values()])
+        return self
 
     def optimizer_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """Per table, the fused optimizer's per-row state (live tensors)."""
-        return {config.name: dict(state) for config, state in zip(self._configs, self._optimizer_states)}
+        if self._optimizer is None:
+            return {}
+        return {config.name: dict(self._storage.state(t)) for t, config in enumerate(self._configs)}
 
     @torch.no_grad()
     def load_optimizer_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
@@ -177,7 +192,10 @@ class EmbeddingBagCollection(nn.Module):
         local increments in when there is none)."""
         if not isinstance(self._optimizer, MomentumScaledRowWiseAdagrad):
             raise TypeError(f"sync() needs MomentumScaledRowWiseAdagrad; this collection uses {self._optimizer!r}.")
-        self._optimizer.sync(self._weights(), self._optimizer_states, process_group)
+        tables = range(len(self._configs))
+        self._optimizer.sync(
+            [self._storage.weight(t) for t in tables], [self._storage.state(t) for t in tables], process_group
+        )
 
     # -- lookup --------------------------------------------------------------
 
@@ -206,28 +224,20 @@ class EmbeddingBagCollection(nn.Module):
             per_sample_weights = features.weights_or_none()
             if per_sample_weights is None:
                 raise ValueError("This EmbeddingBagCollection has is_weighted=True but the input has no weights.")
-        weights = self._weights()
         try:
             if self._optimizer is None:
+                weights = [bag.weight for bag in self.embedding_bags.values()]
                 pooled = embedding_bag_forward(weights, *layout, values, offsets, per_sample_weights)
             else:
                 apply_grad = functools.partial(self._apply_fused_update, layout, values, offsets, per_sample_weights)
-                pooled = fused_lookup(self._grad_anchor, weights, layout, values, offsets, per_sample_weights, apply_grad)
+                pooled = fused_lookup(self._grad_anchor, self._storage, layout, values, offsets, per_sample_weights, apply_grad)
         except (IndexError, ValueError, TypeError) as error:
             raise self._explain(error, keys, features) from None
         return KeyedTensor(self._feature_names, self._feature_dims, pooled)
 
     def _apply_fused_update(self, layout, values, offsets, per_sample_weights, grad_output: torch.Tensor) -> None:
-        """The backward of a fused lookup: one optimizer step on the touched
-        rows. A data-parallel collection first gathers every rank's ids and
-        output gradients (see ``dist_rec.sharding.dp_sharding``)."""
-        if self._update_exchange is not None:
-            values, offsets, per_sample_weights, grad_output = self._update_exchange(
-                layout, values, offsets, per_sample_weights, grad_output
-            )
-        self._optimizer.backward_(
-            self._weights(), self._optimizer_states, layout, values, offsets, per_sample_weights, grad_output
-        )
+        """The backward of a fused lookup: one optimizer step on the touched rows."""
+        self._storage.fused_update(self._optimizer, layout, values, offsets, per_sample_weights, grad_output)
 
     def _layout(self, keys: List[str]) -> Tuple[List[int], List[int], List[int]]:
         """(table, pooling, output column) of each input key, cached per key order."""
@@ -259,6 +269,11 @@ class EmbeddingBagCollection(nn.Module):
         for op_name, kjt_name in (("per_sample_weights", "weights"), ("indices", "values"), ("per index", "per value")):
             message = message.replace(op_name, kjt_name)
         return type(error)(f"EmbeddingBagCollection: {message}")
+
+
+def state_dict_key(table: str) -> str:
+    """The ``state_dict`` key of a table's weight, as TorchRec names it."""
+    return f"embedding_bags.{table}.weight"
 
 
 def check_feature_keys(keys: List[str], feature_names: List[str], configs, what: str) -> None:

@@ -1,5 +1,6 @@
 """Python face of the native ops (``torch.ops.dist_rec``) and their references."""
 
+from dist_rec.ops.bucketize import bucketize_by_rows
 from dist_rec.ops.embedding_bag import (
     PoolingMode,
     WeightDecayMode,
@@ -15,6 +16,7 @@ from dist_rec.ops.fused_lookup import fused_lookup
 __all__ = [
     "PoolingMode",
     "WeightDecayMode",
+    "bucketize_by_rows",
     "embedding_bag_backward_row_grad",
     "embedding_bag_forward",
     "empty_hugepage",

@@ -108,6 +108,36 @@ class RowWiseAdagrad(FusedOptimizer):
         if not self.eps > 0.0:
             raise ValueError(f"Invalid eps={self.eps}. Must be > 0.")
 
+    # -- row blocks stepped outside the fused kernel (column-wise blocks that
+    # agree a row's state first): the kernel's arithmetic, on float32 rows.
+
+    def row_sum_of_squares(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Per row, the sum over its columns of the squared gradient (with
+        L2 decay added, as the accumulator sees it): ``[U]``. Blocks of a
+        row add theirs before ``step_rows``."""
+        decay, mode = self._decay()
+        if mode == WeightDecayMode.L2:
+            grad = grad + decay * rows
+        return grad.pow(2).sum(dim=1)
+
+    def step_rows(
+        self, rows: torch.Tensor, grad: torch.Tensor, state: Dict[str, torch.Tensor], mean_square: torch.Tensor
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One step of rows ``[U, D]`` (float32) with their summed gradient,
+        given their state and the row's ``mean(g^2)`` over all its columns:
+        ``(new rows, new state)``."""
+        accumulator = state["momentum1"] + mean_square
+        return self._step(rows, grad, accumulator), {"momentum1": accumulator}
+
+    def _step(self, rows: torch.Tensor, grad: torch.Tensor, accumulator: torch.Tensor) -> torch.Tensor:
+        decay, mode = self._decay()
+        multiplier = self.lr / (accumulator.sqrt() + self.eps)
+        if mode == WeightDecayMode.L2:
+            return rows - multiplier[:, None] * (grad + decay * rows)
+        if mode == WeightDecayMode.DECOUPLED:
+            return (1.0 - self.lr * decay) * rows - multiplier[:, None] * grad
+        return rows - multiplier[:, None] * grad
+
     def backward_(self, weights, states, layout, indices, offsets, per_sample_weights, grad_output) -> None:
         _ops.embedding_bag_backward_rowwise_adagrad_(
             list(weights),
@@ -148,6 +178,13 @@ class MomentumScaledRowWiseAdagrad(RowWiseAdagrad):
         super().__post_init__()
         if not self.momentum_scale >= 1.0:
             raise ValueError(f"Invalid momentum_scale={self.momentum_scale}. Must be >= 1 (and at most the replica count).")
+
+    def step_rows(self, rows, grad, state, mean_square):
+        """As ``RowWiseAdagrad.step_rows``: the increment grows, the agreed
+        accumulator is only read."""
+        increment = state["momentum1_increment"] + mean_square
+        accumulator = state["momentum1"] + self.momentum_scale * increment
+        return self._step(rows, grad, accumulator), {"momentum1_increment": increment}
 
     def backward_(self, weights, states, layout, indices, offsets, per_sample_weights, grad_output) -> None:
         _ops.embedding_bag_backward_momentum_scaled_rowwise_adagrad_(

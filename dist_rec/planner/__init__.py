@@ -1,8 +1,10 @@
 """Planning: which rank holds which rows of each embedding table.
 
+* ``ShardingPlan`` (``plan.py``): the plan itself, plain data: per table its
+  ``ShardingType`` and shards (rank, rows, columns, storage location).
 * ``Topology``: the ranks of one sharding group and their memory budgets.
 * ``plan_sharding``: a greedy planner that balances expected lookups under
-  the memory budgets and returns a ``dist_rec.sharding.plan.ShardingPlan``;
+  the memory budgets and returns a ``ShardingPlan``;
   ``PlanningError`` when the tables do not fit.
 * ``plan_summary`` / ``rank_stats``: each rank's memory and expected
   lookups under a plan, for logs.
@@ -18,6 +20,16 @@ from dist_rec.planner.greedy import (
     PlanningError,
     plan_sharding,
 )
+from dist_rec.planner.plan import (
+    SHARDING_TYPES,
+    Shard,
+    ShardingPlan,
+    ShardingType,
+    TableSharding,
+    even_splits,
+    table_sharding,
+    uniform_plan,
+)
 from dist_rec.planner.stats import RankStats, plan_summary, rank_stats
 from dist_rec.planner.topology import Topology
 
@@ -26,10 +38,18 @@ __all__ = [
     "DEFAULT_DATA_PARALLEL_MAX_BYTES",
     "PlanningError",
     "RankStats",
+    "SHARDING_TYPES",
+    "Shard",
+    "ShardingPlan",
+    "ShardingType",
+    "TableSharding",
     "Topology",
+    "even_splits",
     "lookup_cost",
     "plan_sharding",
     "plan_summary",
     "rank_stats",
     "table_bytes",
+    "table_sharding",
+    "uniform_plan",
 ]

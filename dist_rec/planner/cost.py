@@ -29,7 +29,7 @@ import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from dist_rec.modules.embedding_configs import EmbeddingBagConfig, as_embedding_bag_config
-from dist_rec.sharding.plan import TableSharding
+from dist_rec.planner.plan import ShardingType, TableSharding
 
 # Bytes of one optimizer state value: fused optimizers keep float32 per row.
 STATE_BYTES = 4
@@ -105,7 +105,7 @@ def rank_loads(
 ) -> List[Tuple[int, int, float]]:
     """``(rank, bytes, lookup cost)`` that ``sharding`` puts on each rank it
     touches; ``cost`` is the table's ``lookup_cost`` for one rank's batch."""
-    if sharding.sharding_type == "data_parallel":
+    if sharding.sharding_type == ShardingType.DATA_PARALLEL:
         full = table_bytes(config, optimizer)
         return [(r, full, cost) for r in range(world_size)]
     # A sharded table serves all world_size ranks' batches.

@@ -39,24 +39,24 @@ from dist_rec.planner.cost import (
     table_costs,
 )
 from dist_rec.planner.topology import Topology
-from dist_rec.sharding.plan import SHARDING_TYPES, ShardingPlan, TableSharding, even_splits, table_sharding
+from dist_rec.planner.plan import ShardingPlan, ShardingType, TableSharding, even_splits, table_sharding
 
-DEFAULT_ALLOWED_TYPES = ("data_parallel", "table_wise", "row_wise", "table_row_wise")
+DEFAULT_ALLOWED_TYPES = (ShardingType.DATA_PARALLEL, ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
 
 # Tables up to this size (weights + optimizer state) are replicated when
 # data_parallel is permitted: 1 MiB is e.g. 4096 rows x 64 fp32 columns.
 DEFAULT_DATA_PARALLEL_MAX_BYTES = 1 << 20
 
 SHORT_NAMES = {
-    "data_parallel": "dp",
-    "table_wise": "tw",
-    "row_wise": "rw",
-    "column_wise": "cw",
-    "table_row_wise": "twrw",
+    ShardingType.DATA_PARALLEL: "dp",
+    ShardingType.TABLE_WISE: "tw",
+    ShardingType.ROW_WISE: "rw",
+    ShardingType.COLUMN_WISE: "cw",
+    ShardingType.TABLE_ROW_WISE: "twrw",
 }
 
 # The order in which sharded types are tried for one table.
-_FALLBACK_ORDER = ("table_wise", "table_row_wise", "row_wise", "column_wise")
+_FALLBACK_ORDER = (ShardingType.TABLE_WISE, ShardingType.TABLE_ROW_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WISE)
 
 
 class PlanningError(ValueError):
@@ -89,7 +89,7 @@ class _Ranks:
 
     def add(self, sharding: TableSharding, loads: Sequence[Tuple[int, int, float]]) -> None:
         label = sharding.table
-        if sharding.sharding_type != "table_wise":
+        if sharding.sharding_type != ShardingType.TABLE_WISE:
             label += f" ({SHORT_NAMES[sharding.sharding_type]})"
         for rank, nbytes, cost in loads:
             self.used[rank] += nbytes
@@ -100,12 +100,13 @@ class _Ranks:
         return sorted(ranks, key=lambda r: (self.cost[r], self.used[r] / self.budget[r], r))
 
 
-def _check_types(name: str, types: Union[str, Sequence[str]]) -> List[str]:
+def _check_types(name: str, types: Union[str, Sequence[str]]) -> List[ShardingType]:
     listed = [types] if isinstance(types, str) else list(types)
-    bad = [t for t in listed if t not in SHARDING_TYPES]
+    known = ShardingType.str_values()
+    bad = [t for t in listed if t not in known]
     if bad or not listed:
-        raise ValueError(f"Invalid {name}={types!r}. Must be a non-empty list of {', '.join(SHARDING_TYPES)}.")
-    return listed
+        raise ValueError(f"Invalid {name}={types!r}. Must be a non-empty list of {', '.join(known)}.")
+    return [ShardingType(t) for t in listed]
 
 
 class _GreedyPass:
@@ -123,9 +124,9 @@ class _GreedyPass:
         rest = []
         for c in configs:
             types = permitted[c.name]
-            only_dp = set(types) == {"data_parallel"}
-            wants_dp = only_dp or ("data_parallel" in types and table_bytes(c, optimizer) <= data_parallel_max_bytes)
-            if wants_dp and self._commit(c, "data_parallel"):
+            only_dp = set(types) == {ShardingType.DATA_PARALLEL}
+            wants_dp = only_dp or (ShardingType.DATA_PARALLEL in types and table_bytes(c, optimizer) <= data_parallel_max_bytes)
+            if wants_dp and self._commit(c, ShardingType.DATA_PARALLEL):
                 continue
             if only_dp:
                 self.unplaced.append(c)
@@ -135,7 +136,7 @@ class _GreedyPass:
         # Tables that cannot be table-wise go before the table-wise ones:
         # they take memory on many ranks at once and have fewer choices.
         largest_free = max(self.ranks.free(r) for r in range(topology.world_size))
-        wide = [c for c in rest if "table_wise" not in permitted[c.name] or table_bytes(c, optimizer) > largest_free]
+        wide = [c for c in rest if ShardingType.TABLE_WISE not in permitted[c.name] or table_bytes(c, optimizer) > largest_free]
         wide_names = {c.name for c in wide}
         narrow = [c for c in rest if c.name not in wide_names]
         wide.sort(key=lambda c: (-table_bytes(c, optimizer), c.name))
@@ -151,11 +152,11 @@ class _GreedyPass:
         types = self.permitted[config.name]
         order = [t for t in _FALLBACK_ORDER if t in types]
         # On one host, table-row-wise is row-wise under another name.
-        if self.topology.num_hosts == 1 and "row_wise" in order and "table_row_wise" in order:
-            order.remove("table_row_wise")
+        if self.topology.num_hosts == 1 and ShardingType.ROW_WISE in order and ShardingType.TABLE_ROW_WISE in order:
+            order.remove(ShardingType.TABLE_ROW_WISE)
         return order
 
-    def _commit(self, config: EmbeddingBagConfig, sharding_type: str) -> bool:
+    def _commit(self, config: EmbeddingBagConfig, sharding_type: ShardingType) -> bool:
         for sharding in self._candidates(config, sharding_type):
             loads = rank_loads(sharding, config, self.costs[config.name], self.topology.world_size, self.optimizer)
             if self.ranks.fits(loads):
@@ -164,30 +165,30 @@ class _GreedyPass:
                 return True
         return False
 
-    def _candidates(self, config: EmbeddingBagConfig, sharding_type: str):
+    def _candidates(self, config: EmbeddingBagConfig, sharding_type: ShardingType):
         """Shardings of ``config`` of one type, best first."""
         name, rows, dim = config.name, config.num_embeddings, config.embedding_dim
         world = range(self.topology.world_size)
-        if sharding_type in ("data_parallel", "row_wise"):
+        if sharding_type in (ShardingType.DATA_PARALLEL, ShardingType.ROW_WISE):
             yield table_sharding(name, rows, dim, sharding_type, list(world))
-        elif sharding_type == "table_wise":
+        elif sharding_type == ShardingType.TABLE_WISE:
             need = table_bytes(config, self.optimizer)
             for rank in self.ranks.least_loaded([r for r in world if self.ranks.free(r) >= need])[:1]:
-                yield table_sharding(name, rows, dim, "table_wise", [rank])
-        elif sharding_type == "table_row_wise":
+                yield table_sharding(name, rows, dim, ShardingType.TABLE_WISE, [rank])
+        elif sharding_type == ShardingType.TABLE_ROW_WISE:
             cost = self.ranks.cost
             for host in sorted(
                 self.topology.hosts(), key=lambda h: (sum(cost[r] for r in h), max(cost[r] for r in h), h[0])
             ):
-                yield table_sharding(name, rows, dim, "table_row_wise", host)
-        elif sharding_type == "column_wise":
+                yield table_sharding(name, rows, dim, ShardingType.TABLE_ROW_WISE, host)
+        elif sharding_type == ShardingType.COLUMN_WISE:
             # The fewest column blocks (at least 2 where there are 2 ranks)
             # that fit, on the least-loaded ranks with room.
             for k in range(min(2, len(world)), min(len(world), dim) + 1):
                 need = shard_bytes(config, rows, even_splits(dim, k)[0][1], self.optimizer)
                 ranks = self.ranks.least_loaded([r for r in world if self.ranks.free(r) >= need])[:k]
                 if len(ranks) == k:
-                    yield table_sharding(name, rows, dim, "column_wise", ranks)
+                    yield table_sharding(name, rows, dim, ShardingType.COLUMN_WISE, ranks)
                     return
 
 
@@ -281,30 +282,30 @@ _MAX_LABELS_LISTED = 4
 
 
 def _needs(
-    config: EmbeddingBagConfig, types: Sequence[str], topology: Topology, optimizer, data_parallel_max_bytes: int
+    config: EmbeddingBagConfig, types: Sequence[ShardingType], topology: Topology, optimizer, data_parallel_max_bytes: int
 ) -> str:
     """What ``config`` needs per rank under each type the planner tried."""
     full = table_bytes(config, optimizer)
     world, host = topology.world_size, topology.local_world_size
     rows, dim = config.num_embeddings, config.embedding_dim
     tried = list(types)
-    if "data_parallel" in tried and set(tried) != {"data_parallel"} and full > data_parallel_max_bytes:
-        tried.remove("data_parallel")
-    if topology.num_hosts == 1 and "row_wise" in tried and "table_row_wise" in tried:
-        tried.remove("table_row_wise")
+    if ShardingType.DATA_PARALLEL in tried and set(tried) != {ShardingType.DATA_PARALLEL} and full > data_parallel_max_bytes:
+        tried.remove(ShardingType.DATA_PARALLEL)
+    if topology.num_hosts == 1 and ShardingType.ROW_WISE in tried and ShardingType.TABLE_ROW_WISE in tried:
+        tried.remove(ShardingType.TABLE_ROW_WISE)
     parts = []
     for t in tried:
-        if t == "data_parallel":
+        if t == ShardingType.DATA_PARALLEL:
             parts.append(f"data_parallel: {format_bytes(full)} on every rank")
-        elif t == "table_wise":
+        elif t == ShardingType.TABLE_WISE:
             parts.append(f"table_wise: {format_bytes(full)} on one rank")
-        elif t == "row_wise":
+        elif t == ShardingType.ROW_WISE:
             per_rank = shard_bytes(config, even_splits(rows, world)[0][1], dim, optimizer)
             parts.append(f"row_wise over {world} ranks: {format_bytes(per_rank)} per rank")
-        elif t == "table_row_wise":
+        elif t == ShardingType.TABLE_ROW_WISE:
             per_rank = shard_bytes(config, even_splits(rows, host)[0][1], dim, optimizer)
             parts.append(f"table_row_wise over the {host} ranks of a host: {format_bytes(per_rank)} per rank")
-        elif t == "column_wise":
+        elif t == ShardingType.COLUMN_WISE:
             k = min(world, dim)
             per_rank = shard_bytes(config, rows, even_splits(dim, k)[0][1], optimizer)
             parts.append(f"column_wise over {k} ranks: {format_bytes(per_rank)} per rank")
@@ -345,7 +346,7 @@ def _not_fit_message(attempt: _GreedyPass, num_tables: int, optimizer, data_para
     states = num_state_values(optimizer)
     state_text = f" (with {states} float32 optimizer state{'s' if states > 1 else ''} per row)" if states else ""
     hint = "Give the ranks more memory or add ranks"
-    if any("row_wise" not in attempt.permitted[c.name] for c in unplaced):
+    if any(ShardingType.ROW_WISE not in attempt.permitted[c.name] for c in unplaced):
         hint += ", or permit row_wise (or column_wise) sharding for these tables"
     return (
         f"Cannot fit {len(unplaced)} of {num_tables} tables on {world} ranks{state_text}: {rank_text}; "

@@ -16,7 +16,7 @@ from dist_rec.planner.cost import (
 )
 from dist_rec.planner.greedy import SHORT_NAMES
 from dist_rec.planner.topology import Topology
-from dist_rec.sharding.plan import ShardingPlan
+from dist_rec.planner.plan import ShardingPlan, ShardingType
 
 _MAX_TABLES_SHOWN = 6
 
@@ -71,7 +71,7 @@ def rank_stats(
     ]
     for sharding in plan.tables.values():
         label = sharding.table
-        if sharding.sharding_type != "table_wise":
+        if sharding.sharding_type != ShardingType.TABLE_WISE:
             label += f" ({SHORT_NAMES[sharding.sharding_type]})"
         for rank, nbytes, cost in rank_loads(
             sharding, configs[sharding.table], costs[sharding.table], plan.world_size, optimizer

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_rec.distributed import ProcessGroups, ShardingGrid
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
-from dist_rec.sharding.grid import ShardingGrid, make_grid
-from dist_rec.sharding.plan import ShardingPlan, uniform_plan
+from dist_rec.planner.plan import ShardingPlan, ShardingType, uniform_plan
 from dist_rec.sharding.sharded_ebc import ShardedEmbeddingBagCollection
 
 PlanArg = Union[None, ShardingPlan, Dict[str, ShardingPlan]]
@@ -35,19 +35,27 @@ class DistributedModelParallel(nn.Module):
             DDP as ordinary parameters).
         plan: a ``ShardingPlan`` for every collection, or one per collection
             by module path (e.g. ``{"sparse_arch": plan}``), or None.
-        sharding_type (Optional[str]): with no plan, shard every table this
-            way (``uniform_plan``); with neither, the greedy planner decides.
+        sharding_type (Optional[ShardingType | str]): with no plan, shard
+            every table this way (``uniform_plan``); with neither, the greedy
+            planner decides.
         replicas (int): G, the number of replica groups (2D parallelism).
             (Default: 1)
         sync_every (int): replicas are synchronised every this many calls of
             ``sync()``. (Default: 1)
-        layout (str): "shards_on_host" or "replicas_on_host" (see ``grid.py``).
+        layout (str): "shards_on_host" or "replicas_on_host" (see
+            ``dist_rec.distributed.grid``).
         memory_per_rank (Optional[int]): bytes per rank the planner may use.
         device (Optional[torch.device]): device of the shards and the model.
         wrap_dense (bool): wrap the model in DDP (the sharded tables left
             out). False leaves the dense parameters to another engine (e.g.
             DeepSpeed ZeRO), which must then average their gradients.
             (Default: True)
+        process_groups (Optional[ProcessGroups]): the owner of every group
+            the model runs on; made here from ``replicas`` and ``layout``
+            when None. After ``process_groups.rebuild()`` the DDP wrapper is
+            made again on the new default group.
+        storage_dir (Optional[str]): where shards the plan places on "ssd"
+            keep their files.
 
     Call ``sync()`` after every optimizer step (a no-op with one replica and
     an optimizer without per-replica increments).
@@ -64,16 +72,28 @@ class DistributedModelParallel(nn.Module):
         memory_per_rank: Optional[int] = None,
         device: Optional[torch.device] = None,
         wrap_dense: bool = True,
+        process_groups: Optional[ProcessGroups] = None,
+        storage_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
-            raise RuntimeError("DistributedModelParallel needs torch.distributed initialised (torchrun, or init_process_group).")
+            raise RuntimeError(
+                "DistributedModelParallel needs torch.distributed initialised (torchrun, or "
+                "dist_rec.distributed.init_process_group)."
+            )
         if sync_every < 1:
             raise ValueError(f"Invalid sync_every={sync_every}. Must be >= 1.")
-        self.grid: ShardingGrid = make_grid(replicas, layout)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if process_groups is None:
+            process_groups = ProcessGroups(replicas=replicas, layout=layout, device=device)
+        elif (process_groups.replicas, process_groups.layout) != (replicas, layout) and replicas != 1:
+            raise ValueError(
+                f"Invalid replicas={replicas}, layout={layout!r}: the process groups given are "
+                f"{process_groups.replicas} replicas, {process_groups.layout!r}."
+            )
+        self.process_groups = process_groups
         self.sync_every = sync_every
         self._steps = 0
-        device = torch.device(device) if device is not None else torch.device("cpu")
         self.plans: Dict[str, ShardingPlan] = {}
         self.sharded: Dict[str, ShardedEmbeddingBagCollection] = {}
         for path, collection in _fused_collections(module):
@@ -83,29 +103,41 @@ class DistributedModelParallel(nn.Module):
                 chosen,
                 collection.optimizer,
                 is_weighted=collection.is_weighted(),
-                sharding_group=self.grid.sharding_group,
-                replica_group=self.grid.replica_group,
+                process_groups=process_groups,
                 device=device,
                 source=collection,
-                all_sharding_groups=self.grid.sharding_groups,
+                storage_dir=storage_dir,
             )
             _replace_submodule(module, path, sharded)
             self.plans[path] = chosen
             self.sharded[path] = sharded
-        ignored = [
-            f"{path}.{name}" if path else name
-            for path, sharded in self.sharded.items()
-            for name in list(sharded.state_dict().keys())
-        ]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+        # The sharded collections register no parameters or buffers (their
+        # rows live in storages), so DDP and dense optimizers never see them.
         self.unwrapped = module
+        self._device = device
+        self._wrap_dense = wrap_dense
+        self.module = self._wrap(module)
+        process_groups.on_rebuild(lambda groups: self._rewrap())
+
+    @property
+    def grid(self) -> ShardingGrid:
+        """Where this rank sits in the 2D grid (plain ranks)."""
+        return self.process_groups.grid
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        """The dense layers under DDP over every rank (the sharded tables
+        hold no parameters it could see), or bare for another engine."""
         trainable = any(p.requires_grad for p in module.parameters())
-        if wrap_dense and dist.get_world_size() > 1 and trainable:
-            self.module = nn.parallel.DistributedDataParallel(
-                module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+        if self._wrap_dense and dist.get_world_size() > 1 and trainable:
+            return nn.parallel.DistributedDataParallel(
+                module, device_ids=[self._device] if self._device.type == "cuda" else None, forward_sync_buffers=False
             )
-        else:
-            self.module = module
+        return module
+
+    def _rewrap(self) -> None:
+        """DDP holds the default group it was made on: after a rebuild of the
+        groups it is made again (the parameters are the same tensors)."""
+        self.module = self._wrap(self.unwrapped)
 
     def _plan_for(self, path, collection, plan: PlanArg, sharding_type, memory_per_rank) -> ShardingPlan:
         size = self.grid.group_size
@@ -119,7 +151,7 @@ class DistributedModelParallel(nn.Module):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", size))
         host = local_world if size % local_world == 0 and local_world <= size else size
         if sharding_type is not None:
-            return uniform_plan(configs, sharding_type, size, local_world_size=host)
+            return uniform_plan(configs, ShardingType.from_str(sharding_type), size, local_world_size=host)
         from dist_rec.planner import Topology, plan_sharding
 
         budget = memory_per_rank if memory_per_rank is not None else _default_memory_budget(size)

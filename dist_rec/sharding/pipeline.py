@@ -13,7 +13,10 @@ forward::
 
 Each collective is issued in the same order on every rank, so the ranks
 stay matched. The arithmetic is the plain loop's: losses and weights are
-identical step for step (``tests/sharding/test_pipeline.py``).
+identical step for step (``tests/sharding/test_pipeline.py``). A model
+without sharded collections (one process, or a dense-only model) trains
+through the same loop, its stages empty: the trainer has one step for
+every sharding type.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ class TrainPipelineSparseDist:
     the next batch overlapping the current step.
 
     Args:
-        model (nn.Module): the model (e.g. a ``DistributedModelParallel``)
-            holding ``ShardedEmbeddingBagCollection``s.
-        optimizer (torch.optim.Optimizer): the dense optimizer (the tables
-            update in the backward).
+        model (nn.Module): the model (e.g. a ``DistributedModelParallel``),
+            holding the ``ShardedEmbeddingBagCollection``s whose input dist
+            runs ahead (none: the stages are empty).
+        optimizer (Optional[torch.optim.Optimizer]): the dense optimizer (the
+            tables update in the backward), zeroed before and stepped after
+            each backward; None when ``step`` does both (a dense engine).
         forward (Callable[[nn.Module, batch], Tensor]): the loss of one
             batch, e.g. ``lambda m, b: bce(m(b.dense_features,
             b.sparse_features).squeeze(1), b.labels)``.
@@ -52,6 +57,9 @@ class TrainPipelineSparseDist:
         sync (bool): call ``model.sync()`` after the optimizer step when the
             model has one (``DistributedModelParallel``: 2D replicas).
             (Default: True)
+        step (Optional[Callable[[], None]]): the dense step after the
+            backward (e.g. a dense engine's, which zeroes the gradients
+            too). (Default: ``optimizer.step()``)
 
     Every rank must see the same number of batches (e.g. ``drop_last``):
     the input dist of the next batch is a collective. ``progress`` raises
@@ -61,28 +69,32 @@ class TrainPipelineSparseDist:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optional[torch.optim.Optimizer],
         forward: Callable[[nn.Module, Any], torch.Tensor],
         sparse_features: Callable[[Any], Any] = _sparse_features_of,
         backward: Optional[Callable[[torch.Tensor], None]] = None,
         sync: bool = True,
+        step: Optional[Callable[[], None]] = None,
     ) -> None:
+        if optimizer is None and step is None:
+            raise ValueError("TrainPipelineSparseDist: give the dense optimizer, or a step that replaces it.")
         self.model = model
         self.optimizer = optimizer
         self._forward = forward
         self._sparse_features = sparse_features
         self._backward = backward if backward is not None else (lambda loss: loss.backward())
+        self._step = step if step is not None else optimizer.step
         self._sync = getattr(model, "sync", None) if sync else None
         self._collections: Dict[str, ShardedEmbeddingBagCollection] = {}
         for path, module in model.named_modules():
             if isinstance(module, ShardedEmbeddingBagCollection) and path not in self._collections:
                 self._collections[path] = module
-        if not self._collections:
-            raise ValueError("TrainPipelineSparseDist: the model holds no ShardedEmbeddingBagCollection.")
         self._current: Any = None
         self._exhausted = False
 
     def _inputs(self, batch) -> List[Tuple[ShardedEmbeddingBagCollection, Any]]:
+        if not self._collections:
+            return []
         features = self._sparse_features(batch)
         if isinstance(features, dict):
             unknown = sorted(set(features) - set(self._collections))
@@ -112,13 +124,14 @@ class TrainPipelineSparseDist:
             self._current = next(batches)  # StopIteration: nothing to train on
             self._start(self._current)
         upcoming = next(batches, None)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
         if upcoming is not None:
             self._start(upcoming)
         loss = self._forward(self.model, self._current)
         self._continue()
         self._backward(loss)
-        self.optimizer.step()
+        self._step()
         if self._sync is not None:
             self._sync()
         self._current = upcoming

@@ -10,9 +10,10 @@ every slot's bag lengths. Slots are numbered destination-major, so the
 result splits straight into the per-rank payloads of the input all-to-all.
 ``tests/sharding/test_router.py`` checks it against the per-feature
 ``ShardingScheme.route``. On the CPU the row-wise split is one native op
-(``bucketize_by_rows``: two passes over the ids, a stable counting sort by
-slot); ``_bucketise_with_tensor_ops`` is its tensor-op form, used on other
-devices and as the op's reference in ``tests/sharding/test_router.py``.
+(``dist_rec.ops.bucketize_by_rows``: two passes over the ids, a stable
+counting sort by slot); ``_bucketise_with_tensor_ops`` is its tensor-op
+form, used on other devices and as the op's reference in
+``tests/sharding/test_router.py``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-import dist_rec._C  # noqa: F401  registers torch.ops.dist_rec.bucketize_by_rows
+from dist_rec.ops.bucketize import bucketize_by_rows
 
 _NO_SHARD = torch.iinfo(torch.int64).max  # bound of a shard a feature does not have
-
-
-@torch.library.register_fake("dist_rec::bucketize_by_rows")
-def _bucketize_by_rows_fake(ids, lengths, bounds, slot_table, num_slots, with_order):
-    return ids.new_empty(ids.shape), lengths.new_empty(num_slots, lengths.shape[1]), ids.new_empty(ids.shape[0] if with_order else 0)
 
 
 @dataclass
@@ -134,7 +130,7 @@ class Router:
         if weight_slices is not None:
             weights = torch.cat(weight_slices) if every else torch.cat([weight_slices[f] for f in features])
         if ids.device.type == "cpu":
-            local, per_slot_lengths, order = torch.ops.dist_rec.bucketize_by_rows(
+            local, per_slot_lengths, order = bucketize_by_rows(
                 ids.contiguous(), sub_lengths.to(torch.int64).contiguous(), self.bounds, self.slot_table_2d, self.num_slots, weights is not None
             )
             per_slot_lengths = per_slot_lengths.to(lengths.dtype)

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_rec.distributed import init_process_group
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -26,7 +28,7 @@ def free_port() -> int:
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, world_size, **kwargs)
         dist.barrier()  # every rank done with every collective
     except BaseException:

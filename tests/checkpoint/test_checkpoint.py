@@ -137,8 +137,9 @@ def _snapshot(dmp, dense_optimizer=None):
     for path, sharded in dmp.sharded.items():
         for local in sharded.local_shards() + sharded.data_parallel_tables():
             key = (path, local.table, local.shard.row_offset, local.shard.col_offset)
-            out[key + ("weight",)] = local.weight.detach().clone()
-            for name, tensor in local.state.items():
+            weight, state = local.read()
+            out[key + ("weight",)] = weight.detach().clone()
+            for name, tensor in state.items():
                 out[key + (name,)] = tensor.detach().clone()
     for name, tensor in dense_state_dict(dmp).items():
         out[("dense", name)] = tensor.detach().clone()
@@ -197,9 +198,8 @@ def _run_b(rank, world_size, root, plan_spec, replicas, optimizer, round_trip):
     # Partial recovery: one rank reloads one table's shards alone (no collective).
     if rank == 1:
         local = next(s for s in fresh.sharded["sparse_arch"].local_shards() if s.table == "t0")
-        with torch.no_grad():
-            local.weight.zero_()
-            local.state["momentum1"].fill_(7.0)
+        weight, state = local.read()
+        local.write(torch.zeros_like(weight), {"momentum1": torch.full_like(state["momentum1"], 7.0)})
         restored = restore_local_shards(second, fresh, tables=["t0"])
         assert [s.table for s in restored] == ["t0"]
         _assert_same(_snapshot(fresh, fresh_optimizer), _snapshot(dmp, dense_optimizer), "restore_local_shards")

@@ -10,7 +10,7 @@ import pytest
 from dist_rec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from dist_rec.optim.fused import SGD, RowWiseAdagrad
 from dist_rec.planner import PlanningError, Topology, lookup_cost, plan_sharding, plan_summary, rank_stats, table_bytes
-from dist_rec.sharding.plan import ShardingPlan, uniform_plan
+from dist_rec.planner.plan import ShardingPlan, uniform_plan
 
 MiB = 1 << 20
 

@@ -122,9 +122,10 @@ def _meta_rank(rank, world_size):
     dmp = DistributedModelParallel(model, sharding_type="row_wise")
     sharded = dmp.sharded["sparse_arch"]
     assert isinstance(model.sparse_arch, ShardedEmbeddingBagCollection)
-    held = sum(local.weight.numel() for local in sharded.local_shards())
+    weights = [local.read()[0] for local in sharded.local_shards()]
+    held = sum(weight.numel() for weight in weights)
     assert held == sum(t.num_embeddings * t.embedding_dim for t in TABLES) // world_size
-    assert all(local.weight.device.type == "cpu" and local.weight.abs().sum() > 0 for local in sharded.local_shards())
+    assert all(weight.device.type == "cpu" and weight.abs().sum() > 0 for weight in weights)
     losses = _train(dmp, rank)
     assert all(torch.isfinite(torch.tensor(losses)))
 
@@ -142,9 +143,10 @@ def _planned_two_d_rank(rank, world_size):
     _train(dmp, rank)
     # Replicas of every shard are equal after sync(); dense layers equal everywhere.
     for local in dmp.sharded["sparse_arch"].local_shards():
-        for tensor in [local.weight, *local.state.values()]:
+        weight, state = local.read()
+        for tensor in [weight, *state.values()]:
             copies = [torch.empty_like(tensor) for _ in range(2)]
-            dist.all_gather(copies, tensor, group=dmp.grid.replica_group)
+            dist.all_gather(copies, tensor, group=dmp.process_groups.replica_group)
             torch.testing.assert_close(copies[0], copies[1], rtol=0, atol=0)
     for name, p in dmp.unwrapped.named_parameters():
         if not p.requires_grad:  # shards (the fused tables do not require grad)

@@ -120,3 +120,70 @@ def _bad_rank(rank, world_size):
 
 def test_bad_ids_sent_ahead_stop_every_rank_when_trained():
     run_multi_process(_bad_rank, world_size=2, timeout=120)
+
+
+def _evaluation_between_steps_rank(rank, world_size):
+    """An evaluation forward (no grad, another batch) between pipelined
+    steps, while the next batch's input dist is in flight, as the trainer
+    runs it: training is unchanged, and the evaluation outputs equal the
+    plain loop's."""
+    batches = [_batch(rank, step) for step in range(STEPS)]
+    probe = _batch(rank, 99)
+
+    def evaluate(dmp):
+        with torch.no_grad():
+            return dmp(probe.dense_features, probe.sparse_features).detach()
+
+    dmp, optimizer = _setup("mixed", world_size)
+    plain_outputs = []
+    for batch in batches:
+        loss = _loss(dmp, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        dmp.sync()
+        plain_outputs.append(evaluate(dmp))
+    expected = _weights(dmp)
+
+    dmp, optimizer = _setup("mixed", world_size)
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, _loss)
+    it = iter(batches)
+    for step in range(STEPS):
+        pipeline.progress(it)
+        assert torch.equal(evaluate(dmp), plain_outputs[step]), f"rank {rank} step {step}: evaluation output"
+    for name, tensor in _weights(dmp).items():
+        assert torch.equal(tensor, expected[name]), f"rank {rank}: {name} differs from the plain loop"
+
+
+def test_evaluation_between_pipelined_steps():
+    run_multi_process(_evaluation_between_steps_rank, world_size=2, timeout=180)
+
+
+def test_a_model_without_sharded_tables_trains_through_the_same_pipeline():
+    """One process, an unsharded DLRM: the pipeline's stages are empty and
+    it trains exactly as the plain loop."""
+    batches = [_batch(0, step) for step in range(STEPS)]
+
+    def setup():
+        torch.manual_seed(0)
+        ebc = EmbeddingBagCollection(TABLES, optimizer=RowWiseAdagrad(lr=0.05))
+        model = DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
+        return model, torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=0.05)
+
+    model, optimizer = setup()
+    plain = []
+    for batch in batches:
+        loss = _loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        plain.append(loss.detach())
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, optimizer = setup()
+    pipeline = TrainPipelineSparseDist(model, optimizer, _loss)
+    it = iter(batches)
+    piped = [pipeline.progress(it) for _ in range(STEPS)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, piped))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name

@@ -6,9 +6,9 @@ ids, features not routed at all)."""
 import pytest
 import torch
 
-from dist_rec.sharding.plan import table_sharding
+from dist_rec.planner.plan import table_sharding
 from dist_rec.sharding.router import Router, payload
-from dist_rec.sharding.sharded_ebc import SCHEMES
+from dist_rec.sharding.schemes import SCHEMES
 
 TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 

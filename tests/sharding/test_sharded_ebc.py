@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from dist_rec.distributed import ProcessGroups
 from dist_rec.ops.reference import momentum_scaled_sync_ref
 from dist_rec.optim import SGD, MomentumScaledRowWiseAdagrad, RowWiseAdagrad
 from dist_rec.sharding import (
@@ -21,7 +22,6 @@ from dist_rec.sharding import (
     SHARDING_TYPES,
     ShardedEmbeddingBagCollection,
     ShardingPlan,
-    make_grid,
     table_sharding,
     uniform_plan,
 )
@@ -120,9 +120,10 @@ def _assert_shards_equal(sharded: ShardedEmbeddingBagCollection, reference: Embe
     ref_states = reference.optimizer_state()
     for local in sharded.local_shards() + sharded.data_parallel_tables():
         s = local.shard
+        weight, state = local.read()
         expected = ref_weights[local.table][s.row_offset : s.row_end, s.col_offset : s.col_end]
-        torch.testing.assert_close(local.weight, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what} {local.table} {s}: {m}")
-        for name, tensor in local.state.items():
+        torch.testing.assert_close(weight, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what} {local.table} {s}: {m}")
+        for name, tensor in state.items():
             torch.testing.assert_close(
                 tensor, ref_states[local.table][name][s.row_offset : s.row_end], atol=1e-5, rtol=1e-5,
                 msg=lambda m: f"{what} {local.table}.{name} {s}: {m}",
@@ -140,7 +141,7 @@ def _equivalence_rank(rank, world_size, optimizer_name, weighted):
             tables, plan, _optimizer(optimizer_name), is_weighted=weighted, source=source
         )
         if name.startswith("row_wise"):
-            assert sharded._row_sums, name  # which assembly runs
+            assert sharded._output_dist.row_sums, name  # which assembly runs
         width = sum(c.embedding_dim * len(c.feature_names) for c in tables)
         for step in range(STEPS):
             kjt, grad = _rank_batch(rank, step, weighted, width)
@@ -197,13 +198,12 @@ def _momentum_scaled_sync(collections):
 
 
 def _two_d_rank(rank, world_size, sharding_type, layout, optimizer_name):
-    grid = make_grid(replicas=2, layout=layout)
-    my_group = next(g for g in grid.sharding_groups if rank in g)
+    groups = ProcessGroups(replicas=2, layout=layout)
+    grid = groups.grid
+    my_group = grid.my_sharding_group
     plan = uniform_plan(TABLES, sharding_type, grid.group_size, local_world_size=grid.group_size)
     sharded = ShardedEmbeddingBagCollection(
-        TABLES, plan, _optimizer(optimizer_name), sharding_group=grid.sharding_group,
-        replica_group=grid.replica_group, source=_fresh_reference(optimizer_name, False),
-        all_sharding_groups=grid.sharding_groups,
+        TABLES, plan, _optimizer(optimizer_name), process_groups=groups, source=_fresh_reference(optimizer_name, False),
     )
     # Reference: one unsharded copy per replica group, each stepping on its
     # group's joined batch, then averaged (weights and row-wise state), or
@@ -216,7 +216,7 @@ def _two_d_rank(rank, world_size, sharding_type, layout, optimizer_name):
         for group, reference in zip(grid.sharding_groups, replicas):
             full_kjt, full_grad = _joined_batch(group, step, False)
             expected = reference(full_kjt).values()
-            if group is my_group:
+            if group == my_group:
                 first = sum(_rank_batch(r, step, False)[1].shape[0] for r in group[: group.index(rank)])
                 torch.testing.assert_close(out, expected[first : first + out.shape[0]].detach(), atol=1e-5, rtol=1e-5)
             expected.backward(full_grad / len(group))

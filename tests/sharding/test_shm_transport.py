@@ -13,8 +13,9 @@ import torch.distributed as dist
 
 from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from dist_rec.optim import RowWiseAdagrad
+from dist_rec.distributed import ProcessGroups
+from dist_rec.distributed.shm_transport import ENV, intra_host_all_to_all, transport_for
 from dist_rec.sharding import DistributedModelParallel
-from dist_rec.sharding.shm_transport import ENV, intra_host_all_to_all, transport_for
 from dist_rec.testing.multi_process import run_multi_process
 
 
@@ -27,9 +28,10 @@ def _splits(seed: int, size: int, largest: int):
 
 
 def _equal_rank(rank, world_size, slot_bytes, slots, in_flight):
-    transport = intra_host_all_to_all(dist.new_group(), torch.device("cpu"), slot_bytes=slot_bytes, slots=slots)
+    groups = ProcessGroups()
+    transport = intra_host_all_to_all(groups.subgroup("test/shm"), torch.device("cpu"), slot_bytes=slot_bytes, slots=slots)
     assert transport is not None
-    gloo_group = dist.new_group()
+    gloo_group = groups.subgroup("test/gloo")
     for round_ in range(3):
         started = []
         for k, dtype in enumerate([torch.int64, torch.float32, torch.float64, torch.int32][:in_flight]):
@@ -97,8 +99,8 @@ def _same_training_rank(rank, world_size, sharding_type):
     over_gloo = DistributedModelParallel(_Model(), sharding_type=sharding_type)
     del os.environ[ENV]
     over_shm = DistributedModelParallel(_Model(), sharding_type=sharding_type)
-    assert transport_for(over_gloo.grid.sharding_group) is None
-    assert transport_for(over_shm.grid.sharding_group) is not None
+    assert transport_for(over_gloo.process_groups.sharding_group) is None
+    assert transport_for(over_shm.process_groups.sharding_group) is not None
     losses_gloo, tables_gloo = _train(over_gloo, rank)
     losses_shm, tables_shm = _train(over_shm, rank)
     assert losses_gloo == losses_shm
@@ -112,7 +114,7 @@ def test_sharded_training_is_identical_over_either_transport(sharding_type):
 
 
 def _peer_exits_rank(rank, world_size):
-    transport = intra_host_all_to_all(dist.new_group(), torch.device("cpu"))
+    transport = transport_for(ProcessGroups().sharding_group)
     dist.barrier()
     if rank == 1:
         os._exit(0)  # gone without taking part

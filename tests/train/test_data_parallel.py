@@ -8,7 +8,7 @@ import torch
 from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from dist_rec.config import load_config
 from dist_rec.optim import RowWiseAdagrad, SGD
-from dist_rec.sharding import data_parallel_embeddings
+from dist_rec.sharding import ShardedEmbeddingBagCollection, data_parallel_embeddings
 from dist_rec.testing.multi_process import run_multi_process
 from dist_rec.train import Environment, train
 
@@ -53,26 +53,43 @@ def _make_ebc(optimizer, weighted):
     return EmbeddingBagCollection(tables=TABLES, optimizer=optimizer, is_weighted=weighted)
 
 
-def _exchange_rank(rank, world_size, optimizer, weighted, out):
+def _permuted(kjt, order):
+    """The same batch with its features in another order."""
+    jts = [kjt[KEYS[i]] for i in order]
+    weights = torch.cat([j.weights() for j in jts]) if kjt.weights_or_none() is not None else None
+    return KeyedJaggedTensor([KEYS[i] for i in order], torch.cat([j.values() for j in jts]),
+                             lengths=torch.cat([j.lengths() for j in jts]), weights=weights)
+
+
+def _exchange_rank(rank, world_size, optimizer, weighted, permute, out):
     ebc = _make_ebc(optimizer, weighted)
     if rank == 1:  # differs before wrapping: wrapping broadcasts rank 0's copy
         with torch.no_grad():
             for w in ebc.parameters():
                 w.add_(1.0)
-    assert len(data_parallel_embeddings(ebc)) == 1
+    sharded = data_parallel_embeddings(ebc)
+    assert isinstance(sharded, ShardedEmbeddingBagCollection)
     for step in range(4):
         kjt, grad = _rank_batch(rank, step, weighted)
-        ebc(kjt).values().backward(grad)
-    torch.save({"state": ebc.state_dict(), "opt": ebc.optimizer_state()}, f"{out}/rank{rank}.pt")
+        if permute and rank == 1:  # same features, another order: still the global batch's update
+            kjt = _permuted(kjt, [2, 0, 1])
+        sharded(kjt).values().backward(grad)
+    state, optimizer_state = sharded.gather_unsharded()
+    torch.save({"state": state, "opt": optimizer_state}, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize(
-    "optimizer,weighted",
-    [(RowWiseAdagrad(lr=0.1), False), (RowWiseAdagrad(lr=0.1, weight_decay=0.01, weight_decay_mode="l2"), True), (SGD(lr=0.3), True)],
-    ids=["rowwise_adagrad", "rowwise_adagrad-l2-weighted", "sgd-weighted"],
+    "optimizer,weighted,permute",
+    [
+        (RowWiseAdagrad(lr=0.1), False, False),
+        (RowWiseAdagrad(lr=0.1, weight_decay=0.01, weight_decay_mode="l2"), True, False),
+        (SGD(lr=0.3), True, False),
+        (RowWiseAdagrad(lr=0.1), True, True),
+    ],
+    ids=["rowwise_adagrad", "rowwise_adagrad-l2-weighted", "sgd-weighted", "rowwise_adagrad-feature-orders-differ"],
 )
-def test_exchange_equals_one_process_on_the_global_batch(tmp_path, optimizer, weighted):
-    run_multi_process(_exchange_rank, world_size=2, optimizer=optimizer, weighted=weighted, out=str(tmp_path))
+def test_exchange_equals_one_process_on_the_global_batch(tmp_path, optimizer, weighted, permute):
+    run_multi_process(_exchange_rank, world_size=2, optimizer=optimizer, weighted=weighted, permute=permute, out=str(tmp_path))
     reference = _make_ebc(optimizer, weighted)
     for step in range(4):
         kjt, grad = _global_batch(2, step, weighted)
@@ -151,20 +168,3 @@ def test_two_processes_train_like_one_with_twice_the_batch(tmp_path, dense, spar
             torch.testing.assert_close(two["opt"][table][name], tensor, rtol=0, atol=1e-5)
     # Not trivially equal: training moved the parameters.
     assert one.losses[-1] < one.losses[0]
-
-
-def _mismatched_keys_rank(rank, world_size):
-    ebc = _make_ebc(RowWiseAdagrad(lr=0.1), False)
-    data_parallel_embeddings(ebc)
-    kjt, grad = _rank_batch(rank, 0, False)
-    if rank == 1:  # same features, another order: the global batch would be garbage
-        order = [2, 0, 1]
-        jts = [kjt[KEYS[i]] for i in order]
-        kjt = KeyedJaggedTensor([KEYS[i] for i in order], torch.cat([j.values() for j in jts]),
-                                lengths=torch.cat([j.lengths() for j in jts]))
-    with pytest.raises(RuntimeError, match="ranks disagree on the features"):
-        ebc(kjt).values().backward(grad)
-
-
-def test_ranks_feeding_different_feature_orders_are_refused():
-    run_multi_process(_mismatched_keys_rank, world_size=2)

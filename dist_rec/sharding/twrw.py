@@ -5,8 +5,11 @@ of a table stays on the fast intra-host links while its lookups are still
 spread over several ranks. Routing is row-wise; only the ranks differ.
 """
 
-from dist_rec.sharding.row_wise import RowWise
+from dist_rec.planner.plan import ShardingType
+from dist_rec.sharding.rw import RwSharding
 
 
-class TableRowWise(RowWise):
-    sharding_type = "table_row_wise"
+class TwRwSharding(RwSharding):
+    """Row-wise rules over the ranks of one host (the plan picks the ranks)."""
+
+    sharding_type = ShardingType.TABLE_ROW_WISE

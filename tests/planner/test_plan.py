@@ -7,10 +7,12 @@ import re
 import pytest
 
 from dist_rec.modules.embedding_configs import EmbeddingBagConfig
-from dist_rec.sharding.plan import (
+from dist_rec.placement import EmbeddingLocation
+from dist_rec.planner.plan import (
     SHARDING_TYPES,
     Shard,
     ShardingPlan,
+    ShardingType,
     TableSharding,
     even_splits,
     table_sharding,
@@ -209,6 +211,27 @@ def test_json_round_trip(tmp_path, sharding_type):
     plan.save(path)
     assert ShardingPlan.load(path) == plan
     assert ShardingPlan.from_dict(json.loads(path.read_text())) == plan
+
+
+def test_shard_locations_round_trip_and_default_to_device(tmp_path):
+    plan = uniform_plan(TABLES, "row_wise", 2, location="ssd")
+    assert {s.location for t in plan.tables.values() for s in t.shards} == {EmbeddingLocation.SSD}
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["tables"][0]["shards"][0]["location"] == "ssd"
+    assert ShardingPlan.from_dict(data) == plan
+    for table in data["tables"]:  # a plan saved before shards had a location
+        for shard in table["shards"]:
+            del shard["location"]
+    assert {s.location for t in ShardingPlan.from_dict(data).tables.values() for s in t.shards} == {EmbeddingLocation.DEVICE}
+    with pytest.raises(ValueError, match=re.escape("Invalid location='tape'. Must be one of ['device', 'host', 'ssd'].")):
+        table_sharding("t", 10, 4, "table_wise", [0], location="tape")
+
+
+def test_sharding_type_is_an_enum_that_reads_its_strings():
+    plan = uniform_plan(TABLES[:1], "table_wise", 2)
+    assert plan.tables["t0"].sharding_type is ShardingType.TABLE_WISE
+    assert ShardingType.from_str("row_wise") is ShardingType.ROW_WISE
+    assert plan.to_dict()["tables"][0]["sharding_type"] == "table_wise"
 
 
 def test_load_refuses_what_is_not_a_plan(tmp_path):

@@ -36,16 +36,20 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-import dist_rec._C  # noqa: F401  registers torch.ops.dist_rec._shm_*
+from dist_rec.ops.shm import shm_load, shm_ring, shm_sleep, shm_store
 
-_ops = torch.ops.dist_rec
 SLOT_BYTES = 2 << 20
 SLOTS = 4
 _MASK = 0xFFFFFFFF  # the header words are int32 counters; compare them modulo 2^32
 _CHECK_PEERS_S = 0.5  # how long a wait sleeps without progress before checking the peers are alive
 ENV = "DIST_REC_INTRA_HOST_ALL_TO_ALL"  # "shm" (default) or "gloo"
 
-_TRANSPORTS: Dict[object, "ShmAllToAll"] = {}  # by process group
+DEFAULT_TIMEOUT_S = 1800.0  # gloo's default: how long a wait for live but silent peers may last
+
+# By process group. Filled only by ``intra_host_all_to_all``, which the
+# process-group owner (``dist_rec.distributed.ProcessGroups``) calls;
+# emptied by ``release``.
+_TRANSPORTS: Dict[object, "ShmAllToAll"] = {}
 
 
 class _Collective:
@@ -76,7 +80,7 @@ class ShmAllToAll:
     agrees the fallback over the group)."""
 
     def __init__(
-        self, group, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, timeout: float = 1800.0, token: str = ""
+        self, group, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, timeout: float = DEFAULT_TIMEOUT_S, token: str = ""
     ) -> None:
         self.group = group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
@@ -106,6 +110,12 @@ class ShmAllToAll:
             self.segments.append(segment)
             self.flags.append(segment[: self._header_bytes].view(torch.int32))
         self._pids = list(pids)
+
+    def close(self) -> None:
+        """Drops the mappings and any queued pieces (the group is going away)."""
+        self.segments, self.flags = [], []
+        for queue in self._sends + self._receives:
+            queue.clear()
 
     def unlink(self) -> None:
         """Removes this rank's file (the mappings stay)."""
@@ -164,28 +174,28 @@ class ShmAllToAll:
             queue = self._sends[peer]
             while queue:
                 posted = self._posted[peer]
-                consumed = _ops._shm_load(self.flags[peer], self._consumed_word(me))
+                consumed = shm_load(self.flags[peer], self._consumed_word(me))
                 if (posted - consumed) & _MASK >= self.slots:
                     break  # every slot to this peer still holds an unread piece
                 collective, piece = queue.popleft()
                 self._outbox(me, peer, posted % self.slots)[: piece.numel()].copy_(piece)
                 self._posted[peer] = posted + 1
-                _ops._shm_store(my_flags, self._posted_word(peer), (posted + 1) & _MASK)
-                _ops._shm_ring(self.flags[peer], 0)
+                shm_store(my_flags, self._posted_word(peer), (posted + 1) & _MASK)
+                shm_ring(self.flags[peer], 0)
                 collective.pending -= 1
                 moved = True
         for peer in self._peers:
             queue = self._receives[peer]
             while queue:
                 got = self._consumed[peer]
-                available = _ops._shm_load(self.flags[peer], self._posted_word(me))
+                available = shm_load(self.flags[peer], self._posted_word(me))
                 if (available - got) & _MASK == 0:
                     break
                 collective, piece = queue.popleft()
                 piece.copy_(self._outbox(peer, me, got % self.slots)[: piece.numel()])
                 self._consumed[peer] = got + 1
-                _ops._shm_store(my_flags, self._consumed_word(peer), (got + 1) & _MASK)
-                _ops._shm_ring(self.flags[peer], 0)
+                shm_store(my_flags, self._consumed_word(peer), (got + 1) & _MASK)
+                shm_ring(self.flags[peer], 0)
                 collective.pending -= 1
                 moved = True
         return moved
@@ -196,11 +206,11 @@ class ShmAllToAll:
         my_flags = self.flags[self.rank]
         started = idle_since = time.monotonic()
         while collective.pending:
-            bell = _ops._shm_load(my_flags, 0)
+            bell = shm_load(my_flags, 0)
             if self._progress():
                 idle_since = time.monotonic()
                 continue
-            _ops._shm_sleep(my_flags, 0, bell, int(_CHECK_PEERS_S * 1000))
+            shm_sleep(my_flags, 0, bell, int(_CHECK_PEERS_S * 1000))
             now = time.monotonic()
             if now - idle_since >= _CHECK_PEERS_S:
                 self._check_peers(now - started)
@@ -241,7 +251,7 @@ def _alive(pid: int) -> bool:
 
 
 def intra_host_all_to_all(
-    group, device: torch.device, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS
+    group, device: torch.device, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, timeout: float = DEFAULT_TIMEOUT_S
 ) -> Optional[ShmAllToAll]:
     """The shared-memory all-to-all of ``group`` (made once per group), or
     None where it does not apply: CUDA tensors, one rank, ``DIST_REC_INTRA_HOST_ALL_TO_ALL=gloo``,
@@ -259,7 +269,7 @@ def intra_host_all_to_all(
     dist.broadcast_object_list(token, src=first, group=group)
     transport: Optional[ShmAllToAll] = None
     try:
-        transport = ShmAllToAll(group, slot_bytes=slot_bytes, slots=slots, token=token[0])
+        transport = ShmAllToAll(group, slot_bytes=slot_bytes, slots=slots, timeout=timeout, token=token[0])
     except OSError:
         transport = None
     pids: List[Optional[int]] = [None] * dist.get_world_size(group)
@@ -282,3 +292,11 @@ def intra_host_all_to_all(
 def transport_for(group) -> Optional[ShmAllToAll]:
     """The group's shared-memory all-to-all, if ``intra_host_all_to_all`` made one."""
     return _TRANSPORTS.get(group)
+
+
+def release(group) -> None:
+    """Forgets the group's transport (its mappings go with the last
+    reference): the owner calls it before the group is destroyed."""
+    transport = _TRANSPORTS.pop(group, None)
+    if transport is not None:
+        transport.close()

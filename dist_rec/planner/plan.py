@@ -15,28 +15,81 @@ on one rank:
 ``column_wise``    column blocks (each all rows), each on one rank
 ``table_row_wise`` contiguous row blocks over the ranks of one host
 =================  ===========================================================
+
+Each shard also says where its rows are stored (``EmbeddingLocation``:
+the rank's device memory by default; see ``dist_rec.placement``).
 """
 
 from __future__ import annotations
 
+import enum
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise")
+from dist_rec.placement.location import EmbeddingLocation
+
+
+class ShardingType(str, enum.Enum):
+    """How a table is split over the ranks of a sharding group (the table above)."""
+
+    DATA_PARALLEL = "data_parallel"
+    TABLE_WISE = "table_wise"
+    ROW_WISE = "row_wise"
+    COLUMN_WISE = "column_wise"
+    TABLE_ROW_WISE = "table_row_wise"
+
+    @classmethod
+    def str_values(cls) -> List[str]:
+        return [member.value for member in cls]
+
+    @classmethod
+    def from_str(cls, value, table: Optional[str] = None) -> "ShardingType":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            where = f" for table {table!r}" if table is not None else ""
+            raise ValueError(f"Invalid sharding_type={value!r}{where}. Must be one of {', '.join(cls.str_values())}.") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SHARDING_TYPES = tuple(ShardingType.str_values())
+# Types whose shards split a table's rows, so that each shard pools a partial sum of a bag.
+ROW_SPLIT_TYPES = (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
 
 
 @dataclass(frozen=True)
 class Shard:
     """Rows ``[row_offset, row_offset + num_rows)`` and columns
-    ``[col_offset, col_offset + num_cols)`` of a table, held by ``rank``."""
+    ``[col_offset, col_offset + num_cols)`` of a table, held by ``rank``,
+    its rows stored at ``location`` (``dist_rec.placement``)."""
 
     rank: int
     row_offset: int
     num_rows: int
     col_offset: int
     num_cols: int
+    location: EmbeddingLocation = EmbeddingLocation.DEVICE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "location", EmbeddingLocation.from_str(self.location))
+
+    def to_dict(self) -> Dict:
+        return {
+            "rank": self.rank, "row_offset": self.row_offset, "num_rows": self.num_rows,
+            "col_offset": self.col_offset, "num_cols": self.num_cols, "location": self.location.value,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "Shard":
+        # Plans written before shards had a location hold their rows in device memory.
+        numbers = {k: int(v) for k, v in data.items() if k != "location"}
+        return cls(**numbers, location=data.get("location", EmbeddingLocation.DEVICE.value))
 
     @property
     def row_end(self) -> int:
@@ -53,10 +106,24 @@ class TableSharding:
     (every rank holds all of it)."""
 
     table: str
-    sharding_type: str
+    sharding_type: ShardingType
     num_embeddings: int
     embedding_dim: int
     shards: List[Shard] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sharding_type = ShardingType.from_str(self.sharding_type, self.table)
+
+    def to_dict(self) -> Dict:
+        return {
+            "table": self.table, "sharding_type": self.sharding_type.value, "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim, "shards": [s.to_dict() for s in self.shards],
+        }
+
+    @property
+    def splits_rows(self) -> bool:
+        """Whether the shards split the rows (row- and table-row-wise)."""
+        return self.sharding_type in ROW_SPLIT_TYPES
 
     @property
     def ranks(self) -> List[int]:
@@ -67,9 +134,7 @@ class TableSharding:
         where = f"table {self.table!r} ({self.sharding_type})"
         if self.num_embeddings <= 0 or self.embedding_dim <= 0:
             raise ValueError(f"{where}: invalid size {self.num_embeddings} x {self.embedding_dim}. Must be > 0.")
-        if self.sharding_type not in SHARDING_TYPES:
-            raise ValueError(f"Invalid sharding_type={self.sharding_type!r} for table {self.table!r}. Must be one of {', '.join(SHARDING_TYPES)}.")
-        if self.sharding_type == "data_parallel":
+        if self.sharding_type == ShardingType.DATA_PARALLEL:
             if self.shards:
                 raise ValueError(f"{where}: a data-parallel table has no shards; got {len(self.shards)}.")
             return
@@ -82,13 +147,13 @@ class TableSharding:
                 raise ValueError(f"{where}: empty or negative shard {s}.")
             if s.row_end > self.num_embeddings or s.col_end > self.embedding_dim:
                 raise ValueError(f"{where}: shard {s} exceeds the table's {self.num_embeddings} x {self.embedding_dim}.")
-        if self.sharding_type in ("table_wise", "row_wise", "table_row_wise"):
+        if self.sharding_type in (ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE):
             if any(s.col_offset != 0 or s.num_cols != self.embedding_dim for s in self.shards):
                 raise ValueError(f"{where}: every shard must hold all {self.embedding_dim} columns.")
             _check_tiling(where, [(s.row_offset, s.num_rows) for s in self.shards], self.num_embeddings, "rows")
-        if self.sharding_type == "table_wise" and len(self.shards) != 1:
+        if self.sharding_type == ShardingType.TABLE_WISE and len(self.shards) != 1:
             raise ValueError(f"{where}: table-wise means one shard; got {len(self.shards)}.")
-        if self.sharding_type == "column_wise":
+        if self.sharding_type == ShardingType.COLUMN_WISE:
             if any(s.row_offset != 0 or s.num_rows != self.num_embeddings for s in self.shards):
                 raise ValueError(f"{where}: every column shard must hold all {self.num_embeddings} rows.")
             _check_tiling(where, [(s.col_offset, s.num_cols) for s in self.shards], self.embedding_dim, "columns")
@@ -131,7 +196,7 @@ class ShardingPlan:
     # -- plain data ------------------------------------------------------------
 
     def to_dict(self) -> Dict:
-        return {"world_size": self.world_size, "tables": [asdict(t) for t in self.tables.values()]}
+        return {"world_size": self.world_size, "tables": [t.to_dict() for t in self.tables.values()]}
 
     @classmethod
     def from_dict(cls, data: Dict) -> "ShardingPlan":
@@ -140,7 +205,7 @@ class ShardingPlan:
             for t in data["tables"]:
                 if t["table"] in tables:
                     raise ValueError(f"Not a sharding plan: table {t['table']!r} is listed twice.")
-                shards = [Shard(**{k: int(v) for k, v in s.items()}) for s in t.get("shards", [])]
+                shards = [Shard.from_dict(s) for s in t.get("shards", [])]
                 tables[t["table"]] = TableSharding(
                     table=t["table"],
                     sharding_type=t["sharding_type"],
@@ -149,7 +214,7 @@ class ShardingPlan:
                     shards=shards,
                 )
             plan = cls(world_size=int(data["world_size"]), tables=tables)
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:  # ValueError (a bad type or location) says why itself
             raise ValueError(f"Not a sharding plan: {type(e).__name__} {e}.") from None
         plan.validate()
         return plan
@@ -168,13 +233,13 @@ class ShardingPlan:
     def __str__(self) -> str:
         rows = [("table", "type", "rows x dim", "shards (rank: rows / cols)")]
         for t in self.tables.values():
-            if t.sharding_type == "data_parallel":
+            if t.sharding_type == ShardingType.DATA_PARALLEL:
                 where = f"all {self.world_size} ranks"
             else:
                 where = ", ".join(
                     f"{s.rank}: {s.row_offset}..{s.row_end - 1} / {s.col_offset}..{s.col_end - 1}" for s in t.shards
                 )
-            rows.append((t.table, t.sharding_type, f"{t.num_embeddings} x {t.embedding_dim}", where))
+            rows.append((t.table, t.sharding_type.value, f"{t.num_embeddings} x {t.embedding_dim}", where))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -201,50 +266,59 @@ def table_sharding(
     name: str,
     num_embeddings: int,
     embedding_dim: int,
-    sharding_type: str,
+    sharding_type: Union[str, ShardingType],
     ranks: Sequence[int] = (0,),
+    location: Union[str, EmbeddingLocation] = EmbeddingLocation.DEVICE,
 ) -> TableSharding:
     """One table sharded by ``sharding_type`` over ``ranks`` (row or column
     blocks in rank order; table-wise uses ``ranks[0]``; data-parallel ignores
-    them)."""
+    them), every shard's rows at ``location``."""
     ranks = list(ranks)
-    if sharding_type == "data_parallel":
+    sharding_type = ShardingType.from_str(sharding_type, name)
+    location = EmbeddingLocation.from_str(location)
+    if sharding_type == ShardingType.DATA_PARALLEL:
         shards: List[Shard] = []
-    elif sharding_type == "table_wise":
-        shards = [Shard(ranks[0], 0, num_embeddings, 0, embedding_dim)]
-    elif sharding_type in ("row_wise", "table_row_wise"):
+    elif sharding_type == ShardingType.TABLE_WISE:
+        shards = [Shard(ranks[0], 0, num_embeddings, 0, embedding_dim, location)]
+    elif sharding_type in ROW_SPLIT_TYPES:
         shards = [
-            Shard(r, off, size, 0, embedding_dim)
+            Shard(r, off, size, 0, embedding_dim, location)
             for r, (off, size) in zip(ranks, even_splits(num_embeddings, len(ranks)))
         ]
-    elif sharding_type == "column_wise":
+    else:  # column-wise
         shards = [
-            Shard(r, 0, num_embeddings, off, size) for r, (off, size) in zip(ranks, even_splits(embedding_dim, len(ranks)))
+            Shard(r, 0, num_embeddings, off, size, location)
+            for r, (off, size) in zip(ranks, even_splits(embedding_dim, len(ranks)))
         ]
-    else:
-        raise ValueError(f"Invalid sharding_type={sharding_type!r} for table {name!r}. Must be one of {', '.join(SHARDING_TYPES)}.")
     return TableSharding(name, sharding_type, num_embeddings, embedding_dim, shards)
 
 
-def uniform_plan(tables: Sequence, sharding_type: str, world_size: int, local_world_size: Optional[int] = None) -> ShardingPlan:
+def uniform_plan(
+    tables: Sequence,
+    sharding_type: Union[str, ShardingType],
+    world_size: int,
+    local_world_size: Optional[int] = None,
+    location: Union[str, EmbeddingLocation] = EmbeddingLocation.DEVICE,
+) -> ShardingPlan:
     """Every table sharded the same way: table-wise round-robin over ranks,
     row/column-wise over all ranks, table-row-wise over the ranks of one host
     (hosts of ``local_world_size`` ranks, tables round-robin over hosts).
     ``tables`` are ``EmbeddingBagConfig``s (ours or TorchRec's)."""
     plan = ShardingPlan(world_size)
+    sharding_type = ShardingType.from_str(sharding_type)
     host = local_world_size or world_size
     if world_size % host != 0:
         raise ValueError(f"Invalid local_world_size={host}. Must divide world_size={world_size}.")
     for i, t in enumerate(tables):
-        if sharding_type == "table_wise":
+        if sharding_type == ShardingType.TABLE_WISE:
             ranks = [i % world_size]
-        elif sharding_type == "table_row_wise":
+        elif sharding_type == ShardingType.TABLE_ROW_WISE:
             first = (i % (world_size // host)) * host
             ranks = list(range(first, first + host))
-        elif sharding_type == "column_wise":
+        elif sharding_type == ShardingType.COLUMN_WISE:
             ranks = [(i + k) % world_size for k in range(min(world_size, t.embedding_dim))]
         else:
             ranks = list(range(world_size))
-        plan.tables[t.name] = table_sharding(t.name, t.num_embeddings, t.embedding_dim, sharding_type, ranks)
+        plan.tables[t.name] = table_sharding(t.name, t.num_embeddings, t.embedding_dim, sharding_type, ranks, location)
     plan.validate()
     return plan

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from dist_rec.planner.plan import ShardingType
 from dist_rec.sharding.scheme import ShardingScheme
 
 
-class RowWise(ShardingScheme):
-    sharding_type = "row_wise"
+class RwSharding(ShardingScheme):
+    """Input: each id to the shard of its row block, local to it. Output:
+    every shard pools a partial sum of each bag; the owner of the sample
+    adds them (then divides, for mean pooling)."""
+
+    sharding_type = ShardingType.ROW_WISE
     bucketed = True
 
     def route(self, shards, lengths, ids, weights):

@@ -15,36 +15,56 @@ What travels per step: the ids and lengths of every rank and its
 ``[B, sum of dims]`` output gradient. That suits tables that are small or
 hot; big tables want table- or row-wise sharding.
 
-The exchange runs on its own process group so that its collectives, issued
-from inside autograd's backward, never interleave with DDP's all-reduces.
+The exchange runs on its own process group (from the process-group owner)
+so that its collectives, issued from inside autograd's backward, never
+interleave with DDP's all-reduces.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
+from dist_rec.planner.plan import ShardingType
 from dist_rec.sharding.comm import COMM_STATS, feature_major_order
+from dist_rec.sharding.lookup import UpdateRule
+from dist_rec.sharding.scheme import ShardingScheme
+
+EXCHANGE_GROUP = "data_parallel_exchange"  # the process-group owner's name for the exchange's group
+
+
+class DpSharding(ShardingScheme):
+    """Input: no ids move (every rank looks up its own batch in its own
+    copy). Output: none either. Update: from the global batch
+    (``DataParallelUpdate``), so the copies stay equal."""
+
+    sharding_type = ShardingType.DATA_PARALLEL
 
 
 class DataParallelUpdateExchange:
     """Joins all ranks' lookups and output gradients into the global batch.
 
-    Called by ``EmbeddingBagCollection`` before a fused update with
-    ``(layout, values, offsets, per_sample_weights, grad_output)`` of this
-    rank; returns the same four for the global batch (ranks in order).
+    Called with ``(layout, values, offsets, per_sample_weights, grad_output)``
+    of this rank; returns the same four for the global batch (ranks in
+    order). Its group is the owner's ``EXCHANGE_GROUP`` (every rank), asked
+    for at each call so that a rebuild of the groups is picked up.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup) -> None:
-        self.process_group = process_group
-        self.world_size = dist.get_world_size(process_group)
+    def __init__(self, process_groups) -> None:
+        self.process_groups = process_groups
+        process_groups.subgroup(EXCHANGE_GROUP)  # made now: a collective, on every rank alike
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        return self.process_groups.group(EXCHANGE_GROUP)
 
     def __call__(self, layout, values, offsets, per_sample_weights, grad_output):
-        world = self.world_size
+        group = self.process_group
+        world = dist.get_world_size(group)
         num_features = len(layout[0])
         batch_size = grad_output.shape[0]
         weighted = per_sample_weights is not None
@@ -54,7 +74,7 @@ class DataParallelUpdateExchange:
             dtype=torch.int64,
             device=values.device,
         )
-        metas = _all_gather_same_shape(meta, self.process_group)
+        metas = _all_gather_same_shape(meta, group)
         batch_sizes = [int(m[0]) for m in metas]
         value_counts = [int(m[1]) for m in metas]
         if len({(int(m[2]), int(m[3]), int(m[4])) for m in metas}) != 1:
@@ -65,13 +85,13 @@ class DataParallelUpdateExchange:
 
         lengths = (offsets[1:] - offsets[:-1]).to(torch.int64)
         ids_and_lengths = torch.cat([lengths, values.to(torch.int64)])
-        gathered_ids = _all_gather_padded(ids_and_lengths, self.process_group)
+        gathered_ids = _all_gather_padded(ids_and_lengths, group)
         sent = ids_and_lengths.numel() * 8 + grad_output.numel() * grad_output.element_size()
         if weighted:
             sent += per_sample_weights.numel() * per_sample_weights.element_size()
         COMM_STATS.record("data_parallel", sent * (world - 1))
-        gathered_grads = _all_gather_padded(grad_output.reshape(-1), self.process_group)
-        gathered_weights = _all_gather_padded(per_sample_weights, self.process_group) if weighted else None
+        gathered_grads = _all_gather_padded(grad_output.reshape(-1), group)
+        gathered_weights = _all_gather_padded(per_sample_weights, group) if weighted else None
 
         rank_lengths: List[torch.Tensor] = []
         rank_values: List[torch.Tensor] = []
@@ -113,30 +133,51 @@ def _all_gather_padded(tensor: torch.Tensor, group) -> List[torch.Tensor]:
     return _all_gather_same_shape(padded.contiguous(), group)
 
 
-@torch.no_grad()
-def data_parallel_embeddings(
-    model: nn.Module, process_group: Optional[dist.ProcessGroup] = None
-) -> List[Tuple[str, EmbeddingBagCollection]]:
-    """Makes every fused ``EmbeddingBagCollection`` inside ``model``
-    data-parallel over ``process_group`` (default: all ranks). A collective:
-    every rank must call it. Tables and optimizer state are broadcast from
-    the group's first rank. Returns the collections it changed, by name.
+class DataParallelUpdate(UpdateRule):
+    """The fused update of data-parallel tables: on the global batch, which
+    ``exchange`` joins from every rank's ids and output gradient."""
+
+    def __init__(self, exchange: DataParallelUpdateExchange) -> None:
+        self.exchange = exchange
+
+    def __call__(self, storage, optimizer, layout, indices_N, offsets, weights_N, grad_output) -> None:
+        indices_N, offsets, weights_N, grad_output = self.exchange(layout, indices_N, offsets, weights_N, grad_output)
+        storage.fused_update(optimizer, layout, indices_N, offsets, weights_N, grad_output)
+
+
+def data_parallel_embeddings(module: nn.Module, process_groups=None) -> nn.Module:
+    """Makes every fused ``EmbeddingBagCollection`` in ``module`` (or
+    ``module`` itself, if it is one) data-parallel: each becomes a
+    ``ShardedEmbeddingBagCollection`` whose tables are all data-parallel,
+    starting from its rows (rank 0's copy, broadcast), every update agreed
+    from the global batch. A collective: every rank calls it. Returns the
+    module (the new collection when ``module`` was one).
 
     Collections without a fused optimizer are left alone: their tables are
     ordinary parameters, and DDP averages their gradients.
     """
-    ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-    # A group of our own, so our collectives never interleave with DDP's.
-    exchange_group = dist.new_group(ranks=ranks)
-    source = 0 if ranks is None else ranks[0]
-    changed = []
-    for name, module in model.named_modules():
-        if not isinstance(module, EmbeddingBagCollection) or module.optimizer is None:
-            continue
-        for tensor in list(module.state_dict().values()) + [
-            t for state in module.optimizer_state().values() for t in state.values()
-        ]:
-            dist.broadcast(tensor, src=source, group=exchange_group)
-        module._update_exchange = DataParallelUpdateExchange(exchange_group)
-        changed.append((name, module))
-    return changed
+    from dist_rec.planner.plan import ShardingPlan, table_sharding
+    from dist_rec.sharding.sharded_ebc import ShardedEmbeddingBagCollection
+
+    def convert(collection: EmbeddingBagCollection) -> nn.Module:
+        configs = collection.embedding_bag_configs()
+        plan = ShardingPlan(process_groups.grid.group_size, {
+            c.name: table_sharding(c.name, c.num_embeddings, c.embedding_dim, ShardingType.DATA_PARALLEL) for c in configs
+        })
+        return ShardedEmbeddingBagCollection(
+            configs, plan, collection.optimizer, is_weighted=collection.is_weighted(), device=collection.device,
+            source=collection, process_groups=process_groups,
+        )
+
+    if process_groups is None:
+        from dist_rec.distributed import default_process_groups
+
+        process_groups = default_process_groups()
+    if isinstance(module, EmbeddingBagCollection):
+        return convert(module) if module.optimizer is not None else module
+    fused = [(path, m) for path, m in module.named_modules() if isinstance(m, EmbeddingBagCollection) and m.optimizer is not None]
+    for path, collection in fused:
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        setattr(parent, name, convert(collection))
+    return module

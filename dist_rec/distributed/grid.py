@@ -1,4 +1,4 @@
-"""The 2D process grid: sharding groups x replica groups.
+"""The 2D process grid: sharding groups x replica groups, as plain ranks.
 
 A world of T = L x G ranks is cut into G sharding groups of L ranks. Each
 sharding group holds one full copy of the sharded tables (its all-to-alls
@@ -11,43 +11,62 @@ Two layouts place the groups on hosts (hosts hold consecutive ranks):
 all-to-alls of every step stay on a host's fast links and only replica
 sync crosses hosts; ``replicas_on_host`` makes a replica group consecutive
 ranks, the other way round.
+
+The grid is data only; the process groups that realise it belong to
+``dist_rec.distributed.ProcessGroups``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
-
-import torch.distributed as dist
+from typing import List, Tuple
 
 LAYOUTS = ("shards_on_host", "replicas_on_host")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardingGrid:
-    """This rank's place in the grid, and its process groups."""
+    """The grid's ranks, and where ``rank`` sits in it."""
 
     world_size: int
     replicas: int  # G
     layout: str
-    sharding_groups: List[List[int]]  # global ranks of every sharding group
-    replica_groups: List[List[int]]  # global ranks of every replica group
-    sharding_group: "dist.ProcessGroup"
-    replica_group: "dist.ProcessGroup | None"  # None with one replica
+    rank: int
+    sharding_groups: Tuple[Tuple[int, ...], ...]  # global ranks of every sharding group
+    replica_groups: Tuple[Tuple[int, ...], ...]  # global ranks of every replica group
+
+    @classmethod
+    def build(cls, world_size: int, replicas: int, layout: str, rank: int) -> "ShardingGrid":
+        sharding, replica = grid_ranks(world_size, replicas, layout)
+        return cls(world_size, replicas, layout, rank, tuple(map(tuple, sharding)), tuple(map(tuple, replica)))
 
     @property
     def group_size(self) -> int:
         """L: ranks per sharding group."""
         return self.world_size // self.replicas
 
+    @property
+    def my_sharding_group(self) -> Tuple[int, ...]:
+        return next(g for g in self.sharding_groups if self.rank in g)
+
+    @property
+    def my_replica_group(self) -> Tuple[int, ...]:
+        return next(g for g in self.replica_groups if self.rank in g)
+
+    @property
+    def replica_index(self) -> int:
+        """Which sharding group (replica) this rank belongs to: 0 .. G - 1."""
+        return next(i for i, g in enumerate(self.sharding_groups) if self.rank in g)
+
     def __str__(self) -> str:
+        groups = [list(g) for g in self.sharding_groups]
         return (
             f"{self.world_size} ranks = {self.group_size} (sharding group) x {self.replicas} (replicas), {self.layout}: "
-            f"sharding groups {self.sharding_groups}"
+            f"sharding groups {groups}"
         )
 
 
-def grid_ranks(world_size: int, replicas: int, layout: str = "shards_on_host"):
+def grid_ranks(world_size: int, replicas: int, layout: str = "shards_on_host") -> Tuple[List[List[int]], List[List[int]]]:
     """(sharding groups, replica groups) as lists of global ranks."""
     if replicas < 1 or world_size % replicas != 0:
         raise ValueError(f"Invalid replicas={replicas}. Must be >= 1 and divide the world size {world_size}.")
@@ -60,23 +79,3 @@ def grid_ranks(world_size: int, replicas: int, layout: str = "shards_on_host"):
         sharding = [[l * replicas + g for l in range(size)] for g in range(replicas)]
     replica = [[sharding[g][l] for g in range(replicas)] for l in range(size)]
     return sharding, replica
-
-
-def make_grid(replicas: int = 1, layout: str = "shards_on_host") -> ShardingGrid:
-    """Creates the grid's process groups (a collective: every rank calls it
-    with the same arguments). Each group is new, so sharding collectives
-    never interleave with DDP's on the default group."""
-    world = dist.get_world_size()
-    sharding, replica = grid_ranks(world, replicas, layout)
-    me = dist.get_rank()
-    my_sharding = my_replica = None
-    for ranks in sharding:
-        group = dist.new_group(ranks=ranks)
-        if me in ranks:
-            my_sharding = group
-    if replicas > 1:
-        for ranks in replica:
-            group = dist.new_group(ranks=ranks)
-            if me in ranks:
-                my_replica = group
-    return ShardingGrid(world, replicas, layout, sharding, replica, my_sharding, my_replica)

@@ -10,7 +10,7 @@ import torch
 
 from dist_rec.config import load_config
 from dist_rec.testing.multi_process import run_multi_process
-from dist_rec.train import Environment, _empty_batch, build_data, build_model, evaluate, shard_model
+from dist_rec.trainer import Environment, build_data, build_model, empty_batch, evaluate, shard_model
 
 
 def _config(eval_samples: int, eval_batch_size: int):
@@ -60,9 +60,9 @@ def test_two_ranks_evaluate_like_one_process(tmp_path, eval_samples, eval_batch_
                 assert two[name] == pytest.approx(value, rel=0, abs=1e-6), name
 
 
-def test_dlrm_forward_on_an_empty_batch():
+def test_dlrm_forward_on_anempty_batch():
     config = _config(4, 4)
     model, data = _model(config)
-    empty = _empty_batch(next(data.eval.batches(4)))
+    empty = empty_batch(next(data.eval.batches(4)))
     logits = model(empty.dense_features, empty.sparse_features)
     assert logits.shape == (0, 1)

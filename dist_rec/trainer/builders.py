@@ -1,0 +1,139 @@
+"""What a config builds: the data, the model, its optimizers, its sharding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from dist_rec.config import ConfigError, TrainConfig
+from dist_rec.data.batch import Dataset
+from dist_rec.distributed import ProcessGroups
+from dist_rec.models.dlrm import DLRM, DLRM_DCN
+from dist_rec.modules.embedding_configs import EmbeddingBagConfig
+from dist_rec.modules.embedding_modules import EmbeddingBagCollection
+from dist_rec.optim.fused import SGD, FusedOptimizer, MomentumScaledRowWiseAdagrad, RowWiseAdagrad
+from dist_rec.optim.shampoo import DDPShampooConfig, DistributedShampoo
+from dist_rec.planner.plan import ShardingPlan, ShardingType
+from dist_rec.sharding.model_parallel import DistributedModelParallel
+from dist_rec.trainer.environment import Environment
+
+
+@dataclass
+class Data:
+    train: Dataset
+    eval: Optional[Dataset]
+    sparse_feature_names: List[str]
+    num_embeddings_per_feature: List[int]
+    num_dense_features: int
+    teacher_auc: Optional[float] = None
+
+
+def build_data(config: TrainConfig) -> Data:
+    data = config.data
+    if data.source == "synthetic":
+        from dist_rec.data.synthetic import SyntheticDataset
+
+        synthetic = data.synthetic_config()
+        train = SyntheticDataset(synthetic, "train")
+        evaluation = SyntheticDataset(synthetic, "eval", num_samples=data.eval_samples)
+        return Data(train, evaluation, train.sparse_feature_names, synthetic.num_embeddings_per_feature, data.num_dense_features)
+    sizes = list(data.num_embeddings_per_feature)
+    if len(sizes) == 1:
+        sizes = sizes * 26
+    if data.source == "criteo_text":
+        from dist_rec.data.criteo import CriteoTextDataset
+
+        train = CriteoTextDataset(data.train_paths, sizes, on_error=data.on_error)
+        evaluation = CriteoTextDataset(data.eval_paths, sizes, on_error=data.on_error) if data.eval_paths else None
+    else:
+        from dist_rec.data.binary import BinaryDataset
+
+        if len(data.train_paths) != 1 or len(data.eval_paths) > 1:
+            raise ConfigError(
+                f"Invalid data.train_paths={data.train_paths!r}. Must be one directory (and data.eval_paths at most "
+                "one) for source='criteo_binary'."
+            )
+        train = BinaryDataset(data.train_paths[0])
+        evaluation = BinaryDataset(data.eval_paths[0]) if data.eval_paths else None
+        stored = list(getattr(train, "num_embeddings_per_feature", sizes))
+        if stored != sizes:
+            raise ConfigError(
+                f"Invalid data.num_embeddings_per_feature={data.num_embeddings_per_feature}. Must match the sizes the "
+                f"binary dataset {data.train_paths[0]} was hashed with: {stored}."
+            )
+    return Data(train, evaluation, train.sparse_feature_names, sizes, train.num_dense_features)
+
+
+def sparse_optimizer(config: TrainConfig) -> FusedOptimizer:
+    o = config.optimizer
+    common = dict(lr=o.sparse_lr, weight_decay=o.sparse_weight_decay, weight_decay_mode=o.sparse_weight_decay_mode)
+    if o.sparse == "sgd":
+        return SGD(**common)
+    if o.sparse == "rowwise_adagrad":
+        return RowWiseAdagrad(eps=o.sparse_eps, **common)
+    return MomentumScaledRowWiseAdagrad(eps=o.sparse_eps, momentum_scale=o.sparse_momentum_scale, **common)
+
+
+def dense_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    o = config.optimizer
+    if o.dense == "sgd":
+        return torch.optim.SGD(parameters, lr=o.dense_lr)
+    if o.dense == "adagrad":
+        return torch.optim.Adagrad(parameters, lr=o.dense_lr)
+    if o.dense == "shampoo":
+        s = o.shampoo
+        spread = s.distributed and dist.is_initialized() and dist.get_world_size() > 1
+        dtype = getattr(torch, s.communication_dtype) if s.communication_dtype else None
+        distributed = DDPShampooConfig(communication_dtype=dtype) if spread else None
+        return DistributedShampoo(parameters, lr=o.dense_lr, distributed_config=distributed, **s.optimizer_kwargs())
+    return torch.optim.Adam(parameters, lr=o.dense_lr)
+
+
+def build_model(config: TrainConfig, data: Data, device: torch.device) -> DLRM:
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{name}", embedding_dim=config.model.embedding_dim, num_embeddings=rows, feature_names=[name]
+        )
+        for name, rows in zip(data.sparse_feature_names, data.num_embeddings_per_feature)
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=device, optimizer=sparse_optimizer(config))
+    shape = dict(
+        dense_in_features=data.num_dense_features,
+        dense_arch_layer_sizes=config.model.dense_arch_layer_sizes,
+        over_arch_layer_sizes=config.model.over_arch_layer_sizes,
+    )
+    if config.model.interaction == "dcn":
+        model = DLRM_DCN(ebc, **shape, dcn_num_layers=config.model.dcn_num_layers, dcn_low_rank=config.model.dcn_low_rank)
+    else:
+        model = DLRM(ebc, **shape)
+    return model.to(device)
+
+
+def shard_model(
+    model: DLRM, config: TrainConfig, env: Environment, process_groups: Optional[ProcessGroups] = None
+) -> DistributedModelParallel:
+    """The model with its tables spread as ``config.sharding`` says and its
+    dense layers under DDP (left bare for another dense engine), on
+    ``process_groups`` (made from the config when None)."""
+    s = config.sharding
+    plan = ShardingPlan.load(s.plan) if s.plan else None
+    sharding_type = None if plan is not None or s.type == "auto" else ShardingType.from_str(s.type)
+    if plan is not None:
+        plan = {"sparse_arch": plan}
+    if process_groups is None:
+        process_groups = ProcessGroups(replicas=s.replicas, layout=s.layout, device=env.device)
+    return DistributedModelParallel(
+        model,
+        plan=plan,
+        sharding_type=sharding_type,
+        replicas=s.replicas,
+        sync_every=s.sync_every,
+        layout=s.layout,
+        memory_per_rank=s.memory_per_rank_mb << 20 if s.memory_per_rank_mb else None,
+        device=env.device,
+        wrap_dense=config.train.dense_engine == "ddp",
+        process_groups=process_groups,
+    )

@@ -1,0 +1,225 @@
+"""The trainer's components: each knows when it acts, and is a null object when off.
+
+The loop (``trainer.py``) asks each component at every step whether to
+act: the replica sync (2D replicas, momentum-scaled increments), the
+progress log (a line every ``log_every`` steps, metrics.jsonl), the
+checkpointer (``checkpoint_every``, resume) and the evaluator
+(``eval_every``). A capability that is off is its null object, so the loop
+has no ``if`` for it. ``TrainerHook`` is what else may plug in: code run
+after every step, after every checkpoint, or when a step fails (the seam
+that recovery and background sync use).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from dist_rec.checkpoint import load_checkpoint, save_checkpoint
+from dist_rec.config import ConfigError, TrainConfig
+from dist_rec.data.batch import Dataset
+from dist_rec.metrics import EvalMetrics
+from dist_rec.trainer.environment import Environment
+from dist_rec.trainer.evaluation import evaluate
+from dist_rec.trainer.report import MetricsLog, clock
+
+Say = Callable[..., None]
+
+
+class TrainerHook:
+    """Code the trainer runs at the loop's moments; every method a no-op.
+
+    ``trainer`` is the running ``Trainer``; ``step`` counts the steps done."""
+
+    def after_step(self, trainer, step: int) -> None:
+        """After every step, once the components have acted."""
+
+    def on_checkpoint(self, trainer, step: int, directory: Path) -> None:
+        """After a checkpoint of ``step`` was published at ``directory``."""
+
+    def on_failure(self, trainer, step: int, error: BaseException) -> None:
+        """A step (or a component acting after it) raised ``error``; the
+        trainer raises it once every hook has seen it."""
+
+
+# -- replica sync -------------------------------------------------------------------
+
+
+class ReplicaSync:
+    """Agrees 2D replicas (``DistributedModelParallel.sync``: every
+    ``sync_every`` calls) and folds momentum-scaled increments in, right
+    after each optimizer step, in the foreground."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+
+    def after_optimizer_step(self) -> None:
+        self._sync()
+
+
+class NullReplicaSync:
+    """One process with an optimizer that keeps no per-replica increments."""
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+
+# -- progress ---------------------------------------------------------------------
+
+
+class ProgressLog:
+    """The progress line every ``log_every`` steps (loss, examples/s, elapsed,
+    ETA), its metrics.jsonl record, and the run's timing totals (the first
+    log interval is warm-up: throughput counts the steps after it)."""
+
+    def __init__(self, log: MetricsLog, log_every: int, total_steps: int, global_batch: int, env: Environment, say: Say) -> None:
+        self.log, self.log_every, self.total_steps = log, log_every, total_steps
+        self.global_batch, self.env, self.say = global_batch, env, say
+        self.losses: List[float] = []
+        self.train_seconds = 0.0
+        self.warm_seconds, self.warm_steps = 0.0, 0
+        self._interval_loss, self._interval_steps, self._interval_time = 0.0, 0, 0.0
+        self.first_step = 0
+        self.started = time.perf_counter()
+
+    def start(self, first_step: int) -> None:
+        self.first_step = first_step
+        self.started = time.perf_counter()
+
+    def record(self, step: int, loss: torch.Tensor, seconds: float) -> None:
+        self.train_seconds += seconds
+        self._interval_time += seconds
+        self._interval_loss += float(loss)
+        self._interval_steps += 1
+        if step > self.first_step + self.log_every:
+            self.warm_seconds += seconds
+            self.warm_steps += 1
+        if step % self.log_every == 0 or step == self.total_steps:
+            self._line(step)
+
+    def _line(self, step: int) -> None:
+        mean_loss = _mean_over_ranks(self._interval_loss / self._interval_steps, self.env)
+        rate = self._interval_steps * self.global_batch / max(self._interval_time, 1e-9)
+        self.losses.append(mean_loss)
+        now = time.perf_counter()
+        self.log.write(dict(kind="train", step=step, loss=mean_loss, examples_per_second=rate, seconds=now - self.started))
+        eta = ""
+        if self.total_steps:
+            eta = f" | eta {clock((self.total_steps - step) * self.train_seconds / (step - self.first_step))}"
+        total = f"/{self.total_steps}" if self.total_steps else ""
+        self.say(
+            f"step {step:>6}{total} | loss {mean_loss:.4f} | {rate:,.0f} ex/s | elapsed {clock(now - self.started)}{eta}"
+        )
+        self._interval_loss, self._interval_steps, self._interval_time = 0.0, 0, 0.0
+
+    def throughput(self, steps_run: int) -> float:
+        """Examples per second after the first log interval (all of a run
+        shorter than two intervals)."""
+        seconds, steps = self.warm_seconds, self.warm_steps
+        if steps == 0:
+            seconds, steps = self.train_seconds, steps_run
+        return steps * self.global_batch / max(seconds, 1e-9)
+
+
+def _mean_over_ranks(value: float, env: Environment) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / env.world_size
+
+
+# -- checkpoints ------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Sharded checkpoints of the model in ``directory``: every ``every``
+    steps (0: only at the end), at the end, and the resume at the start.
+
+    ``model`` is the ``DistributedModelParallel``; ``dense_optimizer`` is
+    saved with the dense layers; ``global_batch`` places the data stream."""
+
+    def __init__(self, directory: Path, every: int, total_steps: int, model, dense_optimizer, global_batch: int, say: Say) -> None:
+        self.directory, self.every, self.total_steps = directory, every, total_steps
+        self.model, self.dense_optimizer, self.global_batch, self.say = model, dense_optimizer, global_batch, say
+
+    def should_save(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and step != self.total_steps
+
+    def save(self, step: int) -> Optional[Path]:
+        tick = time.perf_counter()
+        save_checkpoint(
+            self.directory, self.model, self.dense_optimizer, step=step, extra={"examples": step * self.global_batch}
+        )
+        self.say(f"checkpoint @ step {step}: {self.directory} ({time.perf_counter() - tick:.1f} s)")
+        return self.directory
+
+    def resume(self, batches: Iterator) -> int:
+        """Loads the checkpoint in the directory, if there is one (resharding
+        as needed), and moves the data stream past the examples it had
+        seen. Returns the step to continue from (0 without a checkpoint)."""
+        if not (self.directory / "manifest.json").is_file():
+            return 0
+        info = load_checkpoint(self.directory, self.model, self.dense_optimizer)
+        examples = int(info["extra"].get("examples", 0)) if isinstance(info["extra"], dict) else 0
+        if examples % self.global_batch != 0:
+            raise ConfigError(
+                f"The checkpoint in {self.directory} stopped after {examples} examples, not a multiple of this run's "
+                f"global batch {self.global_batch}; resume with a global batch that divides it."
+            )
+        for _ in range(examples // self.global_batch):  # the stream is deterministic: regenerate and drop
+            next(batches, None)
+        step = examples // self.global_batch
+        self.say(f"resumed from {self.directory}: step {info['step']}, {examples:,} examples seen; continuing at step {step}")
+        return step
+
+
+class NullCheckpointer:
+    """No ``train.checkpoint_dir``: nothing is saved or resumed."""
+
+    directory = None
+
+    def should_save(self, step: int) -> bool:
+        return False
+
+    def save(self, step: int) -> Optional[Path]:
+        return None
+
+    def resume(self, batches: Iterator) -> int:
+        return 0
+
+
+# -- evaluation -------------------------------------------------------------------
+
+
+class Evaluator:
+    """Exact AUC / NE / log loss over the evaluation set, every ``every``
+    steps (0: only at the end) and at the end."""
+
+    def __init__(self, model, dataset: Dataset, config: TrainConfig, env: Environment, total_steps: int, log: MetricsLog, say: Say) -> None:
+        self.model, self.dataset, self.config, self.env = model, dataset, config, env
+        self.every, self.total_steps, self.log, self.say = config.train.eval_every, total_steps, log, say
+
+    def should_evaluate(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and step != self.total_steps
+
+    def evaluate(self, step: int, final: bool = False) -> Optional[EvalMetrics]:
+        metrics = evaluate(self.model, self.dataset, self.config, self.env)
+        self.log.write(dict(kind="eval", step=step, **metrics.as_dict()))
+        if not final:
+            self.say(f"eval @ step {step}: AUC {metrics.auc:.4f} | NE {metrics.ne:.4f} | log loss {metrics.log_loss:.4f}")
+        return metrics
+
+
+class NullEvaluator:
+    """No evaluation set."""
+
+    def should_evaluate(self, step: int) -> bool:
+        return False
+
+    def evaluate(self, step: int, final: bool = False) -> Optional[EvalMetrics]:
+        return None

@@ -1,0 +1,108 @@
+"""What a training run writes and prints: metrics.jsonl, the PNG of its
+curves, summary.json and the closing summary table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0; every record is also kept for the plot."""
+
+    def __init__(self, path: Optional[Path]) -> None:
+        self.records: List[Dict] = []
+        self._file = open(path, "w") if path is not None else None
+
+    def write(self, record: Dict) -> None:
+        self.records.append(record)
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def plot_training(records: Sequence[Dict], teacher_auc: Optional[float], path: Path) -> Optional[Path]:
+    """Training loss and evaluation AUC over steps, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train_records = [r for r in records if r["kind"] == "train"]
+    eval_records = [r for r in records if r["kind"] == "eval"]
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], color="tab:blue")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training log loss (mean over log interval)")
+    ax_loss.set_title("Training loss")
+    ax_loss.grid(alpha=0.3)
+    ax_auc.plot([r["step"] for r in eval_records], [r["auc"] for r in eval_records], "o-", color="tab:green", label="model")
+    if teacher_auc is not None:
+        ax_auc.axhline(teacher_auc, color="tab:red", linestyle="--", label=f"teacher (ceiling) {teacher_auc:.4f}")
+    ax_auc.set_xlabel("step")
+    ax_auc.set_ylabel("evaluation AUC")
+    ax_auc.set_title("Evaluation AUC")
+    ax_auc.grid(alpha=0.3)
+    ax_auc.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary(config, env, result, plot_path: Optional[Path]) -> Dict:
+    """The run's figures as plain data (summary.json)."""
+    summary = dict(
+        processes=env.world_size,
+        backend=env.backend or "none",
+        device=str(env.device),
+        batch_size_per_process=config.train.batch_size,
+        global_batch_size=config.train.batch_size * env.world_size,
+        steps=result.steps,
+        examples=result.examples,
+        train_seconds=round(result.train_seconds, 2),
+        examples_per_second=round(result.examples_per_second, 1),
+        teacher_auc=result.teacher_auc,
+        metrics=str(result.output_dir / "metrics.jsonl") if result.output_dir else None,
+        plot=str(plot_path) if plot_path else None,
+    )
+    if result.final_eval is not None:
+        summary["eval"] = result.final_eval.as_dict()
+    return summary
+
+
+def summary_table(s: Dict) -> str:
+    rows = [
+        ("processes", f"{s['processes']} ({s['backend']}, {s['device']})"),
+        ("global batch", f"{s['global_batch_size']:,} ({s['batch_size_per_process']:,} per process)"),
+        ("steps", f"{s['steps']:,} ({s['examples']:,} examples)"),
+        ("training time", f"{s['train_seconds']:.1f} s"),
+        ("throughput", f"{s['examples_per_second']:,.0f} examples/s (after the first log interval)"),
+    ]
+    e = s.get("eval")
+    if e:
+        auc_line = f"{e['auc']:.4f}"
+        if s.get("teacher_auc") is not None:
+            auc_line += f"  (teacher {s['teacher_auc']:.4f}, gap {s['teacher_auc'] - e['auc']:+.4f})"
+        rows += [
+            ("eval AUC", auc_line),
+            ("eval NE", f"{e['ne']:.4f}"),
+            ("eval log loss", f"{e['log_loss']:.4f}"),
+            ("eval accuracy", f"{e['accuracy']:.4f} (click rate {e['click_rate']:.4f}, {e['num_samples']:,} samples)"),
+        ]
+    rows += [("metrics", s["metrics"]), ("plot", s["plot"])]
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "== dist_rec training summary " + "=" * 40] + [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
