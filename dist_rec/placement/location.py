@@ -8,11 +8,10 @@ that holds them.
 
 from __future__ import annotations
 
-import enum
-from typing import List
+from dist_rec.enums import StrChoice
 
 
-class EmbeddingLocation(str, enum.Enum):
+class EmbeddingLocation(StrChoice):
     """A memory tier for embedding rows.
 
     ``DEVICE``: the rank's own memory: HBM on a GPU rank, host DRAM on a CPU
@@ -26,17 +25,5 @@ class EmbeddingLocation(str, enum.Enum):
     SSD = "ssd"
 
     @classmethod
-    def str_values(cls) -> List[str]:
-        return [member.value for member in cls]
-
-    @classmethod
-    def from_str(cls, value) -> "EmbeddingLocation":
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ValueError(f"Invalid location={value!r}. Must be one of {cls.str_values()}.") from None
-
-    def __str__(self) -> str:
-        return self.value
+    def setting_name(cls) -> str:
+        return "location"

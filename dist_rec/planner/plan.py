@@ -22,16 +22,16 @@ the rank's device memory by default; see ``dist_rec.placement``).
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
+from dist_rec.enums import StrChoice
 from dist_rec.placement.location import EmbeddingLocation
 
 
-class ShardingType(str, enum.Enum):
+class ShardingType(StrChoice):
     """How a table is split over the ranks of a sharding group (the table above)."""
 
     DATA_PARALLEL = "data_parallel"
@@ -41,21 +41,8 @@ class ShardingType(str, enum.Enum):
     TABLE_ROW_WISE = "table_row_wise"
 
     @classmethod
-    def str_values(cls) -> List[str]:
-        return [member.value for member in cls]
-
-    @classmethod
-    def from_str(cls, value, table: Optional[str] = None) -> "ShardingType":
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            where = f" for table {table!r}" if table is not None else ""
-            raise ValueError(f"Invalid sharding_type={value!r}{where}. Must be one of {', '.join(cls.str_values())}.") from None
-
-    def __str__(self) -> str:
-        return self.value
+    def setting_name(cls) -> str:
+        return "sharding_type"
 
 
 SHARDING_TYPES = tuple(ShardingType.str_values())
@@ -112,7 +99,7 @@ class TableSharding:
     shards: List[Shard] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sharding_type = ShardingType.from_str(self.sharding_type, self.table)
+        self.sharding_type = ShardingType.from_str(self.sharding_type, f"for table {self.table!r}")
 
     def to_dict(self) -> Dict:
         return {
@@ -274,7 +261,7 @@ def table_sharding(
     blocks in rank order; table-wise uses ``ranks[0]``; data-parallel ignores
     them), every shard's rows at ``location``."""
     ranks = list(ranks)
-    sharding_type = ShardingType.from_str(sharding_type, name)
+    sharding_type = ShardingType.from_str(sharding_type, f"for table {name!r}")
     location = EmbeddingLocation.from_str(location)
     if sharding_type == ShardingType.DATA_PARALLEL:
         shards: List[Shard] = []

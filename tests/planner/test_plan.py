@@ -223,7 +223,7 @@ def test_shard_locations_round_trip_and_default_to_device(tmp_path):
         for shard in table["shards"]:
             del shard["location"]
     assert {s.location for t in ShardingPlan.from_dict(data).tables.values() for s in t.shards} == {EmbeddingLocation.DEVICE}
-    with pytest.raises(ValueError, match=re.escape("Invalid location='tape'. Must be one of ['device', 'host', 'ssd'].")):
+    with pytest.raises(ValueError, match=re.escape("Invalid location='tape'. Must be one of device, host, ssd.")):
         table_sharding("t", 10, 4, "table_wise", [0], location="tape")
 
 

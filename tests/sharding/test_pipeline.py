@@ -73,17 +73,25 @@ def _weights(dmp):
     return {**tables, **dense}
 
 
-def _equal_rank(rank, world_size, kind):
-    batches = [_batch(rank, step) for step in range(STEPS)]
-    dmp, optimizer = _setup(kind, world_size)
-    plain = []
+def _plain_loop(model, optimizer, batches, after_step=lambda: None) -> list:
+    """Forward, backward, step (and 2D sync) per batch: the reference loop."""
+    losses = []
     for batch in batches:
-        loss = _loss(dmp, batch)
+        loss = _loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        dmp.sync()
-        plain.append(loss.detach())
+        if hasattr(model, "sync"):
+            model.sync()
+        losses.append(loss.detach())
+        after_step()
+    return losses
+
+
+def _equal_rank(rank, world_size, kind):
+    batches = [_batch(rank, step) for step in range(STEPS)]
+    dmp, optimizer = _setup(kind, world_size)
+    plain = _plain_loop(dmp, optimizer, batches)
     expected = _weights(dmp)
 
     dmp, optimizer = _setup(kind, world_size)
@@ -136,13 +144,7 @@ def _evaluation_between_steps_rank(rank, world_size):
 
     dmp, optimizer = _setup("mixed", world_size)
     plain_outputs = []
-    for batch in batches:
-        loss = _loss(dmp, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        dmp.sync()
-        plain_outputs.append(evaluate(dmp))
+    _plain_loop(dmp, optimizer, batches, after_step=lambda: plain_outputs.append(evaluate(dmp)))
     expected = _weights(dmp)
 
     dmp, optimizer = _setup("mixed", world_size)
@@ -171,13 +173,7 @@ def test_a_model_without_sharded_tables_trains_through_the_same_pipeline():
         return model, torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=0.05)
 
     model, optimizer = setup()
-    plain = []
-    for batch in batches:
-        loss = _loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        plain.append(loss.detach())
+    plain = _plain_loop(model, optimizer, batches)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
     model, optimizer = setup()
