@@ -262,8 +262,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
     @torch.no_grad()
     def gather_unsharded(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
         """The tables as the unsharded collection would hold them:
-        ``(state_dict, optimizer_state)`` with keys ``embedding_bags.<table>.weight``
-        and ``{table: {state: tensor}}``. A collective over the sharding
+        ``(state_dict, optimizer_state)``, keyed as the unsharded
+        collection's ``state_dict()`` and ``optimizer_state()``. A collective over the sharding
         group; every rank gets full copies, so it is for tests, exports and
         small models."""
         weights, states = {}, {}

@@ -39,7 +39,10 @@ def test_cuda_equals_the_reference():
 def _nccl_rank(port: int, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from dist_rec.distributed import destroy_process_group, init_process_group
+
+    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
+    init_process_group("nccl", rank=0, world_size=1, store=store)
     torch.cuda.set_device(0)
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=g) for s in SHAPES]
@@ -55,7 +58,7 @@ def _nccl_rank(port: int, out: str) -> None:
     state = a.state_dict()  # the collective gather over NCCL
     torch.save({"worst": max(float((p - q).abs().max()) for p, q in zip(distributed, plain)),
                 "blocks": sum(len(e["blocks"]) for e in state["state"].values())}, out)
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def test_distributed_path_over_nccl(tmp_path):
