@@ -1,7 +1,7 @@
 """Training configuration: validated dataclasses, YAML files, overrides.
 
-A run is described by one ``TrainConfig`` with four sections (``data``,
-``model``, ``optimizer``, ``train``). It loads from YAML, and
+A run is described by one ``TrainConfig`` with six sections (``data``,
+``model``, ``optimizer``, ``train``, ``sharding``, ``fault``). It loads from YAML, and
 ``section.field=value`` overrides from the command line are applied on top
 (values parsed as YAML: ``train.steps=100``,
 ``model.over_arch_layer_sizes=[64,1]``). Every value is checked where it is
@@ -135,6 +135,11 @@ class ModelConfig:
         interaction: "dot" (DLRM's pairwise dots) or "dcn" (a DCN v2
             low-rank cross network, ``DLRM_DCN``).
         dcn_num_layers, dcn_low_rank: the cross network's depth and rank.
+        meta_init: build the tables on the meta device, so that each rank
+            allocates and initialises only its own shards (tables larger
+            than one rank's memory; TorchRec's meta-device model). The
+            rows' initial values then depend on the sharding. Needs a
+            sharded (distributed) run.
     """
 
     embedding_dim: int = 16
@@ -143,6 +148,7 @@ class ModelConfig:
     interaction: str = "dot"
     dcn_num_layers: int = 3
     dcn_low_rank: int = 64
+    meta_init: bool = False
 
     def validate(self, prefix: str = "model") -> None:
         _check(self.embedding_dim >= 1, f"{prefix}.embedding_dim", self.embedding_dim, ">= 1")
@@ -358,12 +364,52 @@ class ShardingConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Failure detection and recovery (see docs/fault_tolerance.md).
+
+    Args:
+        timeout_s: every collective of a step, of evaluation and of a
+            checkpoint waits at most this long for a peer: a hung or
+            unreachable rank becomes an error, never a hang (a dead one is
+            noticed at once). Under the fault-tolerant launcher it is also
+            how long a silent heartbeat takes to mean a dead rank.
+        heartbeat_s: how often a worker tells the job's store it is alive
+            (fault-tolerant launcher).
+        warn_after_s: the training thread waiting this long is logged (what
+            for, since when, which peers are silent), and again as often.
+        inject: failures to act out, one string each (tests, benchmarks):
+            "rank=1 step=300", "rank=2 step=1500 signal=stop",
+            "rank=0 step=400 at=checkpoint", "rank=1 at=restore incarnation=1".
+        event_log: append the fault events (and every step) to
+            <output_dir>/fault_events.jsonl under the fault-tolerant launcher.
+    """
+
+    timeout_s: float = 60.0
+    heartbeat_s: float = 1.0
+    warn_after_s: float = 10.0
+    inject: List[str] = field(default_factory=list)
+    event_log: bool = True
+
+    def validate(self, prefix: str = "fault") -> None:
+        _check(self.timeout_s > 0, f"{prefix}.timeout_s", self.timeout_s, "> 0")
+        _check(0 < self.heartbeat_s <= self.timeout_s / 3, f"{prefix}.heartbeat_s", self.heartbeat_s,
+               f"> 0 and at most a third of fault.timeout_s={self.timeout_s}")  # fmt: skip
+        _check(self.warn_after_s > 0, f"{prefix}.warn_after_s", self.warn_after_s, "> 0")
+        from dist_rec.fault.inject import parse_all
+
+        error = parse_all(self.inject)
+        if error is not None:
+            raise ConfigError(error.replace("Invalid failure", f"Invalid {prefix}.inject entry", 1))
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: RunConfig = field(default_factory=RunConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> "TrainConfig":
         for section in dataclasses.fields(self):

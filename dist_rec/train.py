@@ -41,11 +41,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     env = setup_environment(config)
+    if env.member is not None:
+        return _run_fault_tolerant(config, env)
     try:
         Trainer(config, env).train()
     finally:
         if env.distributed:
             destroy_process_group()
+    return 0
+
+
+def _run_fault_tolerant(config, env, hooks=()) -> int:
+    """One worker of a job under ``dist_rec.fault.launch``: the exit code
+    tells the launcher what to do. A failed collective that recovery could
+    not absorb (while this process was still being built) exits 1: the
+    launcher starts a replacement. A program error (bad input, a bug) exits
+    ``EXIT_JOB_FAILED``: every rank would meet it, so the job stops."""
+    import traceback
+
+    from dist_rec.distributed.errors import is_collective_failure
+    from dist_rec.fault.launch import EXIT_JOB_FAILED
+    from dist_rec.fault.member import JobEnded
+
+    try:
+        Trainer(config, env, hooks=hooks).train()
+    except JobEnded as ended:
+        return 0 if ended.code in (0, None) else 1
+    except SystemExit:
+        raise
+    except BaseException as error:  # noqa: BLE001 -- the exit code is the message to the launcher
+        traceback.print_exc()
+        if env.member.aborted.is_set() or is_collective_failure(error):
+            env.member.say(f"a collective failed before this process could recover ({type(error).__name__}); exiting "
+                           "for a replacement")  # fmt: skip
+            return 1
+        env.member.say(f"program error ({type(error).__name__}: {error}); the job stops")
+        return EXIT_JOB_FAILED
+    finally:
+        destroy_process_group()
     return 0
 
 

@@ -8,7 +8,11 @@
 #
 # gloo picks the interface that resolves the hostname; set GLOO_SOCKET_IFNAME
 # (NCCL: NCCL_SOCKET_IFNAME) to the interface the nodes share when that is
-# wrong. NNODES=1:2 would let the job start with one node and grow.
+# wrong. Where torchrun cannot tell which node the endpoint is (containers,
+# network namespaces: the hostname does not resolve to the endpoint), set
+# RDZV_IS_HOST=1 on the first node and RDZV_IS_HOST=0 on the others, and
+# LOCAL_ADDR to each node's own address.
+# NNODES=1:2 would let the job start with one node and grow.
 set -euo pipefail
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the first node}"
 export NNODES=${NNODES:-2}

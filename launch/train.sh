@@ -11,6 +11,10 @@
 #                    nodes, an address of the first node that every node can reach)
 #   RDZV_ID          job id shared by the nodes of one job (default: dist_rec)
 #   MAX_RESTARTS     elastic restarts after a failure (default: 0)
+#   RDZV_IS_HOST     1 on the node that hosts the rendezvous store, 0 on the others, where
+#                    torchrun cannot tell from the endpoint (containers, network namespaces)
+#   LOCAL_ADDR       the address other nodes reach this node at (default: what its
+#                    hostname resolves to)
 #   PYTHON           interpreter (default: .venv/bin/python if present, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +36,12 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # process is right for CPU jobs; the trainer sets torch's threads itself.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+rdzv_conf=()
+if [[ -n "${RDZV_IS_HOST:-}" ]]; then rdzv_conf+=(--rdzv-conf "is_host=${RDZV_IS_HOST}"); fi
+if [[ -n "${LOCAL_ADDR:-}" ]]; then rdzv_conf+=(--local-addr "${LOCAL_ADDR}"); fi
+
 exec "$PYTHON" -m torch.distributed.run \
+    "${rdzv_conf[@]}" \
     --nnodes "$NNODES" \
     --nproc-per-node "$NPROC_PER_NODE" \
     --rdzv-backend c10d \

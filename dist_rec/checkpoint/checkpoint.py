@@ -376,6 +376,7 @@ def _shard_copies(reader: CheckpointReader, model, modules: Optional[Sequence[st
     """What to copy into each live shard (and data-parallel table); reads and
     verifies exactly the files that overlap them."""
     copies: _Copies = []
+    wanted = []
     for path, sharded in model.sharded.items():
         if modules is not None and path not in modules:
             continue
@@ -383,11 +384,13 @@ def _shard_copies(reader: CheckpointReader, model, modules: Optional[Sequence[st
             if tables is not None and local.table not in tables:
                 continue
             s = local.shard
-            rect = (s.row_offset, s.num_rows, s.col_offset, s.num_cols)
-            blocks = reader.copies_for(path, local.table, rect)
-            if sum(b[2][1] * b[2][3] for b in blocks) != s.num_rows * s.num_cols:
-                raise CheckpointError(f"{reader.directory}: the saved blocks of table {local.table!r} do not cover {s}.")
-            copies.append((local, rect, blocks))
+            wanted.append((path, local, (s.row_offset, s.num_rows, s.col_offset, s.num_cols)))
+    reader.prefetch([(path, local.table, rect) for path, local, rect in wanted])  # every file at once
+    for path, local, rect in wanted:
+        blocks = reader.copies_for(path, local.table, rect)
+        if sum(b[2][1] * b[2][3] for b in blocks) != local.shard.num_rows * local.shard.num_cols:
+            raise CheckpointError(f"{reader.directory}: the saved blocks of table {local.table!r} do not cover {local.shard}.")
+        copies.append((local, rect, blocks))
     return copies
 
 

@@ -15,13 +15,15 @@ cover R exactly once (weights) and every row of R at least once (state).
 
 from __future__ import annotations
 
-import io
+import hashlib
+import mmap
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from dist_rec.checkpoint.files import CheckpointError, resolve_for_load, sha256_bytes
+from dist_rec.checkpoint.files import CheckpointError, resolve_for_load
 from dist_rec.checkpoint.manifest import Rect, file_rect, overlap, read_manifest
 
 
@@ -44,6 +46,16 @@ class CheckpointReader:
         self.directory, self.note = resolve_for_load(self.requested)
         self.manifest = read_manifest(self.directory)
         self._cache: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def find(directory) -> Optional[Path]:
+        """The complete checkpoint ``directory`` names (itself, or the newest
+        complete sibling an interrupted publish left), or None when there
+        is none yet."""
+        if directory is None:
+            return None
+        path, _ = resolve_for_load(Path(directory))
+        return path if (path / "manifest.json").is_file() else None
 
     @property
     def step(self) -> int:
@@ -81,21 +93,31 @@ class CheckpointReader:
         if name in self._cache:
             return self._cache[name]
         path = self.directory / name
+        # Mapped, not read into a buffer: the hash and the tensors read the
+        # same page-cache pages, and no copy of the file is made before the
+        # rows are copied into their shard.
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing (listed in the manifest of {self.directory}).") from None
         except OSError as e:
             raise CheckpointError(f"{path}: cannot be read ({e}).") from None
-        if len(data) != entry["bytes"]:
-            raise CheckpointError(f"{path}: {len(data)} bytes, the manifest records {entry['bytes']} (truncated or overwritten).")
-        digest = sha256_bytes(data)
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest records {entry['bytes']} (truncated or overwritten).")
+        digest = hashlib.sha256(view).hexdigest()
         if digest != entry["sha256"]:
             raise CheckpointError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']} (corrupt file).")
         try:
-            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            # Shard files stay mapped until their rows are copied in; the dense
+            # state (small, and held by the optimizer afterwards) is read whole.
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=entry["kind"] != "dense")
         except Exception as e:  # a checksummed file that torch cannot read: written by something else
             raise CheckpointError(f"{path}: not a readable tensor file ({type(e).__name__}: {e}).") from None
+        finally:
+            if size:
+                view.close()
         if entry["kind"] != "dense":
             _check_tensors(path, content, entry["tensors"])
         self._cache[name] = content
@@ -108,6 +130,20 @@ class CheckpointReader:
             found = sorted(content) if isinstance(content, dict) else type(content).__name__
             raise CheckpointError(f"{self.directory / entry['file']}: not a dense-state file (it holds {found}).")
         return content
+
+    def prefetch(self, wanted: List[Tuple[str, str, Rect]]) -> None:
+        """Reads and verifies, side by side on every core, the files that
+        the rectangles ``(module, table, rect)`` need (hashing releases the
+        GIL), so that the ``copies_for`` that follow find them read. The
+        first failing file raises, as ``read_file`` would."""
+        entries = {e["file"]: e for module, table, rect in wanted for e, _ in self.overlapping(module, table, rect)}
+        pending = [e for name, e in entries.items() if name not in self._cache]
+        if len(pending) < 2:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(pending), os.cpu_count() or 1)) as pool:
+            list(pool.map(self.read_file, pending))
 
     def copies_for(self, module: str, table: str, rect: Rect) -> List[Tuple[Dict[str, torch.Tensor], Rect, Rect]]:
         """(saved tensors, saved rectangle, overlap) for every saved block

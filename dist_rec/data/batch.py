@@ -67,31 +67,37 @@ class Dataset(Protocol):
     @property
     def num_dense_features(self) -> int: ...
 
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_step: int = 0
+    ) -> Iterator[Batch]:
         """This rank's batches, split as the module docstring says. With
         ``drop_last`` a rank yields only full batches; without, the last one
-        may be short (evaluation)."""
+        may be short (evaluation). ``start_step`` skips the first global
+        batches by seeking, not by reading them (a resume)."""
         ...
 
 
 def rank_block_ranges(
-    num_samples: int, batch_size: int, rank: int, world_size: int, drop_last: bool = True
+    num_samples: int, batch_size: int, rank: int, world_size: int, drop_last: bool = True, start_step: int = 0
 ) -> Iterator[Tuple[int, int]]:
     """Sample ranges ``[start, stop)`` of this rank's batches over
-    ``num_samples`` samples. With ``drop_last`` every rank yields the same
-    number of full batches (a global batch that is not complete is dropped),
-    so collectives stay in step."""
+    ``num_samples`` samples, from global batch ``start_step`` on. With
+    ``drop_last`` every rank yields the same number of full batches (a
+    global batch that is not complete is dropped), so collectives stay in
+    step."""
     check_rank(rank, world_size)
     if batch_size <= 0:
         raise ValueError(f"Invalid batch_size={batch_size}. Must be > 0.")
+    if start_step < 0:
+        raise ValueError(f"Invalid start_step={start_step}. Must be >= 0.")
     global_batch = batch_size * world_size
     if drop_last:
         steps = num_samples // global_batch
-        for step in range(steps):
+        for step in range(start_step, steps):
             start = step * global_batch + rank * batch_size
             yield start, start + batch_size
         return
-    start = rank * batch_size
+    start = start_step * global_batch + rank * batch_size
     while start < num_samples:
         yield start, min(start + batch_size, num_samples)
         start += global_batch

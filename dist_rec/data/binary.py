@@ -131,17 +131,20 @@ class BinaryDataset:
     def __len__(self) -> int:
         return self._meta["num_samples"]
 
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> Iterator[Batch]:
-        """This rank's batches, split as ``dist_rec.data.batch`` says."""
+    def batches(
+        self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_step: int = 0
+    ) -> Iterator[Batch]:
+        """This rank's batches, split as ``dist_rec.data.batch`` says, from
+        global batch ``start_step`` on (a seek: the arrays are mapped)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Invalid batch_size={batch_size!r}. Must be an int > 0.")
         check_rank(rank, world_size)
-        return self._batches(batch_size, rank, world_size, drop_last)
+        return self._batches(batch_size, rank, world_size, drop_last, start_step)
 
-    def _batches(self, batch_size: int, rank: int, world_size: int, drop_last: bool) -> Iterator[Batch]:
+    def _batches(self, batch_size: int, rank: int, world_size: int, drop_last: bool, start_step: int = 0) -> Iterator[Batch]:
         a = self._arrays
         keys = self._meta["sparse_feature_names"]
-        for start, stop in rank_block_ranges(len(self), batch_size, rank, world_size, drop_last):
+        for start, stop in rank_block_ranges(len(self), batch_size, rank, world_size, drop_last, start_step):
             lengths = np.asarray(a[LENGTHS_FILE][start:stop], dtype=np.int64)
             first, last = int(a[OFFSETS_FILE][start]), int(a[OFFSETS_FILE][stop])
             if lengths.sum() != last - first:

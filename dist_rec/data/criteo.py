@@ -35,6 +35,15 @@ it parses. With ``on_error="skip"`` the line is dropped and counted
 ``skipped_examples``); the block split is then over *valid* lines, which only
 a rank that checks every line can know, so in skip mode each rank parses the
 whole stream. A file with no newline for 16 MiB is refused in either mode.
+
+A resume seeks instead of reading the stream again: as it reads, the
+dataset notes where each chunk of an uncompressed file starts (valid lines
+before it, file, byte offset, line number: ``seek_state``). ``batches(...,
+start_step=k)`` starts at the last noted chunk at or before global batch
+``k`` and parses at most one chunk it does not need. The notes travel with
+a checkpoint and from a live rank to a replacement
+(``restore_seek_state``); without a note (a fresh process, a ``.gz``
+file) the reader scans newlines up to the position without parsing.
 """
 
 from __future__ import annotations
@@ -114,6 +123,8 @@ class CriteoTextDataset:
             raise ValueError(f"Invalid chunk_bytes={chunk_bytes!r}. Must be an int > 0.")
         self._on_error = on_error
         self._chunk_bytes = chunk_bytes
+        # Chunk starts seen so far: valid lines before the chunk -> (file, byte offset, lines of the file before it).
+        self._chunk_starts: Dict[int, Tuple[int, int, int]] = {}
         self._modulus = np.asarray(self._num_embeddings, dtype=np.uint64)
         # Counts of the latest batches() pass (skip mode).
         self.skipped_lines = 0
@@ -140,27 +151,42 @@ class CriteoTextDataset:
     def num_embeddings_per_feature(self) -> List[int]:
         return list(self._num_embeddings)
 
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> Iterator[Batch]:
-        """This rank's batches, split as the module docstring says. Arguments
-        are checked now, not at the first ``next()``."""
+    def batches(
+        self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_step: int = 0
+    ) -> Iterator[Batch]:
+        """This rank's batches, split as the module docstring says, from
+        global batch ``start_step`` on (a seek: see the module docstring).
+        Arguments are checked now, not at the first ``next()``."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Invalid batch_size={batch_size!r}. Must be an int > 0.")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"Invalid start_step={start_step!r}. Must be an int >= 0.")
         check_rank(rank, world_size)
-        return self._batches(batch_size, rank, world_size, drop_last)
+        return self._batches(batch_size, rank, world_size, drop_last, start_step)
 
-    def _batches(self, batch_size: int, rank: int, world_size: int, drop_last: bool) -> Iterator[Batch]:
+    def seek_state(self) -> List[List[int]]:
+        """Where the chunks read so far start (plain lists: JSON-able), for
+        ``restore_seek_state`` in another process."""
+        return [[seen, *where] for seen, where in sorted(self._chunk_starts.items())]
+
+    def restore_seek_state(self, state) -> None:
+        """Takes another process's ``seek_state`` (the same files)."""
+        for seen, path_index, offset, line_base in state or []:
+            self._chunk_starts[int(seen)] = (int(path_index), int(offset), int(line_base))
+
+    def _batches(self, batch_size: int, rank: int, world_size: int, drop_last: bool, start_step: int = 0) -> Iterator[Batch]:
         self.skipped_lines = 0
         self.skipped_by_reason = Counter()
         self.skipped_examples = []
         global_batch = batch_size * world_size
         pending: List[_Rows] = []
         num_pending = 0
-        step = 0  # this rank's next step: global batch `step`, block step * W + rank
+        step = start_step  # this rank's next step: global batch `step`, block step * W + rank
 
         def ready(seen: int) -> bool:
             return num_pending >= batch_size and (not drop_last or seen >= (step + 1) * global_batch)
 
-        for rows, seen in self._my_rows(batch_size, rank, world_size):
+        for rows, seen in self._my_rows(batch_size, rank, world_size, start_step * global_batch):
             if len(rows):
                 pending.append(rows)
                 num_pending += len(rows)
@@ -184,14 +210,29 @@ class CriteoTextDataset:
             labels=torch.from_numpy(rows.labels),
         )
 
-    def _my_rows(self, batch_size: int, rank: int, world_size: int) -> Iterator[Tuple["_Rows", int]]:
-        """This rank's parsed lines, chunk by chunk, each with the number of
-        valid lines of the whole stream read so far."""
+    def _resume_point(self, first_line: int) -> Tuple[int, int, int, int]:
+        """(valid lines before, file, byte offset, line number in the file)
+        of the last noted chunk start at or before valid line ``first_line``."""
+        noted = [seen for seen in self._chunk_starts if seen <= first_line]
+        if not noted:
+            return 0, 0, 0, 0
+        seen = max(noted)
+        return (seen, *self._chunk_starts[seen])
+
+    def _my_rows(self, batch_size: int, rank: int, world_size: int, first_line: int = 0) -> Iterator[Tuple["_Rows", int]]:
+        """This rank's parsed lines from valid line ``first_line`` of the
+        stream on, chunk by chunk, each with the number of valid lines of the
+        whole stream read so far."""
         skip = self._on_error == "skip"
-        seen = 0
-        for path in self._paths:
-            line_base = 0  # lines of this file before the chunk
-            for buf in _read_line_chunks(path, self._chunk_bytes):
+        seen, first_path, offset, first_base = self._resume_point(first_line)
+        for path_index, path in enumerate(self._paths):
+            if path_index < first_path:
+                continue
+            start = offset if path_index == first_path else 0
+            line_base = first_base if path_index == first_path else 0  # lines of this file before the chunk
+            for buf, chunk_offset in _read_line_chunks(path, self._chunk_bytes, start):
+                if path.suffix != ".gz":
+                    self._chunk_starts.setdefault(seen, (path_index, chunk_offset, line_base))
                 ends = np.flatnonzero(buf == _NL)
                 starts = np.empty_like(ends)
                 starts[0] = _PAD
@@ -205,11 +246,11 @@ class CriteoTextDataset:
                     if len(bad):
                         self._count_skipped(path, line_base, bad, reason, buf, starts, ends)
                     valid = np.flatnonzero(reason == _OK)
-                    mine = valid[_my_positions(seen, len(valid), batch_size, rank, world_size)]
+                    mine = valid[_my_positions(seen, len(valid), batch_size, rank, world_size, first_line)]
                     rows = rows.take(mine)
                     seen += len(valid)
                 else:
-                    mine = _my_positions(seen, num_lines, batch_size, rank, world_size)
+                    mine = _my_positions(seen, num_lines, batch_size, rank, world_size, first_line)
                     rows, reason = _parse_lines(buf, starts[mine], ends[mine], self._modulus)
                     bad = np.flatnonzero(reason != _OK)
                     if len(bad):
@@ -230,22 +271,29 @@ class CriteoTextDataset:
             self.skipped_examples.append(f"{path}:{line_base + i + 1}: {message}")
 
 
-def _my_positions(seen: int, count: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+def _my_positions(seen: int, count: int, batch_size: int, rank: int, world_size: int, first_line: int = 0) -> np.ndarray:
     """Positions in ``[0, count)`` of the lines, numbered from ``seen`` in
-    the stream, that fall in this rank's blocks."""
+    the stream, that fall in this rank's blocks (and not before
+    ``first_line``)."""
+    skip = max(0, min(count, first_line - seen))
     if world_size == 1:
-        return np.arange(count)
-    index = seen + np.arange(count)
-    return np.flatnonzero((index // batch_size) % world_size == rank)
+        return np.arange(skip, count)
+    index = seen + np.arange(skip, count)
+    return skip + np.flatnonzero((index // batch_size) % world_size == rank)
 
 
-def _read_line_chunks(path: Path, chunk_bytes: int) -> Iterator[np.ndarray]:
-    """The file in pieces of whole lines, each ending with a newline (one is
-    added after an unterminated last line), as bytes after ``_PAD`` zeros."""
+def _read_line_chunks(path: Path, chunk_bytes: int, start: int = 0) -> Iterator[Tuple[np.ndarray, int]]:
+    """The file from byte ``start`` (a line start) in pieces of whole lines,
+    each ending with a newline (one is added after an unterminated last
+    line), as bytes after ``_PAD`` zeros, with the file offset of the
+    piece's first line."""
     opener = gzip.open if path.suffix == ".gz" else open
     pad = bytes(_PAD)
     with opener(path, "rb") as f:
+        if start:
+            f.seek(start)
         carry = b""
+        offset = start  # file offset of carry's first byte
         while True:
             block = f.read(chunk_bytes)
             if not block:
@@ -261,9 +309,10 @@ def _read_line_chunks(path: Path, chunk_bytes: int) -> Iterator[np.ndarray]:
                     )
                 continue
             carry = data[cut:]
-            yield np.frombuffer(data, dtype=np.uint8, count=cut)
+            yield np.frombuffer(data, dtype=np.uint8, count=cut), offset
+            offset += cut - _PAD
         if carry:
-            yield np.frombuffer(b"".join((pad, carry, b"\n")), dtype=np.uint8)
+            yield np.frombuffer(b"".join((pad, carry, b"\n")), dtype=np.uint8), offset
 
 
 @dataclass

@@ -162,10 +162,14 @@ class SyntheticDataset:
             raise TypeError("The train split of a SyntheticDataset is endless.")
         return self.num_samples
 
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_step: int = 0
+    ) -> Iterator[Batch]:
+        """This rank's batches from global batch ``start_step`` on (every
+        block of samples is generated from its own seed: a resume seeks)."""
         check_rank(rank, world_size)
         total = self.num_samples if self.num_samples is not None else 2**62
-        for start, stop in rank_block_ranges(total, batch_size, rank, world_size, drop_last):
+        for start, stop in rank_block_ranges(total, batch_size, rank, world_size, drop_last, start_step):
             yield self._batch(start, stop)
 
     def teacher_auc(self) -> float:

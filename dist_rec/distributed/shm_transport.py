@@ -21,8 +21,9 @@ main threads copy the data themselves:
 
 Pieces of one pair travel in the order the collectives were issued, which
 every rank issues in the same order (as for any process group), so no
-message carries a header. A peer that exits (or a wait past ``timeout``)
-raises instead of hanging.
+message carries a header. A peer that exits, a peer that aborted its
+collectives (``abort``: a word of its header), or a wait past ``timeout``
+raises ``CollectiveFailure`` instead of hanging.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from dist_rec.distributed.errors import CollectiveFailure
 from dist_rec.ops.shm import shm_load, shm_ring, shm_sleep, shm_store
 
 SLOT_BYTES = 2 << 20
@@ -85,7 +87,8 @@ class ShmAllToAll:
         self.group = group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.slot_bytes, self.slots, self.timeout = int(slot_bytes), int(slots), float(timeout)
-        words = 1 + 2 * self.size  # doorbell, posted to each destination, consumed from each source
+        # doorbell, posted to each destination, consumed from each source, aborted
+        words = 2 + 2 * self.size
         self._header_bytes = (4 * words + 63) // 64 * 64
         total = self._header_bytes + self.size * self.slots * self.slot_bytes
         path = _segment_path(token, self.rank)
@@ -102,6 +105,7 @@ class ShmAllToAll:
         self._receives: List[Deque[Tuple[_Collective, torch.Tensor]]] = [deque() for _ in range(self.size)]
         self._peers = [r for r in range(self.size) if r != self.rank]
         self._pids: List[int] = []
+        self._aborted: Optional[str] = None
 
     def map_peers(self, pids: Sequence[int]) -> None:
         """Maps every rank's segment (after all were created)."""
@@ -131,6 +135,21 @@ class ShmAllToAll:
 
     def _consumed_word(self, source: int) -> int:
         return 1 + self.size + source
+
+    @property
+    def _aborted_word(self) -> int:
+        return 1 + 2 * self.size
+
+    def abort(self, reason: str) -> None:
+        """Stops every wait of this rank (it raises ``CollectiveFailure``)
+        and tells the peers, whose waits raise too: this process is leaving
+        its collectives (a recovery), however far each one got."""
+        self._aborted = reason
+        if not self.flags:
+            return
+        shm_store(self.flags[self.rank], self._aborted_word, 1)
+        for peer in range(self.size):
+            shm_ring(self.flags[peer], 0)
 
     def _outbox(self, owner: int, destination: int, slot: int) -> torch.Tensor:
         start = self._header_bytes + (destination * self.slots + slot) * self.slot_bytes
@@ -206,6 +225,8 @@ class ShmAllToAll:
         my_flags = self.flags[self.rank]
         started = idle_since = time.monotonic()
         while collective.pending:
+            if self._aborted is not None:
+                raise CollectiveFailure(f"Intra-host all-to-all: rank {self.rank} aborted its collectives ({self._aborted}).")
             bell = shm_load(my_flags, 0)
             if self._progress():
                 idle_since = time.monotonic()
@@ -219,12 +240,17 @@ class ShmAllToAll:
     def _check_peers(self, waited: float) -> None:
         for peer in self._peers:
             if not _alive(self._pids[peer]):
-                raise RuntimeError(
+                raise CollectiveFailure(
                     f"Intra-host all-to-all: rank {peer} of the group (pid {self._pids[peer]}) has exited; "
                     f"rank {self.rank} stops instead of waiting for it."
                 )
+            if shm_load(self.flags[peer], self._aborted_word):
+                raise CollectiveFailure(
+                    f"Intra-host all-to-all: rank {peer} of the group (pid {self._pids[peer]}) aborted its collectives; "
+                    f"rank {self.rank} stops instead of waiting for it."
+                )
         if waited > self.timeout:
-            raise RuntimeError(
+            raise CollectiveFailure(
                 f"Intra-host all-to-all: rank {self.rank} waited {waited:.0f} s (timeout {self.timeout:.0f} s) for its "
                 "peers; they are alive but did not take part (are all ranks issuing the same collectives?)."
             )
@@ -292,6 +318,12 @@ def intra_host_all_to_all(
 def transport_for(group) -> Optional[ShmAllToAll]:
     """The group's shared-memory all-to-all, if ``intra_host_all_to_all`` made one."""
     return _TRANSPORTS.get(group)
+
+
+def abort_all(reason: str) -> None:
+    """``abort`` on every transport of this process."""
+    for transport in list(_TRANSPORTS.values()):
+        transport.abort(reason)
 
 
 def release(group) -> None:

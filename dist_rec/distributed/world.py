@@ -10,7 +10,15 @@ read by a new one.
 Under ``torchrun`` the store is the one ``env://`` rendezvous gives (the
 agent's, or rank 0's with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``);
 without it, callers pass ``rank``, ``world_size`` and ``MASTER_ADDR`` /
-``MASTER_PORT`` as torch expects.
+``MASTER_PORT`` as torch expects. Under the fault-tolerant launcher
+(``dist_rec.fault``) the store is the launcher's, which outlives any
+worker, and each membership epoch names its own prefix: a replacement
+process and the survivors it joins then meet on the same keys whatever
+their histories.
+
+Every collective of the default group (and of the groups made after it
+with ``group_timeout``) waits at most ``timeout_s``: a dead or hung peer
+becomes an error, never a hang.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ class _World:
     backend: str = "gloo"
     timeout: Optional[datetime.timedelta] = None
     generation: int = 0
+    prefix: str = ""  # the current default group's key prefix in the store
 
 
 _WORLD = _World()
@@ -43,6 +52,7 @@ def init_process_group(
     world_size: Optional[int] = None,
     store: Optional[dist.Store] = None,
     timeout_s: Optional[float] = None,
+    prefix: Optional[str] = None,
 ) -> None:
     """Joins the job's default process group (a collective over the job).
 
@@ -54,6 +64,8 @@ def init_process_group(
             store (``MASTER_ADDR``, ``MASTER_PORT``) when None.
         timeout_s: how long a collective may wait for a peer (torch's
             default, 30 minutes for gloo, when None).
+        prefix: the group's key prefix in the store (a membership epoch's
+            name); ``dist_rec/generation0`` when None.
     """
     if dist.is_initialized():
         raise RuntimeError("init_process_group: this process already belongs to a default process group.")
@@ -65,7 +77,7 @@ def init_process_group(
     if rank is None or world_size is None:
         raise ValueError(f"Invalid rank={rank}, world_size={world_size}. Must both be given along with a store.")
     _WORLD.store, _WORLD.backend, _WORLD.timeout, _WORLD.generation = store, backend, timeout, 0
-    _join(rank, world_size)
+    _join(rank, world_size, prefix)
 
 
 def init_single_process_group() -> None:
@@ -74,10 +86,11 @@ def init_single_process_group() -> None:
     init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
 
 
-def reform_process_group(rank: int, world_size: int) -> None:
+def reform_process_group(rank: int, world_size: int, store: Optional[dist.Store] = None, prefix: Optional[str] = None) -> None:
     """Destroys every process group of this process and joins a new default
     group of ``world_size`` ranks as ``rank``, on a fresh prefix of the same
-    store (a collective over the new membership). Only
+    store (or of ``store``; ``prefix`` names it, the next generation's when
+    None): a collective over the new membership. Only
     ``ProcessGroups.rebuild`` calls this: it re-forms the sub-groups after."""
     if _WORLD.store is None:
         if not dist.is_initialized():
@@ -87,8 +100,10 @@ def reform_process_group(rank: int, world_size: int) -> None:
         _WORLD.backend = str(dist.get_backend())
     if dist.is_initialized():
         dist.destroy_process_group()
+    if store is not None:
+        _WORLD.store = store
     _WORLD.generation += 1
-    _join(rank, world_size)
+    _join(rank, world_size, prefix)
 
 
 def destroy_process_group() -> None:
@@ -103,7 +118,19 @@ def generation() -> int:
     return _WORLD.generation
 
 
-def _join(rank: int, world_size: int) -> None:
-    prefixed = dist.PrefixStore(f"dist_rec/generation{_WORLD.generation}", _WORLD.store)
+def group_timeout() -> Optional[datetime.timedelta]:
+    """The default group's collective timeout, for the groups made after it
+    (``new_group`` does not inherit it)."""
+    return _WORLD.timeout
+
+
+def store() -> Optional[dist.Store]:
+    """The store the default group was formed on (unprefixed)."""
+    return _WORLD.store
+
+
+def _join(rank: int, world_size: int, prefix: Optional[str] = None) -> None:
+    _WORLD.prefix = prefix if prefix is not None else f"dist_rec/generation{_WORLD.generation}"
+    prefixed = dist.PrefixStore(_WORLD.prefix, _WORLD.store)
     kwargs = {"timeout": _WORLD.timeout} if _WORLD.timeout is not None else {}
     dist.init_process_group(_WORLD.backend, store=prefixed, rank=rank, world_size=world_size, **kwargs)

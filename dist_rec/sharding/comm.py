@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dist_rec.distributed.shm_transport import transport_for
+from dist_rec.fault.activity import ACTIVITY
 
 
 class CommStats:
@@ -49,6 +50,7 @@ def all_to_all(
     Ranks of one host use the group's shared-memory all-to-all where the
     process-group owner made one (``dist_rec.distributed``); gloo otherwise."""
     send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
+    ACTIVITY.note(kind)
     transport = transport_for(group) if tensor.device.type == "cpu" else None
     if transport is not None:  # ranks of one host: through shared memory
         output, work = transport.all_to_all(tensor, send_splits, recv_splits)
@@ -70,6 +72,7 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor], group, kind: str) -> None:
     """Averages the tensors in place over ``group`` (float32 on the wire for
     half-precision tensors). One collective per tensor."""
     size = dist.get_world_size(group)
+    ACTIVITY.note(kind)
     for tensor in tensors:
         wire = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.to(torch.float32)
         dist.all_reduce(wire, group=group)

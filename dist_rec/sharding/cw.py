@@ -36,10 +36,10 @@ class CwSharding(WholeRowsScheme):
         return bool(optimizer.state_names)
 
 
-def column_block_group_key(table: str, replica: int) -> str:
-    """The process-group owner's name for the ranks holding ``table``'s
-    column blocks in sharding group ``replica``."""
-    return f"column_blocks/{table}/{replica}"
+def column_block_group_key(table: str) -> str:
+    """The process-group owner's name for the family of groups of the ranks
+    holding ``table``'s column blocks, one per sharding group (replica)."""
+    return f"column_blocks/{table}"
 
 
 class ColumnBlockUpdate(UpdateRule):
@@ -54,7 +54,8 @@ class ColumnBlockUpdate(UpdateRule):
     Args:
         process_groups: the owner of the block groups (asked at each update,
             so a rebuild is picked up).
-        group_keys (Dict[str, str]): per local table name, its block group's key.
+        group_keys (Dict[str, str]): per local table name, its block groups'
+            family key (this rank's replica's group is used).
         full_dims (Dict[str, int]): per local table name, the whole table's dim.
     """
 
@@ -71,7 +72,7 @@ class ColumnBlockUpdate(UpdateRule):
             weight, state = storage.read_rows(t, ids)
             rows = weight.to(torch.float32)
             sum_of_squares = optimizer.row_sum_of_squares(rows, grad)
-            group = self.process_groups.group(self.group_keys[name])
+            group = self.process_groups.replica_subgroup(self.group_keys[name])
             dist.all_reduce(sum_of_squares, group=group)
             size = dist.get_world_size(group)
             COMM_STATS.record("column_state", 2 * (size - 1) * sum_of_squares.numel() * 4 // size)

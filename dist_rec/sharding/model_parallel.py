@@ -56,6 +56,12 @@ class DistributedModelParallel(nn.Module):
             made again on the new default group.
         storage_dir (Optional[str]): where shards the plan places on "ssd"
             keep their files.
+        initial_sync (bool): make the replicas of every shard, the
+            data-parallel tables and the dense layers equal at construction
+            (broadcasts). False for a process that joins a running job
+            (recovery): the job's state reaches it afterwards, and its
+            construction must issue exactly the collectives a rebuild of the
+            running processes' groups issues. (Default: True)
 
     Call ``sync()`` after every optimizer step (a no-op with one replica and
     an optimizer without per-replica increments).
@@ -74,6 +80,7 @@ class DistributedModelParallel(nn.Module):
         wrap_dense: bool = True,
         process_groups: Optional[ProcessGroups] = None,
         storage_dir: Optional[str] = None,
+        initial_sync: bool = True,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -107,6 +114,7 @@ class DistributedModelParallel(nn.Module):
                 device=device,
                 source=collection,
                 storage_dir=storage_dir,
+                initial_sync=initial_sync,
             )
             _replace_submodule(module, path, sharded)
             self.plans[path] = chosen
@@ -116,7 +124,7 @@ class DistributedModelParallel(nn.Module):
         self.unwrapped = module
         self._device = device
         self._wrap_dense = wrap_dense
-        self.module = self._wrap(module)
+        self.module = self._wrap(module, init_sync=initial_sync)
         process_groups.on_rebuild(lambda groups: self._rewrap())
 
     @property
@@ -124,20 +132,26 @@ class DistributedModelParallel(nn.Module):
         """Where this rank sits in the 2D grid (plain ranks)."""
         return self.process_groups.grid
 
-    def _wrap(self, module: nn.Module) -> nn.Module:
+    def _wrap(self, module: nn.Module, init_sync: bool = True) -> nn.Module:
         """The dense layers under DDP over every rank (the sharded tables
-        hold no parameters it could see), or bare for another engine."""
+        hold no parameters it could see), or bare for another engine.
+        ``init_sync``: DDP's broadcast of rank 0's parameters at
+        construction (a collective)."""
         trainable = any(p.requires_grad for p in module.parameters())
         if self._wrap_dense and dist.get_world_size() > 1 and trainable:
             return nn.parallel.DistributedDataParallel(
-                module, device_ids=[self._device] if self._device.type == "cuda" else None, forward_sync_buffers=False
+                module,
+                device_ids=[self._device] if self._device.type == "cuda" else None,
+                forward_sync_buffers=False,
+                init_sync=init_sync,
             )
         return module
 
     def _rewrap(self) -> None:
         """DDP holds the default group it was made on: after a rebuild of the
-        groups it is made again (the parameters are the same tensors)."""
-        self.module = self._wrap(self.unwrapped)
+        groups it is made again (the parameters are the same tensors, already
+        agreed: no broadcast, so that a rebuild issues no collective here)."""
+        self.module = self._wrap(self.unwrapped, init_sync=False)
 
     def _plan_for(self, path, collection, plan: PlanArg, sharding_type, memory_per_rank) -> ShardingPlan:
         size = self.grid.group_size
@@ -160,6 +174,19 @@ class DistributedModelParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def broadcast_initial_state(self) -> None:
+        """What construction with ``initial_sync`` agrees: every replica of a
+        shard and every data-parallel copy as the first one, the dense
+        layers as rank 0's (collectives; for processes that were all built
+        with ``initial_sync=False``)."""
+        for sharded in self.sharded.values():
+            if not sharded.initialised:
+                sharded.reset_parameters()
+            sharded.broadcast_initial_state()
+        for tensor in [*self.unwrapped.parameters(), *self.unwrapped.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
     def sync(self) -> None:
         """Counts a step; every ``sync_every`` steps agrees the replicas of

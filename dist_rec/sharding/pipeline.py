@@ -116,6 +116,18 @@ class TrainPipelineSparseDist:
         for collection in self._collections.values():
             collection.continue_input_dist()
 
+    def reset(self) -> None:
+        """Forgets the batch started ahead (and the collections' in-flight
+        input dists): the next ``progress`` starts afresh from the batches
+        it is given. For recovery after a failed step, whose collectives
+        died with their groups."""
+        self._current = None
+        self._exhausted = False
+        for collection in self._collections.values():
+            collection.drop_in_flight()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
     def progress(self, batches: Iterator) -> torch.Tensor:
         """One training step on the next batch; returns its loss (detached)."""
         if self._current is None:

@@ -97,6 +97,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
             shards). Without it shards start from the configs' uniform init.
         storage_dir (Optional[str]): where shards placed on ``ssd`` keep
             their files (each rank in its own sub-directory).
+        initial_sync (bool): broadcast the replicas' shards and the
+            data-parallel tables so they start equal (collectives); False
+            for a process joining a running job, whose state it receives
+            afterwards. (Default: True)
 
     Example::
 
@@ -116,6 +120,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         device: Optional[torch.device] = None,
         source: Optional[EmbeddingBagCollection] = None,
         storage_dir: Optional[str] = None,
+        initial_sync: bool = True,
     ) -> None:
         super().__init__()
         configs = [as_embedding_bag_config(t) for t in tables]
@@ -132,13 +137,14 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self._storage_dir = storage_dir
 
         self.layout = SlotLayout(configs, plan, self._groups.grid.group_size, optimizer)
+        self._init_ranges: List[Tuple[EmbeddingStorage, List[Tuple[float, float]]]] = []
         self._lookups: List[LocalLookup] = self._model_parallel_lookups()
         self.data_parallel: Optional[LocalLookup] = self._data_parallel_lookup()
         self._input_dist = SparseFeaturesDist(
             self.layout, self._groups, is_weighted, self._device, agreement_group=lambda: self._data_parallel_group()
         )
         self._output_dist = PooledEmbeddingsDist(self.layout, self._groups)
-        self._initialise(source)
+        self._initialise(source, initial_sync)
 
     # -- building the local lookups -------------------------------------------
 
@@ -173,7 +179,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             slot_tables.append(tables[name])
             slot_pooling.append(scheme_for(self.plan.tables[config.name].sharding_type).shard_pooling(config.pooling))
         storage = self._storage(group.location, specs, f"{group.kind}_{group.location.value}")
-        storage.reset_(init)
+        self._init_ranges.append((storage, init))
         if group.kind == COLUMN_BLOCKS:
             keys = {name: group_keys[name.rsplit("@", 1)[0]] for name in tables}
             update = ColumnBlockUpdate(self._groups, keys, full_dims)
@@ -183,18 +189,15 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
     def _column_block_groups(self) -> Dict[str, str]:
         """Per column-sharded table whose blocks agree their row state, the
-        owner's key of the group of this rank's replica's block ranks."""
+        owner's key of the family of groups of its block ranks (one group per
+        replica): a collective over every rank."""
         keys = {}
-        grid = self._groups.grid
         for c in self._configs:
             sharding = self.plan.tables[c.name]
             if sharding.sharding_type != ShardingType.COLUMN_WISE or not scheme_for(sharding.sharding_type).agrees_row_state(self._optimizer):
                 continue
-            for replica, ranks in enumerate(grid.sharding_groups):
-                key = column_block_group_key(c.name, replica)
-                self._groups.subgroup(key, [ranks[s.rank] for s in sharding.shards])
-                if replica == grid.replica_index:
-                    keys[c.name] = key
+            keys[c.name] = column_block_group_key(c.name)
+            self._groups.replica_subgroups(keys[c.name], sorted(s.rank for s in sharding.shards))
         return keys
 
     def _data_parallel_lookup(self) -> Optional[LocalLookup]:
@@ -205,7 +208,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self._exchange = DataParallelUpdateExchange(self._groups)
         specs = [TableSpec(c.name, c.num_embeddings, c.embedding_dim, c.dtype) for c in configs]
         storage = self._storage(EmbeddingLocation.DEVICE, specs, "data_parallel")
-        storage.reset_([(c.weight_init_min, c.weight_init_max) for c in configs])
+        self._init_ranges.append((storage, [(c.weight_init_min, c.weight_init_max) for c in configs]))
         slot_tables = [t for t, c in enumerate(configs) for _ in c.feature_names]
         slot_pooling = [c.pooling for c in configs for _ in c.feature_names]
         return LocalLookup(storage, slot_tables, slot_pooling, self._optimizer, DataParallelUpdate(self._exchange), self._is_weighted)
@@ -222,17 +225,43 @@ class ShardedEmbeddingBagCollection(nn.Module):
     # -- state ----------------------------------------------------------------
 
     @torch.no_grad()
-    def _initialise(self, source: Optional[EmbeddingBagCollection]) -> None:
+    def _initialise(self, source: Optional[EmbeddingBagCollection], initial_sync: bool) -> None:
         """Shards from ``source`` when given (and not on the meta device),
-        else the fresh uniform init; replicas then start equal."""
-        if source is not None and source.device.type != "meta":
+        else the fresh uniform init; replicas then start equal (with
+        ``initial_sync``). A process joining a running job
+        (``initial_sync=False``) with no source leaves its rows
+        uninitialised: recovery restores them (or calls
+        ``reset_parameters`` when there is nothing to restore from)."""
+        self.initialised = True
+        if source is None or source.device.type == "meta":
+            if initial_sync:
+                self.reset_parameters()
+            else:
+                self.initialised = False
+        else:
+            self.reset_parameters()  # the state names the source does not keep start at zero
             rows = source.storage
             for local in self.local_shards() + self.data_parallel_tables():
                 s, t = local.shard, rows.table_index(local.table)
                 weight, state = rows.read_block(t, s.row_offset, s.num_rows)
                 state = {name: tensor for name, tensor in state.items() if name in local.state_names}
                 local.write(weight[:, s.col_offset : s.col_end], state)
-        # Replicas of a shard start equal; data-parallel copies too.
+        if initial_sync:
+            self.broadcast_initial_state()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Every local row drawn afresh from its table's uniform init range,
+        the optimizer state zero."""
+        for storage, init in self._init_ranges:
+            storage.reset_(init)
+        self.initialised = True
+
+    @torch.no_grad()
+    def broadcast_initial_state(self) -> None:
+        """Makes the replicas of every shard equal to the first replica's,
+        and the data-parallel copies equal to the first rank's (collectives
+        over the replica and data-parallel groups)."""
         replica_group = self._groups.replica_group
         if replica_group is not None and dist.get_world_size(replica_group) > 1:
             _broadcast_shards(self.local_shards(), dist.get_process_group_ranks(replica_group)[0], replica_group)
@@ -429,6 +458,12 @@ class ShardedEmbeddingBagCollection(nn.Module):
         model-parallel tables."""
         if self._input_dist.has_shards:
             self._input_dist.start_ahead(features)
+
+    def drop_in_flight(self) -> None:
+        """Forgets every batch whose input dist was started ahead: after a
+        failed step their collectives belong to groups that are gone
+        (recovery rebuilds the groups and starts the stream again)."""
+        self._input_dist.started.clear()
 
     def continue_input_dist(self) -> None:
         """Second stage for every started batch: waits for its counts and

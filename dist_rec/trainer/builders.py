@@ -99,7 +99,8 @@ def build_model(config: TrainConfig, data: Data, device: torch.device) -> DLRM:
         )
         for name, rows in zip(data.sparse_feature_names, data.num_embeddings_per_feature)
     ]
-    ebc = EmbeddingBagCollection(tables=tables, device=device, optimizer=sparse_optimizer(config))
+    meta = config.model.meta_init
+    ebc = EmbeddingBagCollection(tables=tables, device="meta" if meta else device, optimizer=sparse_optimizer(config))
     shape = dict(
         dense_in_features=data.num_dense_features,
         dense_arch_layer_sizes=config.model.dense_arch_layer_sizes,
@@ -109,31 +110,45 @@ def build_model(config: TrainConfig, data: Data, device: torch.device) -> DLRM:
         model = DLRM_DCN(ebc, **shape, dcn_num_layers=config.model.dcn_num_layers, dcn_low_rank=config.model.dcn_low_rank)
     else:
         model = DLRM(ebc, **shape)
+    if meta:  # the dense layers on the device; the tables stay meta until sharded
+        for name, child in model.named_children():
+            if child is not ebc:
+                child.to(device)
+        return model
     return model.to(device)
 
 
 def shard_model(
-    model: DLRM, config: TrainConfig, env: Environment, process_groups: Optional[ProcessGroups] = None
+    model: DLRM,
+    config: TrainConfig,
+    env: Environment,
+    process_groups: Optional[ProcessGroups] = None,
+    replicas: Optional[int] = None,
+    initial_sync: bool = True,
 ) -> DistributedModelParallel:
     """The model with its tables spread as ``config.sharding`` says and its
     dense layers under DDP (left bare for another dense engine), on
-    ``process_groups`` (made from the config when None)."""
+    ``process_groups`` (made from the config when None, with ``replicas``
+    replica groups: ``sharding.replicas`` unless a recovery epoch has fewer).
+    ``initial_sync=False`` for a process joining a running job."""
     s = config.sharding
     plan = ShardingPlan.load(s.plan) if s.plan else None
     sharding_type = None if plan is not None or s.type == "auto" else ShardingType.from_str(s.type)
     if plan is not None:
         plan = {"sparse_arch": plan}
+    replicas = s.replicas if replicas is None else replicas
     if process_groups is None:
-        process_groups = ProcessGroups(replicas=s.replicas, layout=s.layout, device=env.device)
+        process_groups = ProcessGroups(replicas=replicas, layout=s.layout, device=env.device, timeout_s=config.fault.timeout_s)
     return DistributedModelParallel(
         model,
         plan=plan,
         sharding_type=sharding_type,
-        replicas=s.replicas,
+        replicas=process_groups.replicas,
         sync_every=s.sync_every,
         layout=s.layout,
         memory_per_rank=s.memory_per_rank_mb << 20 if s.memory_per_rank_mb else None,
         device=env.device,
         wrap_dense=config.train.dense_engine == "ddp",
         process_groups=process_groups,
+        initial_sync=initial_sync,
     )

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from dist_rec.checkpoint import load_checkpoint, save_checkpoint
+from dist_rec.checkpoint import CheckpointReader, load_checkpoint, save_checkpoint
 from dist_rec.config import ConfigError, TrainConfig
 from dist_rec.data.batch import Dataset
+from dist_rec.fault.activity import ACTIVITY
 from dist_rec.metrics import EvalMetrics
 from dist_rec.trainer.environment import Environment
 from dist_rec.trainer.evaluation import evaluate
@@ -42,8 +43,18 @@ class TrainerHook:
         """After a checkpoint of ``step`` was published at ``directory``."""
 
     def on_failure(self, trainer, step: int, error: BaseException) -> None:
-        """A step (or a component acting after it) raised ``error``; the
-        trainer raises it once every hook has seen it."""
+        """A step (or a component acting after it) raised ``error`` that
+        recovery cannot absorb; the trainer raises it once every hook has
+        seen it."""
+
+    def before_recovery(self, trainer, step: int, error: BaseException) -> None:
+        """A failed collective after ``step`` steps (or a switch to a pending
+        epoch) is about to be recovered; this process's state is as the
+        failure left it."""
+
+    def after_restore(self, trainer, epoch, step: int) -> None:
+        """A membership epoch formed and its state was restored; training
+        resumes at ``step`` (also in a replacement process, once built)."""
 
 
 # -- replica sync -------------------------------------------------------------------
@@ -74,55 +85,66 @@ class NullReplicaSync:
 class ProgressLog:
     """The progress line every ``log_every`` steps (loss, examples/s, elapsed,
     ETA), its metrics.jsonl record, and the run's timing totals (the first
-    log interval is warm-up: throughput counts the steps after it)."""
+    log interval after a start or a recovery is warm-up: throughput counts
+    the steps after it)."""
 
-    def __init__(self, log: MetricsLog, log_every: int, total_steps: int, global_batch: int, env: Environment, say: Say) -> None:
+    def __init__(self, log: MetricsLog, log_every: int, total_steps: int, examples_per_step: int, env: Environment, say: Say) -> None:
         self.log, self.log_every, self.total_steps = log, log_every, total_steps
-        self.global_batch, self.env, self.say = global_batch, env, say
+        self.env, self.say = env, say
         self.losses: List[float] = []
         self.train_seconds = 0.0
-        self.warm_seconds, self.warm_steps = 0.0, 0
-        self._interval_loss, self._interval_steps, self._interval_time = 0.0, 0, 0.0
-        self.first_step = 0
+        self.warm_seconds, self.warm_examples = 0.0, 0
+        self.all_examples = 0
+        self._interval_loss, self._interval_steps, self._interval_time, self._interval_examples = 0.0, 0, 0.0, 0
+        self.first_step = self._warm_from = 0
         self.started = time.perf_counter()
 
     def start(self, first_step: int) -> None:
-        self.first_step = first_step
+        self.first_step = self._warm_from = first_step
         self.started = time.perf_counter()
 
-    def record(self, step: int, loss: torch.Tensor, seconds: float) -> None:
+    def resumed(self, step: int) -> None:
+        """Training goes on at ``step`` after a recovery: a new warm-up."""
+        self._warm_from = step
+        self._interval_loss, self._interval_steps, self._interval_time, self._interval_examples = 0.0, 0, 0.0, 0
+
+    def record(self, step: int, loss: torch.Tensor, seconds: float, examples: int) -> None:
         self.train_seconds += seconds
+        self.all_examples += examples
         self._interval_time += seconds
         self._interval_loss += float(loss)
         self._interval_steps += 1
-        if step > self.first_step + self.log_every:
+        self._interval_examples += examples
+        if step > self._warm_from + self.log_every:
             self.warm_seconds += seconds
-            self.warm_steps += 1
+            self.warm_examples += examples
         if step % self.log_every == 0 or step == self.total_steps:
             self._line(step)
 
     def _line(self, step: int) -> None:
+        if not self._interval_steps:
+            return
         mean_loss = _mean_over_ranks(self._interval_loss / self._interval_steps, self.env)
-        rate = self._interval_steps * self.global_batch / max(self._interval_time, 1e-9)
+        rate = self._interval_examples / max(self._interval_time, 1e-9)
         self.losses.append(mean_loss)
         now = time.perf_counter()
-        self.log.write(dict(kind="train", step=step, loss=mean_loss, examples_per_second=rate, seconds=now - self.started))
+        self.log.write(dict(kind="train", step=step, loss=mean_loss, examples_per_second=rate, seconds=now - self.started,
+                            unix=time.time()))  # fmt: skip
         eta = ""
-        if self.total_steps:
+        if self.total_steps and step > self.first_step:
             eta = f" | eta {clock((self.total_steps - step) * self.train_seconds / (step - self.first_step))}"
         total = f"/{self.total_steps}" if self.total_steps else ""
         self.say(
             f"step {step:>6}{total} | loss {mean_loss:.4f} | {rate:,.0f} ex/s | elapsed {clock(now - self.started)}{eta}"
         )
-        self._interval_loss, self._interval_steps, self._interval_time = 0.0, 0, 0.0
+        self._interval_loss, self._interval_steps, self._interval_time, self._interval_examples = 0.0, 0, 0.0, 0
 
-    def throughput(self, steps_run: int) -> float:
+    def throughput(self) -> float:
         """Examples per second after the first log interval (all of a run
         shorter than two intervals)."""
-        seconds, steps = self.warm_seconds, self.warm_steps
-        if steps == 0:
-            seconds, steps = self.train_seconds, steps_run
-        return steps * self.global_batch / max(seconds, 1e-9)
+        if self.warm_examples == 0:
+            return self.all_examples / max(self.train_seconds, 1e-9)
+        return self.warm_examples / max(self.warm_seconds, 1e-9)
 
 
 def _mean_over_ranks(value: float, env: Environment) -> float:
@@ -141,40 +163,53 @@ class Checkpointer:
     steps (0: only at the end), at the end, and the resume at the start.
 
     ``model`` is the ``DistributedModelParallel``; ``dense_optimizer`` is
-    saved with the dense layers; ``global_batch`` places the data stream."""
+    saved with the dense layers; ``data`` tells where the data stream stands
+    (``data.position(step)``: saved as the checkpoint's ``extra``) and takes
+    it back (``data.seek(extra)``); ``at(place, step)`` is the failure
+    injector's hook ("checkpoint": while a save writes its files)."""
 
-    def __init__(self, directory: Path, every: int, total_steps: int, model, dense_optimizer, global_batch: int, say: Say) -> None:
+    def __init__(self, directory: Path, every: int, total_steps: int, model, dense_optimizer, data, say: Say,
+                 at: Callable[[str, int], None] = lambda place, step: None) -> None:  # fmt: skip
         self.directory, self.every, self.total_steps = directory, every, total_steps
-        self.model, self.dense_optimizer, self.global_batch, self.say = model, dense_optimizer, global_batch, say
+        self.model, self.dense_optimizer, self.data, self.say, self.at = model, dense_optimizer, data, say, at
 
     def should_save(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0 and step != self.total_steps
 
     def save(self, step: int) -> Optional[Path]:
+        from dist_rec.checkpoint import checkpoint as checkpoint_module
+
         tick = time.perf_counter()
-        save_checkpoint(
-            self.directory, self.model, self.dense_optimizer, step=step, extra={"examples": step * self.global_batch}
-        )
+        ACTIVITY.set(f"saving the checkpoint of step {step}")
+        checkpoint_module._fault_hook = lambda stage, path: self.at("checkpoint", step) if stage == "file_written" else None
+        try:
+            save_checkpoint(self.directory, self.model, self.dense_optimizer, step=step, extra=self.data.position(step))
+        finally:
+            checkpoint_module._fault_hook = None
         self.say(f"checkpoint @ step {step}: {self.directory} ({time.perf_counter() - tick:.1f} s)")
         return self.directory
 
-    def resume(self, batches: Iterator) -> int:
-        """Loads the checkpoint in the directory, if there is one (resharding
-        as needed), and moves the data stream past the examples it had
-        seen. Returns the step to continue from (0 without a checkpoint)."""
-        if not (self.directory / "manifest.json").is_file():
+    def resume(self) -> int:
+        """Loads the newest complete checkpoint in the directory, if there is
+        one (resharding as needed; an interrupted publish is read from the
+        sibling it left), and seeks the data stream to where it stood.
+        Returns the step to continue from (0 without a checkpoint)."""
+        if CheckpointReader.find(self.directory) is None:
+            if self.directory.exists() and not self.directory.is_dir():
+                raise ConfigError(f"Invalid train.checkpoint_dir={str(self.directory)!r}. It exists and is not a directory.")
             return 0
+        ACTIVITY.set(f"loading the checkpoint in {self.directory}")
         info = load_checkpoint(self.directory, self.model, self.dense_optimizer)
-        examples = int(info["extra"].get("examples", 0)) if isinstance(info["extra"], dict) else 0
-        if examples % self.global_batch != 0:
-            raise ConfigError(
-                f"The checkpoint in {self.directory} stopped after {examples} examples, not a multiple of this run's "
-                f"global batch {self.global_batch}; resume with a global batch that divides it."
-            )
-        for _ in range(examples // self.global_batch):  # the stream is deterministic: regenerate and drop
-            next(batches, None)
-        step = examples // self.global_batch
-        self.say(f"resumed from {self.directory}: step {info['step']}, {examples:,} examples seen; continuing at step {step}")
+        step = self.data.seek(info["extra"], self.directory)
+        self.say(f"resumed from {info['directory']}: step {info['step']}; continuing at step {step}")
+        return step
+
+    def resume_collective(self) -> int:
+        """``resume`` for a job whose every process is new (all died):
+        without a checkpoint the fresh state is agreed as at a start."""
+        step = self.resume()
+        if step == 0 and CheckpointReader.find(self.directory) is None:
+            self.model.broadcast_initial_state()
         return step
 
 
@@ -183,13 +218,21 @@ class NullCheckpointer:
 
     directory = None
 
+    def __init__(self, model=None) -> None:
+        self.model = model
+
     def should_save(self, step: int) -> bool:
         return False
 
     def save(self, step: int) -> Optional[Path]:
         return None
 
-    def resume(self, batches: Iterator) -> int:
+    def resume(self) -> int:
+        return 0
+
+    def resume_collective(self) -> int:
+        if self.model is not None:
+            self.model.broadcast_initial_state()
         return 0
 
 

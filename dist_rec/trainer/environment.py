@@ -1,4 +1,14 @@
-"""Where a training process runs: its rank, the job's size, its device."""
+"""Where a training process runs: its rank, the job's size, its device.
+
+Under ``torchrun`` the process joins the job's default group at once.
+Under the fault-tolerant launcher (``dist_rec.fault.launch``) it becomes a
+``FaultMember`` first and joins a membership epoch once its model is built
+(``join_first_epoch``): a replacement then makes the running ranks wait
+only for the groups to form, not for its model. The process's rank and
+the job's size are then the epoch's, which change when ranks are left out
+or come back; ``data_rank`` and ``data_world_size`` (the rank's place in
+the job as launched) decide which samples it reads, and never change.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +32,19 @@ class Environment:
     local_world_size: int = 1
     backend: Optional[str] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    data_rank: int = -1  # the samples this rank reads: its rank in the job as launched (-1: rank)
+    data_world_size: int = -1  # ... and the job's size as launched (-1: world_size)
+    member: Optional[object] = None  # the FaultMember under the fault-tolerant launcher
+
+    def __post_init__(self) -> None:
+        if self.data_rank < 0:
+            self.data_rank = self.rank
+        if self.data_world_size < 0:
+            self.data_world_size = self.world_size
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.member is not None
 
     @property
     def is_main(self) -> bool:
@@ -34,8 +53,10 @@ class Environment:
 
 def setup_environment(config: TrainConfig) -> Environment:
     """Joins the job's default process group when launched by torchrun
-    (``dist_rec.distributed.init_process_group``); picks the device, the
-    backend and the thread count."""
+    (``dist_rec.distributed.init_process_group``, every collective bounded
+    by ``fault.timeout_s``), or becomes a member of a fault-tolerant job
+    (joined later: ``join_first_epoch``); picks the device, the backend and
+    the thread count."""
     run = config.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -52,7 +73,29 @@ def setup_environment(config: TrainConfig) -> Environment:
         raise ConfigError("Invalid train.backend='nccl'. Must be 'gloo' or 'auto' when training on the CPU.")
     threads = run.threads or max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
     torch.set_num_threads(threads)
+    from dist_rec.fault.member import FaultMember
+
+    member = FaultMember.from_env(config.fault, config.sharding.replicas, config.sharding.layout, run.output_dir or None)
+    if member is not None:
+        if backend == "nccl":
+            raise ConfigError("Invalid train.backend='nccl' under dist_rec.fault.launch. Must be 'gloo' (recovery re-forms gloo groups).")
+        return Environment(rank, world_size, local_world_size, backend, device, member=member)
     env = Environment(rank, world_size, local_world_size, backend if world_size > 1 else None, device)
     if env.distributed and not dist.is_initialized():
-        init_process_group(backend)
+        init_process_group(backend, timeout_s=config.fault.timeout_s)
     return env
+
+
+def join_first_epoch(env: Environment, config: TrainConfig):
+    """Under the fault-tolerant launcher: joins the first epoch that takes
+    this process and its default group (keyed by the epoch). Returns the
+    epoch (None without the launcher)."""
+    member = env.member
+    if member is None:
+        return None
+    epoch = member.join("fresh")  # a spare first waits here for the rank it replaces
+    env.data_rank, env.data_world_size = member.rank, member.world_size
+    env.rank, env.world_size = epoch.rank_of(member.rank), epoch.world_size
+    init_process_group(env.backend, rank=env.rank, world_size=env.world_size, store=member.store.client,
+                       timeout_s=config.fault.timeout_s, prefix=epoch.prefix)  # fmt: skip
+    return epoch

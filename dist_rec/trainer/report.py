@@ -9,11 +9,19 @@ from typing import Dict, List, Optional, Sequence
 
 
 class MetricsLog:
-    """metrics.jsonl on rank 0; every record is also kept for the plot."""
+    """metrics.jsonl on the main rank (a no-op elsewhere); every record is
+    also kept in memory."""
 
-    def __init__(self, path: Optional[Path]) -> None:
+    def __init__(self, path: Optional[Path], append: bool = False) -> None:
         self.records: List[Dict] = []
-        self._file = open(path, "w") if path is not None else None
+        self._file = None
+        self.open(path, append)
+
+    def open(self, path: Optional[Path], append: bool = False) -> None:
+        """Writes to ``path`` from now on (appending, or starting it afresh),
+        or nowhere when None."""
+        self.close()
+        self._file = open(path, "a" if append else "w") if path is not None else None
 
     def write(self, record: Dict) -> None:
         self.records.append(record)
@@ -24,6 +32,20 @@ class MetricsLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+
+
+def read_records(path: Path) -> List[Dict]:
+    """The records of a metrics.jsonl (its whole history, whoever wrote it)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return records
 
 
 def clock(seconds: float) -> str:
@@ -62,7 +84,7 @@ def plot_training(records: Sequence[Dict], teacher_auc: Optional[float], path: P
     return path
 
 
-def summary(config, env, result, plot_path: Optional[Path]) -> Dict:
+def summary(config, env, result, plot_path: Optional[Path], failures: Sequence[Dict] = ()) -> Dict:
     """The run's figures as plain data (summary.json)."""
     summary = dict(
         processes=env.world_size,
@@ -80,6 +102,15 @@ def summary(config, env, result, plot_path: Optional[Path]) -> Dict:
     )
     if result.final_eval is not None:
         summary["eval"] = result.final_eval.as_dict()
+    if failures:
+        summary["failures"] = [
+            {k: f.get(k) for k in ("recovery", "failure_step", "replaced", "back", "seconds_to_first_step", "restore_seconds",
+                                   "restored_bytes", "lost_samples", "lost_fraction", "checkpoint_step")}
+            for f in failures
+        ]  # fmt: skip
+        weighted = sum(f["lost_samples"] * f.get("lost_fraction", 0.0) for f in failures)
+        summary["lost_samples"] = sum(f["lost_samples"] for f in failures)
+        summary["portion_of_lost_samples"] = weighted / max(result.examples, 1)
     return summary
 
 
@@ -102,6 +133,15 @@ def summary_table(s: Dict) -> str:
             ("eval log loss", f"{e['log_loss']:.4f}"),
             ("eval accuracy", f"{e['accuracy']:.4f} (click rate {e['click_rate']:.4f}, {e['num_samples']:,} samples)"),
         ]
+    for i, f in enumerate(s.get("failures", []), 1):
+        who = f"ranks {f['back']}" if f.get("back") else "no rank replaced"
+        rows.append((
+            f"failure {i}",
+            f"{f['recovery']} at step {f['failure_step']} ({who}): {f['seconds_to_first_step']:.1f} s to the next step, "
+            f"{f['lost_samples']:,} samples lost",
+        ))  # fmt: skip
+    if "failures" in s:
+        rows.append(("lost samples", f"{s['lost_samples']:,} (portion of lost samples {s['portion_of_lost_samples']:.2e})"))
     rows += [("metrics", s["metrics"]), ("plot", s["plot"])]
     width = max(len(k) for k, _ in rows)
     lines = ["", "== dist_rec training summary " + "=" * 40] + [f"{k:<{width}}  {v}" for k, v in rows]

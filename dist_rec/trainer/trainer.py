@@ -3,10 +3,17 @@
 One step is the pipelined one (``dist_rec.sharding.pipeline``) for every
 sharding type: the next batch's ids travel while this batch trains (its
 stages are empty where no table is model-parallel). After it the loop asks,
-in order, the replica sync, the progress log, the checkpointer and the
-evaluator whether to act (each a null object when off; ``components.py``),
-then runs the hooks (``TrainerHook``: after every step, after every
-checkpoint, on failure).
+in order, the replica sync, the progress log, the recovery component, the
+checkpointer and the evaluator whether to act (each a null object when off;
+``components.py``, ``dist_rec.fault.recovery``), then runs the hooks
+(``TrainerHook``: after every step, after every checkpoint, on failure).
+
+Under the fault-tolerant launcher (``dist_rec.fault.launch``) a failed
+step is recovered inside the loop: the survivors keep their memory, the
+groups are re-formed with a replacement, only the lost state is restored,
+and training resumes at the agreed step with every rank's data stream
+re-opened there (``Recovery``). A replacement process restores right after
+it is built and starts at that same step.
 
     trainer = Trainer(config)        # joins the process group, builds data, model, optimizers
     result = trainer.train()         # the loop; rank 0 prints progress and a summary
@@ -14,11 +21,13 @@ checkpoint, on failure).
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,6 +36,9 @@ from torch import nn
 from dist_rec.config import ConfigError, TrainConfig
 from dist_rec.data.batch import Batch
 from dist_rec.distributed import destroy_process_group, init_single_process_group
+from dist_rec.fault.activity import ACTIVITY
+from dist_rec.fault.membership import REPLACEMENT
+from dist_rec.fault.recovery import NullRecovery, Recovery
 from dist_rec.metrics import EvalMetrics
 from dist_rec.optim.fused import MomentumScaledRowWiseAdagrad
 from dist_rec.sharding.pipeline import TrainPipelineSparseDist
@@ -41,8 +53,8 @@ from dist_rec.trainer.components import (
     ReplicaSync,
     TrainerHook,
 )
-from dist_rec.trainer.environment import Environment, setup_environment
-from dist_rec.trainer.report import MetricsLog, plot_training, summary, summary_table
+from dist_rec.trainer.environment import Environment, join_first_epoch, setup_environment
+from dist_rec.trainer.report import MetricsLog, plot_training, read_records, summary, summary_table
 
 
 @dataclass
@@ -57,6 +69,42 @@ class TrainResult:
     output_dir: Optional[Path]
     model: Optional[nn.Module] = None
     dense_engine: Optional[object] = None  # the DeepSpeedDenseEngine with train.dense_engine=deepspeed
+    failures: List[Dict] = field(default_factory=list)  # failures survived (fault-tolerant launcher)
+
+
+class _DataPosition:
+    """Where the training stream stands, for checkpoints and recovery: the
+    step (the global batches consumed, in the job as launched) and the
+    reader's seek notes (``seek_state``) where it keeps any."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+
+    @property
+    def global_batch(self) -> int:
+        return self.trainer.config.train.batch_size * self.trainer.env.data_world_size
+
+    def position(self, step: int) -> Dict:
+        dataset = self.trainer.data.train
+        seek = dataset.seek_state() if hasattr(dataset, "seek_state") else None
+        return {"step": int(step), "examples": int(step) * self.global_batch, "seek": seek}
+
+    def seek(self, extra, directory) -> int:
+        extra = extra if isinstance(extra, dict) else {}
+        if "step" in extra:
+            step = int(extra["step"])
+        else:  # checkpoints written before the step was recorded
+            examples = int(extra.get("examples", 0))
+            if examples % self.global_batch != 0:
+                raise ConfigError(
+                    f"The checkpoint in {directory} stopped after {examples} examples, not a multiple of this run's "
+                    f"global batch {self.global_batch}; resume with a global batch that divides it."
+                )
+            step = examples // self.global_batch
+        dataset = self.trainer.data.train
+        if extra.get("seek") and hasattr(dataset, "restore_seek_state"):
+            dataset.restore_seek_state(extra["seek"])
+        return step
 
 
 class Trainer:
@@ -74,7 +122,7 @@ class Trainer:
     Attributes a hook may use: ``config``, ``env``, ``model`` (unwrapped),
     ``sharded`` (the ``DistributedModelParallel`` or None),
     ``process_groups``, ``dense_optimizer``, ``checkpointer``,
-    ``evaluator``, ``progress``.
+    ``evaluator``, ``progress``, ``recovery``.
     """
 
     def __init__(
@@ -91,24 +139,32 @@ class Trainer:
                     "Invalid train.dense_engine='deepspeed'. Must be 'ddp' for a single process (DeepSpeed ZeRO "
                     "partitions the dense optimizer over 2 or more processes: launch with torchrun)."
                 )
+        if env.member is not None:
+            _check_recoverable(config)
+        if config.model.meta_init and not env.distributed:
+            raise ConfigError("Invalid model.meta_init=True for a single process. Must be False unless the tables are "
+                              "sharded over several processes (torchrun, dist_rec.fault.launch).")  # fmt: skip
         self.hooks = list(hooks)
-        self.say = (lambda *a: print(*a, flush=True)) if env.is_main and not quiet else (lambda *a: None)
+        self.quiet = quiet
         self.output_dir = Path(run.output_dir) if run.output_dir else None
-        if env.is_main and self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(config.to_yaml())
-        self.log = MetricsLog(self.output_dir / "metrics.jsonl" if env.is_main and self.output_dir is not None else None)
+        self.log = MetricsLog(None)
 
         self.data = build_data(config)
-        if env.is_main and self.data.eval is not None and hasattr(self.data.eval, "teacher_auc"):
-            self.data.teacher_auc = self.data.eval.teacher_auc()
         torch.manual_seed(run.seed)
         model = build_model(config, self.data, env.device)
+        epoch = join_first_epoch(env, config)  # under the fault-tolerant launcher: now the model is built
+        joining = epoch is not None and epoch.roles[env.member.rank] == REPLACEMENT
+        self._open_outputs()
+        if env.is_main and self.data.eval is not None and hasattr(self.data.eval, "teacher_auc"):
+            self.data.teacher_auc = self.data.eval.teacher_auc()
         checkpoint_dir = Path(run.checkpoint_dir) if run.checkpoint_dir else None
         self._own_group = checkpoint_dir is not None and not dist.is_initialized()
         if self._own_group:  # checkpoints are written by the sharded model: a group of one
             init_single_process_group()
-        self.sharded = shard_model(model, config, env) if dist.is_initialized() else None
+        self.sharded = (
+            shard_model(model, config, env, replicas=epoch.replicas if epoch else None, initial_sync=not joining)
+            if dist.is_initialized() else None
+        )  # fmt: skip
         self.process_groups = self.sharded.process_groups if self.sharded is not None else None
         self.model = self.sharded.unwrapped if self.sharded is not None else model
         trained = self.sharded if self.sharded is not None else model
@@ -119,7 +175,6 @@ class Trainer:
 
             self.engine = DeepSpeedDenseEngine(self.sharded, self.dense_optimizer, run.zero_stage, run.batch_size)
             trained = self.engine
-        self.global_batch = run.batch_size * env.world_size
         self.pipeline = self._pipeline(trained)
 
         if self.sharded is not None:
@@ -128,15 +183,52 @@ class Trainer:
             self.replica_sync = ReplicaSync(self.model.sparse_arch.sync)  # one process: fold the increments in
         else:
             self.replica_sync = NullReplicaSync()
-        self.progress = ProgressLog(self.log, run.log_every, run.steps, self.global_batch, env, self.say)
+        self.recovery = Recovery(self, env.member) if env.member is not None else NullRecovery(self)
+        self.position = _DataPosition(self)
+        self.progress = ProgressLog(self.log, run.log_every, run.steps, self.examples_per_step, env, self._say)
         self.checkpointer = (
-            Checkpointer(checkpoint_dir, run.checkpoint_every, run.steps, self.sharded, self.dense_optimizer, self.global_batch, self.say)
-            if checkpoint_dir is not None else NullCheckpointer()
+            Checkpointer(checkpoint_dir, run.checkpoint_every, run.steps, self.sharded, self.dense_optimizer,
+                         self.position, self._say, at=self.recovery.at)  # fmt: skip
+            if checkpoint_dir is not None else NullCheckpointer(self.sharded)
         )
         self.evaluator = (
-            Evaluator(self.model, self.data.eval, config, env, run.steps, self.log, self.say)
+            Evaluator(self.model, self.data.eval, config, env, run.steps, self.log, self._say)
             if self.data.eval is not None else NullEvaluator()
         )
+        self._resume_step: Optional[int] = None
+        self._examples = 0
+        self._failure_records: List[Dict] = []
+        if joining:  # a replacement: the running ranks hand it their state
+            self._resume_step = self.recovery.restore(epoch, env.member.rank, 0, time.time())
+
+    # -- what the components and recovery ask --------------------------------------
+
+    @property
+    def examples_per_step(self) -> int:
+        """Samples one step trains now (fewer while a replica group is out)."""
+        return self.config.train.batch_size * self.env.world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.train.batch_size * self.env.data_world_size
+
+    def _say(self, *parts) -> None:
+        if self.env.is_main and not self.quiet:
+            print(*parts, flush=True)
+
+    def _open_outputs(self) -> None:
+        """metrics.jsonl and config.yaml on the main rank (the lowest rank
+        of the current epoch: it may change under recovery; the file is
+        appended to, never truncated, by whoever is main)."""
+        env = self.env
+        self.log.close()
+        if env.is_main and self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(self.config.to_yaml())
+            fresh = env.member is None or env.member.incarnation == 0 and env.member.epoch.id == 0
+            self.log.open(self.output_dir / "metrics.jsonl", append=not fresh)
+        else:
+            self.log.open(None)
 
     def _pipeline(self, trained) -> TrainPipelineSparseDist:
         loss_fn = nn.BCEWithLogitsLoss()
@@ -149,57 +241,116 @@ class Trainer:
             return TrainPipelineSparseDist(model, None, loss_of, backward=self.engine.backward, step=self.engine.step, sync=False)
         return TrainPipelineSparseDist(model, self.dense_optimizer, loss_of, sync=False)
 
+    def after_recovery(self, step: int) -> None:
+        """Recovery formed a new epoch: this rank's rank, the job's size and
+        the main rank may have changed."""
+        self._open_outputs()
+        self.evaluator.env = self.env
+
+    def restore_data_position(self, source: int) -> None:
+        """The data reader's seek notes from ``source`` (a collective)."""
+        dataset = self.data.train
+        box = [dataset.seek_state() if hasattr(dataset, "seek_state") and dist.get_rank() == source else None]
+        dist.broadcast_object_list(box, src=source)
+        if box[0] and hasattr(dataset, "restore_seek_state"):
+            dataset.restore_seek_state(box[0])
+
+    def record_failure(self, record: Dict) -> None:
+        """A failure survived, once training went on after it (main rank: metrics.jsonl)."""
+        self._failure_records.append(record)
+        self.log.write({"kind": "failure", **{k: v for k, v in record.items() if k != "summary"}})
+        self._say(
+            f"recovered: {record['summary']}; {record['seconds_to_first_step']:.1f} s from the failure to the first "
+            f"step after it (restore {record['restore_seconds']:.2f} s, {record['restored_bytes'] / 2**20:.1f} MiB)"
+        )
+
     # -- the loop ---------------------------------------------------------------
 
     def _announce(self) -> None:
         env, data, config = self.env, self.data, self.config
-        self.say(
+        self._say(
             f"dist_rec: DLRM on {data.train.__class__.__name__}, {env.world_size} process(es) "
             f"({env.backend or 'single'}, {env.device}), batch {config.train.batch_size} per process "
-            f"({self.global_batch} global), {len(data.sparse_feature_names)} tables / "
+            f"({self.examples_per_step} global), {len(data.sparse_feature_names)} tables / "
             f"{sum(data.num_embeddings_per_feature):,} rows x {config.model.embedding_dim}, "
             f"{torch.get_num_threads()} thread(s) per process"
         )
         if self.engine is not None:
-            self.say(f"dense: {self.engine.describe()}")
+            self._say(f"dense: {self.engine.describe()}")
         if self.sharded is not None:
-            self.say(f"sharding: {self.sharded.grid}, replicas synchronised every {self.sharded.sync_every} step(s)")
-            self.say(str(self.sharded.plans["sparse_arch"]))
+            self._say(f"sharding: {self.sharded.grid}, replicas synchronised every {self.sharded.sync_every} step(s)")
+            self._say(str(self.sharded.plans["sparse_arch"]))
+        if env.member is not None:
+            self._say(f"fault tolerance: recovery under dist_rec.fault.launch, collectives time out after "
+                      f"{config.fault.timeout_s:.0f} s")  # fmt: skip
         if data.teacher_auc is not None:
-            self.say(f"teacher AUC on the evaluation set (the ceiling): {data.teacher_auc:.4f}")
+            self._say(f"teacher AUC on the evaluation set (the ceiling): {data.teacher_auc:.4f}")
+
+    def _stream(self, step: int) -> Iterator[Batch]:
+        """This rank's training batches from global batch ``step`` on (a
+        seek), on the device, at most up to ``train.steps``."""
+        run, env = self.config.train, self.env
+        dataset = self.data.train
+        if step == 0:
+            stream = dataset.batches(run.batch_size, env.data_rank, env.data_world_size, drop_last=True)
+        elif "start_step" in inspect.signature(dataset.batches).parameters:
+            stream = dataset.batches(run.batch_size, env.data_rank, env.data_world_size, drop_last=True, start_step=step)
+        else:  # a dataset that cannot seek: read and drop what came before
+            warnings.warn(f"{type(dataset).__name__}.batches() takes no start_step: resuming at step {step} reads the "
+                          f"{step} batches before it again.", stacklevel=2)  # fmt: skip
+            stream = dataset.batches(run.batch_size, env.data_rank, env.data_world_size, drop_last=True)
+            for _ in range(step):
+                next(stream, None)
+        return self._step_batches(stream, None if run.steps == 0 else run.steps - step)
 
     def train(self) -> TrainResult:
         """Runs the loop to ``train.steps`` (or the end of finite data) and
         returns what rank 0 reports."""
-        run, env = self.config.train, self.env
+        run = self.config.train
         self._announce()
-        stream = self.data.train.batches(run.batch_size, env.rank, env.world_size, drop_last=True)
-        step = first_step = self.checkpointer.resume(stream)
-        batches = self._step_batches(stream, None if run.steps == 0 else run.steps - first_step)
+        step = first_step = self._resume_step if self._resume_step is not None else self.checkpointer.resume()
+        batches = self._stream(step)
         self.progress.start(first_step)
-        try:
-            while run.steps == 0 or step < run.steps:
-                tick = time.perf_counter()
-                try:
-                    loss = self.pipeline.progress(batches)
-                except StopIteration:
-                    break
-                self.replica_sync.after_optimizer_step()
-                step += 1
-                self.progress.record(step, loss.detach(), time.perf_counter() - tick)
-                if self.checkpointer.should_save(step):
+        final_eval: Optional[EvalMetrics] = None
+        finished = False
+        while not finished:
+            try:
+                while run.steps == 0 or step < run.steps:
+                    tick = time.perf_counter()
+                    ACTIVITY.set(f"step {step + 1}: forward, backward and the dense step")
+                    try:
+                        loss = self.pipeline.progress(batches)
+                    except StopIteration:
+                        break
+                    ACTIVITY.set(f"step {step + 1}: replica sync")
+                    self.replica_sync.after_optimizer_step()
+                    step += 1
+                    self._examples += self.examples_per_step
+                    self.progress.record(step, loss.detach(), time.perf_counter() - tick, self.examples_per_step)
+                    self.recovery.after_step(step)
+                    if self.checkpointer.should_save(step):
+                        self._save(step)
+                    if self.evaluator.should_evaluate(step):
+                        ACTIVITY.set(f"evaluation at step {step}")
+                        self.evaluator.evaluate(step)
+                    for hook in self.hooks:
+                        hook.after_step(self, step)
+                self.recovery.finish()
+                if step > first_step:
                     self._save(step)
-                if self.evaluator.should_evaluate(step):
-                    self.evaluator.evaluate(step)
+                ACTIVITY.set(f"final evaluation at step {step}")
+                final_eval = self.evaluator.evaluate(step, final=True)
+                finished = True
+            except BaseException as error:
+                if not self.recovery.can_recover(error):
+                    for hook in self.hooks:
+                        hook.on_failure(self, step, error)
+                    raise
                 for hook in self.hooks:
-                    hook.after_step(self, step)
-            if step > first_step:
-                self._save(step)
-            final_eval = self.evaluator.evaluate(step, final=True)
-        except BaseException as error:
-            for hook in self.hooks:
-                hook.on_failure(self, step, error)
-            raise
+                    hook.before_recovery(self, step, error)
+                step = self.recovery.recover(error, step)
+                batches = self._stream(step)
+                self.progress.resumed(step)
         return self._finish(step, first_step, final_eval)
 
     def _save(self, step: int) -> None:
@@ -224,27 +375,43 @@ class Trainer:
             yield batch.to(self.env.device)
 
     def _finish(self, step: int, first_step: int, final_eval: Optional[EvalMetrics]) -> TrainResult:
-        self.log.close()
         result = TrainResult(
             steps=step,
-            examples=step * self.global_batch,
+            examples=self._examples,
             train_seconds=self.progress.train_seconds,
-            examples_per_second=self.progress.throughput(step - first_step),
+            examples_per_second=self.progress.throughput(),
             final_eval=final_eval,
             teacher_auc=self.data.teacher_auc,
             losses=self.progress.losses,
             output_dir=self.output_dir,
             model=self.model,
             dense_engine=self.engine,
+            failures=list(self.recovery.failures),
         )
+        self.log.close()
         if self.env.is_main and self.output_dir is not None:
-            plot_path = plot_training(self.log.records, self.data.teacher_auc, self.output_dir / "training.png")
-            figures = summary(self.config, self.env, result, plot_path)
+            records = read_records(self.output_dir / "metrics.jsonl")
+            plot_path = plot_training(records, self.data.teacher_auc, self.output_dir / "training.png")
+            failures = [r for r in records if r.get("kind") == "failure"]
+            figures = summary(self.config, self.env, result, plot_path, failures)
             (self.output_dir / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
-            self.say(summary_table(figures))
+            self._say(summary_table(figures))
+        if self.env.member is not None:
+            self.env.member.events.write("done", step=step)
+            self.env.member.close()
         if self._own_group:
             destroy_process_group()
         return result
+
+
+def _check_recoverable(config: TrainConfig) -> None:
+    """What recovery under the fault-tolerant launcher cannot carry yet."""
+    if config.train.dense_engine != "ddp":
+        raise ConfigError("Invalid train.dense_engine={!r} under dist_rec.fault.launch. Must be 'ddp' (recovery "
+                          "re-forms DDP; DeepSpeed's engine is not rebuilt).".format(config.train.dense_engine))
+    if config.optimizer.dense == "shampoo":
+        raise ConfigError("Invalid optimizer.dense='shampoo' under dist_rec.fault.launch. Must be sgd, adagrad or adam "
+                          "(Shampoo's blocks are spread over the ranks and not redistributed by recovery yet).")
 
 
 def _all_have_batch(has_batch: bool) -> bool:

@@ -56,3 +56,32 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     torch.testing.assert_close(torch.tensor(torch.load(second)), expected[6:], rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(single.losses), expected[6:], rtol=0, atol=1e-5)
     assert (checkpoint / "manifest.json").is_file() and (copy / "manifest.json").is_file()
+
+
+def test_resume_after_an_interrupted_publish_takes_the_newest_complete_sibling(tmp_path, capsys):
+    """A save that died between its two renames leaves no ``<dir>`` but a
+    complete ``<dir>.old-*`` (the previous checkpoint) and a complete
+    ``<dir>.tmp-*`` (the new one): the trainer resumes from the newer, never
+    from step 0 over it, and its next save repairs the names."""
+    checkpoint = tmp_path / "ckpt"
+    train(_config(16, 4, str(tmp_path / "a"), str(checkpoint)), Environment(), quiet=True)
+    shutil.copytree(checkpoint, tmp_path / "ckpt.old-4-aaaaaaaaaa")
+    train(_config(16, 8, str(tmp_path / "b"), str(checkpoint)), Environment(), quiet=True)
+    checkpoint.rename(tmp_path / "ckpt.tmp-8-bbbbbbbbbb")  # the crash: the new one not yet renamed into place
+    capsys.readouterr()
+    result = train(_config(16, 12, str(tmp_path / "c"), str(checkpoint)), Environment(), quiet=False)
+    out = capsys.readouterr().out
+    assert "continuing at step 8" in out, out
+    assert result.steps == 12 and len(result.losses) == 4  # steps 9..12 only (log_every=1)
+    assert (checkpoint / "manifest.json").is_file()
+    assert not list(tmp_path.glob("ckpt.tmp-*")) and not list(tmp_path.glob("ckpt.old-*"))
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_at_the_start(tmp_path):
+    import pytest
+
+    from dist_rec.config import ConfigError
+
+    (tmp_path / "ckpt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        train(_config(16, 4, str(tmp_path / "a"), str(tmp_path / "ckpt")), Environment(), quiet=True)
