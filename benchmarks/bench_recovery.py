@@ -39,6 +39,9 @@ from typing import Dict, List, Optional
 
 from harness import REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dist_rec.checkpoint import CheckpointReader  # noqa: E402
+
 TABLES = 8
 DIM = 64
 # 2D replicas are averaged whole (every row) at a sync: every step would move
@@ -119,7 +122,8 @@ def _failure_figures(way: str, out: Path, victim: int, args) -> Dict:
     else:  # the survivors' first epoch after the kill resumed at the agreed step
         resumed = min((e["resume_step"] for e in restored if e["rank"] in survivors and e["time"] > t_kill), default=before)
     if way == "restart":
-        manifest = json.loads((out / "ckpt" / "manifest.json").read_text()) if (out / "ckpt").exists() else None
+        newest = CheckpointReader.find(out / "ckpt") if (out / "ckpt").exists() else None
+        manifest = json.loads((newest / "manifest.json").read_text()) if newest is not None else None
         moved = sum(f["bytes"] for f in manifest["files"]) if manifest else 0  # every rank reloads the checkpoint
         lost = (kill["step"] - resumed) * 2048  # every sample since the checkpoint is trained again
     else:

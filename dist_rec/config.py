@@ -1,7 +1,7 @@
 """Training configuration: validated dataclasses, YAML files, overrides.
 
-A run is described by one ``TrainConfig`` with six sections (``data``,
-``model``, ``optimizer``, ``train``, ``sharding``, ``fault``). It loads from YAML, and
+A run is described by one ``TrainConfig`` with seven sections (``data``,
+``model``, ``optimizer``, ``train``, ``sharding``, ``checkpoint``, ``fault``). It loads from YAML, and
 ``section.field=value`` overrides from the command line are applied on top
 (values parsed as YAML: ``train.steps=100``,
 ``model.over_arch_layer_sizes=[64,1]``). Every value is checked where it is
@@ -363,6 +363,51 @@ class ShardingConfig:
             raise _invalid(f"{prefix}.plan", self.plan, "a JSON plan file that exists")
 
 
+CHECKPOINT_POLICIES = ("full", "incremental", "mfu", "ssu")
+
+
+@dataclass
+class CheckpointConfig:
+    """How checkpoints are written (where and how often: ``train.checkpoint_dir``,
+    ``train.checkpoint_every``; see docs/checkpoint.md).
+
+    Args:
+        policy: "full" (every row at every save), "incremental" (the rows
+            touched since the previous save; a full base every ``base_every``
+            saves; exact), "mfu" (CPR-MFU: the ``mfu_fraction`` most used rows
+            of each shard at every save, the rest at bases) or "ssu" (CPR-SSU:
+            a ``ssu_fraction`` sample of the touched rows at every save).
+        async_save: copy what a save needs and write it in the background
+            (training stalls only for the copy); False writes in the step.
+        base_every: a full save every this many saves (non-full policies).
+        mfu_fraction, ssu_fraction: the policies' shares of rows.
+        keep_last: complete checkpoints kept (with the bases their deltas need).
+        auto_interval: choose the interval from ``fault.mtbf_s`` and the
+            measured save cost (Young/Daly, or the largest interval whose
+            expected PLS stays under ``target_pls`` under partial recovery),
+            instead of ``train.checkpoint_every``.
+        target_pls: the portion of lost samples partial recovery may cost.
+    """
+
+    policy: str = "full"
+    async_save: bool = True
+    base_every: int = 5
+    mfu_fraction: float = 0.1
+    ssu_fraction: float = 0.1
+    keep_last: int = 2
+    auto_interval: bool = False
+    target_pls: float = 0.01
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        if self.policy not in CHECKPOINT_POLICIES:
+            raise _invalid(f"{prefix}.policy", self.policy, f"one of {list(CHECKPOINT_POLICIES)}")
+        _check(self.base_every >= 1, f"{prefix}.base_every", self.base_every, ">= 1")
+        _check(0 < self.mfu_fraction <= 1, f"{prefix}.mfu_fraction", self.mfu_fraction, "in (0, 1]")
+        _check(0 < self.ssu_fraction <= 1, f"{prefix}.ssu_fraction", self.ssu_fraction, "in (0, 1]")
+        _check(self.keep_last >= 1, f"{prefix}.keep_last", self.keep_last, ">= 1")
+        _check(0 < self.target_pls < 1, f"{prefix}.target_pls", self.target_pls, "in (0, 1)")
+
+
 @dataclass
 class FaultConfig:
     """Failure detection and recovery (see docs/fault_tolerance.md).
@@ -382,6 +427,9 @@ class FaultConfig:
             "rank=0 step=400 at=checkpoint", "rank=1 at=restore incarnation=1".
         event_log: append the fault events (and every step) to
             <output_dir>/fault_events.jsonl under the fault-tolerant launcher.
+        mtbf_s: the expected seconds between failures, for
+            ``checkpoint.auto_interval`` (0: unknown; measured from the
+            failures seen).
     """
 
     timeout_s: float = 60.0
@@ -389,12 +437,14 @@ class FaultConfig:
     warn_after_s: float = 10.0
     inject: List[str] = field(default_factory=list)
     event_log: bool = True
+    mtbf_s: float = 0.0
 
     def validate(self, prefix: str = "fault") -> None:
         _check(self.timeout_s > 0, f"{prefix}.timeout_s", self.timeout_s, "> 0")
         _check(0 < self.heartbeat_s <= self.timeout_s / 3, f"{prefix}.heartbeat_s", self.heartbeat_s,
                f"> 0 and at most a third of fault.timeout_s={self.timeout_s}")  # fmt: skip
         _check(self.warn_after_s > 0, f"{prefix}.warn_after_s", self.warn_after_s, "> 0")
+        _check(self.mtbf_s >= 0, f"{prefix}.mtbf_s", self.mtbf_s, ">= 0 (0: unknown)")
         from dist_rec.fault.inject import parse_all
 
         error = parse_all(self.inject)
@@ -409,6 +459,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: RunConfig = field(default_factory=RunConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> "TrainConfig":

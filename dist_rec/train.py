@@ -20,6 +20,7 @@ The loop itself is ``dist_rec.trainer.Trainer``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -51,35 +52,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _run_fault_tolerant(config, env, hooks=()) -> int:
-    """One worker of a job under ``dist_rec.fault.launch``: the exit code
-    tells the launcher what to do. A failed collective that recovery could
-    not absorb (while this process was still being built) exits 1: the
-    launcher starts a replacement. A program error (bad input, a bug) exits
-    ``EXIT_JOB_FAILED``: every rank would meet it, so the job stops."""
+def _run_fault_tolerant(config, env, hooks=()) -> "NoReturn":
+    """One worker of a job under ``dist_rec.fault.launch``; ends the
+    process, with an exit code that tells the launcher what to do. A failed
+    collective that recovery could not absorb (while this process was still
+    being built) exits 1: the launcher starts a replacement. A program error
+    (bad input, a bug) exits ``EXIT_JOB_FAILED``: every rank would meet it,
+    so the job stops.
+
+    The process ends with ``os._exit`` once its output is flushed: the
+    teardown of gloo groups whose peers are gone or were aborted by a
+    recovery can block or abort in C++ destructors, and the launcher would
+    take a finished worker for a failed one."""
     import traceback
 
     from dist_rec.distributed.errors import is_collective_failure
     from dist_rec.fault.launch import EXIT_JOB_FAILED
     from dist_rec.fault.member import JobEnded
 
+    code = 0
     try:
         Trainer(config, env, hooks=hooks).train()
     except JobEnded as ended:
-        return 0 if ended.code in (0, None) else 1
-    except SystemExit:
-        raise
+        code = 0 if ended.code in (0, None) else 1
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
     except BaseException as error:  # noqa: BLE001 -- the exit code is the message to the launcher
         traceback.print_exc()
         if env.member.aborted.is_set() or is_collective_failure(error):
             env.member.say(f"a collective failed before this process could recover ({type(error).__name__}); exiting "
                            "for a replacement")  # fmt: skip
-            return 1
-        env.member.say(f"program error ({type(error).__name__}: {error}); the job stops")
-        return EXIT_JOB_FAILED
-    finally:
-        destroy_process_group()
-    return 0
+            code = 1
+        else:
+            env.member.say(f"program error ({type(error).__name__}: {error}); the job stops")
+            code = EXIT_JOB_FAILED
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from the saving ones. ``restore_local_shards`` reloads one rank's shards
 alone (the hook for partial recovery). See ``docs/checkpoint.md``.
 """
 
-from dist_rec.checkpoint.checkpoint import dense_state_dict, load_checkpoint, restore_local_shards, save_checkpoint
+from dist_rec.checkpoint.checkpoint import dense_state_dict, load_checkpoint, resolve_chain, restore_local_shards, save_checkpoint
 from dist_rec.checkpoint.files import CheckpointError
 from dist_rec.checkpoint.manifest import FORMAT_VERSION, read_manifest
 from dist_rec.checkpoint.reader import CheckpointReader
@@ -22,6 +22,7 @@ __all__ = [
     "dense_state_dict",
     "load_checkpoint",
     "read_manifest",
+    "resolve_chain",
     "restore_local_shards",
     "save_checkpoint",
 ]

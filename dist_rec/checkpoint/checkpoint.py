@@ -52,7 +52,7 @@ from dist_rec.checkpoint.manifest import (
     table_records,
     tensor_record,
 )
-from dist_rec.checkpoint.reader import CheckpointReader, copy_block_into_shard
+from dist_rec.checkpoint.reader import CheckpointReader, copy_block_into_shard, copy_rows_into_shard
 
 # Test seam: called as ``_fault_hook(stage, path)`` at "file_written" (every
 # writing rank, after each file), "manifest_written" and "renamed_old"
@@ -78,6 +78,23 @@ def dense_state_dict(model) -> Dict[str, torch.Tensor]:
 
 def _describe(error: BaseException) -> str:
     return str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
+
+
+def _agree_on(error: Optional[BaseException], what: str, group) -> None:
+    """``_agree`` over ``group`` for an exception; a refusal for NaN / inf
+    anywhere is raised as ``NonFiniteError`` on every rank."""
+    text = None if error is None else (("NONFINITE:" if isinstance(error, NonFiniteError) else "") + _describe(error))
+    gathered: List[Optional[str]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, text, group=group)
+    failures: Dict[str, List[int]] = {}
+    for rank, message in enumerate(gathered):
+        if message is not None:
+            failures.setdefault(message, []).append(rank)
+    if failures:
+        parts = [f"{'rank' if len(r) == 1 else 'ranks'} {', '.join(map(str, r))}: {m.replace('NONFINITE:', '')}"
+                 for m, r in failures.items()]  # fmt: skip
+        kind = NonFiniteError if any(m.startswith("NONFINITE:") for m in failures) else CheckpointError
+        raise kind(f"{what} refused on every rank. " + " | ".join(parts))
 
 
 def _agree(error: Optional[str], what: str) -> None:
@@ -224,70 +241,78 @@ def save_checkpoint(directory, model, dense_optimizer=None, step: int = 0, extra
 
 
 def _write_rank_files(tmp: Path, model, dense_optimizer, extra, rank: int) -> List[Dict]:
+    from dist_rec.checkpoint.snapshot import SavePolicy, take_snapshot
+
+    # No copies: the live rows are written as they are (a synchronous save).
+    snapshot = take_snapshot(model, dense_optimizer, 0, extra, "base", SavePolicy(), copy=False)
+    return write_items(tmp, snapshot.items, rank)
+
+
+class NonFiniteError(CheckpointError):
+    """A save refused: the state holds NaN or inf. The last good checkpoint
+    stays; the run must stop (the next save would replace good with bad)."""
+
+
+def write_items(tmp: Path, items, rank: int, check_finite: bool = False) -> List[Dict]:
+    """Writes a snapshot's items (``snapshot.Item``) under ``tmp``; returns
+    their manifest records. ``check_finite`` refuses NaN / inf first."""
     records = []
-    writes_shards = rank in model.grid.sharding_groups[0]
-    for path, sharded in model.sharded.items():
-        if writes_shards:
-            for local in sharded.local_shards():
-                s = local.shard
-                name = f"shards/{component(path)}/{component(local.table)}/r{s.row_offset}_c{s.col_offset}.pt"
-                records.append(_write_block(tmp, name, "shard", path, local, rank))
-        if rank == 0:
-            for local in sharded.data_parallel_tables():
-                name = f"data_parallel/{component(path)}/{component(local.table)}.pt"
-                records.append(_write_block(tmp, name, "data_parallel", path, local, rank))
-    # Every rank asks: a dense optimizer that partitions its state over the
-    # ranks (distributed Shampoo) gathers it in a collective state_dict().
-    optimizer_state = dense_optimizer.state_dict() if dense_optimizer is not None else None
-    if rank == 0:
-        model_state = {k: _cpu_tensor(v) for k, v in dense_state_dict(model).items()}
-        content = {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "extra": extra,
-        }
-        size, sha = write_tensors(tmp / "dense.pt", content)
-        records.append(
-            {
-                "file": "dense.pt",
-                "kind": "dense",
-                "bytes": size,
-                "sha256": sha,
-                "tensors": {k: tensor_record(v) for k, v in model_state.items()},
+    for item in items:
+        if check_finite:
+            _check_finite(item, rank)
+        if item.kind == "dense":
+            model_state = item.tensors["model"]
+            size, sha = write_tensors(tmp / item.file, item.tensors)
+            records.append({"file": item.file, "kind": "dense", "bytes": size, "sha256": sha,
+                            "tensors": {k: tensor_record(v) for k, v in model_state.items()}, "written_by": rank})  # fmt: skip
+        else:
+            size, sha = write_tensors(tmp / item.file, item.tensors)
+            r0, nr, c0, nc = item.rect
+            record = {
+                "file": item.file, "kind": item.kind, "module": item.module, "table": item.table,
+                "row_offset": r0, "num_rows": nr, "col_offset": c0, "num_cols": nc,
+                "tensors": {k: tensor_record(v) for k, v in item.tensors.items()},
+                "bytes": size, "sha256": sha,
+                "shard_rank": item.shard_rank,  # rank inside the sharding group; -1 for a data-parallel table
                 "written_by": rank,
-            }
-        )
-        _hook("file_written", tmp / "dense.pt")
+            }  # fmt: skip
+            if item.kind == "delta":
+                record["rows"] = int(item.tensors["rows"].numel())
+            records.append(record)
+        _hook("file_written", tmp / item.file)
     return records
 
 
-def _write_block(tmp: Path, name: str, kind: str, module: str, local, rank: int) -> Dict:
-    weight, state = local.read()  # through the shard's storage: views in memory, copies elsewhere
-    tensors = {"weight": _cpu_tensor(weight)}
-    tensors.update({name_: _cpu_tensor(t) for name_, t in state.items()})
-    size, sha = write_tensors(tmp / name, tensors)
-    s = local.shard
-    _hook("file_written", tmp / name)
-    return {
-        "file": name,
-        "kind": kind,
-        "module": module,
-        "table": local.table,
-        "row_offset": s.row_offset,
-        "num_rows": s.num_rows,
-        "col_offset": s.col_offset,
-        "num_cols": s.num_cols,
-        "tensors": {k: tensor_record(v) for k, v in tensors.items()},
-        "bytes": size,
-        "sha256": sha,
-        "shard_rank": s.rank,  # rank inside the sharding group; -1 for a data-parallel table
-        "written_by": rank,
-    }
+def _check_finite(item, rank: int) -> None:
+    if item.kind == "dense":
+        bad = [k for k, v in item.tensors["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteError(f"rank {rank}: the dense layers hold NaN or inf ({', '.join(bad[:5])}); not saved.")
+        return
+    for name, tensor in item.tensors.items():
+        if name == "rows" or not tensor.is_floating_point():
+            continue
+        if tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(dim=1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero().flatten()
+            first = int(item.tensors["rows"][rows[0]]) if "rows" in item.tensors else item.rect[0] + int(rows[0])
+            raise NonFiniteError(
+                f"rank {rank}: table {item.table!r} of module {item.module!r} holds NaN or inf in {name} of "
+                f"{rows.numel()} row(s) (first: row {first}); not saved."
+            )
 
 
 def _manifest(model, dense_optimizer, step: int, files: List[Dict]) -> Dict:
+    return dict(manifest_header(model, dense_optimizer, step), files=files)
+
+
+def manifest_header(model, dense_optimizer, step: int, kind: str = "base", parent: Optional[str] = None) -> Dict:
+    """Everything of a manifest but its files (taken when the snapshot is,
+    on the training thread)."""
     grid = model.grid
-    return {
+    header = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "step": step,
@@ -311,8 +336,11 @@ def _manifest(model, dense_optimizer, step: int, files: List[Dict]) -> Dict:
             for path, sharded in model.sharded.items()
         },
         "dense_optimizer": type(dense_optimizer).__name__ if dense_optimizer is not None else None,
-        "files": files,
+        "kind": kind,
     }
+    if parent is not None:
+        header["parent"] = parent
+    return header
 
 
 # -- load -------------------------------------------------------------------------
@@ -321,55 +349,88 @@ def _manifest(model, dense_optimizer, step: int, files: List[Dict]) -> Dict:
 _Copies = List[Tuple[object, Rect, List[Tuple[Dict[str, torch.Tensor], Rect, Rect]]]]
 
 
-def load_checkpoint(directory, model, dense_optimizer=None) -> Dict:
+def resolve_chain(directory) -> List[CheckpointReader]:
+    """Readers of what loading ``directory`` means, base first: a single
+    checkpoint; a series root's newest restorable entry and its ancestors
+    (``series.py``); or one entry of a series and its ancestors. Raises
+    ``CheckpointError`` when there is none or a link is missing."""
+    from dist_rec.checkpoint.series import CheckpointSeries
+
+    directory = Path(directory)
+    if not directory.exists():  # a single checkpoint whose publish was interrupted: its sibling, with a note
+        return [CheckpointReader(directory)]
+    if (directory / MANIFEST).is_file():
+        manifest = json.loads((directory / MANIFEST).read_text())
+        if manifest.get("kind", "base") == "delta":
+            return [CheckpointReader(p) for p in CheckpointSeries(directory.parent).chain(directory)]
+        return [CheckpointReader(directory)]
+    chain = CheckpointSeries(directory).latest()
+    if chain is None:
+        return [CheckpointReader(directory)]  # raises with the reason (missing, unfinished, foreign)
+    return [CheckpointReader(p) for p in chain]
+
+
+def load_checkpoint(directory, model, dense_optimizer=None, check_extra: Optional[Callable[[object], None]] = None) -> Dict:
     """Loads a checkpoint into ``model`` (a collective), resharding as needed.
 
     The loading world size, plans and 2D grid may differ from the saving
     ones: each rank reads the saved blocks that overlap each of its shards
-    (``reader.py``). Everything is verified (manifest version, every file's
+    (``reader.py``). A delta checkpoint is loaded with its chain: the base,
+    then every delta in order (each delta's rows land wherever they are
+    held now). Everything is verified (manifest versions, every file's
     presence, size and sha256, tables and optimizers against the model,
-    tensor shapes) before any live tensor changes; a problem on any rank
-    raises the same ``CheckpointError`` on every rank and leaves the model
-    untouched.
+    tensor shapes, the chain's links) before any live tensor changes; a
+    problem on any rank raises the same ``CheckpointError`` on every rank
+    and leaves the model untouched.
 
     Args:
-        directory: a directory written by ``save_checkpoint``.
+        directory: a directory written by ``save_checkpoint``, a series
+            root (``series.py``: its newest restorable entry), or an entry.
         model (DistributedModelParallel): the model to fill.
         dense_optimizer (Optional[torch.optim.Optimizer]): restored from the
             checkpoint's dense optimizer state (same class and parameter
             groups). (Default: None: not restored)
+        check_extra: called with the saved ``extra`` before anything is
+            loaded; what it raises refuses the load (the trainer compares
+            its settings with the saved ones). (Default: None)
 
-    Returns ``{"step": int, "extra": ..., "directory": str}``.
+    Returns ``{"step": int, "extra": ..., "directory": str, "chain": [str]}``.
     """
     what = f"load_checkpoint({str(directory)!r})"
     prepared, error = None, None
     try:
-        reader = CheckpointReader(directory)
-        if reader.note is not None and dist.get_rank() == 0:
-            warnings.warn(reader.note, stacklevel=2)
-        prepared = _prepare_load(reader, model, dense_optimizer)
+        chain = resolve_chain(directory)
+        if chain[0].note is not None and dist.get_rank() == 0:
+            warnings.warn(chain[0].note, stacklevel=2)
+        if check_extra is not None:  # the settings first: a refusal by name beats one by shape
+            check_extra(chain[-1].read_dense()["extra"])
+        prepared = _prepare_load(chain, model, dense_optimizer)
     except Exception as e:
         error = _describe(e)
     _agree(error, what)
 
-    copies, dense = prepared
-    _apply_copies(copies)
+    steps, dense = prepared
+    for copies in steps:
+        _apply_copies(copies)
+    last = chain[-1]
     with torch.no_grad():
         model.unwrapped.load_state_dict(dense["model"], strict=False)
     if dense_optimizer is not None:
         dense_optimizer.load_state_dict(dense["optimizer"])
-    model.sync_steps = int(reader.manifest["grid"].get("sync_steps", 0))
+    model.sync_steps = int(last.manifest["grid"].get("sync_steps", 0))
     dist.barrier()
-    return {"step": reader.step, "extra": dense["extra"], "directory": str(reader.directory)}
+    return {"step": last.step, "extra": dense["extra"], "directory": str(last.directory), "chain": [str(r.directory) for r in chain]}
 
 
-def _prepare_load(reader: CheckpointReader, model, dense_optimizer):
-    check_model_matches(reader.manifest, model)
-    reader.check_present()
-    copies = _shard_copies(reader, model, None, None)
-    dense = reader.read_dense()
-    _check_dense(reader, dense, model, dense_optimizer)
-    return copies, dense
+def _prepare_load(chain: List[CheckpointReader], model, dense_optimizer):
+    steps = []
+    for reader in chain:
+        check_model_matches(reader.manifest, model)
+        reader.check_present()
+    steps = [_shard_copies(reader, model, None, None) for reader in chain]
+    dense = chain[-1].read_dense()
+    _check_dense(chain[-1], dense, model, dense_optimizer)
+    return steps, dense
 
 
 def _shard_copies(reader: CheckpointReader, model, modules: Optional[Sequence[str]], tables: Optional[Sequence[str]]) -> _Copies:
@@ -386,10 +447,12 @@ def _shard_copies(reader: CheckpointReader, model, modules: Optional[Sequence[st
             s = local.shard
             wanted.append((path, local, (s.row_offset, s.num_rows, s.col_offset, s.num_cols)))
     reader.prefetch([(path, local.table, rect) for path, local, rect in wanted])  # every file at once
+    delta = reader.manifest.get("kind", "base") == "delta"
     for path, local, rect in wanted:
         blocks = reader.copies_for(path, local.table, rect)
-        if sum(b[2][1] * b[2][3] for b in blocks) != local.shard.num_rows * local.shard.num_cols:
-            raise CheckpointError(f"{reader.directory}: the saved blocks of table {local.table!r} do not cover {local.shard}.")
+        if not delta or local.shard.rank < 0:  # a base, or a data-parallel table (saved whole in every entry)
+            if sum(b[2][1] * b[2][3] for b in blocks) != local.shard.num_rows * local.shard.num_cols:
+                raise CheckpointError(f"{reader.directory}: the saved blocks of table {local.table!r} do not cover {local.shard}.")
         copies.append((local, rect, blocks))
     return copies
 
@@ -397,7 +460,10 @@ def _shard_copies(reader: CheckpointReader, model, modules: Optional[Sequence[st
 def _apply_copies(copies: _Copies) -> None:
     for local, rect, blocks in copies:
         for tensors, saved, common in blocks:
-            copy_block_into_shard(local, rect, tensors, saved, common)
+            if "rows" in tensors:
+                copy_rows_into_shard(local, rect, tensors, saved, common)
+            else:
+                copy_block_into_shard(local, rect, tensors, saved, common)
 
 
 def _check_dense(reader: CheckpointReader, dense: Dict, model, dense_optimizer) -> None:
@@ -440,10 +506,13 @@ def restore_local_shards(
     theirs). Resharding applies as in ``load_checkpoint``; every file read
     is verified before anything is copied. Dense layers are not touched.
 
+    A delta checkpoint restores with its chain (base, then each delta).
     Returns the restored ``LocalShard``s. Raises ``CheckpointError``.
     """
-    reader = CheckpointReader(directory)
-    check_model_matches(reader.manifest, model)
-    copies = _shard_copies(reader, model, modules, tables)
-    _apply_copies(copies)
-    return [local for local, _, _ in copies]
+    chain = resolve_chain(directory)
+    for reader in chain:
+        check_model_matches(reader.manifest, model)
+    steps = [_shard_copies(reader, model, modules, tables) for reader in chain]  # every file verified first
+    for copies in steps:
+        _apply_copies(copies)
+    return [local for local, _, _ in steps[0]]

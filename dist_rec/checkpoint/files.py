@@ -112,6 +112,11 @@ def sibling(directory: Path, mark: str, ident: str) -> Path:
     return directory.with_name(directory.name + mark + ident)
 
 
+def interrupted_publish_leftovers(directory: Path) -> List[Path]:
+    """Every ``<directory>.tmp-*`` and ``.old-*`` sibling."""
+    return _siblings(directory, TMP_MARK) + _siblings(directory, OLD_MARK)
+
+
 def _siblings(directory: Path, mark: str) -> List[Path]:
     parent = directory.parent
     if not parent.is_dir():
@@ -139,6 +144,13 @@ def interrupted_swap_candidate(directory: Path) -> Optional[Path]:
     at the same step), else None."""
     if directory.exists():
         return None
+    return newest_complete_sibling(directory)
+
+
+def newest_complete_sibling(directory: Path) -> Optional[Path]:
+    """The newest complete ``<directory>.tmp-*`` or ``.old-*`` an interrupted
+    publish of a single checkpoint left (``.tmp-`` preferred at the same
+    step), else None."""
     candidates = [(p, 1) for p in _siblings(directory, TMP_MARK) if is_complete(p)]
     candidates += [(p, 0) for p in _siblings(directory, OLD_MARK) if is_complete(p)]
     if not candidates:

@@ -119,6 +119,10 @@ def _check_structure(manifest: Dict) -> None:
     """Every file entry is well formed, and per table the files tile the
     table exactly as the saved plan says (so any rectangle is covered)."""
     int(manifest["step"])
+    if manifest.get("kind", "base") not in ("base", "delta"):
+        raise CheckpointError(f"unknown checkpoint kind {manifest.get('kind')!r} (must be 'base' or 'delta').")
+    if manifest.get("kind") == "delta" and not manifest.get("parent"):
+        raise CheckpointError("a delta checkpoint must name its parent.")
     modules = manifest["modules"]
     by_table: Dict[Tuple[str, str], List[Rect]] = {}
     seen = set()
@@ -136,7 +140,7 @@ def _check_structure(manifest: Dict) -> None:
             raise CheckpointError(f"{where}: invalid sha256 {entry['sha256']!r}.")
         if entry["kind"] == "dense":
             continue
-        if entry["kind"] not in ("shard", "data_parallel"):
+        if entry["kind"] not in ("shard", "data_parallel", "delta"):
             raise CheckpointError(f"{where}: unknown kind {entry['kind']!r}.")
         module, table = entry["module"], entry["table"]
         if module not in modules or table not in modules[module]["tables"]:
@@ -149,9 +153,16 @@ def _check_structure(manifest: Dict) -> None:
                 f"{where}: rectangle rows {r0}+{nr}, cols {c0}+{nc} is outside table {table!r} ({rows} x {dim})."
             )
         tensors = entry["tensors"]
-        expected = {"weight": ([nr, nc], config["dtype"])}
+        count = nr
+        if entry["kind"] == "delta":  # some rows of the rectangle: their ids, then the rows
+            count = int(entry["rows"])
+            if not 0 <= count <= nr:
+                raise CheckpointError(f"{where}: {count} rows saved of a {nr}-row rectangle.")
+        expected = {"weight": ([count, nc], config["dtype"])}
+        if entry["kind"] == "delta":
+            expected["rows"] = ([count], "int64")
         for state in modules[module]["optimizer"]["state_names"]:
-            expected[state] = ([nr], "float32")
+            expected[state] = ([count], "float32")
         got = {k: (list(v["shape"]), v["dtype"]) for k, v in tensors.items()}
         if got != expected:
             raise CheckpointError(f"{where}: records tensors {got}; a {nr} x {nc} block of {table!r} needs {expected}.")

@@ -49,13 +49,18 @@ class CheckpointReader:
 
     @staticmethod
     def find(directory) -> Optional[Path]:
-        """The complete checkpoint ``directory`` names (itself, or the newest
-        complete sibling an interrupted publish left), or None when there
-        is none yet."""
+        """The newest complete checkpoint ``directory`` holds (itself; the
+        newest complete sibling an interrupted publish left; or, for a series
+        root, its newest entry), or None when there is none yet."""
         if directory is None:
             return None
         path, _ = resolve_for_load(Path(directory))
-        return path if (path / "manifest.json").is_file() else None
+        if (path / "manifest.json").is_file():
+            return path
+        from dist_rec.checkpoint.series import CheckpointSeries
+
+        entries = CheckpointSeries(directory).entries()
+        return entries[-1] if entries else None
 
     @property
     def step(self) -> int:
@@ -226,3 +231,24 @@ def copy_block_into_shard(local, rect: Rect, saved_tensors: Dict[str, torch.Tens
     weight, _ = local.read(dr, nr)
     weight[:, dc : dc + nc] = part
     local.write(weight, state, start=dr)
+
+
+@torch.no_grad()
+def copy_rows_into_shard(local, rect: Rect, saved_tensors: Dict[str, torch.Tensor], saved: Rect, common: Rect) -> None:
+    """A delta's rows (global ids ``saved_tensors["rows"]`` of the saved
+    rectangle ``saved``) that fall in ``common`` into a live shard, through
+    its storage (``write_rows``); a column part of rows is merged first."""
+    r0, nr, c0, nc = common
+    rows = saved_tensors["rows"]
+    inside = (rows >= r0) & (rows < r0 + nr)
+    if not bool(inside.any()):
+        return
+    picked = inside.nonzero().flatten()
+    local_ids = rows[picked] - rect[0]
+    part = saved_tensors["weight"][picked][:, c0 - saved[2] : c0 - saved[2] + nc]
+    state = {name: saved_tensors[name][picked] for name in local.state_names}
+    if nc != rect[3]:
+        weight, _ = local.storage.read_rows(local.index, local_ids)
+        weight[:, c0 - rect[2] : c0 - rect[2] + nc] = part
+        part = weight
+    local.storage.write_rows(local.index, local_ids, part, state)

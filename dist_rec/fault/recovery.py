@@ -165,6 +165,7 @@ class Recovery:
             member.report_failure(step, error)
             abort_communication(f"step {step + 1} failed", keep_ports=[member.port])
         trainer.pipeline.reset()
+        trainer.checkpointer.abandon()  # a save in flight fails with the groups; the next one is a base
         self._control = None
         while True:
             try:
@@ -271,7 +272,7 @@ class Recovery:
     def _restore_local_from_checkpoint(self) -> int:
         """This rank's shards from the newest complete checkpoint; the fresh
         initial rows (step 0) when there is none yet."""
-        from dist_rec.checkpoint import CheckpointReader, restore_local_shards
+        from dist_rec.checkpoint import CheckpointReader, resolve_chain, restore_local_shards
 
         directory = self.trainer.checkpointer.directory
         if directory is None or CheckpointReader.find(directory) is None:
@@ -285,7 +286,7 @@ class Recovery:
             (w.numel() * w.element_size() + sum(t.numel() * t.element_size() for t in s.values()))
             for w, s in (local.read() for local in restored)
         )
-        return int(CheckpointReader(directory).step)
+        return int(resolve_chain(directory)[-1].step)
 
     def _restore_all_from_checkpoint(self):
         """No rank kept live state (every process is new): the whole job

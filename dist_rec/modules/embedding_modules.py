@@ -224,6 +224,12 @@ class EmbeddingBagCollection(nn.Module):
             per_sample_weights = features.weights_or_none()
             if per_sample_weights is None:
                 raise ValueError("This EmbeddingBagCollection has is_weighted=True but the input has no weights.")
+            if not bool(torch.isfinite(per_sample_weights).all()):
+                bad = int((~torch.isfinite(per_sample_weights)).nonzero()[0])
+                raise ValueError(
+                    f"Invalid per-id weight {float(per_sample_weights[bad])} at values[{bad}]: weights must be finite "
+                    "(a NaN or inf would poison the rows it touches and their optimizer state)."
+                )
         try:
             if self._optimizer is None:
                 weights = [bag.weight for bag in self.embedding_bags.values()]
@@ -237,6 +243,7 @@ class EmbeddingBagCollection(nn.Module):
 
     def _apply_fused_update(self, layout, values, offsets, per_sample_weights, grad_output: torch.Tensor) -> None:
         """The backward of a fused lookup: one optimizer step on the touched rows."""
+        check_finite_gradient(grad_output, [c.name for c in self._configs])
         self._storage.fused_update(self._optimizer, layout, values, offsets, per_sample_weights, grad_output)
 
     def _layout(self, keys: List[str]) -> Tuple[List[int], List[int], List[int]]:
@@ -274,6 +281,18 @@ class EmbeddingBagCollection(nn.Module):
 def state_dict_key(table: str) -> str:
     """The ``state_dict`` key of a table's weight, as TorchRec names it."""
     return f"embedding_bags.{table}.weight"
+
+
+def check_finite_gradient(grad_output: torch.Tensor, tables) -> None:
+    """Refuses to step rows with a NaN or inf gradient: it would poison them
+    and their optimizer state for good (a diverging loss, a bad input).
+    Checked on the CPU only: on a GPU the test would cost a synchronisation
+    per step (there the loss check and the save's check catch it)."""
+    if grad_output.device.type == "cpu" and not bool(torch.isfinite(grad_output).all()):
+        raise FloatingPointError(
+            f"The gradient of the pooled embeddings of tables {list(tables)} holds NaN or inf; the rows were not "
+            "updated. The loss diverged or an input is not finite: lower the learning rates or check the data."
+        )
 
 
 def check_feature_keys(keys: List[str], feature_names: List[str], configs, what: str) -> None:

@@ -224,6 +224,12 @@ class SparseFeaturesDist:
             values = features.values()
             if self.is_weighted and features.weights_or_none() is None:
                 raise ValueError("This ShardedEmbeddingBagCollection has is_weighted=True but the input has no weights.")
+            if self.is_weighted and not bool(torch.isfinite(features.weights_or_none()).all()):
+                bad = int((~torch.isfinite(features.weights_or_none())).nonzero()[0])
+                raise ValueError(
+                    f"Invalid per-id weight {float(features.weights_or_none()[bad])} at values[{bad}]: weights must be "
+                    "finite (a NaN or inf would poison the rows it touches and their optimizer state)."
+                )
             if self.is_weighted and features.weights_or_none().requires_grad:
                 raise ValueError(
                     "Per-id weights that require grad are not supported by sharded tables yet "

@@ -22,6 +22,7 @@ import torch
 from dist_rec.ops.embedding_bag import PoolingMode
 from dist_rec.ops.fused_lookup import fused_lookup
 from dist_rec.modules.embedding_configs import PoolingType
+from dist_rec.modules.embedding_modules import check_finite_gradient
 from dist_rec.placement import EmbeddingStorage
 
 _POOLING_MODE = {PoolingType.SUM: int(PoolingMode.SUM), PoolingType.MEAN: int(PoolingMode.MEAN)}
@@ -73,6 +74,7 @@ class LocalLookup:
         self.layout = (list(slot_tables), [_POOLING_MODE[p] for p in slot_pooling], columns)
         self.num_slots = len(slot_tables)
         self.width = sum(dims)
+        self.tracker = None  # a checkpoint policy's RowTracker: rows touched (and counts) since the last save
         # Puts the lookup in the autograd graph though the tables do not require grad.
         self._grad_anchor = torch.empty(0, device=storage.device, requires_grad=True)
 
@@ -86,7 +88,10 @@ class LocalLookup:
         return fused_lookup(self._grad_anchor, self.storage, self.layout, values_N, offsets, weights_N, apply_grad)
 
     def _update(self, values_N, offsets, weights_N, grad_output: torch.Tensor) -> None:
+        check_finite_gradient(grad_output, self.tables())
         self.update(self.storage, self.optimizer, self.layout, values_N, offsets, weights_N, grad_output)
+        if self.tracker is not None:
+            self.tracker.record(self.layout, values_N, offsets)
 
     def tables(self) -> List[str]:
         return [spec.name for spec in self.storage.tables]

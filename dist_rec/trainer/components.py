@@ -19,7 +19,6 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from dist_rec.checkpoint import CheckpointReader, load_checkpoint, save_checkpoint
 from dist_rec.config import ConfigError, TrainConfig
 from dist_rec.data.batch import Dataset
 from dist_rec.fault.activity import ACTIVITY
@@ -40,7 +39,9 @@ class TrainerHook:
         """After every step, once the components have acted."""
 
     def on_checkpoint(self, trainer, step: int, directory: Path) -> None:
-        """After a checkpoint of ``step`` was published at ``directory``."""
+        """After a checkpoint of ``step`` was taken, to be published at
+        ``directory`` (an entry of the series; with ``checkpoint.async_save``
+        it is still being written in the background)."""
 
     def on_failure(self, trainer, step: int, error: BaseException) -> None:
         """A step (or a component acting after it) raised ``error`` that
@@ -157,83 +158,7 @@ def _mean_over_ranks(value: float, env: Environment) -> float:
 
 # -- checkpoints ------------------------------------------------------------------
 
-
-class Checkpointer:
-    """Sharded checkpoints of the model in ``directory``: every ``every``
-    steps (0: only at the end), at the end, and the resume at the start.
-
-    ``model`` is the ``DistributedModelParallel``; ``dense_optimizer`` is
-    saved with the dense layers; ``data`` tells where the data stream stands
-    (``data.position(step)``: saved as the checkpoint's ``extra``) and takes
-    it back (``data.seek(extra)``); ``at(place, step)`` is the failure
-    injector's hook ("checkpoint": while a save writes its files)."""
-
-    def __init__(self, directory: Path, every: int, total_steps: int, model, dense_optimizer, data, say: Say,
-                 at: Callable[[str, int], None] = lambda place, step: None) -> None:  # fmt: skip
-        self.directory, self.every, self.total_steps = directory, every, total_steps
-        self.model, self.dense_optimizer, self.data, self.say, self.at = model, dense_optimizer, data, say, at
-
-    def should_save(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0 and step != self.total_steps
-
-    def save(self, step: int) -> Optional[Path]:
-        from dist_rec.checkpoint import checkpoint as checkpoint_module
-
-        tick = time.perf_counter()
-        ACTIVITY.set(f"saving the checkpoint of step {step}")
-        checkpoint_module._fault_hook = lambda stage, path: self.at("checkpoint", step) if stage == "file_written" else None
-        try:
-            save_checkpoint(self.directory, self.model, self.dense_optimizer, step=step, extra=self.data.position(step))
-        finally:
-            checkpoint_module._fault_hook = None
-        self.say(f"checkpoint @ step {step}: {self.directory} ({time.perf_counter() - tick:.1f} s)")
-        return self.directory
-
-    def resume(self) -> int:
-        """Loads the newest complete checkpoint in the directory, if there is
-        one (resharding as needed; an interrupted publish is read from the
-        sibling it left), and seeks the data stream to where it stood.
-        Returns the step to continue from (0 without a checkpoint)."""
-        if CheckpointReader.find(self.directory) is None:
-            if self.directory.exists() and not self.directory.is_dir():
-                raise ConfigError(f"Invalid train.checkpoint_dir={str(self.directory)!r}. It exists and is not a directory.")
-            return 0
-        ACTIVITY.set(f"loading the checkpoint in {self.directory}")
-        info = load_checkpoint(self.directory, self.model, self.dense_optimizer)
-        step = self.data.seek(info["extra"], self.directory)
-        self.say(f"resumed from {info['directory']}: step {info['step']}; continuing at step {step}")
-        return step
-
-    def resume_collective(self) -> int:
-        """``resume`` for a job whose every process is new (all died):
-        without a checkpoint the fresh state is agreed as at a start."""
-        step = self.resume()
-        if step == 0 and CheckpointReader.find(self.directory) is None:
-            self.model.broadcast_initial_state()
-        return step
-
-
-class NullCheckpointer:
-    """No ``train.checkpoint_dir``: nothing is saved or resumed."""
-
-    directory = None
-
-    def __init__(self, model=None) -> None:
-        self.model = model
-
-    def should_save(self, step: int) -> bool:
-        return False
-
-    def save(self, step: int) -> Optional[Path]:
-        return None
-
-    def resume(self) -> int:
-        return 0
-
-    def resume_collective(self) -> int:
-        if self.model is not None:
-            self.model.broadcast_initial_state()
-        return 0
+from dist_rec.trainer.checkpointing import Checkpointer, NullCheckpointer  # noqa: E402  (their own module)
 
 
 # -- evaluation -------------------------------------------------------------------

@@ -4,6 +4,7 @@ curves, summary.json and the closing summary table."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -28,6 +29,19 @@ class MetricsLog:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+
+    def trim_after(self, step: int) -> None:
+        """A resume from ``step``: the history after it (steps trained past
+        the checkpoint, then lost) is dropped; the history before stays."""
+        if self._file is None:
+            return
+        path = Path(self._file.name)
+        self.close()
+        kept = [r for r in read_records(path) if int(r.get("step", 0)) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+        self._file = open(path, "a")
 
     def close(self) -> None:
         if self._file is not None:

@@ -43,6 +43,7 @@ from dist_rec.metrics import EvalMetrics
 from dist_rec.optim.fused import MomentumScaledRowWiseAdagrad
 from dist_rec.sharding.pipeline import TrainPipelineSparseDist
 from dist_rec.trainer.builders import build_data, build_model, dense_optimizer, shard_model
+from dist_rec.trainer.checkpointing import reconcile_settings
 from dist_rec.trainer.components import (
     Checkpointer,
     Evaluator,
@@ -75,7 +76,8 @@ class TrainResult:
 class _DataPosition:
     """Where the training stream stands, for checkpoints and recovery: the
     step (the global batches consumed, in the job as launched) and the
-    reader's seek notes (``seek_state``) where it keeps any."""
+    reader's seek notes (``seek_state``) where it keeps any; with them the
+    run's settings, compared at a resume (``reconcile_settings``)."""
 
     def __init__(self, trainer: "Trainer") -> None:
         self.trainer = trainer
@@ -87,10 +89,20 @@ class _DataPosition:
     def position(self, step: int) -> Dict:
         dataset = self.trainer.data.train
         seek = dataset.seek_state() if hasattr(dataset, "seek_state") else None
-        return {"step": int(step), "examples": int(step) * self.global_batch, "seek": seek}
+        return {"step": int(step), "examples": int(step) * self.global_batch, "seek": seek,
+                "config": self.trainer.config.to_dict()}  # fmt: skip
+
+    def check(self, extra) -> None:
+        """Before a resume loads anything: the settings saved with it against this run's."""
+        extra = extra if isinstance(extra, dict) else {}
+        reconcile_settings(extra.get("config"), self.trainer.config, self.trainer.config.train.checkpoint_dir,
+                           self.trainer._say)  # fmt: skip
 
     def seek(self, extra, directory) -> int:
         extra = extra if isinstance(extra, dict) else {}
+        trainer = self.trainer
+        for group in trainer.dense_optimizer.param_groups:  # the saved state carries the saved rate: this run's wins
+            group["lr"] = trainer.config.optimizer.dense_lr
         if "step" in extra:
             step = int(extra["step"])
         else:  # checkpoints written before the step was recorded
@@ -149,6 +161,17 @@ class Trainer:
         self.output_dir = Path(run.output_dir) if run.output_dir else None
         self.log = MetricsLog(None)
 
+        self._own_group = False
+        try:
+            self._assemble(config, env, run)
+        except BaseException:
+            if getattr(self, "checkpointer", None) is not None:
+                self.checkpointer.close()
+            if self._own_group:  # a refused start leaves no process group behind
+                destroy_process_group()
+            raise
+
+    def _assemble(self, config: TrainConfig, env: Environment, run) -> None:
         self.data = build_data(config)
         torch.manual_seed(run.seed)
         model = build_model(config, self.data, env.device)
@@ -188,7 +211,10 @@ class Trainer:
         self.progress = ProgressLog(self.log, run.log_every, run.steps, self.examples_per_step, env, self._say)
         self.checkpointer = (
             Checkpointer(checkpoint_dir, run.checkpoint_every, run.steps, self.sharded, self.dense_optimizer,
-                         self.position, self._say, at=self.recovery.at)  # fmt: skip
+                         self.position, self._say, at=self.recovery.at, config=config.checkpoint,
+                         group=self._checkpoint_group(), lock=env.data_rank == 0,
+                         mtbf_s=config.fault.mtbf_s, partial=env.member is not None,
+                         num_shards=self.sharded.grid.group_size)  # fmt: skip
             if checkpoint_dir is not None else NullCheckpointer(self.sharded)
         )
         self.evaluator = (
@@ -226,9 +252,26 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(self.config.to_yaml())
             fresh = env.member is None or env.member.incarnation == 0 and env.member.epoch.id == 0
-            self.log.open(self.output_dir / "metrics.jsonl", append=not fresh)
+            self.log.open(self.output_dir / "metrics.jsonl", append=not fresh or self._resumable())
         else:
             self.log.open(None)
+
+    def _checkpoint_group(self):
+        """The checkpoint writer's own group, made now (a collective, in the
+        same order on every rank) and asked for again at each save: a
+        recovery re-forms it."""
+        self.process_groups.subgroup("checkpoint")
+        return lambda: self.process_groups.group("checkpoint")
+
+    def _resumable(self) -> bool:
+        """A checkpoint to resume from is there: the run continues a history."""
+        from dist_rec.checkpoint import CheckpointReader
+
+        directory = self.config.train.checkpoint_dir
+        try:
+            return bool(directory) and CheckpointReader.find(directory) is not None
+        except (OSError, ValueError):
+            return False
 
     def _pipeline(self, trained) -> TrainPipelineSparseDist:
         loss_fn = nn.BCEWithLogitsLoss()
@@ -308,7 +351,13 @@ class Trainer:
         returns what rank 0 reports."""
         run = self.config.train
         self._announce()
-        step = first_step = self._resume_step if self._resume_step is not None else self.checkpointer.resume()
+        try:
+            step = first_step = self._resume_step if self._resume_step is not None else self.checkpointer.resume()
+        except BaseException:  # a refused resume: nothing of this run is left holding the directory
+            self._close_after_failure()
+            raise
+        if first_step > 0 and self.env.member is None:
+            self.log.trim_after(first_step)
         batches = self._stream(step)
         self.progress.start(first_step)
         final_eval: Optional[EvalMetrics] = None
@@ -325,6 +374,8 @@ class Trainer:
                     ACTIVITY.set(f"step {step + 1}: replica sync")
                     self.replica_sync.after_optimizer_step()
                     step += 1
+                    if loss.device.type == "cpu" or step % max(1, run.log_every) == 0:  # no extra GPU sync per step
+                        _check_finite_loss(loss, step, self.checkpointer)
                     self._examples += self.examples_per_step
                     self.progress.record(step, loss.detach(), time.perf_counter() - tick, self.examples_per_step)
                     self.recovery.after_step(step)
@@ -338,6 +389,7 @@ class Trainer:
                 self.recovery.finish()
                 if step > first_step:
                     self._save(step)
+                self.checkpointer.finish()
                 ACTIVITY.set(f"final evaluation at step {step}")
                 final_eval = self.evaluator.evaluate(step, final=True)
                 finished = True
@@ -345,6 +397,7 @@ class Trainer:
                 if not self.recovery.can_recover(error):
                     for hook in self.hooks:
                         hook.on_failure(self, step, error)
+                    self._close_after_failure()
                     raise
                 for hook in self.hooks:
                     hook.before_recovery(self, step, error)
@@ -353,11 +406,25 @@ class Trainer:
                 self.progress.resumed(step)
         return self._finish(step, first_step, final_eval)
 
+    def _close_after_failure(self) -> None:
+        """A failure the run stops on: the writer's save in flight ends, the
+        directory's lock and a group of our own are released (the process
+        may go on: a test, a notebook)."""
+        if not self.env.distributed:
+            self.checkpointer.abandon()
+        self.checkpointer.close()
+        if self._own_group:
+            destroy_process_group()
+            self._own_group = False
+
     def _save(self, step: int) -> None:
         directory = self.checkpointer.save(step)
         if directory is not None:
             for hook in self.hooks:
                 hook.on_checkpoint(self, step, directory)
+            progress = self.progress
+            self.checkpointer.choose_interval(progress.train_seconds / max(1, step - progress.first_step),
+                                              len(self.recovery.failures), progress.train_seconds)  # fmt: skip
 
     def _step_batches(self, stream: Iterator[Batch], limit: Optional[int]) -> Iterator[Batch]:
         """The batches the steps train on, on the device: at most ``limit``
@@ -389,6 +456,7 @@ class Trainer:
             failures=list(self.recovery.failures),
         )
         self.log.close()
+        self.checkpointer.close()
         if self.env.is_main and self.output_dir is not None:
             records = read_records(self.output_dir / "metrics.jsonl")
             plot_path = plot_training(records, self.data.teacher_auc, self.output_dir / "training.png")
@@ -412,6 +480,20 @@ def _check_recoverable(config: TrainConfig) -> None:
     if config.optimizer.dense == "shampoo":
         raise ConfigError("Invalid optimizer.dense='shampoo' under dist_rec.fault.launch. Must be sgd, adagrad or adam "
                           "(Shampoo's blocks are spread over the ranks and not redistributed by recovery yet).")
+
+
+class DivergedError(FloatingPointError):
+    """The loss is not finite: training cannot go on, and nothing more is saved."""
+
+
+def _check_finite_loss(loss: torch.Tensor, step: int, checkpointer) -> None:
+    if not bool(torch.isfinite(loss.detach()).all()):
+        last = checkpointer.latest()
+        raise DivergedError(
+            f"The loss is {loss.item()} at step {step}: the model diverged (try lower optimizer.dense_lr / "
+            f"optimizer.sparse_lr, or look for non-finite inputs). Nothing more is saved; "
+            + (f"the last good checkpoint is {last}." if last is not None else "there is no checkpoint.")
+        )
 
 
 def _all_have_batch(has_batch: bool) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dist_rec.checkpoint import CheckpointReader
+from dist_rec.checkpoint import CheckpointReader, resolve_chain
 from dist_rec.config import load_config
 from dist_rec.trainer import Trainer, TrainerHook, setup_environment
 
@@ -52,7 +52,7 @@ class DumpHook(TrainerHook):
         payload = {"step": step, "role": epoch.roles[self.member.rank], "shards": shards(trainer), "checkpoint": None}
         directory = trainer.checkpointer.directory
         if epoch.roles[self.member.rank] == "replacement" and directory is not None and CheckpointReader.find(directory):
-            reader = CheckpointReader(directory)
+            reader = resolve_chain(directory)[-1]  # the policy is "full": every entry is a base
             saved = {}
             for path, sharded in trainer.sharded.sharded.items():
                 for local in sharded.local_shards():

@@ -41,7 +41,9 @@ def test_1d_partial_recovery_keeps_survivors_and_restores_only_the_lost_shard(tm
     replacement = job.dump(1, 1, "restored-1")
     assert replacement["role"] == "replacement" and replacement["step"] == kill
     checkpoint = replacement["checkpoint"]
-    assert checkpoint["step"] == kill // every * every
+    # The newest checkpoint published at the failure: the save at the last multiple of ``every`` is written in
+    # the background, and when the kill came while it was in flight the one before is the last good one.
+    assert checkpoint["step"] in (kill // every * every, kill // every * every - every), kill
     assert_shards_equal(replacement["shards"], checkpoint["shards"], "rank 1's replacement vs the checkpoint")
     # The portion of lost samples: the steps since that checkpoint, on the lost shards.
     summary = job.summary()
@@ -99,9 +101,10 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint_for_recovery(tmp_pat
                                 "fault.timeout_s=20", 'fault.inject=["rank=1 step=40 at=checkpoint"]'])  # fmt: skip
     assert job.proc.returncode == 0, job.log[-6000:]
     replacement = job.dump(1, 1, "restored-1")
-    assert replacement["step"] == 40 and replacement["checkpoint"]["step"] == 20
+    # The save of step 40 is written in the background: training may have gone a step on when the kill came.
+    assert 40 <= replacement["step"] <= 42 and replacement["checkpoint"]["step"] == 20, replacement["step"]
     assert_shards_equal(replacement["shards"], replacement["checkpoint"]["shards"], "restored from the step-20 checkpoint")
-    assert job.summary()["failures"][0]["lost_samples"] == 20 * 128
+    assert job.summary()["failures"][0]["lost_samples"] == (replacement["step"] - 20) * 128
     assert not list((tmp_path).glob("ckpt.tmp-*")) and not list(tmp_path.glob("ckpt.old-*"))
 
 

@@ -11,7 +11,7 @@ from dist_rec.testing.multi_process import run_multi_process
 from dist_rec.train import Environment, train
 
 
-def _config(batch_size: int, steps: int, out: str, checkpoint_dir: str = "", sharding: str = "row_wise"):
+def _config(batch_size: int, steps: int, out: str, checkpoint_dir: str = "", sharding: str = "row_wise", *extra: str):
     return load_config(
         "launch/configs/tiny.yaml",
         [
@@ -23,6 +23,7 @@ def _config(batch_size: int, steps: int, out: str, checkpoint_dir: str = "", sha
             f"train.checkpoint_dir={checkpoint_dir}",
             f"sharding.type={sharding}",
             "data.mean_bag_length=2.0",
+            *extra,
         ],
     )
 
@@ -42,7 +43,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     first = tmp_path / "first.pt"
     run_multi_process(_train_rank, world_size=2, steps=6, out=str(tmp_path / "b"), checkpoint_dir=str(checkpoint),
                       sharding="row_wise", result_file=str(first))
-    assert (checkpoint / "manifest.json").is_file()
+    assert _entries(checkpoint) == ["step-000000006"]
     copy = tmp_path / "ckpt_copy"
     shutil.copytree(checkpoint, copy)
     # Resume on 2 processes with another sharding, and on 1 process (batch 16).
@@ -55,26 +56,46 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     torch.testing.assert_close(torch.tensor(torch.load(first)), expected[:6], rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.tensor(torch.load(second)), expected[6:], rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(single.losses), expected[6:], rtol=0, atol=1e-5)
-    assert (checkpoint / "manifest.json").is_file() and (copy / "manifest.json").is_file()
+    assert _entries(checkpoint) == _entries(copy) == ["step-000000006", "step-000000012"]
+
+
+def _entries(root):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
 
 
 def test_resume_after_an_interrupted_publish_takes_the_newest_complete_sibling(tmp_path, capsys):
-    """A save that died between its two renames leaves no ``<dir>`` but a
-    complete ``<dir>.old-*`` (the previous checkpoint) and a complete
-    ``<dir>.tmp-*`` (the new one): the trainer resumes from the newer, never
-    from step 0 over it, and its next save repairs the names."""
+    """A single checkpoint (the layout before series) whose save died
+    between its two renames leaves no ``<dir>`` but a complete
+    ``<dir>.old-*`` (the previous checkpoint) and a complete ``<dir>.tmp-*``
+    (the new one): the trainer resumes from the newer, never from step 0
+    over it, and once its series holds a save the leftovers go."""
     checkpoint = tmp_path / "ckpt"
-    train(_config(16, 4, str(tmp_path / "a"), str(checkpoint)), Environment(), quiet=True)
-    shutil.copytree(checkpoint, tmp_path / "ckpt.old-4-aaaaaaaaaa")
-    train(_config(16, 8, str(tmp_path / "b"), str(checkpoint)), Environment(), quiet=True)
-    checkpoint.rename(tmp_path / "ckpt.tmp-8-bbbbbbbbbb")  # the crash: the new one not yet renamed into place
+    train(_config(16, 8, str(tmp_path / "a"), str(checkpoint)), Environment(), quiet=True)
+    (checkpoint / "step-000000008").rename(tmp_path / "ckpt.tmp-8-bbbbbbbbbb")  # the crash, in the old layout
+    shutil.copytree(tmp_path / "ckpt.tmp-8-bbbbbbbbbb", tmp_path / "ckpt.old-4-aaaaaaaaaa")
+    manifest = tmp_path / "ckpt.old-4-aaaaaaaaaa" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"step": 8', '"step": 4'))
+    shutil.rmtree(checkpoint)
     capsys.readouterr()
     result = train(_config(16, 12, str(tmp_path / "c"), str(checkpoint)), Environment(), quiet=False)
     out = capsys.readouterr().out
     assert "continuing at step 8" in out, out
     assert result.steps == 12 and len(result.losses) == 4  # steps 9..12 only (log_every=1)
-    assert (checkpoint / "manifest.json").is_file()
+    assert _entries(checkpoint) == ["step-000000012"]
     assert not list(tmp_path.glob("ckpt.tmp-*")) and not list(tmp_path.glob("ckpt.old-*"))
+
+
+def test_resume_skips_an_entry_whose_publish_was_interrupted(tmp_path, capsys):
+    """A series entry still under its temporary name is never read: the
+    newest complete entry is resumed from, and the leftover is cleared."""
+    checkpoint = tmp_path / "ckpt"
+    train(_config(16, 8, str(tmp_path / "a"), str(checkpoint), "row_wise", "train.checkpoint_every=4"), Environment(), quiet=True)
+    (checkpoint / "step-000000008").rename(checkpoint / "step-000000008.tmp-cccccccccc")
+    capsys.readouterr()
+    result = train(_config(16, 12, str(tmp_path / "c"), str(checkpoint)), Environment(), quiet=False)
+    assert "continuing at step 4" in capsys.readouterr().out
+    assert result.steps == 12 and len(result.losses) == 8
+    assert _entries(checkpoint) == ["step-000000004", "step-000000012"]
 
 
 def test_a_checkpoint_dir_that_is_a_file_is_refused_at_the_start(tmp_path):

@@ -45,7 +45,7 @@ def test_hooks_see_every_step_and_checkpoint(tmp_path):
     config = _config(str(tmp_path / "out"), steps=6, **{"train.checkpoint_dir": str(tmp_path / "ckpt"), "train.checkpoint_every": 4})
     result = Trainer(config, Environment(), quiet=True, hooks=[hook]).train()
     assert hook.steps == [1, 2, 3, 4, 5, 6]
-    assert hook.checkpoints == [(4, "ckpt"), (6, "ckpt")]  # every 4 steps, and at the end
+    assert hook.checkpoints == [(4, "step-000000004"), (6, "step-000000006")]  # every 4 steps, and at the end
     assert hook.failures == [] and result.steps == 6 and len(result.losses) == 3
 
 

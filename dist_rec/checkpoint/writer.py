@@ -1,0 +1,137 @@
+"""Persisting a snapshot as an entry of a checkpoint series, in the
+background.
+
+``write_entry`` is a collective over its own process group (the
+checkpointer's, from the process-group owner), so that it can run in a
+background thread while the training thread's collectives go on over the
+other groups: every rank writes its files (fsynced, hashed, NaN and inf
+refused) into ``<root>/step-N.tmp-<id>``, all ranks agree on the outcome,
+rank 0 writes the manifest last and renames the directory into place, then
+prunes the series to ``keep_last``. A failure anywhere leaves the entries
+already published as they were.
+
+``BackgroundWriter`` runs one write at a time in a thread; the training
+thread only waits for it before the next save (at most one in flight) and
+at the end, and learns its failure at its next step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch.distributed as dist
+
+from dist_rec.checkpoint.files import MANIFEST, TMP_MARK, CheckpointError, fsync_dir, fsync_tree, write_text_atomic
+from dist_rec.checkpoint.series import CheckpointSeries, entry_name
+from dist_rec.checkpoint.snapshot import Snapshot
+
+
+def write_entry(root: Path, snapshot: Snapshot, header: Dict, group, keep_last: int = 0) -> Path:
+    """Writes ``snapshot`` as ``<root>/step-N`` (a collective over ``group``,
+    every rank with its own snapshot and rank 0 with the manifest
+    ``header``). Returns the entry's path. Raises ``CheckpointError`` (or
+    ``NonFiniteError``) on every rank when any rank fails."""
+    from dist_rec.checkpoint.checkpoint import _agree_on, write_items
+
+    rank = dist.get_rank(group)
+    name = entry_name(snapshot.step)
+    box = [None]
+    if rank == 0:
+        ident = uuid.uuid4().hex[:10]
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f"{name}{TMP_MARK}{ident}").mkdir()
+            box = [(ident, None)]
+        except OSError as e:
+            box = [(None, f"cannot create a directory in {root}: {e}")]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    ident, error = box[0]
+    if error is not None:
+        raise CheckpointError(f"checkpoint of step {snapshot.step} refused: {error}")
+    tmp = root / f"{name}{TMP_MARK}{ident}"
+    records, error = [], None
+    try:
+        records = write_items(tmp, snapshot.items, dist.get_rank(), check_finite=True)
+    except Exception as e:  # told to every rank below
+        error = e
+    try:
+        _agree_on(error, f"checkpoint of step {snapshot.step}", group)
+    except CheckpointError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    gathered: List = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, records, group=group)
+    status = None
+    if rank == 0:
+        try:
+            files = sorted((r for part in gathered for r in part), key=lambda r: r["file"])
+            write_text_atomic(tmp / MANIFEST, json.dumps(dict(header, files=files, created_unix=time.time()), indent=1) + "\n")
+            fsync_tree(tmp)
+            final = root / name
+            if final.exists():  # a leftover of an earlier run at this step (e.g. before a recovery): replaced
+                shutil.rmtree(final)
+            tmp.rename(final)
+            fsync_dir(root)
+            if keep_last:
+                CheckpointSeries(root).prune(keep_last)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            status = f"{type(e).__name__}: {e}"
+    box = [status]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    if box[0] is not None:
+        raise CheckpointError(f"checkpoint of step {snapshot.step} refused: rank 0: {box[0]}")
+    return root / name
+
+
+class BackgroundWriter:
+    """One write at a time in a background thread."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._result = None
+        self._error: Optional[BaseException] = None
+        self.seconds = 0.0  # the last write's duration
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, write: Callable[[], object]) -> None:
+        if self._thread is not None:
+            raise RuntimeError("BackgroundWriter: a write is already in flight; wait() for it first.")
+
+        def run() -> None:
+            started = time.perf_counter()
+            try:
+                self._result = write()
+            except BaseException as error:  # handed to the training thread by wait()
+                self._error = error
+            self.seconds = time.perf_counter() - started
+
+        self._result, self._error = None, None
+        self._thread = threading.Thread(target=run, name="dist_rec-checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        """Whether a write was started and has finished (``wait`` then returns at once)."""
+        return self._thread is not None and not self._thread.is_alive()
+
+    def wait(self):
+        """The write's result once it finished (raises its error); None when
+        none is in flight."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._result
