@@ -252,7 +252,9 @@ def _markdown(studies: List[Dict], args, argv, load) -> str:
         f"{args.shards} emulated shards and the same failure steps (exponential, mean {args.mtbf:.0%} of the run) for "
         "every policy. Overhead = save stalls + lost work + restores, as a share of the fault-free training time "
         "(process restarts not counted). PLS = the share of samples whose updates to the failed shard were lost. "
-        f"MFU / SSU save {args.fraction:.0%} of each shard's rows per delta, a full base every {args.base_every} saves.",
+        f"MFU / SSU save {args.fraction:.0%} of each shard's rows per delta, a full base every {args.base_every} saves. "
+        "\"Steps' time\" is the training steps' own time against the fault-free run's: it carries what the overhead "
+        "column leaves out, the background writer's competition for the 2 cores (and run-to-run noise, a few %).",
         "",
     ]
     for s in studies:
@@ -268,11 +270,13 @@ def _markdown(studies: List[Dict], args, argv, load) -> str:
             deltas = r["delta_bytes"]
             delta = f"{sum(deltas) / len(deltas) / max(r['full_bytes'], 1):.1%}" if deltas else "-"
             rows.append([
-                LABELS[r["policy"]], r["interval"], r["saves"], f"{r['overhead']:.2%}", f"{r['stall_s']:.2f}",
+                LABELS[r["policy"]], r["interval"], r["saves"], f"{r['overhead']:.2%}",
+                f"{r['train_s'] / clean['train_s'] - 1:+.1%}", f"{r['stall_s']:.2f}",
                 f"{r['lost_s']:.2f}", f"{r['recover_s']:.2f}", f"{r['bytes'] / 2**20:.0f}", delta, f"{r['pls']:.4f}",
                 f"{r['auc']:.4f} ({r['auc'] - clean['auc']:+.4f})", f"{r['ne']:.4f} ({r['ne'] - clean['ne']:+.4f})",
             ])  # fmt: skip
-        lines += [markdown_table(["policy", "interval (steps)", "saves", "overhead", "stall s", "lost work s",
+        lines += [markdown_table(["policy", "interval (steps)", "saves", "overhead", "steps' time vs fault-free",
+                                  "stall s", "lost work s",
                                   "restore s", "MiB written", "delta / full", "PLS", "AUC (vs fault-free)",
                                   "NE (vs fault-free)"], rows), ""]  # fmt: skip
     lines.append(f"![AUC against overhead](cpr.png)")
@@ -292,15 +296,21 @@ def main(argv=None) -> None:
     parser.add_argument("--markdown", type=Path, help="update this page's bench_cpr section")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "cpr.png")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--from-json", type=Path, help="render the table and plot of an earlier run's --json")
     args = parser.parse_args(argv)
     load = warn_if_busy()
-    with tempfile.TemporaryDirectory(prefix="bench_cpr-") as tmp:
-        studies = [study(name, args, Path(tmp)) for name in args.jobs]
+    shown = argv if argv is not None else sys.argv[1:]
+    if args.from_json:  # the run's own command line and load are what the page quotes
+        saved = json.loads(args.from_json.read_text())
+        studies, shown, load = saved["studies"], saved["argv"], saved["load"]
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_cpr-") as tmp:
+            studies = [study(name, args, Path(tmp)) for name in args.jobs]
     _plot(studies, args.png)
-    text = _markdown(studies, args, argv if argv is not None else sys.argv[1:], load)
+    text = _markdown(studies, args, shown, load)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps(studies, indent=1, default=float))
+        args.json.write_text(json.dumps({"studies": studies, "argv": shown, "load": load}, indent=1, default=float))
     if args.markdown:
         update_section(args.markdown, "bench_cpr", text)
 

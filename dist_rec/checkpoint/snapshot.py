@@ -32,6 +32,7 @@ time.
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -130,18 +131,48 @@ class Snapshot:
 
 class _Buffers:
     """Host buffers reused from one base snapshot to the next: copying into
-    pages already faulted in is several times faster than into new ones."""
+    pages already faulted in is several times faster than into new ones.
+    They sit on transparent huge pages (512x fewer faults) and can be
+    mapped ahead, off the training thread (``prepare``), so that the first
+    save does not pay for them either."""
 
     def __init__(self) -> None:
         self._held: Dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, shape, dtype) -> torch.Tensor:
+        key = (key, tuple(shape), dtype)
+        with self._lock:
+            buffer = self._held.get(key)
+            if buffer is None:
+                from dist_rec.ops.embedding_bag import empty_hugepage
+
+                buffer = self._held[key] = empty_hugepage(list(shape), dtype)
+        return buffer
 
     def copy(self, key, tensor: torch.Tensor) -> torch.Tensor:
-        key = (key, tuple(tensor.shape), tensor.dtype)
-        buffer = self._held.get(key)
-        if buffer is None:
-            buffer = self._held[key] = torch.empty_like(tensor, device="cpu")
+        buffer = self.get(key, tensor.shape, tensor.dtype)
         buffer.copy_(tensor)
         return buffer
+
+    def prepare(self, model) -> None:
+        """Allocates and touches the buffers a base snapshot of ``model`` on
+        this rank will use (every page written once: mapped)."""
+        for path, name, local in _shard_names(model):
+            rows = local.shard.num_rows
+            if rows == 0:
+                continue
+            weight, state = local.read(0, 1)  # one row: the names, shapes and dtypes
+            for k, tensor in {"weight": weight, **state}.items():
+                self.get((name, k), (rows, *tensor.shape[1:]), tensor.dtype).zero_()
+
+
+def _shard_names(model):
+    """(module path, file name, local shard) of every model-parallel shard this rank holds."""
+    for path, sharded in model.sharded.items():
+        for local in sharded.local_shards():
+            s = local.shard
+            yield path, f"{component(path)}/{component(local.table)}/r{s.row_offset}_c{s.col_offset}.pt", local
 
 
 BUFFERS = _Buffers()

@@ -288,7 +288,11 @@ def check_finite_gradient(grad_output: torch.Tensor, tables) -> None:
     and their optimizer state for good (a diverging loss, a bad input).
     Checked on the CPU only: on a GPU the test would cost a synchronisation
     per step (there the loss check and the save's check catch it)."""
-    if grad_output.device.type == "cpu" and not bool(torch.isfinite(grad_output).all()):
+    if grad_output.device.type != "cpu" or grad_output.numel() == 0:
+        return
+    # A sum is ~30x cheaper than an element-wise test and not finite whenever an element is not (or when finite
+    # elements overflow it: then the element-wise test decides).
+    if not bool(torch.isfinite(grad_output.sum())) and not bool(torch.isfinite(grad_output).all()):
         raise FloatingPointError(
             f"The gradient of the pooled embeddings of tables {list(tables)} holds NaN or inf; the rows were not "
             "updated. The loss diverged or an input is not finite: lower the learning rates or check the data."

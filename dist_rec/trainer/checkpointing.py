@@ -23,6 +23,7 @@ the interval follows ``dist_rec.checkpoint.interval`` from ``fault.mtbf_s``
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -31,7 +32,7 @@ from dist_rec.checkpoint import CheckpointError, load_checkpoint
 from dist_rec.checkpoint.checkpoint import NonFiniteError, manifest_header
 from dist_rec.checkpoint.interval import IntervalChoice, choose_interval
 from dist_rec.checkpoint.series import CheckpointSeries, entry_name
-from dist_rec.checkpoint.snapshot import SavePolicy, attach_trackers, take_snapshot
+from dist_rec.checkpoint.snapshot import BUFFERS, SavePolicy, attach_trackers, take_snapshot
 from dist_rec.checkpoint.writer import BackgroundWriter, write_entry
 from dist_rec.config import ConfigError
 from dist_rec.fault.activity import ACTIVITY
@@ -82,6 +83,11 @@ class Checkpointer:
                                  self.config.ssu_fraction)  # fmt: skip
         attach_trackers(model, self.policy)
         self.writer = BackgroundWriter()
+        self._buffers_ready: Optional[threading.Thread] = None
+        if self.config.async_save:  # the snapshot's host buffers mapped off the training thread, before the first save
+            self._buffers_ready = threading.Thread(target=BUFFERS.prepare, args=(model,), name="dist_rec-checkpoint-buffers",
+                                                   daemon=True)  # fmt: skip
+            self._buffers_ready.start()
         self._parent: Optional[str] = None  # the newest entry a delta may follow
         self._since_base = 0
         self._pending: Optional[Dict] = None  # the save in flight
@@ -134,6 +140,9 @@ class Checkpointer:
         kind = "base"
         if self.policy.tracks and self._parent is not None and self._since_base + 1 < self.policy.base_every:
             kind = "delta"
+        if self._buffers_ready is not None:  # (a save before the buffers are mapped waits for them)
+            self._buffers_ready.join()
+            self._buffers_ready = None
         ACTIVITY.set(f"checkpoint of step {step}: snapshot ({kind})")
         snapshot = take_snapshot(self.model, self.dense_optimizer, step, self.data.position(step), kind, self.policy,
                                  copy=self.config.async_save)  # fmt: skip
@@ -152,8 +161,8 @@ class Checkpointer:
 
         record = {"step": step, "kind": kind, "bytes": snapshot.nbytes, "rows_saved": snapshot.rows_saved,
                   "rows_total": snapshot.rows_total, "waited_s": waited}  # fmt: skip
-        self._pending = record
         if self.config.async_save:
+            self._pending = record
             self.writer.start(write)
             record["stall_s"] = time.perf_counter() - started
         else:
