@@ -63,8 +63,9 @@ def test_2d_replica_rebuild_loses_nothing_and_the_other_group_trains_on(tmp_path
     (kill,) = [e["time"] for e in job.events("injected")]
     back = min(e["time"] for e in job.events("step") if e["rank"] == 2 and e["incarnation"] == 1)
     # Ranks 0 and 1 (the other replica group) step on while rank 2's replacement starts and rebuilds.
-    steps_meanwhile = [e for e in job.events("step") if e["rank"] in (0, 1) and kill < e["time"] < back]
-    assert len(steps_meanwhile) >= 10, f"{len(steps_meanwhile)} steps between the kill and the replacement's first step"
+    # (the replacement is a spare built ahead, so the window is short: a second or two of steps)
+    steps_meanwhile = sorted({e["step"] for e in job.events("step") if e["rank"] == 0 and kill < e["time"] < back})
+    assert len(steps_meanwhile) >= 2, f"steps {steps_meanwhile} of rank 0 between the kill and the replacement's first step"
     full = [e["epoch"] for e in job.events("joined") if e["rank"] == 2 and e["incarnation"] == 1][0]
     # The rebuilt shards equal the live replica's, bitwise, at the rejoin ...
     for live, rebuilt in ((0, (2, 1)), (1, (3, 0))):
