@@ -129,8 +129,9 @@ class Snapshot:
         return total
 
 
-class _Buffers:
-    """Host buffers reused from one base snapshot to the next: copying into
+class SnapshotBuffers:
+    """One checkpointer's host buffers, reused from one base snapshot to the
+    next (never shared: a writer may still be reading them): copying into
     pages already faulted in is several times faster than into new ones.
     They sit on transparent huge pages (512x fewer faults) and can be
     mapped ahead, off the training thread (``prepare``), so that the first
@@ -175,17 +176,20 @@ def _shard_names(model):
             yield path, f"{component(path)}/{component(local.table)}/r{s.row_offset}_c{s.col_offset}.pt", local
 
 
-BUFFERS = _Buffers()
 
 
 @torch.no_grad()
-def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: SavePolicy, copy: bool = True) -> Snapshot:
+def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: SavePolicy, copy: bool = True,
+                  buffers: Optional[SnapshotBuffers] = None) -> Snapshot:
     """This rank's part of a save of ``model`` at ``step`` (a collective in
     2D, where replicas join their touched rows). ``kind`` "base" saves every
     row; "delta" saves what ``policy`` selects. With ``copy`` every tensor
     is this snapshot's own (the writer runs while training changes the
-    tables); without, live views where the storage gives them."""
+    tables), copied into ``buffers`` (the caller's, reused across saves;
+    fresh ones when None); without, live views where the storage gives them."""
     from dist_rec.checkpoint.checkpoint import _cpu_tensor, dense_state_dict
+
+    buffers = buffers if buffers is not None else SnapshotBuffers()
 
     rank = dist.get_rank()
     grid = model.grid
@@ -206,7 +210,7 @@ def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: S
                 weight, state = local.read()
                 tensors = {"weight": weight, **state}
                 if copy:
-                    tensors = {k: BUFFERS.copy((name, k), v) for k, v in tensors.items()}
+                    tensors = {k: buffers.copy((name, k), v) for k, v in tensors.items()}
                 else:
                     tensors = {k: _cpu_tensor(v) for k, v in tensors.items()}
                 snapshot.items.append(Item(f"shards/{name}", "shard", tensors, path, local.table, rect, s.rank))

@@ -32,7 +32,7 @@ from dist_rec.checkpoint import CheckpointError, load_checkpoint
 from dist_rec.checkpoint.checkpoint import NonFiniteError, manifest_header
 from dist_rec.checkpoint.interval import IntervalChoice, choose_interval
 from dist_rec.checkpoint.series import CheckpointSeries, entry_name
-from dist_rec.checkpoint.snapshot import BUFFERS, SavePolicy, attach_trackers, take_snapshot
+from dist_rec.checkpoint.snapshot import SavePolicy, SnapshotBuffers, attach_trackers, take_snapshot
 from dist_rec.checkpoint.writer import BackgroundWriter, write_entry
 from dist_rec.config import ConfigError
 from dist_rec.fault.activity import ACTIVITY
@@ -83,9 +83,10 @@ class Checkpointer:
                                  self.config.ssu_fraction)  # fmt: skip
         attach_trackers(model, self.policy)
         self.writer = BackgroundWriter()
+        self.buffers = SnapshotBuffers()
         self._buffers_ready: Optional[threading.Thread] = None
         if self.config.async_save:  # the snapshot's host buffers mapped off the training thread, before the first save
-            self._buffers_ready = threading.Thread(target=BUFFERS.prepare, args=(model,), name="dist_rec-checkpoint-buffers",
+            self._buffers_ready = threading.Thread(target=self.buffers.prepare, args=(model,), name="dist_rec-checkpoint-buffers",
                                                    daemon=True)  # fmt: skip
             self._buffers_ready.start()
         self._parent: Optional[str] = None  # the newest entry a delta may follow
@@ -145,7 +146,7 @@ class Checkpointer:
             self._buffers_ready = None
         ACTIVITY.set(f"checkpoint of step {step}: snapshot ({kind})")
         snapshot = take_snapshot(self.model, self.dense_optimizer, step, self.data.position(step), kind, self.policy,
-                                 copy=self.config.async_save)  # fmt: skip
+                                 copy=self.config.async_save, buffers=self.buffers)  # fmt: skip
         header = manifest_header(self.model, self.dense_optimizer, step, kind, self._parent if kind == "delta" else None)
         keep = self.config.keep_last
         group = self.group() if callable(self.group) else self.group  # the groups of this epoch

@@ -46,6 +46,16 @@ class World:
         return self.store.check([f"ft/abort/{epoch_id}"])
 
 
+def _replace_rank_1(w: World):
+    """Rank 1 dies; rank 0 asks to go on, rank 1's first replacement joins fresh and beats."""
+    w.exit(1)
+    w.tick()
+    w.join(0, 0, "intact", after=0)
+    w.join(1, 1, "fresh")
+    w.beat(1, 1)
+    w.tick()
+
+
 def _start(w: World):
     for r in range(w.world_size):
         w.join(r)
@@ -112,12 +122,7 @@ def test_a_silent_heartbeat_means_a_dead_rank_after_the_timeout():
 def test_a_replacement_dying_before_its_epoch_forms_is_replaced_again():
     w = World(2)
     _start(w)
-    w.exit(1)
-    w.tick()
-    w.join(0, 0, "intact", after=0)
-    w.join(1, 1, "fresh")
-    w.beat(1, 1)
-    w.tick()
+    _replace_rank_1(w)
     assert w.epoch(1)["incarnations"]["1"] == 1
     w.exit(1, incarnation=1)
     w.tick()
@@ -144,12 +149,7 @@ def test_the_job_finishes_when_the_running_ranks_are_done():
 def test_it_gives_up_after_max_failures_or_a_join_timeout():
     w = World(2, max_failures=1)
     _start(w)
-    w.exit(1)
-    w.tick()
-    w.join(0, 0, "intact", after=0)
-    w.join(1, 1, "fresh")
-    w.beat(1, 1)
-    w.tick()
+    _replace_rank_1(w)
     w.arrive(1, 2)
     w.tick()
     w.exit(0)
@@ -176,12 +176,7 @@ def test_join_records_are_spent_when_their_epoch_forms_but_newer_ones_stay():
     w = World(2)
     _start(w)
     assert w.store.get(ft.key("join", 0)) == ft.EMPTY and w.coordinator.phase == RUNNING
-    w.exit(1)
-    w.tick()
-    w.join(0, 0, "intact", after=0)
-    w.join(1, 1, "fresh")
-    w.beat(1, 1)
-    w.tick()
+    _replace_rank_1(w)
     w.join(0, 0, "intact", after=1)  # rank 0 already left epoch 1 again (a later failure)
     w.arrive(1, 2)
     w.tick()
