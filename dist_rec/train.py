@@ -86,10 +86,33 @@ def _run_fault_tolerant(config, env, hooks=()) -> "NoReturn":
         else:
             env.member.say(f"program error ({type(error).__name__}: {error}); the job stops")
             code = EXIT_JOB_FAILED
+    _exit(code)
+
+
+def _exit(code: int) -> "NoReturn":
+    """Ends the process once its output is flushed, without the
+    interpreter's teardown. Teardown races gloo's worker threads: a thread
+    that drops the last reference to a finished collective's tensor needs
+    the GIL, and once finalisation has begun it is ended by force, which
+    aborts the process (``terminate called without an active exception``)
+    after a run that succeeded; torchrun then reports the job as failed and
+    the other node waits at its exit barrier. Everything the run writes is
+    closed before ``main`` returns."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as exit_:
+        exit_code = exit_.code if isinstance(exit_.code, int) else 1
+    except KeyboardInterrupt:
+        exit_code = 130
+    except BaseException:  # noqa: BLE001 -- printed as the interpreter would, then the same exit code
+        import traceback
+
+        traceback.print_exc()
+        exit_code = 1
+    _exit(exit_code)
