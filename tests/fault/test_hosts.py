@@ -9,6 +9,8 @@ link goes down.
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,8 +60,15 @@ def test_multi_node_sh_trains_across_two_hosts(tmp_path):
                              "RDZV_IS_HOST": str(int(host == 0)), "LOCAL_ADDR": hosts.address(host)})  # fmt: skip
             procs.append(hosts.popen(host, ["launch/multi_node.sh", "--config", str(TINY), "train.steps=30",
                                             "sharding.type=row_wise", f"train.output_dir={tmp_path / 'out'}"],
-                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
+                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True))  # fmt: skip
+        try:
+            outputs = [p.communicate(timeout=240)[0] for p in procs]
+        finally:  # a node left waiting (at torchrun's exit barrier, say) must not outlive the test
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["processes"] == 4 and summary["steps"] == 30
