@@ -17,7 +17,9 @@ on one rank:
 =================  ===========================================================
 
 Each shard also says where its rows are stored (``EmbeddingLocation``:
-the rank's device memory by default; see ``dist_rec.placement``).
+the rank's device memory by default; see ``dist_rec.placement``), or, for a
+shard split over two tiers, how many of its (hottest) rows are at
+``location`` and where the rest are (``hot_rows``, ``cold_location``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,14 @@ ROW_SPLIT_TYPES = (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
 class Shard:
     """Rows ``[row_offset, row_offset + num_rows)`` and columns
     ``[col_offset, col_offset + num_cols)`` of a table, held by ``rank``,
-    its rows stored at ``location`` (``dist_rec.placement``)."""
+    its rows stored at ``location`` (``dist_rec.placement``).
+
+    A shard may split its rows over two tiers (RecShard): then its first
+    ``hot_rows`` rows are at ``location`` and the other ones at
+    ``cold_location``. The rows are in the table's remapped order, hottest
+    first (``dist_rec.planner.access_stats``), so the hot rows are one
+    contiguous range. ``hot_rows=None`` (the default) keeps all rows at
+    ``location``."""
 
     rank: int
     row_offset: int
@@ -62,21 +71,48 @@ class Shard:
     col_offset: int
     num_cols: int
     location: EmbeddingLocation = EmbeddingLocation.DEVICE
+    hot_rows: Optional[int] = None
+    cold_location: Optional[EmbeddingLocation] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "location", EmbeddingLocation.from_str(self.location))
+        if self.cold_location is not None:
+            object.__setattr__(self, "cold_location", EmbeddingLocation.from_str(self.cold_location))
+
+    @property
+    def rows_at_location(self) -> int:
+        """Rows stored at ``location``: ``hot_rows``, or all of them."""
+        return self.num_rows if self.hot_rows is None else self.hot_rows
+
+    @property
+    def cold_rows(self) -> int:
+        """Rows stored at ``cold_location`` (0 when the shard is not split)."""
+        return self.num_rows - self.rows_at_location
 
     def to_dict(self) -> Dict:
-        return {
+        data = {
             "rank": self.rank, "row_offset": self.row_offset, "num_rows": self.num_rows,
             "col_offset": self.col_offset, "num_cols": self.num_cols, "location": self.location.value,
         }
+        # Written only for split shards, so plans without tiers read as before.
+        if self.hot_rows is not None:
+            data["hot_rows"] = self.hot_rows
+        if self.cold_location is not None:
+            data["cold_location"] = self.cold_location.value
+        return data
 
     @classmethod
     def from_dict(cls, data: Dict) -> "Shard":
         # Plans written before shards had a location hold their rows in device memory.
-        numbers = {k: int(v) for k, v in data.items() if k != "location"}
-        return cls(**numbers, location=data.get("location", EmbeddingLocation.DEVICE.value))
+        named = ("location", "hot_rows", "cold_location")
+        numbers = {k: int(v) for k, v in data.items() if k not in named}
+        hot_rows = data.get("hot_rows")
+        return cls(
+            **numbers,
+            location=data.get("location", EmbeddingLocation.DEVICE.value),
+            hot_rows=None if hot_rows is None else int(hot_rows),
+            cold_location=data.get("cold_location"),
+        )
 
     @property
     def row_end(self) -> int:
@@ -134,6 +170,7 @@ class TableSharding:
                 raise ValueError(f"{where}: empty or negative shard {s}.")
             if s.row_end > self.num_embeddings or s.col_end > self.embedding_dim:
                 raise ValueError(f"{where}: shard {s} exceeds the table's {self.num_embeddings} x {self.embedding_dim}.")
+            _check_tier_split(where, s)
         if self.sharding_type in (ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE):
             if any(s.col_offset != 0 or s.num_cols != self.embedding_dim for s in self.shards):
                 raise ValueError(f"{where}: every shard must hold all {self.embedding_dim} columns.")
@@ -146,6 +183,22 @@ class TableSharding:
             _check_tiling(where, [(s.col_offset, s.num_cols) for s in self.shards], self.embedding_dim, "columns")
         if len(self.ranks) != len(self.shards):
             raise ValueError(f"{where}: two shards on one rank ({[s.rank for s in self.shards]}).")
+
+
+def _check_tier_split(where: str, s: Shard) -> None:
+    if s.hot_rows is None:
+        if s.cold_location is not None:
+            raise ValueError(f"{where}: shard on rank {s.rank} has cold_location={s.cold_location.value!r} but no hot_rows.")
+        return
+    if isinstance(s.hot_rows, bool) or not isinstance(s.hot_rows, int) or not 0 <= s.hot_rows <= s.num_rows:
+        raise ValueError(
+            f"{where}: invalid hot_rows={s.hot_rows!r} on rank {s.rank}. Must be an int in [0, num_rows={s.num_rows}]."
+        )
+    if s.hot_rows < s.num_rows and s.cold_location is None:
+        raise ValueError(
+            f"{where}: shard on rank {s.rank} keeps {s.hot_rows} of {s.num_rows} rows at {s.location.value!r} "
+            "but gives no cold_location for the rest."
+        )
 
 
 def _check_tiling(where: str, spans: List[tuple], total: int, what: str) -> None:
@@ -224,13 +277,20 @@ class ShardingPlan:
                 where = f"all {self.world_size} ranks"
             else:
                 where = ", ".join(
-                    f"{s.rank}: {s.row_offset}..{s.row_end - 1} / {s.col_offset}..{s.col_end - 1}" for s in t.shards
+                    f"{s.rank}: {s.row_offset}..{s.row_end - 1} / {s.col_offset}..{s.col_end - 1}{_tiers_text(s)}"
+                    for s in t.shards
                 )
             rows.append((t.table, t.sharding_type.value, f"{t.num_embeddings} x {t.embedding_dim}", where))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(1, "-+-".join("-" * w for w in widths))
         return f"ShardingPlan over {self.world_size} ranks\n" + "\n".join(lines)
+
+
+def _tiers_text(s: Shard) -> str:
+    if s.hot_rows is None:
+        return ""
+    return f" ({s.hot_rows} hot at {s.location.value}, {s.cold_rows} at {s.cold_location.value if s.cold_location else '-'})"
 
 
 # -- building blocks for planners and hand-written plans ------------------------

@@ -12,7 +12,7 @@ sharded tables left out. The forward is the model's.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,9 @@ class DistributedModelParallel(nn.Module):
             (recovery): the job's state reaches it afterwards, and its
             construction must issue exactly the collectives a rebuild of the
             running processes' groups issues. (Default: True)
+        row_orders (Optional[Dict[str, array]]): per table, its row ids
+            hottest first, for plans that split tables over two tiers
+            (``dist_rec.planner.recshard``; see ``ShardedEmbeddingBagCollection``).
 
     Call ``sync()`` after every optimizer step (a no-op with one replica and
     an optimizer without per-replica increments).
@@ -81,6 +84,7 @@ class DistributedModelParallel(nn.Module):
         process_groups: Optional[ProcessGroups] = None,
         storage_dir: Optional[str] = None,
         initial_sync: bool = True,
+        row_orders: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -115,6 +119,7 @@ class DistributedModelParallel(nn.Module):
                 source=collection,
                 storage_dir=storage_dir,
                 initial_sync=initial_sync,
+                row_orders=row_orders,
             )
             _replace_submodule(module, path, sharded)
             self.plans[path] = chosen

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -44,6 +45,7 @@ from dist_rec.modules.embedding_configs import EmbeddingBagConfig, as_embedding_
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection, _check_configs, state_dict_key
 from dist_rec.optim.fused import FusedOptimizer, MomentumScaledRowWiseAdagrad
 from dist_rec.placement import EmbeddingLocation, EmbeddingStorage, TableSpec, create_storage
+from dist_rec.placement.tiered import TieredStorage
 from dist_rec.planner.plan import Shard, ShardingPlan, ShardingType
 from dist_rec.sharding.comm import COMM_STATS, all_reduce_mean_, feature_major_order
 from dist_rec.sharding.cw import ColumnBlockUpdate, column_block_group_key
@@ -52,7 +54,7 @@ from dist_rec.sharding.input_dist import InputDistState, SparseFeaturesDist
 from dist_rec.sharding.lookup import FusedUpdate, LocalLookup
 from dist_rec.sharding.output_dist import PooledEmbeddingsDist
 from dist_rec.sharding.schemes import scheme_for
-from dist_rec.sharding.slots import COLUMN_BLOCKS, LookupGroup, SlotLayout, local_table_name
+from dist_rec.sharding.slots import COLUMN_BLOCKS, LookupGroup, Slot, SlotLayout, local_table_name
 from dist_rec.sparse.jagged_tensor import KeyedTensor
 
 
@@ -97,6 +99,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
             shards). Without it shards start from the configs' uniform init.
         storage_dir (Optional[str]): where shards placed on ``ssd`` keep
             their files (each rank in its own sub-directory).
+        row_orders (Optional[Dict[str, array]]): per table, its row ids
+            hottest first (``AccessStats``' ``hot_order``): a shard the plan
+            splits over two tiers keeps its hottest ``hot_rows`` in memory.
+            Tables without one split in their own row order.
         initial_sync (bool): broadcast the replicas' shards and the
             data-parallel tables so they start equal (collectives); False
             for a process joining a running job, whose state it receives
@@ -121,6 +127,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         source: Optional[EmbeddingBagCollection] = None,
         storage_dir: Optional[str] = None,
         initial_sync: bool = True,
+        row_orders: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         configs = [as_embedding_bag_config(t) for t in tables]
@@ -135,6 +142,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self._is_weighted = is_weighted
         self._optimizer = optimizer
         self._storage_dir = storage_dir
+        self._row_orders = dict(row_orders or {})
 
         self.layout = SlotLayout(configs, plan, self._groups.grid.group_size, optimizer)
         self._init_ranges: List[Tuple[EmbeddingStorage, List[Tuple[float, float]]]] = []
@@ -178,7 +186,14 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 full_dims[name] = config.embedding_dim
             slot_tables.append(tables[name])
             slot_pooling.append(scheme_for(self.plan.tables[config.name].sharding_type).shard_pooling(config.pooling))
-        storage = self._storage(group.location, specs, f"{group.kind}_{group.location.value}")
+        first_slots = _first_slot_per_table(group.slots)
+        if any(s.shard.hot_rows is not None and s.shard.cold_rows > 0 for s in first_slots):
+            # Split shards (and any whole shard of the same cold tier, with no hot rows).
+            hot_rows = [s.shard.hot_rows or 0 for s in first_slots]
+            orders = [self._shard_order(s) for s in first_slots]
+            storage = self._tiered_storage(group.location, specs, f"{group.kind}_tiered_{group.location.value}", hot_rows, orders)
+        else:
+            storage = self._storage(group.location, specs, f"{group.kind}_{group.location.value}")
         self._init_ranges.append((storage, init))
         if group.kind == COLUMN_BLOCKS:
             keys = {name: group_keys[name.rsplit("@", 1)[0]] for name in tables}
@@ -218,6 +233,30 @@ class ShardedEmbeddingBagCollection(nn.Module):
         if self._storage_dir:
             directory = str(Path(self._storage_dir) / f"rank{self._groups.rank}" / name)
         return create_storage(location, specs, self._optimizer.state_names, self._device, directory)
+
+    def _tiered_storage(self, location, specs, name, hot_rows, orders) -> EmbeddingStorage:
+        if location != EmbeddingLocation.SSD:
+            raise NotImplementedError(
+                f"Tables {[s.name for s in specs]} split their rows with a cold tier at {location.value!r}: "
+                "tiered tables keep their cold rows on 'ssd' (CPU ranks)."
+            )
+        if not self._storage_dir:
+            raise ValueError(
+                f"Tables {[s.name for s in specs]} keep cold rows on 'ssd', but no storage directory was given "
+                "(storage_dir= of the sharded collection)."
+            )
+        directory = Path(self._storage_dir) / f"rank{self._groups.rank}" / name
+        return TieredStorage(specs, self._optimizer.state_names, self._device, directory, hot_rows, orders)
+
+    def _shard_order(self, slot: Slot):
+        """The shard's rows hottest first (local ids), from the table's order."""
+        order = self._row_orders.get(self._configs[slot.table].name)
+        if order is None:
+            return None
+        order = np.asarray(order, dtype=np.int64)
+        shard = slot.shard
+        inside = order[(order >= shard.row_offset) & (order < shard.row_end)]
+        return inside - shard.row_offset
 
     def _data_parallel_group(self):
         return self._exchange.process_group
@@ -502,3 +541,14 @@ def _fold(optimizer: MomentumScaledRowWiseAdagrad, storage: EmbeddingStorage, gr
     optimizer.sync([w for w, _ in blocks], [s for _, s in blocks], group)
     for t, (weight, state) in enumerate(blocks):
         storage.write_block(t, 0, weight, state)
+
+
+def _first_slot_per_table(slots: Sequence[Slot]) -> List[Slot]:
+    """One slot per local table, in the order the storage numbers them."""
+    seen, first = set(), []
+    for s in slots:
+        key = (s.table, s.shard_index)
+        if key not in seen:
+            seen.add(key)
+            first.append(s)
+    return first

@@ -46,6 +46,15 @@ class LookupGroup:
     slots: Tuple[Slot, ...]
 
 
+def storage_location(shard: Shard) -> EmbeddingLocation:
+    """Which storage holds a shard: its location, or for a shard split over
+    two tiers (``hot_rows`` of a RecShard plan), its cold tier's (the
+    tiered storage of that tier holds both parts)."""
+    if shard.hot_rows is not None and shard.cold_rows > 0:
+        return shard.cold_location
+    return shard.location
+
+
 def local_table_name(table: str, shard_index: int) -> str:
     """A shard's name as its storage holds it: ``<table>@<shard index>``."""
     return f"{table}@{shard_index}"
@@ -89,7 +98,7 @@ class SlotLayout:
             kind = COLUMN_BLOCKS if scheme_for(sharding.sharding_type).agrees_row_state(optimizer) else REGULAR
             for k, shard in enumerate(shards):
                 for f in c.feature_names:
-                    grouped[shard.rank].setdefault((kind, shard.location), []).append(Slot(f, t, k, shard))
+                    grouped[shard.rank].setdefault((kind, storage_location(shard)), []).append(Slot(f, t, k, shard))
         # Regular lookups first, column blocks last (each kind by location).
         self.groups_by_rank: List[List[LookupGroup]] = [
             [LookupGroup(kind, loc, tuple(slots)) for kind in (REGULAR, COLUMN_BLOCKS) for (k, loc), slots in g.items() if k == kind]
