@@ -26,7 +26,8 @@ DATA_SOURCES = ("synthetic", "criteo_text", "criteo_binary")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "shampoo")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "momentum_scaled_rowwise_adagrad", "sgd")
 BACKENDS = ("auto", "gloo", "nccl")
-SHARDING_CHOICES = (*ShardingType.str_values(), "auto")
+SHARDING_CHOICES = (*ShardingType.str_values(), "auto", "planned")
+PLACEMENTS = ("recshard", "greedy", "none")
 GRID_LAYOUTS = LAYOUTS
 DEVICES = ("auto", "cpu", "cuda")
 DENSE_ENGINES = ("ddp", "deepspeed")
@@ -334,8 +335,24 @@ class ShardingConfig:
     Args:
         type: "data_parallel" (a full copy per process, updates agreed over
             all), "table_wise", "row_wise", "column_wise", "table_row_wise"
-            (every table the same way), or "auto" (the greedy planner).
+            (every table the same way), "auto" (the greedy planner), or
+            "planned": tables placed table-wise by access statistics of the
+            training data, their hottest rows in memory and the rest on SSD
+            as ``placement`` says (docs/planner.md, "Tiered placement").
         plan: a JSON plan file (``ShardingPlan.save``); overrides ``type``.
+        placement: for "planned": "recshard" (the RecShard MILP: per table
+            the hot rows that minimise the slowest rank's expected cost),
+            "greedy" (whole tables in memory, largest first, until
+            ``fast_memory_mb`` is full; the rest on SSD) or "none" (every
+            row in memory: the greedy planner under ``fast_memory_mb``).
+        fast_memory_mb: per rank, the memory for rows and their optimizer
+            state ("planned"; 0: the planner's automatic budget).
+        ssd_memory_mb: per rank, the SSD space for cold rows (0: the free
+            space of ``tier_dir``).
+        tier_dir: where cold rows live (a directory on an SSD; not tmpfs).
+            Empty: ``<train.output_dir>/tiers``.
+        stats_batches: batches of the training stream the access statistics
+            are counted on (saved beside the plan).
         replicas: G of 2D parallelism: the processes form G groups that
             each hold all tables sharded over their own ranks. 1: no 2D.
         sync_every: replicas are synchronised every this many steps.
@@ -350,6 +367,11 @@ class ShardingConfig:
     sync_every: int = 1
     layout: str = "shards_on_host"
     memory_per_rank_mb: int = 0
+    placement: str = "recshard"
+    fast_memory_mb: float = 0.0
+    ssd_memory_mb: float = 0.0
+    tier_dir: str = ""
+    stats_batches: int = 100
 
     def validate(self, prefix: str = "sharding") -> None:
         if self.type not in SHARDING_CHOICES:
@@ -361,6 +383,14 @@ class ShardingConfig:
         _check(self.memory_per_rank_mb >= 0, f"{prefix}.memory_per_rank_mb", self.memory_per_rank_mb, ">= 0 (0: automatic)")
         if self.plan and not Path(self.plan).is_file():
             raise _invalid(f"{prefix}.plan", self.plan, "a JSON plan file that exists")
+        if self.placement not in PLACEMENTS:
+            raise _invalid(f"{prefix}.placement", self.placement, f"one of {list(PLACEMENTS)}")
+        _check(self.fast_memory_mb >= 0, f"{prefix}.fast_memory_mb", self.fast_memory_mb, ">= 0 (0: automatic)")
+        _check(self.ssd_memory_mb >= 0, f"{prefix}.ssd_memory_mb", self.ssd_memory_mb, ">= 0 (0: the free disk)")
+        _check(self.stats_batches >= 1, f"{prefix}.stats_batches", self.stats_batches, ">= 1")
+        if self.type == "planned" and self.placement != "none" and self.fast_memory_mb == 0:
+            raise _invalid(f"{prefix}.fast_memory_mb", self.fast_memory_mb,
+                           "> 0 with sharding.type=planned: the memory budget the hot rows get")  # fmt: skip
 
 
 CHECKPOINT_POLICIES = ("full", "incremental", "mfu", "ssu")

@@ -102,8 +102,8 @@ class TieredStorage(StagedStorage):
         row_orders = list(row_orders) if row_orders is not None else [None] * len(self.tables)
         self.directory = Path(directory)
         self.hot_rows: List[int] = []
-        self._new_id: List[Optional[torch.Tensor]] = []  # original id -> position hottest first
-        self._old_id: List[Optional[torch.Tensor]] = []
+        # Original id -> position hottest first (int32 below 2^31 rows: it is memory every row costs).
+        self._new_id: List[Optional[torch.Tensor]] = []
         self._hot_weights: List[torch.Tensor] = []
         self._hot_states: List[Dict[str, torch.Tensor]] = []
         self._files: List[Optional[ColdRowFile]] = []
@@ -137,15 +137,15 @@ class TieredStorage(StagedStorage):
     def _set_order(self, spec: TableSpec, order) -> None:
         if order is None:
             self._new_id.append(None)
-            self._old_id.append(None)
             return
         old = torch.as_tensor(np.asarray(order), dtype=torch.int64)
-        if old.shape != (spec.num_rows,) or not torch.equal(torch.sort(old).values, torch.arange(spec.num_rows)):
+        in_range = old.shape == (spec.num_rows,) and (spec.num_rows == 0 or (int(old.min()) >= 0 and int(old.max()) < spec.num_rows))
+        if not in_range or not bool((torch.bincount(old, minlength=spec.num_rows) == 1).all()):
             raise ValueError(f"Invalid row order for table {spec.name!r}: must be a permutation of its {spec.num_rows} rows.")
-        new = torch.empty_like(old)
-        new[old] = torch.arange(spec.num_rows)
+        dtype = torch.int32 if spec.num_rows < 2**31 else torch.int64
+        new = torch.empty(spec.num_rows, dtype=dtype)
+        new[old] = torch.arange(spec.num_rows, dtype=dtype)
         self._new_id.append(new)
-        self._old_id.append(old)
 
     # -- ids ---------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ class TieredStorage(StagedStorage):
         """Rows' positions hottest first (hot: ``< hot_rows``)."""
         new = self._new_id[table]
         ids = ids.to(torch.int64)
-        return ids if new is None else new.index_select(0, ids)
+        return ids if new is None else new.index_select(0, ids).to(torch.int64)
 
     def _cold_rows(self, layout: Layout, indices_N, offsets) -> List[np.ndarray]:
         unique, _ = staged_ids(layout, indices_N, offsets, self.tables)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -125,6 +126,7 @@ def shard_model(
     process_groups: Optional[ProcessGroups] = None,
     replicas: Optional[int] = None,
     initial_sync: bool = True,
+    data: Optional[Data] = None,
 ) -> DistributedModelParallel:
     """The model with its tables spread as ``config.sharding`` says and its
     dense layers under DDP (left bare for another dense engine), on
@@ -133,12 +135,20 @@ def shard_model(
     ``initial_sync=False`` for a process joining a running job."""
     s = config.sharding
     plan = ShardingPlan.load(s.plan) if s.plan else None
-    sharding_type = None if plan is not None or s.type == "auto" else ShardingType.from_str(s.type)
-    if plan is not None:
-        plan = {"sparse_arch": plan}
+    sharding_type = None if plan is not None or s.type in ("auto", "planned") else ShardingType.from_str(s.type)
     replicas = s.replicas if replicas is None else replicas
     if process_groups is None:
         process_groups = ProcessGroups(replicas=replicas, layout=s.layout, device=env.device, timeout_s=config.fault.timeout_s)
+    memory_per_rank = s.memory_per_rank_mb << 20 if s.memory_per_rank_mb else None
+    storage_dir, row_orders = None, None
+    if plan is None and s.type == "planned":
+        if s.placement == "none":  # every row in memory: the greedy planner under the memory budget
+            memory_per_rank = int(s.fast_memory_mb * 2**20) or memory_per_rank
+        else:
+            placement = _tiered_placement(model, config, env, data, process_groups.grid.group_size)
+            plan, row_orders, storage_dir = placement.plan, placement.row_orders, _tier_dir(config)
+    if plan is not None:
+        plan = {"sparse_arch": plan}
     return DistributedModelParallel(
         model,
         plan=plan,
@@ -146,9 +156,34 @@ def shard_model(
         replicas=process_groups.replicas,
         sync_every=s.sync_every,
         layout=s.layout,
-        memory_per_rank=s.memory_per_rank_mb << 20 if s.memory_per_rank_mb else None,
+        memory_per_rank=memory_per_rank,
         device=env.device,
         wrap_dense=config.train.dense_engine == "ddp",
         process_groups=process_groups,
+        storage_dir=storage_dir,
         initial_sync=initial_sync,
+        row_orders=row_orders,
     )
+
+
+def _tier_dir(config: TrainConfig) -> Path:
+    return Path(config.sharding.tier_dir) if config.sharding.tier_dir else Path(config.train.output_dir) / "tiers"
+
+
+def _tiered_placement(model: DLRM, config: TrainConfig, env: Environment, data: Optional[Data], group_size: int):
+    """``sharding.type: planned``: the tiered plan from the job's own data."""
+    from dist_rec.planner.tiered_planning import plan_tiered_placement
+
+    if data is None:
+        raise ValueError("sharding.type=planned needs the training data to plan from (shard_model(..., data=)).")
+    s = config.sharding
+    placement = plan_tiered_placement(
+        model.sparse_arch.embedding_bag_configs(), data.train, world_size=group_size,
+        global_batch_size=config.train.batch_size * env.world_size, placement=s.placement,
+        fast_bytes=int(s.fast_memory_mb * 2**20), slow_bytes=int(s.ssd_memory_mb * 2**20) or None, tier_dir=_tier_dir(config),
+        stats_batches=s.stats_batches, output_dir=config.train.output_dir or None, is_main=env.is_main,
+        barrier=dist.barrier if dist.is_initialized() else (lambda: None),
+    )  # fmt: skip
+    if env.is_main:
+        print(placement.describe(), flush=True)
+    return placement

@@ -181,11 +181,12 @@ class Trainer:
         if env.is_main and self.data.eval is not None and hasattr(self.data.eval, "teacher_auc"):
             self.data.teacher_auc = self.data.eval.teacher_auc()
         checkpoint_dir = Path(run.checkpoint_dir) if run.checkpoint_dir else None
-        self._own_group = checkpoint_dir is not None and not dist.is_initialized()
-        if self._own_group:  # checkpoints are written by the sharded model: a group of one
+        # Checkpoints are written by the sharded model, and tiered tables live in one: a group of one.
+        self._own_group = (checkpoint_dir is not None or config.sharding.type == "planned") and not dist.is_initialized()
+        if self._own_group:
             init_single_process_group()
         self.sharded = (
-            shard_model(model, config, env, replicas=epoch.replicas if epoch else None, initial_sync=not joining)
+            shard_model(model, config, env, replicas=epoch.replicas if epoch else None, initial_sync=not joining, data=self.data)
             if dist.is_initialized() else None
         )  # fmt: skip
         self.process_groups = self.sharded.process_groups if self.sharded is not None else None
