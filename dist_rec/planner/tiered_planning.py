@@ -86,7 +86,8 @@ def plan_tiered_placement(
         result = table_greedy(demands, world_size, tiers, **budgets)
     else:
         raise ValueError(f"Invalid placement={placement!r}. Must be 'recshard' or 'greedy'.")
-    row_orders = {name: stats[name].hot_order() for name in stats}
+    # Only a table split between the tiers needs its rows in hottest-first order (8 bytes a row while it is built).
+    row_orders = {name: stats[name].hot_order() for name, hot in result.hot_rows.items() if 0 < hot < stats[name].num_embeddings}
     if is_main and output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -152,6 +152,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             self.layout, self._groups, is_weighted, self._device, agreement_group=lambda: self._data_parallel_group()
         )
         self._output_dist = PooledEmbeddingsDist(self.layout, self._groups)
+        self._row_orders = {}  # the storages hold what they need of them
         self._initialise(source, initial_sync)
 
     # -- building the local lookups -------------------------------------------
