@@ -197,6 +197,16 @@ class ColdRowFile:
         initialisation, a whole table at a time."""
         if first_row % self.per_block:
             raise ValueError(f"first_row={first_row} must start a block ({self.per_block} rows per block).")
+        if self.blocks_per_record == 1:  # whole blocks laid out at once (no per-record indexing)
+            count = -(-len(values) // self.per_block)
+            buffer = _aligned(count * BLOCK_BYTES)
+            blocks_view = np.frombuffer(buffer, dtype=np.float32)[: count * BLOCK_BYTES // 4].reshape(count, BLOCK_BYTES // 4)
+            padded = np.zeros((count * self.per_block, self.record_floats), dtype=np.float32)
+            padded[: len(values)] = values
+            blocks_view[:, : self.per_block * self.record_floats] = padded.reshape(count, -1)
+            first_block = first_row // self.per_block
+            self.write_blocks(np.arange(first_block, first_block + count), np.frombuffer(buffer, dtype=np.uint8))
+            return
         rows = np.arange(first_row, first_row + len(values))
         blocks = self.unique_blocks(rows)
         data = np.frombuffer(_aligned(len(blocks) * BLOCK_BYTES), dtype=np.uint8)

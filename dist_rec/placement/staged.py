@@ -23,8 +23,12 @@ from dist_rec.placement.storage import EmbeddingStorage, Layout, staged_ids
 class StagedStorage(EmbeddingStorage):
     """Kernels on per-batch compact copies; subclasses store the rows."""
 
+    def _staged_ids(self, layout: Layout, indices_N, offsets):
+        """``staged_ids`` of the batch (a subclass may keep them per batch)."""
+        return staged_ids(layout, indices_N, offsets, self.tables)
+
     def _stage(self, layout: Layout, indices_N, offsets, with_state: bool):
-        unique, remapped = staged_ids(layout, indices_N, offsets, self.tables)
+        unique, remapped = self._staged_ids(layout, indices_N, offsets)
         weights, states = [], []
         for t, ids in enumerate(unique):
             weight, state = self.read_rows(t, ids)

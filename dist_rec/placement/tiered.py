@@ -41,6 +41,7 @@ import torch
 
 from dist_rec.ops.embedding_bag import empty_hugepage
 from dist_rec.placement.cold_file import ColdRowFile
+from dist_rec.placement.in_memory import InMemoryStorage
 from dist_rec.placement.location import EmbeddingLocation
 from dist_rec.placement.memmap import _file_component
 from dist_rec.placement.staged import StagedStorage
@@ -53,9 +54,10 @@ class _Fetch:
     """The cold blocks of one batch: per table, sorted unique cold rows, the
     blocks holding them, and their contents (once read)."""
 
-    def __init__(self, key, cold_rows: List[np.ndarray], seen_writes: int) -> None:
+    def __init__(self, key, cold_rows: List[np.ndarray], seen_writes: int, staged=None) -> None:
         self.key = key
         self.cold_rows = cold_rows
+        self.staged = staged  # the batch's staged_ids: computed once, used by its forward and update
         self.seen_writes = seen_writes  # write-backs complete when its reads began
         self.blocks: List[np.ndarray] = []
         self.data: List[np.ndarray] = []
@@ -132,7 +134,7 @@ class TieredStorage(StagedStorage):
         self._pending: List[Dict[int, Tuple[int, np.ndarray]]] = [dict() for _ in self.tables]  # row -> (write no., record)
         self._fetches: Deque[_Fetch] = deque()
         self._current: Optional[_Fetch] = None  # the batch between its forward and its update
-        self.cold_row_reads = 0  # rows served from the cold tier (counted, for benchmarks)
+        self.cold_row_reads = 0  # unique cold rows of the batches looked up (counted, for benchmarks)
 
     def _set_order(self, spec: TableSpec, order) -> None:
         if order is None:
@@ -155,14 +157,18 @@ class TieredStorage(StagedStorage):
         ids = ids.to(torch.int64)
         return ids if new is None else new.index_select(0, ids).to(torch.int64)
 
-    def _cold_rows(self, layout: Layout, indices_N, offsets) -> List[np.ndarray]:
-        unique, _ = staged_ids(layout, indices_N, offsets, self.tables)
+    def _cold_rows(self, layout: Layout, indices_N, offsets):
+        """``(per table the batch's sorted unique cold rows, its staged_ids)``."""
+        staged = staged_ids(layout, indices_N, offsets, self.tables)
         cold = []
-        for t, ids in enumerate(unique):
+        for t, ids in enumerate(staged[0]):
             positions = self._positions(t, ids)
             rows = positions[positions >= self.hot_rows[t]] - self.hot_rows[t]
             cold.append(np.unique(rows.numpy()))
-        return cold
+        return cold, staged
+
+    def _staged_ids(self, layout: Layout, indices_N, offsets):
+        return self._fetch_for(layout, indices_N, offsets).staged
 
     # -- the cold tier's background work --------------------------------------------------
 
@@ -170,9 +176,11 @@ class TieredStorage(StagedStorage):
         if self._write_error is not None:
             raise RuntimeError(f"TieredStorage: a write-back of cold rows to {self.directory} failed") from self._write_error
 
-    def _start_fetch(self, key, cold_rows: List[np.ndarray]) -> _Fetch:
+    def _start_fetch(self, key, cold_and_staged) -> _Fetch:
+        cold_rows, staged = cold_and_staged
         with self._lock:
-            fetch = _Fetch(key, cold_rows, self._writes_done)
+            fetch = _Fetch(key, cold_rows, self._writes_done, staged)
+        self.cold_row_reads += sum(len(rows) for rows in cold_rows)
         for t, rows in enumerate(cold_rows):
             file = self._files[t]
             fetch.blocks.append(file.unique_blocks(rows) if file is not None and len(rows) else np.zeros(0, np.int64))
@@ -305,7 +313,6 @@ class TieredStorage(StagedStorage):
             weight.index_copy_(0, cold_at, records[:, : spec.dim])
             for i, n in enumerate(self.state_names):
                 state[n].index_copy_(0, cold_at, records[:, spec.dim + i].contiguous())
-            self.cold_row_reads += len(rows)
         return weight, state
 
     def _cold_records(self, table: int, rows: np.ndarray) -> np.ndarray:
@@ -436,3 +443,28 @@ def _aligned_copy(source: np.ndarray, block_index: np.ndarray):
     if len(block_index):
         target[:] = source.reshape(-1, BLOCK_BYTES)[block_index]
     return buffer
+
+
+def tier_report(storages: Sequence, steps: int) -> Optional[Dict]:
+    """What the tiered storages among ``storages`` (one rank's) held and
+    moved: rows in memory and on SSD, bytes of hot rows, and per step the
+    cold blocks read and written and cold rows served; None without any."""
+    tiered = [s for s in storages if isinstance(s, TieredStorage)]
+    if not tiered:
+        return None
+    # Rows in memory: the tiered tables' hot rows and every row of the other storages.
+    per_table = [(h, t, len(s.state_names)) for s in tiered for h, t in zip(s.hot_rows, s.tables)]
+    per_table += [(t.num_rows, t, len(s.state_names)) for s in storages if isinstance(s, InMemoryStorage) for t in s.tables]
+    hot = sum(h for h, _, _ in per_table)
+    rows = sum(t.num_rows for _, t, _ in per_table)
+    hot_bytes = sum(h * (t.dim * t.dtype.itemsize + 4 * states) for h, t, states in per_table)
+    files = [f for s in tiered for f in s._files if f is not None]
+    steps = max(1, steps)
+    return {
+        "hot_rows": hot,
+        "rows": rows,
+        "hot_bytes": hot_bytes,
+        "cold_blocks_read_per_step": sum(f.reads for f in files) / steps,
+        "cold_blocks_written_per_step": sum(f.writes for f in files) / steps,
+        "cold_rows_per_step": sum(s.cold_row_reads for s in tiered) / steps,
+    }

@@ -69,7 +69,9 @@ class TableDemand:
         reads_per_batch (float): expected row reads per global batch.
         cdf (np.ndarray): float64 ``[num_rows + 1]``, the share of reads the
             ``r`` hottest rows serve (``TableAccessStats.cdf``).
-        used_rows (int): rows read at least once in the sample.
+        used_rows (int): rows worth keeping hot: those read in the sample, or
+            all rows when the sample's tail says unseen rows get reads
+            (``estimated_cdf``).
         embedding_dim (int): the table's width.
         read_seconds (Dict[str, float]): seconds of one random row read per
             tier name.
@@ -154,19 +156,41 @@ def table_demands(
                 f"{config.num_embeddings}. Profile the data again for these tables."
             )
         row_bytes = config.embedding_dim * weight_bytes + state_bytes_per_row
+        cdf, used_rows = estimated_cdf(s)
         demands.append(
             TableDemand(
                 name=config.name,
                 num_rows=config.num_embeddings,
                 row_bytes=row_bytes,
                 reads_per_batch=s.accesses_per_sample * global_batch_size,
-                cdf=s.cdf(),
-                used_rows=s.used_rows,
+                cdf=cdf,
+                used_rows=used_rows,
                 embedding_dim=config.embedding_dim,
                 read_seconds={t.name: t.seconds_per_row(config.embedding_dim * weight_bytes) for t in tiers.tiers},
             )
         )
     return demands
+
+
+def estimated_cdf(stats) -> "tuple[np.ndarray, int]":
+    """``(CDF, rows worth keeping hot)`` of a table's reads to come, from a
+    sample of them. A sample misses rows: those it never saw still get reads
+    (a hashed id space has a long tail). The share of reads going to rows
+    the sample never saw is estimated as Good-Turing does, by the share of
+    reads to rows seen exactly once; it is spread evenly over the unseen
+    rows (they rank after every seen row), and the seen rows' shares shrink
+    to make room. Without rows seen once (or without unseen rows) the
+    sample's own CDF stands, and rows past the last one read are worth
+    nothing."""
+    cdf = stats.cdf()
+    total, used, rows = stats.total_accesses, stats.used_rows, stats.num_embeddings
+    singletons = int(np.count_nonzero(stats.counts == 1))
+    if total == 0 or used == rows or singletons == 0:
+        return cdf, used
+    unseen = min(1.0, singletons / total)
+    estimate = cdf * (1.0 - unseen)
+    estimate[used:] = (1.0 - unseen) + unseen * np.arange(rows - used + 1) / (rows - used)
+    return estimate, rows
 
 
 def _candidates(demand: TableDemand, grid: int) -> List[int]:

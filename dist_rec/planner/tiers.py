@@ -51,7 +51,7 @@ SSD_BLOCK_BYTES = 4096
 
 DEFAULT_ROW_BYTES = 256  # 64 float32 columns
 DEFAULT_CALIBRATION_SECONDS = 3.0
-DEFAULT_FILE_BYTES = 256 << 20
+DEFAULT_FILE_BYTES = 1 << 30  # large: a small file is served from a VM host's cache even under O_DIRECT
 DEFAULT_SSD_THREADS = 8
 
 # When the last-level cache size cannot be read, assume a large server L3.
@@ -243,7 +243,7 @@ class TierModel:
             row_bytes (int): row size of the DRAM measurement. (Default: 256)
             seconds (float): time spent measuring, split over DRAM, SSD at
                 queue depth 1 and SSD with ``ssd_threads`` reads in flight.
-            file_bytes (int): size of the temporary file. (Default: 256 MiB)
+            file_bytes (int): size of the temporary file. (Default: 1 GiB)
             ssd_threads (int): threads issuing SSD reads at once. (Default: 8)
             ranks_per_host (int): ranks sharing the host's memory and disk;
                 capacities are the host's divided by it. (Default: 1)

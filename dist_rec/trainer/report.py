@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -113,6 +114,7 @@ def summary(config, env, result, plot_path: Optional[Path], failures: Sequence[D
         teacher_auc=result.teacher_auc,
         metrics=str(result.output_dir / "metrics.jsonl") if result.output_dir else None,
         plot=str(plot_path) if plot_path else None,
+        max_rss_gib_rank0=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     )
     if result.final_eval is not None:
         summary["eval"] = result.final_eval.as_dict()
@@ -156,6 +158,15 @@ def summary_table(s: Dict) -> str:
         ))  # fmt: skip
     if "failures" in s:
         rows.append(("lost samples", f"{s['lost_samples']:,} (portion of lost samples {s['portion_of_lost_samples']:.2e})"))
+    t = s.get("tiers_rank0")
+    if t:
+        rows.append((
+            "tiers (rank 0)",
+            f"{t['hot_rows']:,} of {t['rows']:,} rows in memory ({t['hot_bytes'] / 2**30:.2f} GiB); per step "
+            f"{t['cold_blocks_read_per_step']:,.0f} SSD blocks read, {t['cold_blocks_written_per_step']:,.0f} written",
+        ))  # fmt: skip
+    if s.get("max_rss_gib_rank0") is not None:
+        rows.append(("peak memory", f"{s['max_rss_gib_rank0']:.2f} GiB (rank 0's process)"))
     rows += [("metrics", s["metrics"]), ("plot", s["plot"])]
     width = max(len(k) for k, _ in rows)
     lines = ["", "== dist_rec training summary " + "=" * 40] + [f"{k:<{width}}  {v}" for k, v in rows]

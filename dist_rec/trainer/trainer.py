@@ -463,6 +463,13 @@ class Trainer:
             plot_path = plot_training(records, self.data.teacher_auc, self.output_dir / "training.png")
             failures = [r for r in records if r.get("kind") == "failure"]
             figures = summary(self.config, self.env, result, plot_path, failures)
+            if self.sharded is not None:
+                from dist_rec.placement.tiered import tier_report
+
+                tiers = tier_report([st for sharded in self.sharded.sharded.values() for st in sharded.storages()],
+                                    step - first_step)  # fmt: skip
+                if tiers is not None:
+                    figures["tiers_rank0"] = tiers
             (self.output_dir / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
             self._say(summary_table(figures))
         if self.env.member is not None:

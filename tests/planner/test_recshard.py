@@ -153,3 +153,21 @@ def test_a_thousand_tables_get_a_plan_within_the_time_limit():
     assert result.method in ("milp", "greedy")
     greedy = plan_recshard(demands, 4, TIERS, fast_bytes=total // 40, slow_bytes=total // 3, use_milp=False)
     assert result.max_rank_cost_s <= greedy.max_rank_cost_s * (1 + 1e-9)
+
+
+def test_rows_a_sample_never_saw_keep_the_tail_its_singletons_predict():
+    from dist_rec.planner.recshard import estimated_cdf
+
+    # 10 reads: row 0 six times, rows 1 and 2 once, row 3 twice; rows 4..9 unseen.
+    counts = np.array([6, 1, 1, 2, 0, 0, 0, 0, 0, 0])
+    stats = TableAccessStats("t", counts, 10, 10, 10)
+    cdf, worth = estimated_cdf(stats)
+    unseen = 2 / 10  # reads to rows seen once
+    assert worth == 10 and cdf[0] == 0 and cdf[-1] == pytest.approx(1.0)
+    assert cdf[4] == pytest.approx(1 - unseen)  # the 4 seen rows keep 80% of the reads
+    assert cdf[1] == pytest.approx(0.6 * (1 - unseen))
+    assert np.allclose(np.diff(cdf[4:]), unseen / 6)  # the rest spread evenly over the 6 unseen rows
+    # No singletons: the sample's own CDF, and unseen rows are worth nothing.
+    flat = TableAccessStats("t", np.array([3, 2, 0, 0]), 5, 5, 5)
+    cdf, worth = estimated_cdf(flat)
+    assert worth == 2 and np.array_equal(cdf, flat.cdf())

@@ -42,6 +42,9 @@ def test_a_planned_run_trains_as_the_same_tables_in_memory(tmp_path, placement):
     assert hot_bytes <= 0.01 * 2**20
     assert all(s.hot_rows == figures["hot_rows"][name] for name, t in plan.tables.items() for s in t.shards)
     assert (out / "access_stats" / "summary.json").is_file() and (out / "access_stats" / "access_cdf.png").is_file()
+    tiers = json.loads((out / "summary.json").read_text())["tiers_rank0"]
+    assert tiers["hot_rows"] == sum(figures["hot_rows"].values()) < tiers["rows"] == 650
+    assert tiers["cold_blocks_read_per_step"] > 0 and tiers["cold_blocks_written_per_step"] > 0
 
 
 def test_a_planned_run_needs_a_memory_budget():
