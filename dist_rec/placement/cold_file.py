@@ -66,7 +66,7 @@ class ColdRowFile:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dist_rec-cold-io")
         self.threads = max(1, threads)
         self.reads = 0  # blocks read (counted, for benchmarks)
-        self.writes = 0
+        self.writes = 0  # blocks written back after updates (initialisation not counted)
         if create:
             self._create()
         else:
@@ -164,10 +164,12 @@ class ColdRowFile:
         self.reads += len(blocks)
         return np.frombuffer(buffer, dtype=np.uint8)
 
-    def write_blocks(self, blocks: np.ndarray, data: np.ndarray) -> None:
-        """Writes ``data`` (aligned, as ``read_blocks`` returns) as ``blocks``."""
+    def write_blocks(self, blocks: np.ndarray, data: np.ndarray, count: bool = True) -> None:
+        """Writes ``data`` (aligned, as ``read_blocks`` returns) as ``blocks``
+        (counted in ``writes`` unless ``count`` is False: initialisation)."""
         self._run_io(blocks, data, write=True)
-        self.writes += len(blocks)
+        if count:
+            self.writes += len(blocks)
 
     def _run_io(self, blocks: np.ndarray, buffer, write: bool) -> None:
         if len(blocks) == 0:
@@ -205,13 +207,13 @@ class ColdRowFile:
             padded[: len(values)] = values
             blocks_view[:, : self.per_block * self.record_floats] = padded.reshape(count, -1)
             first_block = first_row // self.per_block
-            self.write_blocks(np.arange(first_block, first_block + count), np.frombuffer(buffer, dtype=np.uint8))
+            self.write_blocks(np.arange(first_block, first_block + count), np.frombuffer(buffer, dtype=np.uint8), count=False)
             return
         rows = np.arange(first_row, first_row + len(values))
         blocks = self.unique_blocks(rows)
         data = np.frombuffer(_aligned(len(blocks) * BLOCK_BYTES), dtype=np.uint8)
         self.patch(blocks, data, rows, values)
-        self.write_blocks(blocks, data)
+        self.write_blocks(blocks, data, count=False)
 
 
 def _aligned(size: int):
