@@ -67,7 +67,7 @@ setup(
     description="Fused, sharded embedding training for recommendation models (DLRM) on CPUs and GPUs",
     packages=find_packages(include=["dist_rec", "dist_rec.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy"],
+    install_requires=["torch", "numpy", "pyyaml", "matplotlib", "scipy"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
