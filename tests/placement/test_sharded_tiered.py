@@ -21,6 +21,8 @@ from dist_rec.placement.tiered import TieredStorage
 from dist_rec.sharding import DistributedModelParallel, ShardingPlan, table_sharding, uniform_plan
 from dist_rec.testing.multi_process import run_multi_process
 
+from test_sharded_storage import _dense_optimizer, _tables
+
 TABLES = [
     EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=rows, feature_names=[f"f{i}"])
     for i, rows in enumerate([400, 50, 700, 90])
@@ -83,21 +85,10 @@ def _train(dmp, optimizer, rank: int, steps) -> list:
     return losses
 
 
-def _tables(dmp) -> dict:
-    weights, states = dmp.sharded["sparse_arch"].gather_unsharded()
-    out = dict(weights)
-    out.update({f"{t}.{n}": v for t, s in states.items() for n, v in s.items()})
-    return out
-
-
 def _assert_close(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys(), what
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{what}: {name}")
-
-
-def _dense_optimizer(dmp):
-    return torch.optim.Adagrad([p for p in dmp.parameters() if p.requires_grad], lr=0.05)
 
 
 def _rank(rank, world_size, tmp):
