@@ -253,20 +253,21 @@ class NonFiniteError(CheckpointError):
     stays; the run must stop (the next save would replace good with bad)."""
 
 
-def write_items(tmp: Path, items, rank: int, check_finite: bool = False) -> List[Dict]:
+def write_items(tmp: Path, items, rank: int, check_finite: bool = False, cancel=None) -> List[Dict]:
     """Writes a snapshot's items (``snapshot.Item``) under ``tmp``; returns
-    their manifest records. ``check_finite`` refuses NaN / inf first."""
+    their manifest records. ``check_finite`` refuses NaN / inf first; a set
+    ``cancel`` event (``threading.Event``) stops the writing (``WriteCancelled``)."""
     records = []
     for item in items:
         if check_finite:
             _check_finite(item, rank)
         if item.kind == "dense":
             model_state = item.tensors["model"]
-            size, sha = write_tensors(tmp / item.file, item.tensors)
+            size, sha = write_tensors(tmp / item.file, item.tensors, cancel)
             records.append({"file": item.file, "kind": "dense", "bytes": size, "sha256": sha,
                             "tensors": {k: tensor_record(v) for k, v in model_state.items()}, "written_by": rank})  # fmt: skip
         else:
-            size, sha = write_tensors(tmp / item.file, item.tensors)
+            size, sha = write_tensors(tmp / item.file, item.tensors, cancel)
             r0, nr, c0, nc = item.rect
             record = {
                 "file": item.file, "kind": item.kind, "module": item.module, "table": item.table,

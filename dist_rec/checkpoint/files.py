@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import BinaryIO, List, Optional, Tuple
@@ -33,6 +34,7 @@ import torch
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
+_CHUNK = 64 << 20
 
 
 class CheckpointError(ValueError):
@@ -40,31 +42,56 @@ class CheckpointError(ValueError):
     corrupt, of another model, of an unsupported format)."""
 
 
+class WriteCancelled(CheckpointError):
+    """A write was cancelled (a rank died: the entry can no longer be published)."""
+
+
 class _HashingWriter:
     """File-like wrapper that hashes and counts what ``torch.save`` writes,
-    so no second read is needed for the checksum."""
+    so no second read is needed for the checksum; a set ``cancel`` event
+    stops the write at its next chunk."""
 
-    def __init__(self, file: BinaryIO) -> None:
-        self._file = file
+    def __init__(self, file: BinaryIO, path: Path, cancel: Optional[threading.Event] = None) -> None:
+        self._file, self._path, self._cancel = file, path, cancel
         self.sha256 = hashlib.sha256()
         self.size = 0
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel is not None and self._cancel.is_set()
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise WriteCancelled(f"write of {self._path} cancelled")
+
     def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self._file.write(data)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _CHUNK):  # a storage comes in one piece: cancel between chunks
+            self.check()
+            chunk = view[start : start + _CHUNK]
+            self.sha256.update(chunk)
+            self._file.write(chunk)
+        self.size += len(view)
+        return len(view)
 
     def flush(self) -> None:
         self._file.flush()
 
 
-def write_tensors(path: Path, obj) -> Tuple[int, str]:
-    """``torch.save(obj)`` to ``path``, fsynced; returns (size in bytes, sha256 hex)."""
+def write_tensors(path: Path, obj, cancel: Optional[threading.Event] = None) -> Tuple[int, str]:
+    """``torch.save(obj)`` to ``path``, fsynced; returns (size in bytes, sha256
+    hex). Raises ``WriteCancelled`` once ``cancel`` is set (the file is then
+    incomplete: it sits in a ``.tmp-`` directory that is never read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(obj, writer)
+        writer = _HashingWriter(f, path, cancel)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:  # torch's zip writer words an exception of ``write`` its own way
+            writer.check()
+            raise
         f.flush()
+        writer.check()
         os.fsync(f.fileno())
     return writer.size, writer.sha256.hexdigest()
 

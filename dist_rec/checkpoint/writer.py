@@ -32,11 +32,14 @@ from dist_rec.checkpoint.series import CheckpointSeries, entry_name
 from dist_rec.checkpoint.snapshot import Snapshot
 
 
-def write_entry(root: Path, snapshot: Snapshot, header: Dict, group, keep_last: int = 0) -> Path:
+def write_entry(root: Path, snapshot: Snapshot, header: Dict, group, keep_last: int = 0,
+                cancel: Optional[threading.Event] = None) -> Path:  # fmt: skip
     """Writes ``snapshot`` as ``<root>/step-N`` (a collective over ``group``,
     every rank with its own snapshot and rank 0 with the manifest
     ``header``). Returns the entry's path. Raises ``CheckpointError`` (or
-    ``NonFiniteError``) on every rank when any rank fails."""
+    ``NonFiniteError``) on every rank when any rank fails. A set ``cancel``
+    stops this rank's file writes at the next 64 MiB (after a rank died the
+    entry cannot be published: recovery need not wait for the bytes)."""
     from dist_rec.checkpoint.checkpoint import _agree_on, write_items
 
     rank = dist.get_rank(group)
@@ -57,7 +60,7 @@ def write_entry(root: Path, snapshot: Snapshot, header: Dict, group, keep_last: 
     tmp = root / f"{name}{TMP_MARK}{ident}"
     records, error = [], None
     try:
-        records = write_items(tmp, snapshot.items, dist.get_rank(), check_finite=True)
+        records = write_items(tmp, snapshot.items, dist.get_rank(), check_finite=True, cancel=cancel)
     except Exception as e:  # told to every rank below
         error = e
     try:
@@ -99,6 +102,7 @@ class BackgroundWriter:
         self._result = None
         self._error: Optional[BaseException] = None
         self.seconds = 0.0  # the last write's duration
+        self.cancel = threading.Event()  # set: the write in flight stops at its next chunk (``write_entry``)
 
     @property
     def busy(self) -> bool:
@@ -117,6 +121,7 @@ class BackgroundWriter:
             self.seconds = time.perf_counter() - started
 
         self._result, self._error = None, None
+        self.cancel.clear()
         self._thread = threading.Thread(target=run, name="dist_rec-checkpoint-writer", daemon=True)
         self._thread.start()
 
@@ -126,11 +131,14 @@ class BackgroundWriter:
 
     def wait(self):
         """The write's result once it finished (raises its error); None when
-        none is in flight."""
+        none is in flight. A cancel applies to the write in flight only: it
+        is cleared here."""
         if self._thread is None:
+            self.cancel.clear()
             return None
         self._thread.join()
         self._thread = None
+        self.cancel.clear()
         if self._error is not None:
             error, self._error = self._error, None
             raise error

@@ -19,7 +19,8 @@ torchrun's agent) restarts only the dead worker:
   without a rank: a spare imports torch and builds the data pipeline and the
   model skeleton ahead, then waits; a dead worker's place goes to a ready
   spare (``ft/assign``), which only has to shard, join and restore, and a
-  new spare is started behind it;
+  new spare is started behind it once the recovery is done
+  (``--spare-delay``: a spare's build would take the recovering ranks' CPU);
 * the first node's launcher hosts the store and runs the coordinator
   (``coordinator.py``), and stays until every rank has finished.
 
@@ -88,6 +89,7 @@ class Launcher:
         self.coordinator: Optional[Coordinator] = None
         self.spares: List[Dict] = []  # {"name", "process"}
         self._spares_started = 0
+        self._spares_due: List[float] = []  # when the spares that replace consumed ones start (monotonic)
         self._unsent: List = []  # store writes that failed (the store is unreachable): retried
         self._store_down_since: Optional[float] = None
         self.store = self._connect()
@@ -146,7 +148,7 @@ class Launcher:
             worker.process = spare["process"]
             self.spares.remove(spare)
             _say(f"rank {worker.rank}: incarnation {worker.incarnation} is spare {spare['name']} (pid {worker.process.pid})")
-            self._start_spare()
+            self._spares_due.append(time.monotonic() + self.args.spare_delay)
             return
         worker.process = self._spawn(worker.rank, worker.local_rank, worker.incarnation)
         _say(f"rank {worker.rank}: started incarnation {worker.incarnation} (pid {worker.process.pid})")
@@ -163,7 +165,11 @@ class Launcher:
         return None
 
     def _tend_spares(self) -> None:
-        """Replaces a spare that exited (it never held a rank)."""
+        """Starts the spares due, and replaces a spare that exited (it never held a rank)."""
+        now = time.monotonic()
+        for due in [d for d in self._spares_due if d <= now]:
+            self._spares_due.remove(due)
+            self._start_spare()
         for spare in list(self.spares):
             if spare["process"].poll() is not None:
                 self.spares.remove(spare)
@@ -310,6 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max-failures", type=int, default=10)
     parser.add_argument("--standby", type=int, default=1, help="spare processes per node, built ahead to replace a "
                         "dead worker at once (0: a replacement starts from scratch)")  # fmt: skip
+    parser.add_argument("--spare-delay", type=float, default=10.0, help="seconds after a spare took a dead worker's "
+                        "place before the next spare starts (its build would slow the recovery)")  # fmt: skip
     parser.add_argument("--timeout-after-finish", type=float, default=60.0,
                         help="how long the first node keeps the store up for ranks still waiting when the job finished")
     parser.usage = "%(prog)s [options] (-m module | script) [args ...]"

@@ -104,6 +104,7 @@ class Recovery:
         self.failures: List[Dict] = []  # every failure this process took part in recovering from
         self._control = None  # (tensor, work): the pending-epoch agreement of the previous step
         self._open: Optional[Dict] = None  # the failure record waiting for its first completed step
+        self.phases: Dict[str, float] = {}  # seconds of the last recovery's join and rebuild (the event log says)
         member.on_abort(lambda reason: abort_communication(reason, keep_ports=[member.port]))
 
     # -- every step ------------------------------------------------------------------
@@ -165,15 +166,19 @@ class Recovery:
             member.report_failure(step, error)
             abort_communication(f"step {step + 1} failed", keep_ports=[member.port])
         trainer.pipeline.reset()
-        trainer.checkpointer.abandon()  # a save in flight fails with the groups; the next one is a base
+        # A save in flight fails with the groups (a switch lets it finish); the next one is a base.
+        trainer.checkpointer.abandon(cancel=not switching)
         self._control = None
         while True:
             try:
                 epoch = member.join("intact", step)
                 switching = False
+                joined = time.time()
                 ACTIVITY.set(f"epoch {epoch.id}: re-forming the process groups")
                 self._rebuild(epoch)
+                self.phases = {"join_s": round(joined - detected, 3), "rebuild_s": round(time.time() - joined, 3)}
                 resume = self.restore(epoch, member.rank, step, detected)
+                self.phases = {}
                 return resume
             except Exception as failure:  # a failure while recovering: again
                 if not (member.aborted.is_set() or is_collective_failure(failure)):
@@ -219,7 +224,7 @@ class Recovery:
         record = self._record(epoch, plan, infos, resume, checkpoint_step, detected, restored_bytes,
                               time.perf_counter() - started)  # fmt: skip
         member.events.write("restored", epoch=epoch.id, role=role, resume_step=resume,
-                            own_restored_bytes=getattr(self, "_own_restored_bytes", 0), **{
+                            own_restored_bytes=getattr(self, "_own_restored_bytes", 0), **self.phases, **{
             k: record[k] for k in ("recovery", "lost_samples", "restored_bytes", "restore_seconds")})  # fmt: skip
         member.say(f"epoch {epoch.id} formed as {epoch.describe()}; {record['summary']}; resuming at step {resume}")
         trainer.after_recovery(resume)

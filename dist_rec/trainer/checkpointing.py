@@ -156,7 +156,7 @@ class Checkpointer:
 
             checkpoint_module._fault_hook = lambda stage, path: self.at("checkpoint", step) if stage == "file_written" else None
             try:
-                return write_entry(self.directory, snapshot, header, group, keep)
+                return write_entry(self.directory, snapshot, header, group, keep, cancel=self.writer.cancel)
             finally:
                 checkpoint_module._fault_hook = None
 
@@ -213,10 +213,13 @@ class Checkpointer:
         """Waits for the save in flight (the end of a run)."""
         self._finish_pending()
 
-    def abandon(self) -> None:
-        """After a failure: waits for the writer (it fails with the groups)
-        and makes the next save a base, since a delta's parent may not have
-        been published."""
+    def abandon(self, cancel: bool = False) -> None:
+        """After a failure: waits for the writer (it fails with the groups;
+        with ``cancel`` it stops writing at once: a dead rank's part of the
+        entry is lost anyway) and makes the next save a base, since a
+        delta's parent may not have been published."""
+        if cancel:
+            self.writer.cancel.set()
         try:
             self.writer.wait()
         except Exception:
@@ -282,7 +285,7 @@ class NullCheckpointer:
     def finish(self) -> None:
         pass
 
-    def abandon(self) -> None:
+    def abandon(self, cancel: bool = False) -> None:
         pass
 
     def close(self) -> None:

@@ -93,9 +93,17 @@ def join_first_epoch(env: Environment, config: TrainConfig):
     member = env.member
     if member is None:
         return None
+    _import_ahead()
     epoch = member.join("fresh")  # a spare first waits here for the rank it replaces
     env.data_rank, env.data_world_size = member.rank, member.world_size
     env.rank, env.world_size = epoch.rank_of(member.rank), epoch.world_size
     init_process_group(env.backend, rank=env.rank, world_size=env.world_size, store=member.store.client,
                        timeout_s=config.fault.timeout_s, prefix=epoch.prefix)  # fmt: skip
     return epoch
+
+
+def _import_ahead() -> None:
+    """Imports what the first DDP wrap imports lazily (``torch._dynamo``:
+    1-1.5 s here) before joining: a spare does it while it waits, not after
+    it takes a dead rank's place."""
+    import torch._dynamo  # noqa: F401
