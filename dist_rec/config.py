@@ -482,6 +482,49 @@ class FaultConfig:
             raise ConfigError(error.replace("Invalid failure", f"Invalid {prefix}.inject entry", 1))
 
 
+SYNC_DENSE = ("ddp", "ma", "easgd", "bmuf", "none")
+SYNC_MODES = ("background", "foreground")
+
+
+@dataclass
+class SyncConfig:
+    """How the dense layers' replicas agree (see docs/shadow_sync.md).
+
+    Args:
+        dense: "ddp" (gradients all-reduced in every backward), or a
+            replica-averaging rule run on parameters: "ma" (model
+            averaging), "easgd" (elastic averaging), "bmuf" (block momentum);
+            "none": the replicas never agree (a benchmark's baseline).
+        mode: "background" (ShadowSync: rounds in a thread of their own,
+            never on the training thread) or "foreground" (every ``every``
+            steps, on the training thread).
+        every: the foreground interval in steps.
+        interval_s: background: pause between rounds (0: back to back).
+        alpha: EASGD's moving rate, in (0, 1].
+        block_momentum: BMUF's block momentum mu, in [0, 1).
+        block_lr: BMUF's block learning rate eta, > 0.
+        nesterov: BMUF's Nesterov variant.
+    """
+
+    dense: str = "ddp"
+    mode: str = "background"
+    every: int = 1
+    interval_s: float = 0.0
+    alpha: float = 0.25
+    block_momentum: float = 0.875
+    block_lr: float = 1.0
+    nesterov: bool = False
+
+    def validate(self, prefix: str = "sync") -> None:
+        _check(self.dense in SYNC_DENSE, f"{prefix}.dense", self.dense, f"one of {list(SYNC_DENSE)}")
+        _check(self.mode in SYNC_MODES, f"{prefix}.mode", self.mode, f"one of {list(SYNC_MODES)}")
+        _check(self.every >= 1, f"{prefix}.every", self.every, ">= 1")
+        _check(self.interval_s >= 0, f"{prefix}.interval_s", self.interval_s, ">= 0")
+        _check(0 < self.alpha <= 1, f"{prefix}.alpha", self.alpha, "in (0, 1]")
+        _check(0 <= self.block_momentum < 1, f"{prefix}.block_momentum", self.block_momentum, "in [0, 1)")
+        _check(self.block_lr > 0, f"{prefix}.block_lr", self.block_lr, "> 0")
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -491,6 +534,7 @@ class TrainConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
     def validate(self) -> "TrainConfig":
         for section in dataclasses.fields(self):

@@ -158,7 +158,7 @@ def shard_model(
         layout=s.layout,
         memory_per_rank=memory_per_rank,
         device=env.device,
-        wrap_dense=config.train.dense_engine == "ddp",
+        wrap_dense=config.train.dense_engine == "ddp" and config.sync.dense == "ddp",  # else: replicas averaged on parameters
         process_groups=process_groups,
         storage_dir=storage_dir,
         initial_sync=initial_sync,

@@ -12,6 +12,7 @@ that recovery and background sync use).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -78,6 +79,96 @@ class NullReplicaSync:
 
     def after_optimizer_step(self) -> None:
         pass
+
+
+class DenseSync:
+    """The dense layers' replicas agreed by a rule on their parameters
+    instead of DDP's gradient all-reduce (``sync.dense``: ma, easgd, bmuf):
+    in the background (ShadowSync: a thread of rounds, started with the
+    loop, stopped with it) or in the foreground every ``sync.every`` steps.
+    The optimizer step and a checkpoint's snapshot hold the rounds off
+    (``guard``, ``quiesced``). At the end the replicas are averaged once, so
+    that the final model (evaluated and saved) is their consensus."""
+
+    def __init__(self, config, params, process_groups) -> None:
+        from dist_rec.sync import ForegroundSync, ShadowSync, make_rule
+
+        s = config.sync
+        self.name, self.mode = s.dense, s.mode
+        self.params = [p for p in params if p.numel()]
+        group = process_groups.subgroup("dense_sync")  # its own: a background round never meets the step's collectives
+        self._group = lambda: process_groups.group("dense_sync")
+        self.rule = make_rule(s.dense, dist.get_world_size(group), alpha=s.alpha, block_momentum=s.block_momentum,
+                              block_lr=s.block_lr, nesterov=s.nesterov)  # fmt: skip
+        if s.mode == "background":
+            self.sync = ShadowSync(self.params, self.rule, self._group, interval_s=s.interval_s, kind="dense_sync")
+        else:
+            self.sync = ForegroundSync(self.params, self.rule, self._group, every=s.every, kind="dense_sync")
+
+    @property
+    def background(self) -> bool:
+        return self.mode == "background"
+
+    def start(self) -> None:
+        """Before the first step (after a resume too): the replicas start
+        equal (as DDP's constructor makes them), BMUF from that point."""
+        group = self._group()
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p, dist.get_global_rank(group, 0), group=group)
+        if self.name == "bmuf":
+            self.rule.previous = torch.cat([p.detach().reshape(-1) for p in self.params])
+        if self.background and not self.sync.running:
+            self.sync.start()
+
+    def guard(self, step: Callable[[], object]) -> Callable[[], object]:
+        return self.sync.guard(step) if self.background else step
+
+    def quiesced(self):
+        return self.sync.quiesced() if self.background else contextlib.nullcontext()
+
+    def after_optimizer_step(self) -> None:
+        if not self.background:
+            self.sync.after_optimizer_step()
+
+    def stop(self) -> None:
+        """Stops the rounds (agreed by every replica) and averages the replicas once."""
+        if self.background:
+            self.sync.stop()
+        group = self._group()
+        with torch.no_grad():
+            for p in self.params:
+                dist.all_reduce(p, group=group)
+                p.div_(dist.get_world_size(group))
+
+    def report(self, steps: int) -> dict:
+        return {"dense": self.name, "mode": self.mode, "rounds": self.sync.rounds,
+                "rounds_per_step": round(self.sync.rounds / max(1, steps), 3),
+                "seconds_in_rounds": round(self.sync.round_seconds, 2)}  # fmt: skip
+
+
+class NullDenseSync:
+    """``sync.dense: ddp``: DDP all-reduces the gradients in the backward."""
+
+    background = False
+
+    def start(self) -> None:
+        pass
+
+    def guard(self, step):
+        return step
+
+    def quiesced(self):
+        return contextlib.nullcontext()
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def report(self, steps: int) -> Optional[dict]:
+        return None
 
 
 # -- progress ---------------------------------------------------------------------

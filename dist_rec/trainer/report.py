@@ -138,6 +138,10 @@ def summary_table(s: Dict) -> str:
         ("training time", f"{s['train_seconds']:.1f} s"),
         ("throughput", f"{s['examples_per_second']:,.0f} examples/s (after the first log interval)"),
     ]
+    sync = s.get("dense_sync")
+    if sync:
+        rows.append(("dense replicas", f"{sync['dense']} in the {sync['mode']}: {sync['rounds']:,} rounds "
+                                       f"({sync['rounds_per_step']:.2f} per step, {sync['seconds_in_rounds']:.1f} s)"))  # fmt: skip
     e = s.get("eval")
     if e:
         auc_line = f"{e['auc']:.4f}"

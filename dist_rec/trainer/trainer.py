@@ -45,6 +45,8 @@ from dist_rec.sharding.pipeline import TrainPipelineSparseDist
 from dist_rec.trainer.builders import build_data, build_model, dense_optimizer, shard_model
 from dist_rec.trainer.checkpointing import reconcile_settings
 from dist_rec.trainer.components import (
+    DenseSync,
+    NullDenseSync,
     Checkpointer,
     Evaluator,
     NullCheckpointer,
@@ -192,7 +194,12 @@ class Trainer:
         self.process_groups = self.sharded.process_groups if self.sharded is not None else None
         self.model = self.sharded.unwrapped if self.sharded is not None else model
         trained = self.sharded if self.sharded is not None else model
-        self.dense_optimizer = dense_optimizer(config, [p for p in trained.parameters() if p.requires_grad])
+        dense_params = [p for p in trained.parameters() if p.requires_grad]
+        self.dense_optimizer = dense_optimizer(config, dense_params)
+        self.dense_sync = (
+            DenseSync(config, dense_params, self.sharded.process_groups)
+            if config.sync.dense not in ("ddp", "none") and self.sharded is not None and env.distributed else NullDenseSync()
+        )  # fmt: skip
         self.engine = None
         if run.dense_engine == "deepspeed":
             from dist_rec.engines.deepspeed_engine import DeepSpeedDenseEngine
@@ -283,7 +290,8 @@ class Trainer:
         model = self.sharded if self.sharded is not None else self.model
         if self.engine is not None:  # the engine runs the backward and the dense step (and zeroes the gradients)
             return TrainPipelineSparseDist(model, None, loss_of, backward=self.engine.backward, step=self.engine.step, sync=False)
-        return TrainPipelineSparseDist(model, self.dense_optimizer, loss_of, sync=False)
+        return TrainPipelineSparseDist(model, self.dense_optimizer, loss_of, sync=False,
+                                       step=self.dense_sync.guard(self.dense_optimizer.step))  # fmt: skip
 
     def after_recovery(self, step: int) -> None:
         """Recovery formed a new epoch: this rank's rank, the job's size and
@@ -361,6 +369,7 @@ class Trainer:
             self.log.trim_after(first_step)
         batches = self._stream(step)
         self.progress.start(first_step)
+        self.dense_sync.start()
         final_eval: Optional[EvalMetrics] = None
         finished = False
         while not finished:
@@ -374,6 +383,7 @@ class Trainer:
                         break
                     ACTIVITY.set(f"step {step + 1}: replica sync")
                     self.replica_sync.after_optimizer_step()
+                    self.dense_sync.after_optimizer_step()
                     step += 1
                     if loss.device.type == "cpu" or step % max(1, run.log_every) == 0:  # no extra GPU sync per step
                         _check_finite_loss(loss, step, self.checkpointer)
@@ -384,10 +394,12 @@ class Trainer:
                         self._save(step)
                     if self.evaluator.should_evaluate(step):
                         ACTIVITY.set(f"evaluation at step {step}")
-                        self.evaluator.evaluate(step)
+                        with self.dense_sync.quiesced():
+                            self.evaluator.evaluate(step)
                     for hook in self.hooks:
                         hook.after_step(self, step)
                 self.recovery.finish()
+                self.dense_sync.stop()
                 if step > first_step:
                     self._save(step)
                 self.checkpointer.finish()
@@ -419,7 +431,8 @@ class Trainer:
             self._own_group = False
 
     def _save(self, step: int) -> None:
-        directory = self.checkpointer.save(step)
+        with self.dense_sync.quiesced():  # a background round never lands in the middle of the snapshot
+            directory = self.checkpointer.save(step)
         if directory is not None:
             for hook in self.hooks:
                 hook.on_checkpoint(self, step, directory)
@@ -463,6 +476,9 @@ class Trainer:
             plot_path = plot_training(records, self.data.teacher_auc, self.output_dir / "training.png")
             failures = [r for r in records if r.get("kind") == "failure"]
             figures = summary(self.config, self.env, result, plot_path, failures)
+            sync_figures = self.dense_sync.report(step - first_step)
+            if sync_figures is not None:
+                figures["dense_sync"] = sync_figures
             if self.sharded is not None:
                 from dist_rec.placement.tiered import tier_report
 
@@ -482,6 +498,9 @@ class Trainer:
 
 def _check_recoverable(config: TrainConfig) -> None:
     """What recovery under the fault-tolerant launcher cannot carry yet."""
+    if config.sync.dense != "ddp":
+        raise ConfigError(f"Invalid sync.dense={config.sync.dense!r} under dist_rec.fault.launch. Must be 'ddp' (recovery "
+                          "does not restart replica-averaging rounds yet).")  # fmt: skip
     if config.train.dense_engine != "ddp":
         raise ConfigError("Invalid train.dense_engine={!r} under dist_rec.fault.launch. Must be 'ddp' (recovery "
                           "re-forms DDP; DeepSpeed's engine is not rebuilt).".format(config.train.dense_engine))

@@ -1,0 +1,225 @@
+"""Background synchronisation of the dense replicas (ShadowSync) against
+DDP, the same rules in the foreground, and no sync at all.
+
+Each run trains the main job's data and tables (``launch/configs/default.yaml``)
+with a larger dense part (``--dense``/``--over``: ShadowSync's setting, where
+the dense layers' sync is what a link pays for) through ``launch/train.sh``
+(torchrun), either on one host over loopback or across two "hosts" in
+network namespaces (``dist_rec.fault.netns``) whose links are rate limited
+with ``tc`` (``--rate``, ``--delay-ms``). Variants (``sync.dense`` /
+``sync.mode``):
+
+* ``ddp``: gradients all-reduced in every backward (today's default);
+* ``none``: no dense sync at all (the throughput ceiling);
+* ``ma_fg``: model averaging in the foreground every step;
+* ``ma_fg10``: the same every 10 steps;
+* ``ma_bg``, ``easgd_bg``, ``bmuf_bg``: the three rules in the background.
+
+Reported per run: examples/s (the trainer's summary), eval AUC and NE at the
+end (the same steps, so the same examples), and the background rounds per
+training step; a PNG of eval AUC against step. Variants run one after the
+other, in alternated order over ``--rounds``.
+
+    python benchmarks/bench_shadow_sync.py --markdown docs/benchmarks.md --json runs/bench_shadow_sync.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from harness import REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy
+
+sys.path.insert(0, str(REPO))
+from dist_rec.fault.netns import Hosts  # noqa: E402
+
+VARIANTS = {
+    "ddp": ["sync.dense=ddp"],
+    "none": ["sync.dense=none"],
+    "ma_fg": ["sync.dense=ma", "sync.mode=foreground", "sync.every=1"],
+    "ma_fg10": ["sync.dense=ma", "sync.mode=foreground", "sync.every=10"],
+    "ma_bg": ["sync.dense=ma", "sync.mode=background"],
+    "easgd_bg": ["sync.dense=easgd", "sync.mode=background"],
+    "bmuf_bg": ["sync.dense=bmuf", "sync.mode=background"],
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(args, variant: str, out: Path, world: int) -> List[str]:
+    return [
+        f"model.dense_arch_layer_sizes=[{','.join(map(str, args.dense))}]",
+        f"model.over_arch_layer_sizes=[{','.join(map(str, args.over))}]",
+        f"train.batch_size={args.global_batch // world}", f"train.steps={args.steps}",
+        f"train.eval_every={max(1, args.steps // 4)}", f"train.log_every={max(1, args.steps // 10)}",
+        f"train.output_dir={out}", f"sync.interval_s={args.interval_s}", "sharding.type=table_wise",
+        *VARIANTS[variant],
+    ]  # fmt: skip
+
+
+def run(args, variant: str, link: str, nproc: int, root: Path, index: int) -> Dict:
+    """One training run; returns its summary's figures."""
+    out = root / f"{link}_{nproc}x_{variant}_{index}"
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    log = open(root / f"{out.name}.log", "w")
+    started = time.time()
+    if link == "loopback":  # the same process count as two hosts of ``nproc``, on one
+        world = 2 * nproc
+        env.update(NPROC_PER_NODE=str(world), RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}")
+        command = ["launch/train.sh", "--config", "launch/configs/default.yaml", *overrides(args, variant, out, world)]
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+        codes = [proc.returncode]
+    else:
+        world = 2 * nproc
+        port = _free_port()
+        with Hosts(2) as hosts:
+            for host in range(2):
+                hosts.shape(host, rate=args.rate, delay_ms=args.delay_ms)
+            procs = []
+            for host in range(2):
+                host_env = hosts.env(dict(env, RDZV_ENDPOINT=f"{hosts.address(0)}:{port}", NPROC_PER_NODE=str(nproc),
+                                          RDZV_IS_HOST=str(int(host == 0)), LOCAL_ADDR=hosts.address(host),
+                                          RDZV_ID=f"shadow{index}{variant}"))  # fmt: skip
+                procs.append(hosts.popen(host, ["launch/multi_node.sh", "--config", "launch/configs/default.yaml",
+                                                *overrides(args, variant, out, world)],
+                                         cwd=REPO, env=host_env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True))  # fmt: skip
+            codes = []
+            try:
+                for proc in procs:
+                    codes.append(proc.wait(timeout=args.timeout))
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+    log.close()
+    if any(codes):
+        raise SystemExit(f"{out.name} failed (exit {codes}); see {root / (out.name + '.log')}")
+    summary = json.loads((out / "summary.json").read_text())
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["auc"]) for r in evals if r.get("kind") == "eval" and "auc" in r]
+    sync = summary.get("dense_sync") or {}
+    return {
+        "variant": variant, "link": link, "processes": world, "seconds": time.time() - started,
+        "examples_per_s": summary["examples_per_second"], "auc": summary["eval"]["auc"], "ne": summary["eval"]["ne"],
+        "rounds_per_step": sync.get("rounds_per_step"), "curve": curve,
+    }  # fmt: skip
+
+
+def plot(results: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["link"], r["processes"]) for r in results})
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, (link, world) in zip(axes[0], keys):
+        for variant in VARIANTS:
+            runs = [r for r in results if (r["link"], r["processes"], r["variant"]) == (link, world, variant)]
+            if runs and runs[0]["curve"]:
+                steps, aucs = zip(*runs[0]["curve"])
+                ax.plot(steps, aucs, marker="o", ms=3, label=variant)
+        ax.set_title(f"{link}, {world} processes")
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval AUC")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: List[Dict], args, load, argv) -> str:
+    import statistics
+
+    rows = []
+    for link, world in sorted({(r["link"], r["processes"]) for r in results}):
+        group = [r for r in results if (r["link"], r["processes"]) == (link, world)]
+        by = {v: [r for r in group if r["variant"] == v] for v in VARIANTS}
+        none = statistics.median(r["examples_per_s"] for r in by["none"]) if by["none"] else None
+        for variant, runs in by.items():
+            if not runs:
+                continue
+            rate = statistics.median(r["examples_per_s"] for r in runs)
+            rounds = runs[0]["rounds_per_step"]
+            rows.append([
+                link, world, variant, f"{rate:,.0f}", f"{rate / none:.2f}" if none else "-",
+                f"{statistics.median(r['auc'] for r in runs):.4f}", f"{statistics.median(r['ne'] for r in runs):.4f}",
+                "-" if rounds is None else f"{rounds:.2f}",
+            ])  # fmt: skip
+    link_text = f"two netns hosts, each link {args.rate} with {args.delay_ms:g} ms of delay (tc tbf/netem)"
+    return "\n".join([
+        "## Background sync of dense replicas (bench_shadow_sync.py)",
+        "",
+        f"Command: `{command_line(__file__, argv)}`. Main job data and tables, dense MLP {args.dense} / {args.over}, "
+        f"global batch {args.global_batch}, {args.steps} steps, table-wise; loopback: one host; netns: {link_text}. "
+        f"Machine: {machine_summary()}.{busy_note(load)} Medians over {args.rounds} round(s); "
+        "\"vs none\" is examples/s against no dense sync at all on the same link and process count.",
+        "",
+        markdown_table(["link", "processes", "variant", "examples/s", "vs none", "AUC", "NE", "rounds per step"], rows),
+        "",
+        "![eval AUC against step](images/shadow_sync.png)",
+    ])
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--links", nargs="+", choices=("loopback", "netns"), default=["loopback", "netns"])
+    parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="processes per host (loopback: twice this on one host)")
+    parser.add_argument("--rate", default="1gbit")
+    parser.add_argument("--delay-ms", type=float, default=1.0)
+    parser.add_argument("--dense", type=int, nargs="+", default=[512, 256, 16])
+    parser.add_argument("--over", type=int, nargs="+", default=[1024, 1024, 512, 1])
+    parser.add_argument("--global-batch", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--interval-s", type=float, default=0.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--png", type=Path, default=REPO / "docs" / "images" / "shadow_sync.png")
+    args = parser.parse_args(argv)
+    load = warn_if_busy()
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_shadow_sync_"))
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for link in args.links:
+        for nproc in args.nproc:
+            for round_index in range(args.rounds):
+                order = args.variants if round_index % 2 == 0 else list(reversed(args.variants))
+                for variant in order:
+                    result = run(args, variant, link, nproc, root, round_index)
+                    print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
+                    results.append(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    plot(results, args.png)
+    text = report(results, args, load, argv)
+    print(text)
+    if args.markdown:
+        update_section(args.markdown, "shadow_sync", text)
+
+
+if __name__ == "__main__":
+    main()
