@@ -13,7 +13,11 @@ with ``tc`` (``--rate``, ``--delay-ms``). Variants (``sync.dense`` /
 * ``none``: no dense sync at all (the throughput ceiling);
 * ``ma_fg``: model averaging in the foreground every step;
 * ``ma_fg10``: the same every 10 steps;
-* ``ma_bg``, ``easgd_bg``, ``bmuf_bg``: the three rules in the background.
+* ``ma_bg``, ``easgd_bg``, ``bmuf_bg``: the three rules in the background;
+* ``emb_fg``, ``emb_fg10``, ``emb_bg``: 2D (two replica groups, from 4
+  processes on) with the embedding replicas averaged in the foreground
+  every step, every 10 steps, or in the background (``emb_none``: never,
+  the 2D ceiling).
 
 Reported per run: examples/s (the trainer's summary), eval AUC and NE at the
 end (the same steps, so the same examples), and the background rounds per
@@ -50,6 +54,11 @@ VARIANTS = {
     "ma_bg": ["sync.dense=ma", "sync.mode=background"],
     "easgd_bg": ["sync.dense=easgd", "sync.mode=background"],
     "bmuf_bg": ["sync.dense=bmuf", "sync.mode=background"],
+    # 2D embedding replicas (2 replica groups; 4 or more processes), dense layers under DDP:
+    "emb_fg": ["sharding.replicas=2", "sharding.sync_every=1"],
+    "emb_fg10": ["sharding.replicas=2", "sharding.sync_every=10"],
+    "emb_bg": ["sharding.replicas=2", "sync.embeddings=background"],
+    "emb_none": ["sharding.replicas=2", "sharding.sync_every=1000000000"],  # the replicas never agree: the ceiling
 }
 
 
@@ -115,7 +124,7 @@ def run(args, variant: str, link: str, nproc: int, root: Path, index: int) -> Di
     summary = json.loads((out / "summary.json").read_text())
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["auc"]) for r in evals if r.get("kind") == "eval" and "auc" in r]
-    sync = summary.get("dense_sync") or {}
+    sync = summary.get("dense_sync") or summary.get("embedding_sync") or {}
     return {
         "variant": variant, "link": link, "processes": world, "seconds": time.time() - started,
         "examples_per_s": summary["examples_per_second"], "auc": summary["eval"]["auc"], "ne": summary["eval"]["ne"],
@@ -154,10 +163,12 @@ def report(results: List[Dict], args, load, argv) -> str:
     for link, world in sorted({(r["link"], r["processes"]) for r in results}):
         group = [r for r in results if (r["link"], r["processes"]) == (link, world)]
         by = {v: [r for r in group if r["variant"] == v] for v in VARIANTS}
-        none = statistics.median(r["examples_per_s"] for r in by["none"]) if by["none"] else None
+        ceilings = {key: statistics.median(r["examples_per_s"] for r in by[key]) if by[key] else None
+                    for key in ("none", "emb_none")}  # fmt: skip
         for variant, runs in by.items():
             if not runs:
                 continue
+            none = ceilings["emb_none" if variant.startswith("emb_") else "none"]
             rate = statistics.median(r["examples_per_s"] for r in runs)
             rounds = runs[0]["rounds_per_step"]
             rows.append([
@@ -172,7 +183,8 @@ def report(results: List[Dict], args, load, argv) -> str:
         f"Command: `{command_line(__file__, argv)}`. Main job data and tables, dense MLP {args.dense} / {args.over}, "
         f"global batch {args.global_batch}, {args.steps} steps, table-wise; loopback: one host; netns: {link_text}. "
         f"Machine: {machine_summary()}.{busy_note(load)} Medians over {args.rounds} round(s); "
-        "\"vs none\" is examples/s against no dense sync at all on the same link and process count.",
+        "\"vs none\" is examples/s against no sync at all on the same link and process count (`none` for the dense "
+        "variants, `emb_none` for the 2D ones).",
         "",
         markdown_table(["link", "processes", "variant", "examples/s", "vs none", "AUC", "NE", "rounds per step"], rows),
         "",
@@ -187,10 +199,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="processes per host (loopback: twice this on one host)")
     parser.add_argument("--rate", default="1gbit")
     parser.add_argument("--delay-ms", type=float, default=1.0)
-    parser.add_argument("--dense", type=int, nargs="+", default=[512, 256, 16])
-    parser.add_argument("--over", type=int, nargs="+", default=[1024, 1024, 512, 1])
+    parser.add_argument("--dense", type=int, nargs="+", default=[256, 128, 16])
+    parser.add_argument("--over", type=int, nargs="+", default=[512, 512, 256, 1])
     parser.add_argument("--global-batch", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--interval-s", type=float, default=0.0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800)
@@ -208,6 +220,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             for round_index in range(args.rounds):
                 order = args.variants if round_index % 2 == 0 else list(reversed(args.variants))
                 for variant in order:
+                    if variant.startswith("emb_") and 2 * nproc < 4:
+                        continue  # 2D needs two sharding groups of 2
                     result = run(args, variant, link, nproc, root, round_index)
                     print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
                     results.append(result)

@@ -484,6 +484,7 @@ class FaultConfig:
 
 SYNC_DENSE = ("ddp", "ma", "easgd", "bmuf", "none")
 SYNC_MODES = ("background", "foreground")
+SYNC_EMBEDDINGS = ("every_n", "background")
 
 
 @dataclass
@@ -504,6 +505,9 @@ class SyncConfig:
         block_momentum: BMUF's block momentum mu, in [0, 1).
         block_lr: BMUF's block learning rate eta, > 0.
         nesterov: BMUF's Nesterov variant.
+        embeddings: 2D embedding replicas: "every_n" (averaged in the
+            foreground every ``sharding.sync_every`` steps) or "background"
+            (ShadowSync's rounds on the shards).
     """
 
     dense: str = "ddp"
@@ -514,6 +518,7 @@ class SyncConfig:
     block_momentum: float = 0.875
     block_lr: float = 1.0
     nesterov: bool = False
+    embeddings: str = "every_n"
 
     def validate(self, prefix: str = "sync") -> None:
         _check(self.dense in SYNC_DENSE, f"{prefix}.dense", self.dense, f"one of {list(SYNC_DENSE)}")
@@ -523,6 +528,7 @@ class SyncConfig:
         _check(0 < self.alpha <= 1, f"{prefix}.alpha", self.alpha, "in (0, 1]")
         _check(0 <= self.block_momentum < 1, f"{prefix}.block_momentum", self.block_momentum, "in [0, 1)")
         _check(self.block_lr > 0, f"{prefix}.block_lr", self.block_lr, "> 0")
+        _check(self.embeddings in SYNC_EMBEDDINGS, f"{prefix}.embeddings", self.embeddings, f"one of {list(SYNC_EMBEDDINGS)}")
 
 
 @dataclass

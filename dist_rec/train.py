@@ -20,12 +20,12 @@ The loop itself is ``dist_rec.trainer.Trainer``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
 from dist_rec.config import ConfigError, load_config
 from dist_rec.distributed import destroy_process_group
+from dist_rec.distributed.world import exit_process
 from dist_rec.trainer import Environment, Trainer, TrainResult, setup_environment, train
 
 __all__ = ["Environment", "TrainResult", "Trainer", "main", "train"]
@@ -86,21 +86,7 @@ def _run_fault_tolerant(config, env, hooks=()) -> "NoReturn":
         else:
             env.member.say(f"program error ({type(error).__name__}: {error}); the job stops")
             code = EXIT_JOB_FAILED
-    _exit(code)
-
-
-def _exit(code: int) -> "NoReturn":
-    """Ends the process once its output is flushed, without the
-    interpreter's teardown. Teardown races gloo's worker threads: a thread
-    that drops the last reference to a finished collective's tensor needs
-    the GIL, and once finalisation has begun it is ended by force, which
-    aborts the process (``terminate called without an active exception``)
-    after a run that succeeded; torchrun then reports the job as failed and
-    the other node waits at its exit barrier. Everything the run writes is
-    closed before ``main`` returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(code)
 
 
 if __name__ == "__main__":
@@ -115,4 +101,4 @@ if __name__ == "__main__":
 
         traceback.print_exc()
         exit_code = 1
-    _exit(exit_code)
+    exit_process(exit_code)

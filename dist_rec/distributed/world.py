@@ -24,8 +24,10 @@ becomes an error, never a hang.
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch.distributed as dist
 
@@ -134,3 +136,18 @@ def _join(rank: int, world_size: int, prefix: Optional[str] = None) -> None:
     prefixed = dist.PrefixStore(_WORLD.prefix, _WORLD.store)
     kwargs = {"timeout": _WORLD.timeout} if _WORLD.timeout is not None else {}
     dist.init_process_group(_WORLD.backend, store=prefixed, rank=rank, world_size=world_size, **kwargs)
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends the process once its output is flushed, without the
+    interpreter's teardown. Teardown races the C++ threads of gloo and of
+    the TCP store: a gloo worker thread that drops the last reference to a
+    finished collective's tensor needs the GIL, a coordinator thread may sit
+    in a store call; once finalisation has begun such a thread is ended by
+    force, which aborts the process (``terminate called without an active
+    exception``) after a run that succeeded. torchrun (or a benchmark) then
+    reports the job as failed, and another node waits at its exit barrier.
+    Everything the caller writes must be closed before this."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

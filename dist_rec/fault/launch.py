@@ -339,4 +339,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dist_rec.distributed.world import exit_process
+
+    try:
+        exit_code = main()
+    except SystemExit as exit_:
+        exit_code = exit_.code if isinstance(exit_.code, int) else 1
+    exit_process(exit_code)  # the store server and the coordinator's store calls are C++ threads: no teardown

@@ -14,6 +14,7 @@ Shape legend: S slots, B batch (the group's), N ids, W pooled width.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import List, Optional, Sequence
 
@@ -75,6 +76,7 @@ class LocalLookup:
         self.num_slots = len(slot_tables)
         self.width = sum(dims)
         self.tracker = None  # a checkpoint policy's RowTracker: rows touched (and counts) since the last save
+        self.update_lock = None  # background replica sync: held while the rows are stepped (``dist_rec.sync``)
         # Puts the lookup in the autograd graph though the tables do not require grad.
         self._grad_anchor = torch.empty(0, device=storage.device, requires_grad=True)
 
@@ -89,7 +91,8 @@ class LocalLookup:
 
     def _update(self, values_N, offsets, weights_N, grad_output: torch.Tensor) -> None:
         check_finite_gradient(grad_output, self.tables())
-        self.update(self.storage, self.optimizer, self.layout, values_N, offsets, weights_N, grad_output)
+        with self.update_lock if self.update_lock is not None else contextlib.nullcontext():
+            self.update(self.storage, self.optimizer, self.layout, values_N, offsets, weights_N, grad_output)
         if self.tracker is not None:
             self.tracker.record(self.layout, values_N, offsets)
 

@@ -70,8 +70,12 @@ def run_multi_process(fn: Callable[..., Any], world_size: int = 2, timeout: floa
     while not errors.empty():
         failures.append(errors.get())
     if failures:
-        rank, tb = sorted(failures)[0]
-        raise AssertionError(f"rank {rank} failed:\n{tb}")
+        # A rank that fails first makes its peers' collectives fail too: its own error leads.
+        consequence = ("Connection closed by peer", "Connection reset by peer", "aborted its collectives")
+        failures.sort(key=lambda f: (any(c in f[1] for c in consequence), f[0]))
+        rank, tb = failures[0]
+        others = "".join(f"\n--- rank {r} failed too:\n{t}" for r, t in failures[1:])
+        raise AssertionError(f"rank {rank} failed:\n{tb}{others}")
     if hung:
         raise AssertionError(f"ranks {hung} did not finish within {timeout} s")
     bad = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]

@@ -171,6 +171,46 @@ class NullDenseSync:
         return None
 
 
+class EmbeddingSync:
+    """``sync.embeddings: background``: the 2D shard replicas averaged by
+    ShadowSync's rounds (``dist_rec.sync.embeddings``) instead of in the
+    foreground every ``sharding.sync_every`` steps."""
+
+    def __init__(self, config, dmp) -> None:
+        from dist_rec.sync.embeddings import EmbeddingReplicaSync
+
+        self.replicas = EmbeddingReplicaSync(dmp.sharded, dmp.process_groups, interval_s=config.sync.interval_s)
+
+    def start(self) -> None:
+        if not self.replicas.sync.running:
+            self.replicas.start()
+
+    def stop(self) -> None:
+        self.replicas.stop()
+
+    def quiesced(self):
+        return self.replicas.quiesced()
+
+    def report(self, steps: int) -> dict:
+        sync = self.replicas.sync
+        return {"rounds": sync.rounds, "rounds_per_step": round(sync.rounds / max(1, steps), 3),
+                "seconds_in_rounds": round(sync.round_seconds, 2)}  # fmt: skip
+
+
+class NullEmbeddingSync:
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def quiesced(self):
+        return contextlib.nullcontext()
+
+    def report(self, steps: int) -> Optional[dict]:
+        return None
+
+
 # -- progress ---------------------------------------------------------------------
 
 

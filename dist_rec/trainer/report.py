@@ -142,6 +142,10 @@ def summary_table(s: Dict) -> str:
     if sync:
         rows.append(("dense replicas", f"{sync['dense']} in the {sync['mode']}: {sync['rounds']:,} rounds "
                                        f"({sync['rounds_per_step']:.2f} per step, {sync['seconds_in_rounds']:.1f} s)"))  # fmt: skip
+    sync = s.get("embedding_sync")
+    if sync:
+        rows.append(("2D replicas", f"averaged in the background: {sync['rounds']:,} rounds "
+                                    f"({sync['rounds_per_step']:.2f} per step, {sync['seconds_in_rounds']:.1f} s)"))  # fmt: skip
     e = s.get("eval")
     if e:
         auc_line = f"{e['auc']:.4f}"

@@ -21,6 +21,7 @@ it is built and starts at that same step.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -46,7 +47,9 @@ from dist_rec.trainer.builders import build_data, build_model, dense_optimizer, 
 from dist_rec.trainer.checkpointing import reconcile_settings
 from dist_rec.trainer.components import (
     DenseSync,
+    EmbeddingSync,
     NullDenseSync,
+    NullEmbeddingSync,
     Checkpointer,
     Evaluator,
     NullCheckpointer,
@@ -208,7 +211,11 @@ class Trainer:
             trained = self.engine
         self.pipeline = self._pipeline(trained)
 
-        if self.sharded is not None:
+        self.embedding_sync = NullEmbeddingSync()
+        if self.sharded is not None and config.sync.embeddings == "background":
+            self.embedding_sync = EmbeddingSync(config, self.sharded)
+            self.replica_sync = NullReplicaSync()
+        elif self.sharded is not None:
             self.replica_sync = ReplicaSync(self.sharded.sync)
         elif isinstance(self.model.sparse_arch.optimizer, MomentumScaledRowWiseAdagrad):
             self.replica_sync = ReplicaSync(self.model.sparse_arch.sync)  # one process: fold the increments in
@@ -370,6 +377,7 @@ class Trainer:
         batches = self._stream(step)
         self.progress.start(first_step)
         self.dense_sync.start()
+        self.embedding_sync.start()
         final_eval: Optional[EvalMetrics] = None
         finished = False
         while not finished:
@@ -394,12 +402,12 @@ class Trainer:
                         self._save(step)
                     if self.evaluator.should_evaluate(step):
                         ACTIVITY.set(f"evaluation at step {step}")
-                        with self.dense_sync.quiesced():
-                            self.evaluator.evaluate(step)
+                        self.evaluator.evaluate(step)  # background rounds go on (holding them would stall the peers)
                     for hook in self.hooks:
                         hook.after_step(self, step)
                 self.recovery.finish()
                 self.dense_sync.stop()
+                self.embedding_sync.stop()
                 if step > first_step:
                     self._save(step)
                 self.checkpointer.finish()
@@ -430,8 +438,17 @@ class Trainer:
             destroy_process_group()
             self._own_group = False
 
+    def _quiesced(self):
+        """No background sync round copies or adds meanwhile."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.dense_sync.quiesced())
+        stack.enter_context(self.embedding_sync.quiesced())
+        return stack
+
     def _save(self, step: int) -> None:
-        with self.dense_sync.quiesced():  # a background round never lands in the middle of the snapshot
+        # A background round never lands in the middle of the snapshot (a synchronous save holds the rounds
+        # for its whole write: the peers' rounds wait, up to fault.timeout_s).
+        with self._quiesced():
             directory = self.checkpointer.save(step)
         if directory is not None:
             for hook in self.hooks:
@@ -476,9 +493,10 @@ class Trainer:
             plot_path = plot_training(records, self.data.teacher_auc, self.output_dir / "training.png")
             failures = [r for r in records if r.get("kind") == "failure"]
             figures = summary(self.config, self.env, result, plot_path, failures)
-            sync_figures = self.dense_sync.report(step - first_step)
-            if sync_figures is not None:
-                figures["dense_sync"] = sync_figures
+            for name, part in (("dense_sync", self.dense_sync), ("embedding_sync", self.embedding_sync)):
+                figures_of_part = part.report(step - first_step)
+                if figures_of_part is not None:
+                    figures[name] = figures_of_part
             if self.sharded is not None:
                 from dist_rec.placement.tiered import tier_report
 
@@ -498,9 +516,10 @@ class Trainer:
 
 def _check_recoverable(config: TrainConfig) -> None:
     """What recovery under the fault-tolerant launcher cannot carry yet."""
-    if config.sync.dense != "ddp":
-        raise ConfigError(f"Invalid sync.dense={config.sync.dense!r} under dist_rec.fault.launch. Must be 'ddp' (recovery "
-                          "does not restart replica-averaging rounds yet).")  # fmt: skip
+    if config.sync.dense != "ddp" or config.sync.embeddings != "every_n":
+        raise ConfigError(f"Invalid sync.dense={config.sync.dense!r} / sync.embeddings={config.sync.embeddings!r} under "
+                          "dist_rec.fault.launch. Must be 'ddp' / 'every_n' (recovery does not restart background rounds "
+                          "yet).")  # fmt: skip
     if config.train.dense_engine != "ddp":
         raise ConfigError("Invalid train.dense_engine={!r} under dist_rec.fault.launch. Must be 'ddp' (recovery "
                           "re-forms DDP; DeepSpeed's engine is not rebuilt).".format(config.train.dense_engine))

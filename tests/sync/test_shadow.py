@@ -110,29 +110,37 @@ def test_an_update_made_during_a_round_is_never_lost(name):
     run_multi_process(_rank_planted, world_size=WORLD, name=name)
 
 
-def _rank_train(rank, world_size, out, dense, mode):
+def _rank_train(rank, world_size, out, overrides):
     from dist_rec.config import load_config
     from dist_rec.train import Environment, train
 
     config = load_config(
         "launch/configs/tiny.yaml",
         [f"train.batch_size={64 // world_size}", "train.steps=150", "train.log_every=50", "train.eval_every=0",
-         f"train.output_dir={out}", f"sync.dense={dense}", f"sync.mode={mode}", "sync.interval_s=0.005"],
+         f"train.output_dir={out}", "sync.interval_s=0.005", *overrides],
     )  # fmt: skip
     env = Environment(rank=rank, world_size=world_size, local_world_size=world_size, backend="gloo")
     train(config, env, quiet=True)
 
 
-def test_background_model_averaging_trains_the_main_job_on_four_processes(tmp_path):
+def test_background_sync_trains_the_main_job_on_four_processes(tmp_path):
+    """Dense replicas averaged in the background (1D), and 2D embedding
+    replicas averaged in the background, against DDP: both converge."""
+    runs = {
+        "ddp": [],
+        "dense_ma": ["sync.dense=ma", "sync.mode=background"],
+        "embeddings_2d": ["sharding.replicas=2", "sharding.type=table_wise", "sync.embeddings=background"],
+    }
     results = {}
-    for dense, mode in [("ddp", "background"), ("ma", "background")]:
-        out = tmp_path / dense
-        run_multi_process(_rank_train, world_size=4, timeout=300, out=str(out), dense=dense, mode=mode)
-        results[dense] = json.loads((out / "summary.json").read_text())
-    shadow = results["ma"]
-    assert shadow["dense_sync"]["rounds"] >= 1 and shadow["dense_sync"]["mode"] == "background"
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "ma" / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line).get("kind") == "train"]  # fmt: skip
-    assert losses[-1] < losses[0]
-    assert shadow["eval"]["auc"] > 0.6
-    assert abs(shadow["eval"]["auc"] - results["ddp"]["eval"]["auc"]) < 0.03, (shadow["eval"], results["ddp"]["eval"])
+    for name, extra in runs.items():
+        out = tmp_path / name
+        run_multi_process(_rank_train, world_size=4, timeout=300, out=str(out), overrides=extra)
+        results[name] = json.loads((out / "summary.json").read_text())
+    assert results["dense_ma"]["dense_sync"]["rounds"] >= 1 and results["dense_ma"]["dense_sync"]["mode"] == "background"
+    assert results["embeddings_2d"]["embedding_sync"]["rounds"] >= 1
+    for name in ("dense_ma", "embeddings_2d"):
+        losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line).get("kind") == "train"]  # fmt: skip
+        assert losses[-1] < losses[0], (name, losses)
+        auc = results[name]["eval"]["auc"]
+        assert auc > 0.6 and abs(auc - results["ddp"]["eval"]["auc"]) < 0.03, (name, results[name]["eval"], results["ddp"]["eval"])
