@@ -126,14 +126,17 @@ def _rank_train(rank, world_size, out, overrides):
 def test_background_sync_trains_the_main_job_on_four_processes(tmp_path):
     """Dense replicas averaged in the background (1D), and 2D embedding
     replicas averaged in the background, against DDP: both converge."""
+    saves = ["train.checkpoint_every=40", "checkpoint.async_save=true"]  # saves while rounds run: no deadlock
     runs = {
         "ddp": [],
-        "dense_ma": ["sync.dense=ma", "sync.mode=background"],
-        "embeddings_2d": ["sharding.replicas=2", "sharding.type=table_wise", "sync.embeddings=background"],
+        "dense_ma": ["sync.dense=ma", "sync.mode=background", *saves],
+        "embeddings_2d": ["sharding.replicas=2", "sharding.type=table_wise", "sync.embeddings=background", *saves],
     }
     results = {}
     for name, extra in runs.items():
         out = tmp_path / name
+        if "checkpoint.async_save=true" in extra:
+            extra = [*extra, f"train.checkpoint_dir={tmp_path / name / 'ckpt'}"]
         run_multi_process(_rank_train, world_size=4, timeout=300, out=str(out), overrides=extra)
         results[name] = json.loads((out / "summary.json").read_text())
     assert results["dense_ma"]["dense_sync"]["rounds"] >= 1 and results["dense_ma"]["dense_sync"]["mode"] == "background"
@@ -144,3 +147,5 @@ def test_background_sync_trains_the_main_job_on_four_processes(tmp_path):
         assert losses[-1] < losses[0], (name, losses)
         auc = results[name]["eval"]["auc"]
         assert auc > 0.6 and abs(auc - results["ddp"]["eval"]["auc"]) < 0.03, (name, results[name]["eval"], results["ddp"]["eval"])
+        entries = sorted(p.name for p in (tmp_path / name / "ckpt").iterdir() if p.name.startswith("step-"))
+        assert entries == ["step-000000120", "step-000000150"], entries  # saved during the rounds (keep_last 2) and at the end
