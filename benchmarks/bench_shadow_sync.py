@@ -187,7 +187,8 @@ def report(results: List[Dict], args, load, argv) -> str:
         "",
         f"Command: `{command_line(__file__, argv)}`. Main job data and tables, dense MLP {args.dense} / {args.over}, "
         f"global batch {args.global_batch}, {args.steps} steps, table-wise; loopback: one host; netns: {link_text}. "
-        f"Machine: {machine_summary()}.{busy_note(load)} Medians over {args.rounds} round(s); "
+        f"Machine: {machine_summary()}.{busy_note(load)} Medians over each variant's runs ({len(results)} runs in all"
+        f"{', rendered from ' + ', '.join(str(p) for p in args.from_json) if args.from_json else ''}); "
         "\"vs none\" is examples/s against no sync at all on the same link and process count (`none` for the dense "
         "variants, `emb_none` for the 2D ones).",
         "",
