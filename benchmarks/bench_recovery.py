@@ -41,6 +41,7 @@ from harness import REPO, busy_note, command_line, machine_summary, markdown_tab
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_rec.checkpoint import CheckpointReader  # noqa: E402
+from dist_rec.testing.multi_process import free_port  # noqa: E402
 
 TABLES = 8
 DIM = 64
@@ -50,13 +51,6 @@ SYNC_EVERY = 100
 WAYS = ("1d", "2d", "restart")
 NAMES = {"1d": "1D partial recovery", "2d": "2D replica rebuild", "restart": "full restart (torchrun --max-restarts)"}
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_overrides(size_gib: float, out: Path, steps: int, every: int, world: int, replicas: int) -> List[str]:
@@ -87,11 +81,11 @@ def run(way: str, size: float, root: Path, args, kill: Optional[int]) -> Dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if way == "restart":
         env.update(PYTHON=sys.executable, NPROC_PER_NODE=str(world), MAX_RESTARTS="1",
-                   RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}")  # fmt: skip
+                   RDZV_ENDPOINT=f"127.0.0.1:{free_port()}")  # fmt: skip
         command = ["launch/train.sh", "--config", "launch/configs/default.yaml", *overrides]
     else:
         command = [sys.executable, "-m", "dist_rec.fault.launch", "--nproc-per-node", str(world),
-                   "--store", f"127.0.0.1:{_free_port()}", "-m", "dist_rec.train", "--config",
+                   "--store", f"127.0.0.1:{free_port()}", "-m", "dist_rec.train", "--config",
                    "launch/configs/default.yaml", *overrides]  # fmt: skip
     started = time.time()
     with open(root / f"{out.name}.log", "w") as log:

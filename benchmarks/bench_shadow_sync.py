@@ -45,6 +45,7 @@ from harness import REPO, busy_note, command_line, machine_summary, markdown_tab
 
 sys.path.insert(0, str(REPO))
 from dist_rec.fault.netns import Hosts  # noqa: E402
+from dist_rec.testing.multi_process import free_port  # noqa: E402
 
 VARIANTS = {
     "ddp": ["sync.dense=ddp"],
@@ -67,13 +68,6 @@ for _name in ("ma_bg", "easgd_bg", "bmuf_bg", "emb_bg"):
     VARIANTS[_name + "_i50"] = [*VARIANTS[_name], "sync.interval_s=0.05"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def overrides(args, variant: str, out: Path, world: int) -> List[str]:
     return [
@@ -95,13 +89,13 @@ def run(args, variant: str, link: str, nproc: int, root: Path, index: int) -> Di
     started = time.time()
     if link == "loopback":  # the same process count as two hosts of ``nproc``, on one
         world = 2 * nproc
-        env.update(NPROC_PER_NODE=str(world), RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}")
+        env.update(NPROC_PER_NODE=str(world), RDZV_ENDPOINT=f"127.0.0.1:{free_port()}")
         command = ["launch/train.sh", "--config", "launch/configs/default.yaml", *overrides(args, variant, out, world)]
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
         codes = [proc.returncode]
     else:
         world = 2 * nproc
-        port = _free_port()
+        port = free_port()
         with Hosts(2) as hosts:
             for host in range(2):
                 hosts.shape(host, rate=args.rate, delay_ms=args.delay_ms)
