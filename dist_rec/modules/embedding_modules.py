@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from dist_rec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, as_embedding_bag_config
-from dist_rec.ops.embedding_bag import PoolingMode, embedding_bag_forward, empty_hugepage
+from dist_rec.ops.embedding_bag import PoolingMode, _ops, check_finite_per_sample_weights, empty_hugepage
 from dist_rec.ops.fused_lookup import fused_lookup
 from dist_rec.optim.fused import FusedOptimizer, MomentumScaledRowWiseAdagrad
 from dist_rec.placement import InMemoryStorage, TableSpec
-from dist_rec.sparse.jagged_tensor import KeyedTensor
+from dist_rec.sparse.jagged_tensor import KeyedTensor, is_integer_dtype
 
 _POOLING_MODE = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
 
@@ -84,6 +85,7 @@ class EmbeddingBagCollection(nn.Module):
         self._configs = configs
         self._is_weighted = is_weighted
         self._optimizer = optimizer
+        self._warned_ignored_weights = False  # weights given to an unweighted collection: warned once
 
         self._device = device
         self.embedding_bags = nn.ModuleDict()
@@ -201,7 +203,12 @@ class EmbeddingBagCollection(nn.Module):
 
     def forward(self, features) -> KeyedTensor:
         """Pools every feature of ``features`` (a KeyedJaggedTensor, ours or
-        TorchRec's) into ``[B, sum of dims]`` columns, in config order."""
+        TorchRec's) into ``[B, sum of dims]`` columns, in config order.
+
+        A bad input is refused naming the feature and table (ids out of
+        range, tensors off the tables' device, non-integer lengths, NaN or inf
+        weights, lengths that do not match the values); weights given to a
+        collection built without ``is_weighted`` are ignored, with one warning."""
         keys = list(features.keys())
         variable_stride = getattr(features, "variable_stride_per_key", None)
         if variable_stride is not None and variable_stride():
@@ -211,35 +218,74 @@ class EmbeddingBagCollection(nn.Module):
             )
         layout = self._layout(keys)
         values = features.values()
+        self._check_input_tensors(keys, features, values)
         offsets = features.offsets()
         if (offsets.numel() - 1) % len(keys) != 0:
             raise ValueError(
                 f"Invalid lengths count {offsets.numel() - 1} for {len(keys)} features {keys}. "
                 "Must be number of features x batch size."
             )
-        if offsets.dtype != values.dtype and values.dtype in (torch.int32, torch.int64):
+        if offsets.dtype != values.dtype:
             offsets = offsets.to(values.dtype)
-        per_sample_weights = None
-        if self._is_weighted:
-            per_sample_weights = features.weights_or_none()
-            if per_sample_weights is None:
-                raise ValueError("This EmbeddingBagCollection has is_weighted=True but the input has no weights.")
-            if not bool(torch.isfinite(per_sample_weights).all()):
-                bad = int((~torch.isfinite(per_sample_weights)).nonzero()[0])
-                raise ValueError(
-                    f"Invalid per-id weight {float(per_sample_weights[bad])} at values[{bad}]: weights must be finite "
-                    "(a NaN or inf would poison the rows it touches and their optimizer state)."
+        per_sample_weights = features.weights_or_none()
+        if not self._is_weighted:
+            if per_sample_weights is not None and not self._warned_ignored_weights:
+                self._warned_ignored_weights = True
+                warnings.warn(
+                    f"EmbeddingBagCollection: the input carries per-id weights for {self._features_and_tables(keys)}, "
+                    "but this collection was built with is_weighted=False: they are ignored. Build it with "
+                    "is_weighted=True to pool with them.",
+                    stacklevel=2,
                 )
+            per_sample_weights = None
+        elif per_sample_weights is None:
+            raise ValueError("This EmbeddingBagCollection has is_weighted=True but the input has no weights.")
         try:
+            check_finite_per_sample_weights("embedding_bag_forward", per_sample_weights, offsets, layout[0])
             if self._optimizer is None:
                 weights = [bag.weight for bag in self.embedding_bags.values()]
-                pooled = embedding_bag_forward(weights, *layout, values, offsets, per_sample_weights)
+                pooled = _ops.embedding_bag_forward(weights, *layout, values, offsets, per_sample_weights)
             else:
                 apply_grad = functools.partial(self._apply_fused_update, layout, values, offsets, per_sample_weights)
                 pooled = fused_lookup(self._grad_anchor, self._storage, layout, values, offsets, per_sample_weights, apply_grad)
         except (IndexError, ValueError, TypeError) as error:
             raise self._explain(error, keys, features) from None
         return KeyedTensor(self._feature_names, self._feature_dims, pooled)
+
+    def _features_and_tables(self, keys: List[str]) -> str:
+        """``features [...] (tables [...])``, for messages about a whole input tensor."""
+        tables = list(dict.fromkeys(self._configs[self._feature_slot[k][0]].name for k in keys))
+        return f"features {keys} (tables {tables})"
+
+    def _check_input_tensors(self, keys: List[str], features, values: torch.Tensor) -> None:
+        """Refuses ids, lengths, offsets or weights on another device than the
+        tables (meta ids used to return uninitialised rows) and non-integer
+        lengths, offsets or ids (float lengths used to be cast silently).
+        Only dtypes and devices are read: no pass over the data."""
+        device = next(iter(self.embedding_bags.values())).weight.device
+        lengths = features.lengths_or_none() if hasattr(features, "lengths_or_none") else None
+        given_offsets = features.offsets_or_none() if hasattr(features, "offsets_or_none") else None
+        if lengths is None and given_offsets is None:
+            given_offsets = features.offsets()
+        weights = features.weights_or_none() if self._is_weighted else None
+        given = (("values", values), ("lengths", lengths), ("offsets", given_offsets), ("weights", weights))
+        for name, tensor in given:
+            if tensor is not None and tensor.device != device:
+                raise ValueError(
+                    f"Invalid {name} device={tensor.device} for {self._features_and_tables(keys)}. "
+                    f"Must be {device}, the device of the tables."
+                )
+        if values.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                f"Invalid values dtype={values.dtype} for {self._features_and_tables(keys)}. "
+                "Must be torch.int32 or torch.int64."
+            )
+        for name, tensor in (("lengths", lengths), ("offsets", given_offsets)):
+            if tensor is not None and not is_integer_dtype(tensor.dtype):
+                raise TypeError(
+                    f"Invalid {name} dtype={tensor.dtype} for {self._features_and_tables(keys)}. "
+                    "Must be an integer dtype (torch.int32 or torch.int64)."
+                )
 
     def _apply_fused_update(self, layout, values, offsets, per_sample_weights, grad_output: torch.Tensor) -> None:
         """The backward of a fused lookup: one optimizer step on the touched rows."""
@@ -258,17 +304,10 @@ class EmbeddingBagCollection(nn.Module):
 
     def _explain(self, error: Exception, keys: List[str], features) -> Exception:
         """The kernel's message with feature and table names put in."""
-        if isinstance(error, ValueError):
-            lengths = features.lengths()
-            negative = (lengths < 0).nonzero()
-            if negative.numel() > 0 and features.stride() > 0:
-                bag = int(negative[0])
-                f, b = divmod(bag, features.stride())
-                return ValueError(
-                    f"Invalid length {int(lengths[bag])} for feature {keys[f]!r} (table "
-                    f"{self._configs[self._feature_slot[keys[f]][0]].name!r}), sample {b}: "
-                    "lengths must be >= 0 and offsets non-decreasing."
-                )
+        if isinstance(error, ValueError) and "offsets must" in str(error):
+            explained = self._explain_offsets(keys, features)
+            if explained is not None:
+                return explained
         message = str(error)
         message = re.sub(r"feature slot (\d+)", lambda m: f"feature {keys[int(m.group(1))]!r}", message)
         message = re.sub(r"table (\d+)", lambda m: f"table {self._configs[int(m.group(1))].name!r}", message)
@@ -276,6 +315,40 @@ class EmbeddingBagCollection(nn.Module):
         for op_name, kjt_name in (("per_sample_weights", "weights"), ("indices", "values"), ("per index", "per value")):
             message = message.replace(op_name, kjt_name)
         return type(error)(f"EmbeddingBagCollection: {message}")
+
+    def _explain_offsets(self, keys: List[str], features) -> Optional[ValueError]:
+        """A bad length or a lengths/values mismatch, named by feature, table
+        and sample (the kernel knows only offsets); None if neither."""
+        lengths, offsets, stride = features.lengths(), features.offsets(), features.stride()
+        if stride <= 0:
+            return None
+        negative = (lengths < 0).nonzero()
+        if negative.numel() > 0:
+            bag = int(negative[0])
+            f, b = divmod(bag, stride)
+            return ValueError(
+                f"Invalid length {int(lengths[bag])} for feature {keys[f]!r} (table "
+                f"{self._configs[self._feature_slot[keys[f]][0]].name!r}), sample {b}: "
+                "lengths must be >= 0 and offsets non-decreasing."
+            )
+        num_values, end = features.values().numel(), int(offsets[-1])
+        if int(offsets[0]) != 0 or end == num_values:
+            return None
+        mismatch = f"offsets must end at len(values)={num_values}; offsets[-1]={end}"
+        if end > num_values:
+            # The first bag that runs past the values.
+            bag = int((offsets[1:] > num_values).nonzero()[0])
+            f, b = divmod(bag, stride)
+            return ValueError(
+                f"Invalid length {int(lengths[bag])} for feature {keys[f]!r} (table "
+                f"{self._configs[self._feature_slot[keys[f]][0]].name!r}), sample {b}: its bag ends at "
+                f"{int(offsets[bag + 1])}, past the {num_values} values; {mismatch}."
+            )
+        last = keys[-1]
+        return ValueError(
+            f"Invalid lengths for feature {last!r} (table {self._configs[self._feature_slot[last][0]].name!r}), "
+            f"the last one: the bags end at {end} but there are {num_values} values; {mismatch}."
+        )
 
 
 def state_dict_key(table: str) -> str:

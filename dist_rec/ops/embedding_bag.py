@@ -54,16 +54,43 @@ def _pooled_dim(weights: Sequence[torch.Tensor], feature_table: Sequence[int]) -
     return sum(weights[t].shape[1] for t in feature_table)
 
 
+def _check_devices(op: str, weights: Sequence[torch.Tensor], **tensors) -> None:
+    """Refuses arguments on another device than the tables, in the fake
+    kernels. A meta argument sends the whole call to them (Meta outranks CPU
+    in dispatch), so without this CPU tables looked up with meta ids returned
+    an uninitialised output instead of the kernels' device error."""
+    if not weights:
+        return
+    device = weights[0].device
+    for name, value in tensors.items():
+        many = isinstance(value, (list, tuple))
+        for label, tensor in [(f"{name}[{i}]", v) for i, v in enumerate(value)] if many else [(name, value)]:
+            if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                raise ValueError(f"{op}: {label} must be on {device} like the weights; it is on {tensor.device}")
+
+
 @torch.library.register_fake("dist_rec::embedding_bag_forward")
 def _forward_fake(weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights):
+    _check_devices(
+        "embedding_bag_forward", weights, indices=indices, offsets=offsets, per_sample_weights=per_sample_weights
+    )
     num_features = len(feature_table)
     torch._check(num_features > 0, lambda: "feature_table must name at least one feature slot")
     batch = (offsets.shape[0] - 1) // num_features
     return weights[0].new_empty((batch, _pooled_dim(weights, feature_table)), dtype=torch.float32)
 
 
-def _mutating_fake(*args, **kwargs):
-    return None
+def _mutating_fake(name: str):
+    """The fused updates' fake kernel: nothing to return, devices checked."""
+    arg_names = [a.name for a in getattr(_ops, name).default._schema.arguments]
+
+    def fake(*args, **kwargs):
+        bound = {**dict(zip(arg_names, args)), **kwargs}
+        weights = bound.pop("weights")
+        _check_devices(name, weights, **{k: v for k, v in bound.items() if isinstance(v, (torch.Tensor, list, tuple))})
+        return None
+
+    return fake
 
 
 for _name in (
@@ -71,11 +98,15 @@ for _name in (
     "embedding_bag_backward_rowwise_adagrad_",
     "embedding_bag_backward_momentum_scaled_rowwise_adagrad_",
 ):
-    torch.library.register_fake(f"dist_rec::{_name}")(_mutating_fake)
+    torch.library.register_fake(f"dist_rec::{_name}")(_mutating_fake(_name))
 
 
 @torch.library.register_fake("dist_rec::embedding_bag_backward_row_grad")
 def _row_grad_fake(weights, feature_table, feature_pooling, feature_column, indices, offsets, per_sample_weights, grad_output):
+    _check_devices(
+        "embedding_bag_backward_row_grad", weights,
+        indices=indices, offsets=offsets, per_sample_weights=per_sample_weights, grad_output=grad_output,
+    )  # fmt: skip
     ctx = torch.library.get_ctx()
     row_ids, row_grads = [], []
     for w in weights:
@@ -87,6 +118,9 @@ def _row_grad_fake(weights, feature_table, feature_pooling, feature_column, indi
 
 @torch.library.register_fake("dist_rec::embedding_bag_per_sample_weights_grad")
 def _psw_grad_fake(weights, feature_table, feature_pooling, feature_column, indices, offsets, grad_output):
+    _check_devices(
+        "embedding_bag_per_sample_weights_grad", weights, indices=indices, offsets=offsets, grad_output=grad_output
+    )
     return grad_output.new_empty((indices.shape[0],))
 
 
@@ -150,10 +184,47 @@ def embedding_bag_forward(
 
     Differentiable with respect to ``weights`` (dense per-table gradients, as
     ``nn.EmbeddingBag`` gives) and ``per_sample_weights``. Training with a
-    fused optimizer goes through ``fused_lookup`` instead.
+    fused optimizer goes through ``fused_lookup`` instead. NaN or inf
+    ``per_sample_weights`` are refused (see ``check_finite_per_sample_weights``).
     """
+    _check_devices(
+        "embedding_bag_forward", weights, indices=indices, offsets=offsets, per_sample_weights=per_sample_weights
+    )
+    check_finite_per_sample_weights("embedding_bag_forward", per_sample_weights, offsets, feature_table)
     return _ops.embedding_bag_forward(
         list(weights), list(feature_table), list(feature_pooling), list(feature_column), indices, offsets, per_sample_weights
+    )
+
+
+def check_finite_per_sample_weights(
+    op: str, per_sample_weights: Optional[torch.Tensor], offsets: torch.Tensor, feature_table: Sequence[int]
+) -> None:
+    """Refuses NaN or inf per-id weights, naming the first one's position,
+    feature slot, sample and table as the id range errors do: the kernels
+    would pool them silently, and a fused backward would write them into the
+    rows and their optimizer state for good.
+
+    One sum over the weights (not finite whenever an element is not); the
+    element-wise test and the search run only when the sum is not finite.
+    """
+    if per_sample_weights is None or per_sample_weights.numel() == 0 or per_sample_weights.device.type == "meta":
+        return
+    if bool(torch.isfinite(per_sample_weights.sum())):
+        return
+    bad = ~torch.isfinite(per_sample_weights)
+    if not bool(bad.any()):
+        return  # finite weights whose sum overflowed
+    position = int(bad.nonzero()[0])
+    value = float(per_sample_weights[position])
+    num_bags = max(offsets.numel() - 1, 1)
+    target = torch.tensor([position], dtype=offsets.dtype, device=offsets.device)
+    bag = min(max(int(torch.searchsorted(offsets, target, right=True)) - 1, 0), num_bags - 1)
+    batch = max(num_bags // max(len(feature_table), 1), 1)
+    feature = min(bag // batch, len(feature_table) - 1)
+    raise ValueError(
+        f"{op}: Invalid per-id weight {value} at indices[{position}] (feature slot {feature}, sample "
+        f"{bag - feature * batch}) for table {feature_table[feature]}; per_sample_weights must be finite "
+        "(a NaN or inf would poison the rows it touches and their optimizer state)"
     )
 
 

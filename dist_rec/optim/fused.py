@@ -11,6 +11,7 @@ Hyper-parameters are read at every backward, so a schedule may change
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +21,20 @@ from dist_rec.ops.embedding_bag import WeightDecayMode, _ops
 
 # (feature_table, feature_pooling, feature_column) of one lookup call.
 Layout = Tuple[List[int], List[int], List[int]]
+
+
+def _check_hyper(name: str, value, minimum: float, strict: bool, note: str = "") -> None:
+    """Refuses a hyper-parameter that is not a finite number within its range:
+    ``lr=inf`` or a NaN would write non-finite values into every row it steps."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Invalid {name}={value!r}. Must be a number.") from None
+    rule = f"{'>' if strict else '>='} {minimum:g}{note}"
+    if not math.isfinite(number):
+        raise ValueError(f"Invalid {name}={value}. Must be finite and {rule}.")
+    if number < minimum or (strict and number == minimum):
+        raise ValueError(f"Invalid {name}={value}. Must be {rule}.")
 
 
 def _weight_decay_mode(value) -> WeightDecayMode:
@@ -44,12 +59,19 @@ class FusedOptimizer:
     weight_decay_mode: str = "none"
 
     state_names: ClassVar[Tuple[str, ...]] = ()
+    # name -> (minimum, minimum excluded, note): checked at every assignment.
+    _ranges: ClassVar[Dict[str, Tuple[float, bool, str]]] = {"lr": (0.0, False, ""), "weight_decay": (0.0, False, "")}
+
+    def __setattr__(self, name: str, value) -> None:
+        """Checks numeric hyper-parameters when set, in the constructor and
+        afterwards: a schedule changing ``lr`` between steps is checked too
+        (the kernels read the values at every backward)."""
+        bounds = self._ranges.get(name)
+        if bounds is not None:
+            _check_hyper(name, value, *bounds)
+        super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
-        if not self.lr >= 0.0:
-            raise ValueError(f"Invalid lr={self.lr}. Must be >= 0.")
-        if not self.weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay={self.weight_decay}. Must be >= 0.")
         self._decay_mode = _weight_decay_mode(self.weight_decay_mode)
 
     def init_state(self, num_rows: int, allocate=torch.zeros) -> Dict[str, torch.Tensor]:
@@ -102,11 +124,7 @@ class RowWiseAdagrad(FusedOptimizer):
 
     eps: float = 1e-8
     state_names: ClassVar[Tuple[str, ...]] = ("momentum1",)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.eps > 0.0:
-            raise ValueError(f"Invalid eps={self.eps}. Must be > 0.")
+    _ranges: ClassVar[Dict[str, Tuple[float, bool, str]]] = {**FusedOptimizer._ranges, "eps": (0.0, True, "")}
 
     # -- row blocks stepped outside the fused kernel (column-wise blocks that
     # agree a row's state first): the kernel's arithmetic, on float32 rows.
@@ -173,11 +191,10 @@ class MomentumScaledRowWiseAdagrad(RowWiseAdagrad):
 
     momentum_scale: float = 1.0
     state_names: ClassVar[Tuple[str, ...]] = ("momentum1", "momentum1_increment")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.momentum_scale >= 1.0:
-            raise ValueError(f"Invalid momentum_scale={self.momentum_scale}. Must be >= 1 (and at most the replica count).")
+    _ranges: ClassVar[Dict[str, Tuple[float, bool, str]]] = {
+        **RowWiseAdagrad._ranges,
+        "momentum_scale": (1.0, False, " (and at most the replica count)"),
+    }
 
     def step_rows(self, rows, grad, state, mean_square):
         """As ``RowWiseAdagrad.step_rows``: the increment grows, the agreed

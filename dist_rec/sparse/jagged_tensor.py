@@ -22,6 +22,23 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """An integer dtype other than bool: what lengths, offsets and ids may be."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_integer_bags(keys: Sequence[str], lengths: Optional[torch.Tensor], offsets: Optional[torch.Tensor]) -> None:
+    """Refuses float (or bool) lengths and offsets: they used to be cast to
+    the ids' dtype downstream, silently truncating a fractional length into a
+    different batch."""
+    for name, tensor in (("lengths", lengths), ("offsets", offsets)):
+        if tensor is not None and not is_integer_dtype(tensor.dtype):
+            raise TypeError(
+                f"Invalid {name} dtype={tensor.dtype} for features {list(keys)}. "
+                "Must be an integer dtype (torch.int32 or torch.int64)."
+            )
+
+
 def _offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     offsets = torch.zeros(lengths.numel() + 1, dtype=lengths.dtype, device=lengths.device)
     torch.cumsum(lengths, dim=0, out=offsets[1:])
@@ -116,6 +133,7 @@ class KeyedJaggedTensor:
             raise ValueError(f"Invalid keys={self._keys}. Must be unique feature names.")
         if lengths is None and offsets is None:
             raise ValueError("KeyedJaggedTensor needs lengths or offsets.")
+        check_integer_bags(self._keys, lengths, offsets)
         self._values = values
         self._lengths = lengths
         self._offsets = offsets
@@ -199,6 +217,14 @@ class KeyedJaggedTensor:
     def offsets(self) -> torch.Tensor:
         if self._offsets is None:
             self._offsets = _offsets_from_lengths(self._lengths)
+        return self._offsets
+
+    def lengths_or_none(self) -> Optional[torch.Tensor]:
+        """The lengths as given (or computed so far), as TorchRec has it."""
+        return self._lengths
+
+    def offsets_or_none(self) -> Optional[torch.Tensor]:
+        """The offsets as given (or computed so far), as TorchRec has it."""
         return self._offsets
 
     def stride(self) -> int:

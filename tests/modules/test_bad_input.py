@@ -3,6 +3,7 @@ feature, the table, the offending value and what was expected. Nothing is
 updated by a refused call."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -105,7 +106,105 @@ def test_weighted_collection_needs_weights():
 
 
 def test_float_values(ebc):
-    assert_refused(ebc, kjt([1, 2, 3, 4, 0, 1], [1] * 6, dtype=torch.float32), TypeError, "values must be int32 or int64; got Float")
+    assert_refused(
+        ebc,
+        kjt([1, 2, 3, 4, 0, 1], [1] * 6, dtype=torch.float32),
+        TypeError,
+        "Invalid values dtype=torch.float32 for features ['f0', 'f1', 'f2'] (tables ['t0', 't1']). "
+        "Must be torch.int32 or torch.int64.",
+    )
+
+
+@pytest.mark.parametrize("given", ["lengths", "offsets"])
+def test_float_lengths_or_offsets(ebc, given):
+    # Ours and TorchRec's refuse them at construction (tests/sparse); the module checks too, for any
+    # object with the accessors (here ours with float bags put in behind its back).
+    features = kjt([1, 2, 3, 4, 0, 1], [1] * 6)
+    features._lengths, features._offsets = None, None
+    setattr(features, f"_{given}", dict(lengths=torch.ones(6), offsets=torch.arange(7.0))[given])
+    assert_refused(
+        ebc,
+        features,
+        TypeError,
+        f"Invalid {given} dtype=torch.float32 for features ['f0', 'f1', 'f2'] (tables ['t0', 't1']). "
+        "Must be an integer dtype (torch.int32 or torch.int64).",
+    )
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("where", ["values", "lengths", "weights"])
+def test_input_on_another_device_than_the_tables(where, weighted):
+    # A meta tensor sent the lookup to the shape-only kernel: uninitialised rows, out-of-range ids unnoticed.
+    ebc = EmbeddingBagCollection(tables=TABLES, is_weighted=weighted, optimizer=RowWiseAdagrad(lr=0.1))
+    tensors = dict(
+        values=torch.tensor([1, 2, 3, 4, 0, 99 if where == "values" else 1]),
+        lengths=torch.ones(6, dtype=torch.int64),
+        weights=torch.rand(6),
+    )
+    tensors[where] = tensors[where].to("meta")
+    features = KeyedJaggedTensor(KEYS, tensors["values"], lengths=tensors["lengths"], weights=tensors["weights"])
+    if where == "weights" and not weighted:
+        with pytest.warns(UserWarning, match="they are ignored"):
+            ebc(features)  # the weights are not used: their device does not matter
+        return
+    assert_refused(
+        ebc,
+        features,
+        ValueError,
+        f"Invalid {where} device=meta for features ['f0', 'f1', 'f2'] (tables ['t0', 't1']). "
+        "Must be cpu, the device of the tables.",
+    )
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_weight_names_feature_and_table(fused):
+    ebc = EmbeddingBagCollection(tables=TABLES, is_weighted=True, optimizer=RowWiseAdagrad(lr=0.1) if fused else None)
+    weights = torch.rand(6)
+    weights[4] = float("inf")
+    assert_refused(
+        ebc,
+        kjt([1, 2, 3, 4, 0, 1], [1] * 6, weights=weights),
+        ValueError,
+        "Invalid per-id weight inf at values[4] (feature 'f2', sample 0) for table 't1'; weights must be finite",
+    )
+
+
+def test_lengths_past_the_values_name_feature_and_table(ebc):
+    features = KeyedJaggedTensor.from_offsets_sync(KEYS, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2, 3, 4, 5, 9]))
+    assert_refused(
+        ebc,
+        features,
+        ValueError,
+        "Invalid length 1 for feature 'f1' (table 't0'), sample 1: its bag ends at 4, past the 3 values; "
+        "offsets must end at len(values)=3; offsets[-1]=9.",
+    )
+    # Fewer ids in the bags than values: the last feature is named.
+    features = KeyedJaggedTensor.from_offsets_sync(KEYS, torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3, 3, 3, 3]))
+    assert_refused(
+        ebc,
+        features,
+        ValueError,
+        "Invalid lengths for feature 'f2' (table 't1'), the last one: the bags end at 3 but there are 4 values; "
+        "offsets must end at len(values)=4; offsets[-1]=3.",
+    )
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_weights_given_to_an_unweighted_collection_warn_once(fused):
+    ebc = EmbeddingBagCollection(tables=TABLES, optimizer=RowWiseAdagrad(lr=0.1) if fused else None)
+    plain = kjt([1, 2, 3, 4, 0, 1], [1] * 6)
+    weighted = kjt([1, 2, 3, 4, 0, 1], [1] * 6, weights=torch.rand(6))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [ebc(weighted).values() for _ in range(2)]
+        expected = ebc(plain).values()
+    assert [str(w.message) for w in caught] == [
+        "EmbeddingBagCollection: the input carries per-id weights for features ['f0', 'f1', 'f2'] "
+        "(tables ['t0', 't1']), but this collection was built with is_weighted=False: they are ignored. "
+        "Build it with is_weighted=True to pool with them."
+    ]
+    for out in outputs:
+        assert torch.equal(out, expected)
 
 
 def test_float64_weights():

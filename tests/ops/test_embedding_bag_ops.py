@@ -4,6 +4,8 @@ Every CPU inner-loop build this machine runs (AVX-512, AVX2, scalar) is
 checked; references compute in float64 from the same inputs.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -89,6 +91,51 @@ def test_bad_id_is_refused_at_every_width(isa, dim):
         grad = torch.zeros(p.batch, p.out_dim)
         with pytest.raises(IndexError, match=f"id {bad_id} at indices"):
             ops.embedding_bag_backward_row_grad(p.weights, *p.layout, indices, p.offsets, p.per_sample_weights, grad)
+
+
+def test_non_finite_per_sample_weights_are_refused_naming_slot_and_table():
+    p = random_problem(10, weighted=True)
+    position = len(p.indices) // 2
+    bag = int(torch.searchsorted(p.offsets, torch.tensor([position], dtype=p.offsets.dtype), right=True)) - 1
+    feature, sample = divmod(bag, p.batch)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        psw = p.per_sample_weights.clone()
+        psw[position] = bad
+        with pytest.raises(ValueError) as caught:
+            eb.embedding_bag_forward(p.weights, *p.layout, p.indices, p.offsets, psw)
+        assert (
+            f"embedding_bag_forward: Invalid per-id weight {bad} at indices[{position}] (feature slot {feature}, "
+            f"sample {sample}) for table {p.layout[0][feature]}; per_sample_weights must be finite"
+        ) in str(caught.value)
+    # Finite weights whose sum overflows pass.
+    psw = torch.full_like(p.per_sample_weights, 3e38)
+    eb.embedding_bag_forward(p.weights, *p.layout, p.indices, p.offsets, psw)
+
+
+@pytest.mark.parametrize("where", ["indices", "offsets", "per_sample_weights"])
+def test_meta_inputs_with_cpu_tables_are_refused(where):
+    # Meta outranks CPU in dispatch: the shape-only kernel used to answer, with uninitialised rows.
+    p = random_problem(10, weighted=True)
+    args = dict(indices=p.indices, offsets=p.offsets, per_sample_weights=p.per_sample_weights)
+    args[where] = args[where].to("meta")
+    message = f"embedding_bag_forward: {where} must be on cpu like the weights; it is on meta"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ops.embedding_bag_forward(p.weights, *p.layout, *args.values())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        eb.embedding_bag_forward(p.weights, *p.layout, *args.values())
+    grad = torch.zeros(p.batch, p.out_dim)
+    with pytest.raises(ValueError, match=re.escape(f"embedding_bag_backward_sgd_: {where} must be on cpu")):
+        ops.embedding_bag_backward_sgd_(p.weights, *p.layout, *args.values(), grad, 0.1)
+    # All on meta (shapes only) stays allowed.
+    meta = [w.to("meta") for w in p.weights]
+    out = ops.embedding_bag_forward(meta, *p.layout, *(t.to("meta") for t in args.values()))
+    assert out.device.type == "meta" and out.shape == (p.batch, p.out_dim)
+
+
+def test_non_integer_offsets_are_refused():
+    p = random_problem(10)
+    with pytest.raises(TypeError, match=re.escape("offsets must have the dtype of indices (Long); got Float")):
+        eb.embedding_bag_forward(p.weights, *p.layout, p.indices, p.offsets.float(), None)
 
 
 def test_forward_is_identical_on_every_isa():

@@ -74,3 +74,18 @@ def test_jagged_tensor():
     jt = JaggedTensor(torch.tensor([7, 8, 9]), offsets=torch.tensor([0, 1, 3]))
     assert jt.lengths().tolist() == [1, 2]
     assert [t.tolist() for t in jt.to_dense()] == [[7], [8, 9]]
+
+
+@pytest.mark.parametrize("given", ["lengths", "offsets"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_non_integer_lengths_or_offsets_are_refused(given, dtype):
+    # Float lengths used to be cast to the ids' dtype downstream, a fractional length silently truncated.
+    bags = dict(lengths=torch.tensor([1, 1, 1, 0]), offsets=torch.tensor([0, 1, 2, 3, 3]))[given].to(dtype)
+    message = rf"Invalid {given} dtype={dtype} for features \['f0', 'f1'\]\. Must be an integer dtype"
+    with pytest.raises(TypeError, match=message):
+        KeyedJaggedTensor(["f0", "f1"], torch.tensor([1, 2, 3]), **{given: bags})
+
+
+def test_lengths_and_offsets_as_given():
+    kjt = KeyedJaggedTensor(["f0"], torch.tensor([1, 2]), lengths=torch.tensor([2, 0]))
+    assert kjt.offsets_or_none() is None and torch.equal(kjt.lengths_or_none(), torch.tensor([2, 0]))
