@@ -12,6 +12,7 @@ set; a bad one is refused with ``Invalid <section.field>=<value>. Must be
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 from dist_rec.distributed.grid import LAYOUTS
 from dist_rec.planner.plan import ShardingType
 
-DATA_SOURCES = ("synthetic", "criteo_text", "criteo_binary")
+DATA_SOURCES = ("synthetic", "criteo_text", "criteo_binary", "text", "parquet", "binary")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "shampoo")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "momentum_scaled_rowwise_adagrad", "sgd")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -51,25 +52,45 @@ class DataConfig:
 
     Args:
         source: "synthetic" (generated on the fly, the default workload),
-            "criteo_text" (raw Criteo TSV files) or "criteo_binary" (a
-            directory written by ``python -m dist_rec.data.convert_criteo``).
-        train_paths / eval_paths: Criteo files (text) or directories (binary).
+            "criteo_text" (raw Criteo TSV files), "text" or "parquet" (any
+            CSV/TSV or Parquet files under ``schema``), or "binary" (a
+            directory written by ``python -m dist_rec.data.convert`` or
+            ``convert_criteo``; "criteo_binary" is the same).
+        train_paths / eval_paths: the files (text, Parquet) or directory
+            (binary); relative paths are taken from the working directory.
+            eval_paths is the split by file; see eval_fraction for the other.
+        schema: the columns of "text" / "parquet" data: a mapping (see
+            ``dist_rec.data.Schema`` and docs/data.md) or the path of a YAML
+            file holding one.
         num_embeddings_per_feature: rows of each sparse feature's table. For
-            synthetic data this also sets the number of sparse features; for
-            Criteo, 26 values, or one value used for all.
-        num_dense_features: dense features (synthetic; Criteo has 13).
+            synthetic data this also sets the number of sparse features
+            (empty: 8 tables of 1000 rows); for Criteo text, 26 values, or
+            one value used for all. Binary datasets know their sizes (empty:
+            theirs; given, they must agree).
+        num_dense_features: dense features (synthetic; the others know theirs).
         zipf_exponent, mean_bag_length, missing_probability, signal_rows,
             interaction_weight, logit_scale, click_rate: the synthetic workload (see
             ``SyntheticConfig``).
         eval_samples: size of the synthetic evaluation set.
-        on_error: what a malformed Criteo line does: "raise" or "skip".
-        seed: seed of the synthetic data (its teacher and samples).
+        eval_fraction: hold out this fraction of the training data for
+            evaluation, chosen by a hash of each sample's index and ``seed``
+            (the same samples on any world size). 0: none; needs no eval_paths.
+        shuffle: shuffle binary data every epoch, by ``seed`` (the same order
+            on any world size). Text is read in file order: convert it.
+        prefetch: batches prepared ahead of the step by a background thread
+            (0: the training thread reads them itself).
+        on_error: what a malformed line does: "raise" or "skip".
+        max_skip_fraction: with on_error "skip", the most of the lines read
+            that may be skipped before the run stops with the counts.
+        seed: seed of the synthetic data (its teacher and samples), of the
+            shuffle and of the held-out split.
     """
 
     source: str = "synthetic"
     train_paths: List[str] = field(default_factory=list)
     eval_paths: List[str] = field(default_factory=list)
-    num_embeddings_per_feature: List[int] = field(default_factory=lambda: [1000] * 8)
+    schema: Any = None
+    num_embeddings_per_feature: List[int] = field(default_factory=list)
     num_dense_features: int = 13
     zipf_exponent: float = 1.1
     mean_bag_length: float = 1.0
@@ -79,7 +100,11 @@ class DataConfig:
     logit_scale: float = 1.6
     click_rate: float = 0.25
     eval_samples: int = 65536
+    eval_fraction: float = 0.0
+    shuffle: bool = False
+    prefetch: int = 2
     on_error: str = "raise"
+    max_skip_fraction: float = 0.01
     seed: int = 0
 
     def synthetic_config(self):
@@ -87,7 +112,7 @@ class DataConfig:
         from dist_rec.data.synthetic import SyntheticConfig
 
         return SyntheticConfig(
-            num_embeddings_per_feature=list(self.num_embeddings_per_feature),
+            num_embeddings_per_feature=list(self.num_embeddings_per_feature or [1000] * 8),
             num_dense_features=self.num_dense_features,
             zipf_exponent=self.zipf_exponent,
             mean_bag_length=self.mean_bag_length,
@@ -102,26 +127,49 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         if self.source not in DATA_SOURCES:
             raise _invalid(f"{prefix}.source", self.source, f"one of {list(DATA_SOURCES)}")
-        if not self.num_embeddings_per_feature or any(n < 1 for n in self.num_embeddings_per_feature):
+        if any(n < 1 for n in self.num_embeddings_per_feature):
+            raise _invalid(f"{prefix}.num_embeddings_per_feature", self.num_embeddings_per_feature, "integers >= 1")
+        if self.source != "synthetic" and not self.train_paths:
+            raise _invalid(f"{prefix}.train_paths", self.train_paths, f"at least one path for source={self.source!r}")
+        if self.source == "criteo_text" and len(self.num_embeddings_per_feature) not in (1, 26):
             raise _invalid(
-                f"{prefix}.num_embeddings_per_feature", self.num_embeddings_per_feature, "a non-empty list of integers >= 1"
+                f"{prefix}.num_embeddings_per_feature",
+                self.num_embeddings_per_feature,
+                "26 values (one per Criteo categorical feature) or a single value for all",
             )
-        if self.source != "synthetic":
-            if not self.train_paths:
-                raise _invalid(f"{prefix}.train_paths", self.train_paths, f"at least one path for source={self.source!r}")
-            if len(self.num_embeddings_per_feature) not in (1, 26):
-                raise _invalid(
-                    f"{prefix}.num_embeddings_per_feature",
-                    self.num_embeddings_per_feature,
-                    "26 values (one per Criteo categorical feature) or a single value for all",
-                )
+        if self.source in ("text", "parquet"):
+            if self.schema is None:
+                raise _invalid(f"{prefix}.schema", None, f"a mapping or a YAML file path for source={self.source!r} "
+                                                         "(see docs/data.md)")  # fmt: skip
+            if not isinstance(self.schema, (dict, str)):
+                raise _invalid(f"{prefix}.schema", self.schema, "a mapping or a YAML file path")
+            if self.num_embeddings_per_feature:
+                raise _invalid(f"{prefix}.num_embeddings_per_feature", self.num_embeddings_per_feature,
+                               f"empty for source={self.source!r}: the schema gives the table sizes")  # fmt: skip
+        elif self.schema is not None:
+            raise _invalid(f"{prefix}.schema", self.schema, f"unset for source={self.source!r} (text and parquet only)")
+        if self.source in ("binary", "criteo_binary") and (len(self.train_paths) != 1 or len(self.eval_paths) > 1):
+            raise _invalid(f"{prefix}.train_paths", self.train_paths,
+                           f"one directory (and {prefix}.eval_paths at most one) for source={self.source!r}")  # fmt: skip
         try:
             self.synthetic_config()
         except ValueError as error:  # same rules, named as this config names them
             raise ConfigError(str(error).replace("Invalid ", f"Invalid {prefix}.", 1)) from None
         _check(self.eval_samples >= 1, f"{prefix}.eval_samples", self.eval_samples, ">= 1")
+        _check(0.0 <= self.eval_fraction < 1.0, f"{prefix}.eval_fraction", self.eval_fraction, "in [0, 1)")
+        if self.eval_fraction and self.source == "synthetic":
+            raise _invalid(f"{prefix}.eval_fraction", self.eval_fraction, "0 for synthetic data (it has its own "
+                           "evaluation set, data.eval_samples)")  # fmt: skip
+        if self.eval_fraction and self.eval_paths:
+            raise _invalid(f"{prefix}.eval_fraction", self.eval_fraction, f"0 when {prefix}.eval_paths are given "
+                           "(split by file or by fraction, not both)")  # fmt: skip
+        if self.shuffle and self.source not in ("binary", "criteo_binary"):
+            raise _invalid(f"{prefix}.shuffle", self.shuffle, "false unless the data is binary: convert text with "
+                           "python -m dist_rec.data.convert (or convert_criteo) to shuffle it")  # fmt: skip
+        _check(self.prefetch >= 0, f"{prefix}.prefetch", self.prefetch, ">= 0 (0: no background thread)")
         if self.on_error not in ("raise", "skip"):
             raise _invalid(f"{prefix}.on_error", self.on_error, "'raise' or 'skip'")
+        _check(0.0 <= self.max_skip_fraction <= 1.0, f"{prefix}.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
 
 
 @dataclass
@@ -274,7 +322,11 @@ class RunConfig:
     Args:
         batch_size: samples per rank per step (the global batch is this
             times the number of processes).
-        steps: training steps (0: one pass over finite training data).
+        steps: training steps (0: ``epochs`` passes over finite training
+            data). With both, the run ends at whichever comes first, and
+            says so when the data ran out before ``steps``.
+        epochs: passes over finite training data (binary data is shuffled
+            anew each epoch with data.shuffle).
         eval_every: evaluate every this many steps (0: only at the end).
         log_every: progress line every this many steps.
         eval_batch_size: samples per rank per evaluation batch.
@@ -297,6 +349,7 @@ class RunConfig:
 
     batch_size: int = 512
     steps: int = 1000
+    epochs: int = 1
     eval_every: int = 0
     log_every: int = 50
     eval_batch_size: int = 8192
@@ -313,6 +366,7 @@ class RunConfig:
     def validate(self, prefix: str = "train") -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
         _check(self.steps >= 0, f"{prefix}.steps", self.steps, ">= 0")
+        _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, ">= 1")
         _check(self.eval_every >= 0, f"{prefix}.eval_every", self.eval_every, ">= 0 (0: only at the end)")
         _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, ">= 1")
         _check(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", self.eval_batch_size, ">= 1")
@@ -636,6 +690,8 @@ def _coerce(hint, value: Any, name: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _invalid(name, value, "a number")
+        if not math.isfinite(value):  # YAML reads .inf and .nan: no setting takes them
+            raise _invalid(name, value, "a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -46,6 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run_fault_tolerant(config, env)
     try:
         Trainer(config, env).train()
+    except ConfigError as error:  # found while building (a data file, a schema, a checkpoint): the same one line
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         if env.distributed:
             destroy_process_group()

@@ -9,8 +9,17 @@ epoch costs only the pages the batches touch. A dataset is a directory:
 * ``sparse_values.npy``: int64 ``[total ids]``, sample-major (sample 0's
   bags, feature 0 first, then sample 1's...), the order a file has;
 * ``sample_offsets.npy``: int64 ``[N + 1]``, where each sample's ids start;
+* ``sparse_weights.npy``: float32 beside the values, only for weighted
+  features (a schema with per-id weights);
 * ``meta.json``: format name and version, N, feature names, table sizes,
-  and each array's dtype, shape and sha256.
+  the table of each feature (features may share one), the schema and its
+  fitted vocabularies when written from one, and each array's dtype, shape
+  and sha256.
+
+A dataset is read in file order, or shuffled per epoch
+(``shuffle_seed``: the order of epoch ``e`` is a permutation drawn from
+(seed, e), the same on every world size), and may be restricted to a
+subset of its samples (``select``: the held-out split, by index).
 
 ``write_binary_dataset`` streams batches into a temporary directory next to
 the target and renames it into place only once complete, so a failed or
@@ -45,12 +54,14 @@ DENSE_FILE = "dense.npy"
 LENGTHS_FILE = "sparse_lengths.npy"
 VALUES_FILE = "sparse_values.npy"
 OFFSETS_FILE = "sample_offsets.npy"
+WEIGHTS_FILE = "sparse_weights.npy"
 _DTYPES = {
     LABELS_FILE: np.dtype("<f4"),
     DENSE_FILE: np.dtype("<f4"),
     LENGTHS_FILE: np.dtype("<i4"),
     VALUES_FILE: np.dtype("<i8"),
     OFFSETS_FILE: np.dtype("<i8"),
+    WEIGHTS_FILE: np.dtype("<f4"),
 }
 # Every .npy header is this long, so it can be written before the shape is
 # known and rewritten in place at the end (a multiple of 64: aligned data).
@@ -67,6 +78,11 @@ class BinaryDataset:
         verify (bool): also check every file's sha256 and that the offsets
             agree with the lengths; reads all the data once. (Default: False)
 
+        shuffle_seed (int | None): shuffle the samples each epoch with this
+            seed (None: file order). (Default: None)
+        select (ndarray | None): read only these sample indices (sorted),
+            e.g. one part of the held-out split. (Default: all)
+
     Raises ``ValueError`` naming the file when the directory is not a
     complete dataset of this format and version.
     """
@@ -75,7 +91,8 @@ class BinaryDataset:
     # in dist_rec.data.batch): the trainer needs no per-step agreement.
     equal_batches_per_rank = True
 
-    def __init__(self, directory: PathLike, verify: bool = False) -> None:
+    def __init__(self, directory: PathLike, verify: bool = False, shuffle_seed: Optional[int] = None,
+                 select: Optional[np.ndarray] = None) -> None:  # fmt: skip
         self._directory = Path(directory)
         if not self._directory.is_dir():
             raise ValueError(
@@ -91,9 +108,15 @@ class BinaryDataset:
             VALUES_FILE: (v,),
             OFFSETS_FILE: (n + 1,),
         }
+        if self._meta["weighted"]:
+            shapes[WEIGHTS_FILE] = (v,)
         self._arrays = {
             name: _open_array(self._directory / name, _DTYPES[name], shape) for name, shape in shapes.items()
         }
+        self._shuffle_seed = shuffle_seed
+        self._select = None if select is None else np.asarray(select, dtype=np.int64)
+        if self._select is not None and len(self._select) and not (0 <= self._select.min() and self._select.max() < n):
+            raise ValueError(f"Invalid select: sample indices must be in [0, {n}) for {self._directory}.")
         offsets = self._arrays[OFFSETS_FILE]
         if offsets[0] != 0 or offsets[-1] != v:
             raise ValueError(
@@ -128,35 +151,88 @@ class BinaryDataset:
     def num_embeddings_per_feature(self) -> List[int]:
         return list(self._meta["num_embeddings_per_feature"])
 
-    def __len__(self) -> int:
+    @property
+    def feature_tables(self) -> List[str]:
+        return list(self._meta["feature_tables"])
+
+    @property
+    def is_weighted(self) -> bool:
+        return bool(self._meta["weighted"])
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the directory (``len`` counts only the selected ones)."""
         return self._meta["num_samples"]
 
+    def __len__(self) -> int:
+        return self._meta["num_samples"] if self._select is None else len(self._select)
+
+    def subset(self, select: np.ndarray) -> "BinaryDataset":
+        """The same directory restricted to ``select`` (indices into it)."""
+        return BinaryDataset(self._directory, shuffle_seed=self._shuffle_seed, select=select)
+
+    def order(self, epoch: int = 0) -> Optional[np.ndarray]:
+        """The sample indices of epoch ``epoch`` in reading order (None: all, in file order)."""
+        if self._shuffle_seed is None:
+            return self._select
+        count = len(self)
+        permutation = np.random.default_rng([self._shuffle_seed, epoch]).permutation(count)
+        return permutation if self._select is None else self._select[permutation]
+
     def batches(
-        self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_step: int = 0
+        self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = True, start_step: int = 0,
+        epoch: int = 0,
     ) -> Iterator[Batch]:
-        """This rank's batches, split as ``dist_rec.data.batch`` says, from
-        global batch ``start_step`` on (a seek: the arrays are mapped)."""
+        """This rank's batches of epoch ``epoch``, split as
+        ``dist_rec.data.batch`` says, from global batch ``start_step`` on
+        (a seek: the arrays are mapped)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"Invalid batch_size={batch_size!r}. Must be an int > 0.")
         check_rank(rank, world_size)
-        return self._batches(batch_size, rank, world_size, drop_last, start_step)
+        return self._batches(batch_size, rank, world_size, drop_last, start_step, epoch)
 
-    def _batches(self, batch_size: int, rank: int, world_size: int, drop_last: bool, start_step: int = 0) -> Iterator[Batch]:
-        a = self._arrays
-        keys = self._meta["sparse_feature_names"]
+    def _batches(self, batch_size: int, rank: int, world_size: int, drop_last: bool, start_step: int = 0,
+                 epoch: int = 0) -> Iterator[Batch]:  # fmt: skip
+        order = self.order(epoch)
         for start, stop in rank_block_ranges(len(self), batch_size, rank, world_size, drop_last, start_step):
-            lengths = np.asarray(a[LENGTHS_FILE][start:stop], dtype=np.int64)
-            first, last = int(a[OFFSETS_FILE][start]), int(a[OFFSETS_FILE][stop])
-            if lengths.sum() != last - first:
-                raise ValueError(
-                    f"{self._directory / LENGTHS_FILE}: samples [{start}, {stop}) have {int(lengths.sum())} ids but "
-                    f"{OFFSETS_FILE} gives them {last - first}; the dataset is corrupt."
-                )
-            yield Batch(
-                dense_features=torch.from_numpy(np.array(a[DENSE_FILE][start:stop])),
-                sparse_features=kjt_from_sample_major(keys, np.asarray(a[VALUES_FILE][first:last]), lengths),
-                labels=torch.from_numpy(np.array(a[LABELS_FILE][start:stop])),
+            if order is None:
+                yield self._contiguous(start, stop)
+            else:
+                yield self._gathered(order[start:stop])
+
+    def _contiguous(self, start: int, stop: int) -> Batch:
+        a = self._arrays
+        lengths = np.asarray(a[LENGTHS_FILE][start:stop], dtype=np.int64)
+        first, last = int(a[OFFSETS_FILE][start]), int(a[OFFSETS_FILE][stop])
+        if lengths.sum() != last - first:
+            raise ValueError(
+                f"{self._directory / LENGTHS_FILE}: samples [{start}, {stop}) have {int(lengths.sum())} ids but "
+                f"{OFFSETS_FILE} gives them {last - first}; the dataset is corrupt."
             )
+        weights = np.asarray(a[WEIGHTS_FILE][first:last]) if WEIGHTS_FILE in a else None
+        return Batch(
+            dense_features=torch.from_numpy(np.array(a[DENSE_FILE][start:stop])),
+            sparse_features=kjt_from_sample_major(self.sparse_feature_names, np.asarray(a[VALUES_FILE][first:last]),
+                                                  lengths, weights),  # fmt: skip
+            labels=torch.from_numpy(np.array(a[LABELS_FILE][start:stop])),
+        )
+
+    def _gathered(self, index: np.ndarray) -> Batch:
+        """Samples ``index`` (any order): ids gathered sample by sample."""
+        a = self._arrays
+        lengths = np.asarray(a[LENGTHS_FILE][index], dtype=np.int64)
+        starts, stops = a[OFFSETS_FILE][index], a[OFFSETS_FILE][index + 1]
+        if not np.array_equal(lengths.sum(axis=1), stops - starts):
+            raise ValueError(f"{self._directory / LENGTHS_FILE}: lengths disagree with {OFFSETS_FILE} in a batch of "
+                             "shuffled samples; the dataset is corrupt.")  # fmt: skip
+        gather = concatenated_ranges(np.asarray(starts), np.asarray(stops - starts))
+        weights = np.asarray(a[WEIGHTS_FILE][gather]) if WEIGHTS_FILE in a else None
+        return Batch(
+            dense_features=torch.from_numpy(np.array(a[DENSE_FILE][index])),
+            sparse_features=kjt_from_sample_major(self.sparse_feature_names, np.asarray(a[VALUES_FILE][gather]),
+                                                  lengths, weights),  # fmt: skip
+            labels=torch.from_numpy(np.array(a[LABELS_FILE][index])),
+        )
 
     def _verify(self) -> None:
         for name, expected in self._meta["arrays"].items():
@@ -186,6 +262,9 @@ def write_binary_dataset(
     num_embeddings_per_feature: Sequence[int],
     *,
     dense_feature_names: Optional[Sequence[str]] = None,
+    feature_tables: Optional[Sequence[str]] = None,
+    weighted: bool = False,
+    extra: Optional[Dict[str, Any]] = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes ``batches`` (e.g. ``dataset.batches(b, drop_last=False)``, one
@@ -195,7 +274,10 @@ def write_binary_dataset(
     ``directory`` only when complete. An existing non-empty ``directory`` is
     refused unless ``overwrite=True``, and then replaced only by a complete
     new dataset (and only if it is one itself: nothing else is deleted).
-    Batches must carry ``sparse_feature_names`` in that order, unweighted.
+    Batches must carry ``sparse_feature_names`` in that order, with
+    per-id weights exactly when ``weighted``. ``feature_tables`` names each
+    feature's table (default: its own); ``extra`` (JSON-able: a schema and
+    its vocabularies, say) is stored in meta.json as is.
     """
     names = list(sparse_feature_names)
     if not names or len(set(names)) != len(names) or not all(isinstance(k, str) and k for k in names):
@@ -208,16 +290,27 @@ def write_binary_dataset(
             f"Invalid num_embeddings_per_feature={sizes!r}. Must be {len(names)} ints > 0, one per sparse feature."
         )
     dense_names = None if dense_feature_names is None else [str(k) for k in dense_feature_names]
+    tables = list(names) if feature_tables is None else [str(t) for t in feature_tables]
+    if len(tables) != len(names):
+        raise ValueError(f"Invalid feature_tables={tables!r}. Must be {len(names)} table names, one per sparse feature.")
+    for table in set(tables):
+        shared = {sizes[i] for i, t in enumerate(tables) if t == table}
+        if len(shared) > 1:
+            raise ValueError(f"Invalid num_embeddings_per_feature={sizes!r}: the features of table {table!r} give it "
+                             f"sizes {sorted(shared)}; a shared table has one size.")  # fmt: skip
     target = Path(directory)
     _check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_directory(target, "tmp")
     try:
-        meta = _write_arrays(staging, batches, names, dense_names)
+        meta = _write_arrays(staging, batches, names, dense_names, weighted)
         meta.update(
             sparse_feature_names=names,
             num_embeddings_per_feature=[int(s) for s in sizes],
             dense_feature_names=dense_names,
+            feature_tables=tables,
+            weighted=bool(weighted),
+            extra=extra or {},
         )
         with open(staging / META_FILE, "w") as f:
             json.dump(meta, f, indent=1)
@@ -231,14 +324,15 @@ def write_binary_dataset(
     return target
 
 
-def _write_arrays(staging: Path, batches: Iterable[Batch], names: List[str], dense_names) -> Dict[str, Any]:
-    writers = {name: _NpyWriter(staging / name, _DTYPES[name]) for name in _DTYPES}
+def _write_arrays(staging: Path, batches: Iterable[Batch], names: List[str], dense_names, weighted: bool) -> Dict[str, Any]:
+    files = [name for name in _DTYPES if weighted or name != WEIGHTS_FILE]
+    writers = {name: _NpyWriter(staging / name, _DTYPES[name]) for name in files}
     try:
         num_samples = num_values = 0
         num_dense: Optional[int] = None
         writers[OFFSETS_FILE].write(np.zeros(1, dtype=np.int64))
         for i, batch in enumerate(batches):
-            labels, dense, lengths, values = _sample_major(batch, names, i)
+            labels, dense, lengths, values, weights = _sample_major(batch, names, i, weighted)
             if num_dense is None:
                 num_dense = dense.shape[1]
                 if dense_names is not None and len(dense_names) != num_dense:
@@ -251,6 +345,8 @@ def _write_arrays(staging: Path, batches: Iterable[Batch], names: List[str], den
             writers[DENSE_FILE].write(dense)
             writers[LENGTHS_FILE].write(lengths)
             writers[VALUES_FILE].write(values)
+            if weighted:
+                writers[WEIGHTS_FILE].write(weights)
             writers[OFFSETS_FILE].write(num_values + np.cumsum(lengths.sum(axis=1, dtype=np.int64)))
             num_samples += len(labels)
             num_values += len(values)
@@ -262,6 +358,7 @@ def _write_arrays(staging: Path, batches: Iterable[Batch], names: List[str], den
             LENGTHS_FILE: (num_samples, len(names)),
             VALUES_FILE: (num_values,),
             OFFSETS_FILE: (num_samples + 1,),
+            WEIGHTS_FILE: (num_values,),
         }
         arrays = {}
         for name, writer in writers.items():
@@ -280,14 +377,15 @@ def _write_arrays(staging: Path, batches: Iterable[Batch], names: List[str], den
     }
 
 
-def _sample_major(batch: Batch, names: List[str], index: int):
-    """A batch as (labels [B], dense [B, D], lengths [B, F], values), the
-    last two sample-major as the files store them."""
+def _sample_major(batch: Batch, names: List[str], index: int, weighted: bool):
+    """A batch as (labels [B], dense [B, D], lengths [B, F], values,
+    weights or None), the last three sample-major as the files store them."""
     kjt = batch.sparse_features
     if list(kjt.keys()) != names:
         raise ValueError(f"Batch {index} has sparse features {list(kjt.keys())}; expected {names}.")
-    if kjt.weights_or_none() is not None:
-        raise ValueError(f"Batch {index} has weighted sparse features; the binary format stores no weights.")
+    if (kjt.weights_or_none() is not None) != weighted:
+        raise ValueError(f"Batch {index} has {'no ' if weighted else ''}per-id weights; the dataset is being written "
+                         f"{'with' if weighted else 'without'} them (weighted={weighted}).")  # fmt: skip
     labels = batch.labels.detach().cpu().numpy().astype(np.float32, copy=False).reshape(-1)
     dense = batch.dense_features.detach().cpu().numpy().astype(np.float32, copy=False)
     size, num_features = len(labels), len(names)
@@ -301,8 +399,10 @@ def _sample_major(batch: Batch, names: List[str], index: int):
     values = kjt.values().detach().cpu().numpy()
     # Bag (feature f, sample b) sits at f * B + b; the file wants b * F + f.
     order = np.arange(num_features * size).reshape(num_features, size).T.reshape(-1)
-    values = values[concatenated_ranges(offsets[:-1][order], lengths[order])].astype(np.int64, copy=False)
-    return labels, dense, lengths[order].reshape(size, num_features).astype(np.int32), values
+    gather = concatenated_ranges(offsets[:-1][order], lengths[order])
+    values = values[gather].astype(np.int64, copy=False)
+    weights = kjt.weights().detach().cpu().numpy().astype(np.float32)[gather] if weighted else None
+    return labels, dense, lengths[order].reshape(size, num_features).astype(np.int32), values, weights
 
 
 class _NpyWriter:
@@ -450,13 +550,22 @@ def _read_meta(path: Path) -> Dict[str, Any]:
         not isinstance(dense_names, list) or len(dense_names) != meta["num_dense_features"]
     ):
         raise bad("dense_feature_names", f"null or {meta['num_dense_features']} names")
+    meta.setdefault("feature_tables", list(names))
+    meta.setdefault("weighted", False)
+    meta.setdefault("extra", {})
+    tables = meta["feature_tables"]
+    if not isinstance(tables, list) or len(tables) != len(names) or not all(isinstance(t, str) for t in tables):
+        raise bad("feature_tables", f"{len(names)} table names, one per sparse feature")
+    if not isinstance(meta["weighted"], bool):
+        raise bad("weighted", "true or false")
+    expected_files = set(_DTYPES) if meta["weighted"] else set(_DTYPES) - {WEIGHTS_FILE}
     arrays = meta.get("arrays")
     if (
         not isinstance(arrays, dict)
-        or set(arrays) != set(_DTYPES)
+        or set(arrays) != expected_files
         or not all(isinstance(a, dict) and isinstance(a.get("sha256"), str) for a in arrays.values())
     ):
-        raise bad("arrays", f"a sha256 for each of {sorted(_DTYPES)}")
+        raise bad("arrays", f"a sha256 for each of {sorted(expected_files)}")
     return meta
 
 

@@ -34,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.overwrite and out.is_dir() and any(out.iterdir()):
         parser.error(f"--out {args.out} is not empty; pass --overwrite to replace the dataset there.")
     try:
-        dataset = CriteoTextDataset(args.files, sizes, on_error=args.on_error)
+        dataset = CriteoTextDataset(args.files, sizes, on_error=args.on_error, max_skip_fraction=args.max_skip_fraction)
     except ValueError as e:
         parser.error(str(e))
     start = time.perf_counter()
@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--on-error", choices=["raise", "skip"], default="raise", help="on a malformed line (default: raise)"
+    )
+    parser.add_argument(
+        "--max-skip-fraction", type=float, default=0.01,
+        help="with --on-error skip, the most of the lines that may be skipped (default: 0.01)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
     parser.add_argument(

@@ -32,9 +32,11 @@ file, the 1-based line number and the fault, when the reader reaches the
 chunk holding it, with ``on_error="raise"``. Each rank checks only the lines
 it parses. With ``on_error="skip"`` the line is dropped and counted
 (``skipped_lines``, ``skipped_by_reason``, first few in
-``skipped_examples``); the block split is then over *valid* lines, which only
-a rank that checks every line can know, so in skip mode each rank parses the
-whole stream. A file with no newline for 16 MiB is refused in either mode.
+``skipped_examples``; ``skips`` holds them all, see ``dist_rec.data.skips``),
+and past ``max_skip_fraction`` of the lines read, or with no valid line at
+all, the stream stops with the counts. The block split is then over *valid*
+lines, which only a rank that checks every line can know, so in skip mode
+each rank parses the whole stream. A file with no newline for 16 MiB is refused in either mode.
 
 A resume seeks instead of reading the stream again: as it reads, the
 dataset notes where each chunk of an uncompressed file starts (valid lines
@@ -61,6 +63,7 @@ import numpy as np
 import torch
 
 from dist_rec.data.batch import Batch, check_rank, kjt_from_id_matrix
+from dist_rec.data.skips import EXAMPLES_KEPT, SkipCounter
 
 NUM_DENSE_FEATURES = 13
 NUM_SPARSE_FEATURES = 26
@@ -94,6 +97,8 @@ class CriteoTextDataset:
             categorical feature (26 values), or one size for all.
         on_error (str): "raise" on a malformed line, or "skip" it.
             (Default: "raise")
+        max_skip_fraction (float): with "skip", the most of the lines read
+            that may be skipped before the stream stops. (Default: 0.01)
         chunk_bytes (int): how much of a file is read and parsed at a time.
             (Default: 8 MiB)
 
@@ -114,6 +119,7 @@ class CriteoTextDataset:
         num_embeddings_per_feature: Union[int, Sequence[int]],
         on_error: str = "raise",
         chunk_bytes: int = 8 << 20,
+        max_skip_fraction: float = 0.01,
     ) -> None:
         self._paths = _check_paths(paths)
         self._num_embeddings = _check_num_embeddings(num_embeddings_per_feature)
@@ -127,9 +133,20 @@ class CriteoTextDataset:
         self._chunk_starts: Dict[int, Tuple[int, int, int]] = {}
         self._modulus = np.asarray(self._num_embeddings, dtype=np.uint64)
         # Counts of the latest batches() pass (skip mode).
-        self.skipped_lines = 0
-        self.skipped_by_reason: Dict[str, int] = Counter()
-        self.skipped_examples: List[str] = []
+        self._max_skip_fraction = max_skip_fraction
+        self.skips = SkipCounter(max_skip_fraction, ", ".join(str(p) for p in self._paths))
+
+    @property
+    def skipped_lines(self) -> int:
+        return self.skips.skipped
+
+    @property
+    def skipped_by_reason(self) -> Dict[str, int]:
+        return dict(self.skips.by_reason)
+
+    @property
+    def skipped_examples(self) -> List[str]:
+        return list(self.skips.examples)
 
     @property
     def paths(self) -> List[Path]:
@@ -175,9 +192,7 @@ class CriteoTextDataset:
             self._chunk_starts[int(seen)] = (int(path_index), int(offset), int(line_base))
 
     def _batches(self, batch_size: int, rank: int, world_size: int, drop_last: bool, start_step: int = 0) -> Iterator[Batch]:
-        self.skipped_lines = 0
-        self.skipped_by_reason = Counter()
-        self.skipped_examples = []
+        self.skips = SkipCounter(self._max_skip_fraction, self.skips.what)
         global_batch = batch_size * world_size
         pending: List[_Rows] = []
         num_pending = 0
@@ -243,8 +258,7 @@ class CriteoTextDataset:
                     # Which lines are samples decides the blocks: check all.
                     rows, reason = _parse_lines(buf, starts, ends, self._modulus)
                     bad = np.flatnonzero(reason != _OK)
-                    if len(bad):
-                        self._count_skipped(path, line_base, bad, reason, buf, starts, ends)
+                    self._count_skipped(path, line_base, num_lines, bad, reason, buf, starts, ends)
                     valid = np.flatnonzero(reason == _OK)
                     mine = valid[_my_positions(seen, len(valid), batch_size, rank, world_size, first_line)]
                     rows = rows.take(mine)
@@ -257,18 +271,16 @@ class CriteoTextDataset:
                         i = mine[bad[0]]
                         message = _diagnose(buf[starts[i] : ends[i]].tobytes())[1]
                         raise ValueError(f"{path}:{line_base + i + 1}: {message}")
+                    self.skips.add(num_lines, [], [])
                     seen += num_lines
                 line_base += num_lines
                 yield rows, seen
+        self.skips.finish()
 
-    def _count_skipped(self, path, line_base, bad, reason, buf, starts, ends) -> None:
-        self.skipped_lines += len(bad)
-        codes, counts = np.unique(reason[bad], return_counts=True)
-        for code, count in zip(codes.tolist(), counts.tolist()):
-            self.skipped_by_reason[REASONS[code - 1]] += count
-        for i in bad[: max(0, 10 - len(self.skipped_examples))].tolist():
-            message = _diagnose(buf[starts[i] : ends[i]].tobytes())[1]
-            self.skipped_examples.append(f"{path}:{line_base + i + 1}: {message}")
+    def _count_skipped(self, path, line_base, num_lines, bad, reason, buf, starts, ends) -> None:
+        shown = bad[: max(0, EXAMPLES_KEPT - len(self.skips.examples))].tolist()
+        messages = [f"{path}:{line_base + i + 1}: {_diagnose(buf[starts[i] : ends[i]].tobytes())[1]}" for i in shown]
+        self.skips.add(num_lines, [REASONS[code - 1] for code in reason[bad].tolist()], messages)
 
 
 def _my_positions(seen: int, count: int, batch_size: int, rank: int, world_size: int, first_line: int = 0) -> np.ndarray:

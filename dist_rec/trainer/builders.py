@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -30,9 +32,31 @@ class Data:
     num_embeddings_per_feature: List[int]
     num_dense_features: int
     teacher_auc: Optional[float] = None
+    feature_tables: Optional[List[str]] = None  # each feature's table (default: its own)
+    is_weighted: bool = False
+
+    def tables(self) -> Dict[str, Tuple[int, List[str]]]:
+        """Table name -> (rows, features), in feature order."""
+        result: Dict[str, Tuple[int, List[str]]] = {}
+        names = self.feature_tables or self.sparse_feature_names
+        for feature, table, rows in zip(self.sparse_feature_names, names, self.num_embeddings_per_feature):
+            result.setdefault(table, (rows, []))[1].append(feature)
+        return result
 
 
 def build_data(config: TrainConfig) -> Data:
+    """The datasets the config describes. A data source that cannot be
+    opened (a missing file, a bad schema) is a ``ConfigError``: the command
+    line prints it as one ``error:`` line."""
+    try:
+        return _build_data(config)
+    except (ValueError, ImportError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"data: {error}") from error
+
+
+def _build_data(config: TrainConfig) -> Data:
     data = config.data
     if data.source == "synthetic":
         from dist_rec.data.synthetic import SyntheticDataset
@@ -41,31 +65,50 @@ def build_data(config: TrainConfig) -> Data:
         train = SyntheticDataset(synthetic, "train")
         evaluation = SyntheticDataset(synthetic, "eval", num_samples=data.eval_samples)
         return Data(train, evaluation, train.sparse_feature_names, synthetic.num_embeddings_per_feature, data.num_dense_features)
-    sizes = list(data.num_embeddings_per_feature)
-    if len(sizes) == 1:
-        sizes = sizes * 26
+    common = dict(on_error=data.on_error, max_skip_fraction=data.max_skip_fraction)
     if data.source == "criteo_text":
         from dist_rec.data.criteo import CriteoTextDataset
 
-        train = CriteoTextDataset(data.train_paths, sizes, on_error=data.on_error)
-        evaluation = CriteoTextDataset(data.eval_paths, sizes, on_error=data.on_error) if data.eval_paths else None
+        sizes = list(data.num_embeddings_per_feature)
+        sizes = sizes * 26 if len(sizes) == 1 else sizes
+        train = CriteoTextDataset(data.train_paths, sizes, **common)
+        evaluation = CriteoTextDataset(data.eval_paths, sizes, **common) if data.eval_paths else None
+    elif data.source in ("text", "parquet"):
+        from dist_rec.data.convert import open_table
+        from dist_rec.data.schema import Schema
+
+        schema = Schema.load(data.schema) if isinstance(data.schema, str) else Schema.from_dict(data.schema)
+        train = open_table(data.train_paths, schema, data.source, **common)
+        evaluation = open_table(data.eval_paths, schema, data.source, fitted=train.fitted, **common) if data.eval_paths else None
     else:
         from dist_rec.data.binary import BinaryDataset
 
-        if len(data.train_paths) != 1 or len(data.eval_paths) > 1:
-            raise ConfigError(
-                f"Invalid data.train_paths={data.train_paths!r}. Must be one directory (and data.eval_paths at most "
-                "one) for source='criteo_binary'."
-            )
-        train = BinaryDataset(data.train_paths[0])
+        shuffle = data.seed if data.shuffle else None
+        train = BinaryDataset(data.train_paths[0], shuffle_seed=shuffle)
         evaluation = BinaryDataset(data.eval_paths[0]) if data.eval_paths else None
-        stored = list(getattr(train, "num_embeddings_per_feature", sizes))
-        if stored != sizes:
+        stored = train.num_embeddings_per_feature
+        given = list(data.num_embeddings_per_feature)
+        if given and (given * len(stored) if len(given) == 1 else given) != stored:
             raise ConfigError(
-                f"Invalid data.num_embeddings_per_feature={data.num_embeddings_per_feature}. Must match the sizes the "
-                f"binary dataset {data.train_paths[0]} was hashed with: {stored}."
+                f"Invalid data.num_embeddings_per_feature={given}. Must match the sizes the binary dataset "
+                f"{data.train_paths[0]} was written with, {stored} (or be left out: they are read from its meta.json)."
             )
-    return Data(train, evaluation, train.sparse_feature_names, sizes, train.num_dense_features)
+    if data.eval_fraction:
+        train, evaluation = _held_out(train, data.eval_fraction, data.seed)
+    return Data(train, evaluation, train.sparse_feature_names, list(train.num_embeddings_per_feature),
+                train.num_dense_features, feature_tables=getattr(train, "feature_tables", None),
+                is_weighted=bool(getattr(train, "is_weighted", False)))  # fmt: skip
+
+
+def _held_out(dataset, fraction: float, seed: int):
+    """(train part, eval part) of ``dataset`` under the held-out split."""
+    from dist_rec.data.binary import BinaryDataset
+    from dist_rec.data.samples import HeldOutSplit, held_out
+
+    if isinstance(dataset, BinaryDataset):  # by index: no pass over the data
+        mask = held_out(np.arange(dataset.num_samples), fraction, seed)
+        return dataset.subset(np.flatnonzero(~mask)), BinaryDataset(dataset.directory, select=np.flatnonzero(mask))
+    return HeldOutSplit(dataset, fraction, seed, "train"), HeldOutSplit(dataset, fraction, seed, "eval")
 
 
 def sparse_optimizer(config: TrainConfig) -> FusedOptimizer:
@@ -96,12 +139,13 @@ def dense_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
 def build_model(config: TrainConfig, data: Data, device: torch.device) -> DLRM:
     tables = [
         EmbeddingBagConfig(
-            name=f"t_{name}", embedding_dim=config.model.embedding_dim, num_embeddings=rows, feature_names=[name]
+            name=f"t_{table}", embedding_dim=config.model.embedding_dim, num_embeddings=rows, feature_names=features
         )
-        for name, rows in zip(data.sparse_feature_names, data.num_embeddings_per_feature)
+        for table, (rows, features) in data.tables().items()
     ]
     meta = config.model.meta_init
-    ebc = EmbeddingBagCollection(tables=tables, device="meta" if meta else device, optimizer=sparse_optimizer(config))
+    ebc = EmbeddingBagCollection(tables=tables, is_weighted=data.is_weighted, device="meta" if meta else device,
+                                 optimizer=sparse_optimizer(config))  # fmt: skip
     shape = dict(
         dense_in_features=data.num_dense_features,
         dense_arch_layer_sizes=config.model.dense_arch_layer_sizes,

@@ -36,6 +36,8 @@ from torch import nn
 
 from dist_rec.config import ConfigError, TrainConfig
 from dist_rec.data.batch import Batch
+from dist_rec.data.epochs import EpochStream
+from dist_rec.data.prefetch import Prefetcher
 from dist_rec.distributed import destroy_process_group, init_single_process_group
 from dist_rec.fault.activity import ACTIVITY
 from dist_rec.fault.membership import REPLACEMENT
@@ -239,6 +241,9 @@ class Trainer:
         self._resume_step: Optional[int] = None
         self._examples = 0
         self._failure_records: List[Dict] = []
+        self._epochs: Optional[EpochStream] = None
+        self._prefetcher: Optional[Prefetcher] = None
+        self._data_skips: Optional[Dict] = None
         if joining:  # a replacement: the running ranks hand it their state
             self._resume_step = self.recovery.restore(epoch, env.member.rank, 0, time.time())
 
@@ -347,20 +352,48 @@ class Trainer:
 
     def _stream(self, step: int) -> Iterator[Batch]:
         """This rank's training batches from global batch ``step`` on (a
-        seek), on the device, at most up to ``train.steps``."""
+        seek), over ``train.epochs`` passes, on the device, at most up to
+        ``train.steps``; prepared ``data.prefetch`` batches ahead by a
+        background thread."""
         run, env = self.config.train, self.env
+        self._close_stream()
         dataset = self.data.train
-        if step == 0:
-            stream = dataset.batches(run.batch_size, env.data_rank, env.data_world_size, drop_last=True)
-        elif "start_step" in inspect.signature(dataset.batches).parameters:
-            stream = dataset.batches(run.batch_size, env.data_rank, env.data_world_size, drop_last=True, start_step=step)
+        if step == 0 or "start_step" in inspect.signature(dataset.batches).parameters:
+            stream = self._epochs = EpochStream(dataset, run.epochs, run.batch_size, env.data_rank, env.data_world_size,
+                                                start_step=step)  # fmt: skip
         else:  # a dataset that cannot seek: read and drop what came before
             warnings.warn(f"{type(dataset).__name__}.batches() takes no start_step: resuming at step {step} reads the "
                           f"{step} batches before it again.", stacklevel=2)  # fmt: skip
-            stream = dataset.batches(run.batch_size, env.data_rank, env.data_world_size, drop_last=True)
+            stream = self._epochs = EpochStream(dataset, run.epochs, run.batch_size, env.data_rank, env.data_world_size)
             for _ in range(step):
                 next(stream, None)
+        if self.config.data.prefetch:
+            stream = self._prefetcher = Prefetcher(stream, self.config.data.prefetch)
         return self._step_batches(stream, None if run.steps == 0 else run.steps - step)
+
+    def _close_stream(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def _data_report(self, step: int, first_step: int) -> None:
+        """After the loop: a run with no step is an error; data that ran out
+        before ``train.steps`` and skipped lines are said."""
+        run, dataset = self.config.train, self.data.train
+        if step == 0:
+            raise ValueError(f"No training step: the training data ({type(dataset).__name__}) holds fewer than one "
+                             f"global batch of {self.examples_per_step} samples (train.batch_size="
+                             f"{run.batch_size} x {self.env.data_world_size} processes). Nothing was trained.")  # fmt: skip
+        epochs = self._epochs
+        if run.steps and step < run.steps and epochs is not None and epochs.exhausted:
+            per_epoch = f" ({epochs.steps_per_epoch} steps per epoch)" if epochs.steps_per_epoch else ""
+            self._say(f"data ran out at step {step} of train.steps={run.steps}: train.epochs={run.epochs} pass(es) "
+                      f"over the training data{per_epoch}; raise train.epochs to train longer")  # fmt: skip
+        skips = getattr(getattr(dataset, "dataset", dataset), "skips", None)
+        if skips is not None and skips.skipped:
+            self._data_skips = skips.summary()
+            self.log.write({"kind": "skipped", "step": step, **self._data_skips})
+            self._say(f"skipped lines: {skips.describe()}")
 
     def train(self) -> TrainResult:
         """Runs the loop to ``train.steps`` (or the end of finite data) and
@@ -405,6 +438,8 @@ class Trainer:
                         self.evaluator.evaluate(step)  # background rounds go on (holding them would stall the peers)
                     for hook in self.hooks:
                         hook.after_step(self, step)
+                self._close_stream()
+                self._data_report(step, first_step)
                 self.recovery.finish()
                 self.dense_sync.stop()
                 self.embedding_sync.stop()
@@ -431,6 +466,7 @@ class Trainer:
         """A failure the run stops on: the writer's save in flight ends, the
         directory's lock and a group of our own are released (the process
         may go on: a test, a notebook)."""
+        self._close_stream()
         if not self.env.distributed:
             self.checkpointer.abandon()
         self.checkpointer.close()
@@ -493,6 +529,8 @@ class Trainer:
             plot_path = plot_training(records, self.data.teacher_auc, self.output_dir / "training.png")
             failures = [r for r in records if r.get("kind") == "failure"]
             figures = summary(self.config, self.env, result, plot_path, failures)
+            if self._data_skips is not None:
+                figures["skipped_lines"] = self._data_skips
             for name, part in (("dense_sync", self.dense_sync), ("embedding_sync", self.embedding_sync)):
                 figures_of_part = part.report(step - first_step)
                 if figures_of_part is not None:

@@ -173,7 +173,8 @@ def test_converter_command(tmp_path):
     second = write_text(tmp_path / "day_1.tsv", lines[40:] + ["1\tnot a line"])
     out = tmp_path / "bin"
     sizes = ",".join(map(str, SIZES))
-    result = run_converter("--out", out, "--num-embeddings-per-feature", sizes, "--on-error", "skip", first, second)
+    result = run_converter("--out", out, "--num-embeddings-per-feature", sizes, "--on-error", "skip",
+                           "--max-skip-fraction", "0.05", first, second)
     assert result.returncode == 0, result.stderr
     assert re.search(
         rf"Wrote 90 samples to {re.escape(str(out))} in .* s .*skipped 1 lines \(field_count: 1\)", result.stdout

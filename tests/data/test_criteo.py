@@ -176,7 +176,7 @@ def test_skip_mode_drops_and_counts_malformed_lines(tmp_path):
     bad = [MALFORMED[0][0], MALFORMED[3][0], MALFORMED[6][0], MALFORMED[12][0], MALFORMED[13][0], ""]
     lines = good[:3] + bad[:2] + good[3:8] + bad[2:] + good[8:]
     path = write(tmp_path / "a.tsv", lines)
-    ds = CriteoTextDataset([path], SIZES, on_error="skip")
+    ds = CriteoTextDataset([path], SIZES, on_error="skip", max_skip_fraction=1.0)
     assert stream(ds) == [reference(line) for line in good]
     assert ds.skipped_lines == 6
     assert dict(ds.skipped_by_reason) == {"field_count": 2, "label": 1, "integer": 1, "category": 2}
@@ -190,7 +190,7 @@ def test_skip_mode_drops_and_counts_malformed_lines(tmp_path):
 def test_skip_mode_splits_blocks_over_valid_lines(tmp_path):
     good = random_lines(21, seed=3)
     lines = [good[0], "bad", *good[1:9], make_line("x"), *good[9:], "\t"]
-    ds = CriteoTextDataset([write(tmp_path / "a.tsv", lines)], SIZES, on_error="skip")
+    ds = CriteoTextDataset([write(tmp_path / "a.tsv", lines)], SIZES, on_error="skip", max_skip_fraction=1.0)
     expected = [reference(line) for line in good]
     for rank in range(2):
         got = samples(ds.batches(3, rank=rank, world_size=2, drop_last=False))
@@ -313,7 +313,7 @@ def test_skip_mode_agrees_with_a_plain_validator_on_corrupted_lines(tmp_path):
         lines[i] = line[:at] + str(rng.choice(junk)) + line[at + int(rng.integers(0, 2)) :]
     faults = [first_fault(line) for line in lines]
     assert 50 < sum(f is not None for f in faults) < 200  # the corruption is a real test
-    ds = CriteoTextDataset([write(tmp_path / "a.tsv", lines)], SIZES, on_error="skip", chunk_bytes=2048)
+    ds = CriteoTextDataset([write(tmp_path / "a.tsv", lines)], SIZES, on_error="skip", chunk_bytes=2048, max_skip_fraction=1.0)
     assert stream(ds) == [reference(line) for line, fault in zip(lines, faults) if fault is None]
     expected = {r: faults.count(r) for r in set(faults) - {None}}
     assert dict(ds.skipped_by_reason) == expected
