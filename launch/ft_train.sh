@@ -18,13 +18,21 @@
 #   NODE_RANK        this node's rank (default: 0)
 #   FT_STORE         host:port of the job's store, on the first node (default: 127.0.0.1:29400)
 #   MAX_RESTARTS     replacements per rank before the job fails (default: 10)
-#   PYTHON           interpreter (default: .venv/bin/python if present, else python3)
+#   PYTHON           interpreter (default: the repository's .venv/bin/python if present,
+#                    else python3)
+#
+# Relative paths (--config, data paths, train.output_dir, ...) are taken from
+# the directory it is run in, like any command's: the script does not change
+# directory; it finds the repository from its own path.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+    if [[ -x "$root/.venv/bin/python" ]]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
+# dist_rec from this checkout wherever the job runs (as the repository root
+# as working directory used to give it), also when it is not installed.
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 exec "$PYTHON" -m dist_rec.fault.launch \

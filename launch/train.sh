@@ -15,13 +15,21 @@
 #                    torchrun cannot tell from the endpoint (containers, network namespaces)
 #   LOCAL_ADDR       the address other nodes reach this node at (default: what its
 #                    hostname resolves to)
-#   PYTHON           interpreter (default: .venv/bin/python if present, else python3)
+#   PYTHON           interpreter (default: the repository's .venv/bin/python if present,
+#                    else python3)
+#
+# Relative paths (--config, data paths, train.output_dir, ...) are taken from
+# the directory it is run in, like any command's: the script does not change
+# directory; it finds the repository from its own path.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+    if [[ -x "$root/.venv/bin/python" ]]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
+# dist_rec from this checkout wherever the job runs (as the repository root
+# as working directory used to give it), also when it is not installed.
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([[ "$gpus" -gt 0 ]] && echo "$gpus" || echo 2)}
 NNODES=${NNODES:-1}

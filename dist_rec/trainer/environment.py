@@ -51,6 +51,22 @@ class Environment:
         return self.rank == 0
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's
+    cpuset, ``taskset``), which ``os.cpu_count()`` ignores (it counts the
+    host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def default_threads(local_world_size: int) -> int:
+    """``train.threads: 0``: the cores divided among the processes on this
+    host (at least one each)."""
+    return max(1, available_cores() // max(local_world_size, 1))
+
+
 def setup_environment(config: TrainConfig) -> Environment:
     """Joins the job's default process group when launched by torchrun
     (``dist_rec.distributed.init_process_group``, every collective bounded
@@ -71,7 +87,7 @@ def setup_environment(config: TrainConfig) -> Environment:
     backend = run.backend if run.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
         raise ConfigError("Invalid train.backend='nccl'. Must be 'gloo' or 'auto' when training on the CPU.")
-    threads = run.threads or max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
+    threads = run.threads or default_threads(local_world_size)
     torch.set_num_threads(threads)
     from dist_rec.fault.member import FaultMember
 
