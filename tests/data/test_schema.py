@@ -130,3 +130,22 @@ def test_a_schema_round_trips_through_a_yaml_file(tmp_path):
     schema = _schema()
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(schema.to_dict()))
     assert Schema.load(tmp_path / "s.yaml") == schema
+
+
+def test_the_worked_schemas_of_docs_data_md_are_valid(tmp_path):
+    import re
+
+    import yaml
+
+    from dist_rec.config import TrainConfig
+
+    text = open("docs/data.md").read()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    schemas = [yaml.safe_load(b) for b in blocks if b.lstrip().startswith("label:") and "..." not in b]
+    assert len(schemas) >= 4  # the general example, Avazu, MovieLens, the sequence
+    for values in schemas:
+        Schema.from_dict(values)
+    (run,) = [yaml.safe_load(b) for b in blocks if b.lstrip().startswith("# avazu.yaml")]
+    (tmp_path / "avazu.schema.yaml").write_text(yaml.safe_dump(schemas[1]))
+    run["data"]["schema"] = str(tmp_path / "avazu.schema.yaml")
+    TrainConfig.from_dict(run)
