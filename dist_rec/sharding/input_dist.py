@@ -19,6 +19,8 @@ in the counts all-to-all, with a flag.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -26,11 +28,13 @@ import torch
 import torch.distributed as dist
 
 from dist_rec.modules.embedding_modules import check_feature_keys
+from dist_rec.ops.embedding_bag import check_finite_per_sample_weights
 from dist_rec.sharding.comm import all_to_all
 from dist_rec.sharding.router import Routed, Router
 from dist_rec.sharding.router import payload as routed_payload
 from dist_rec.sharding.schemes import scheme_for
 from dist_rec.sharding.slots import SlotLayout
+from dist_rec.sparse.jagged_tensor import is_integer_dtype
 
 
 @dataclass
@@ -76,6 +80,10 @@ class SparseFeaturesDist:
         self._agreement_group = agreement_group
         self._routers: Dict[Tuple[str, ...], Router] = {}
         self._row_limits: Dict[Tuple[str, ...], torch.Tensor] = {}
+        self._warned_ignored_weights = False  # weights given to an unweighted collection: warned once
+        # The tables' device as tensors report it ("cuda" resolved to its index, as the storages got it).
+        resolved = device.index is not None or device.type in ("cpu", "meta")
+        self._table_device = device if resolved else torch.empty(0, device=device).device
         self.started: List[InputDistState] = []  # batches whose dist was started ahead, in order
 
     @property
@@ -216,46 +224,147 @@ class SparseFeaturesDist:
         return router
 
     def validate(self, keys: List[str], features) -> Optional[Exception]:
-        """The first problem with this rank's input, or None."""
+        """The first problem with this rank's input, or None.
+
+        Never raises: whatever goes wrong while checking (also an error type
+        no check foresaw) is returned, so that the ranks still agree their
+        verdict (``start``'s refusal flag, ``_agree``) and none is left
+        waiting in a collective. Weights given to a collection built without
+        ``is_weighted`` are ignored, with one warning per collection."""
         try:
-            check_feature_keys(keys, self.layout.feature_names, self.layout.configs, "ShardedEmbeddingBagCollection")
-            batch = features.stride()
-            lengths = features.lengths()
-            values = features.values()
-            if self.is_weighted and features.weights_or_none() is None:
-                raise ValueError("This ShardedEmbeddingBagCollection has is_weighted=True but the input has no weights.")
-            if self.is_weighted and not bool(torch.isfinite(features.weights_or_none()).all()):
-                bad = int((~torch.isfinite(features.weights_or_none())).nonzero()[0])
-                raise ValueError(
-                    f"Invalid per-id weight {float(features.weights_or_none()[bad])} at values[{bad}]: weights must be "
-                    "finite (a NaN or inf would poison the rows it touches and their optimizer state)."
-                )
-            if self.is_weighted and features.weights_or_none().requires_grad:
-                raise ValueError(
-                    "Per-id weights that require grad are not supported by sharded tables yet "
-                    "(their gradient would not flow back through the all-to-all); detach them."
-                )
-            if lengths.numel() != len(keys) * batch:
-                raise ValueError(
-                    f"Invalid lengths count {lengths.numel()} for {len(keys)} features {keys}. "
-                    "Must be number of features x batch size."
-                )
-            if values.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"Invalid values dtype {values.dtype}. Must be torch.int32 or torch.int64.")
-            lengths = lengths.to(torch.int64)
-            if bool((lengths < 0).any()):
-                bag = int((lengths < 0).nonzero()[0])
-                f, b = divmod(bag, batch)
-                raise ValueError(
-                    f"Invalid length {int(lengths[bag])} for feature {keys[f]!r}, sample {b}: lengths must be >= 0."
-                )
-            per_feature = lengths.view(len(keys), batch).sum(dim=1)
-            if int(per_feature.sum()) != values.numel():
-                raise ValueError(f"The lengths add up to {int(per_feature.sum())} ids but there are {values.numel()} values.")
-            self._check_ids(keys, values, per_feature)
-        except (ValueError, TypeError, IndexError) as error:
+            self._validate(keys, features)
+        except Exception as error:  # noqa: BLE001 -- every rank must learn of it
             return error
         return None
+
+    def _validate(self, keys: List[str], features) -> None:
+        check_feature_keys(keys, self.layout.feature_names, self.layout.configs, "ShardedEmbeddingBagCollection")
+        batch = features.stride()
+        values = features.values()
+        weights = features.weights_or_none()
+        if not self.is_weighted:
+            if weights is not None and not self._warned_ignored_weights:
+                self._warned_ignored_weights = True
+                warnings.warn(
+                    f"ShardedEmbeddingBagCollection: the input carries per-id weights for "
+                    f"{self._features_and_tables(keys)}, but this collection was built with is_weighted=False: "
+                    "they are ignored. Build it with is_weighted=True to pool with them.",
+                    stacklevel=2,
+                )
+            weights = None
+        elif weights is None:
+            raise ValueError("This ShardedEmbeddingBagCollection has is_weighted=True but the input has no weights.")
+        # Devices and dtypes first (free: no pass over the data), before any
+        # tensor is read or anything is cached for this key order.
+        given_lengths = features.lengths_or_none() if hasattr(features, "lengths_or_none") else None
+        given_offsets = features.offsets_or_none() if hasattr(features, "offsets_or_none") else None
+        given = (("values", values), ("lengths", given_lengths), ("offsets", given_offsets), ("weights", weights))
+        self._check_tensors(keys, given)
+        lengths = features.lengths()
+        self._check_tensors(keys, (("lengths", lengths),))
+        if weights is not None and weights.requires_grad:
+            raise ValueError(
+                "Per-id weights that require grad are not supported by sharded tables yet "
+                "(their gradient would not flow back through the all-to-all); detach them."
+            )
+        if lengths.numel() != len(keys) * batch:
+            raise ValueError(
+                f"Invalid lengths count {lengths.numel()} for {len(keys)} features {keys}. "
+                "Must be number of features x batch size."
+            )
+        if weights is not None and weights.numel() != values.numel():
+            raise ValueError(
+                f"Invalid weights for {self._features_and_tables(keys)}: {weights.numel()} per-id weights for "
+                f"{values.numel()} values. Must be one weight per value."
+            )
+        lengths = lengths.to(torch.int64)
+        if bool((lengths < 0).any()):
+            bag = int((lengths < 0).nonzero()[0])
+            f, b = divmod(bag, batch)
+            raise ValueError(
+                f"Invalid length {int(lengths[bag])} for feature {keys[f]!r} (table {self._table_of(keys[f])!r}), "
+                f"sample {b}: lengths must be >= 0."
+            )
+        per_feature = lengths.view(len(keys), batch).sum(dim=1)
+        total = int(per_feature.sum())
+        if total != values.numel():
+            raise self._explain_mismatch(keys, lengths, batch, total, values.numel())
+        if weights is not None:
+            self._check_finite_weights(keys, weights, lengths)
+        self._check_ids(keys, values, per_feature)
+
+    def _table_of(self, key: str) -> str:
+        return self.layout.configs[self.layout.feature_table[key]].name
+
+    def _features_and_tables(self, keys: List[str]) -> str:
+        """``features [...] (tables [...])``, for messages about a whole input tensor."""
+        tables = list(dict.fromkeys(self._table_of(k) for k in keys))
+        return f"features {keys} (tables {tables})"
+
+    def _check_tensors(self, keys: List[str], given) -> None:
+        """Refuses ids, lengths, offsets or weights on another device than the
+        tables (meta ids used to fail uncaught, and leave the row limits of
+        this key order cached on the meta device) and non-integer ids,
+        lengths or offsets (float lengths used to be truncated silently).
+        Only dtypes and devices are read."""
+        for name, tensor in given:
+            if tensor is not None and tensor.device != self._table_device:
+                raise ValueError(
+                    f"Invalid {name} device={tensor.device} for {self._features_and_tables(keys)}. "
+                    f"Must be {self._table_device}, the device of the tables."
+                )
+        for name, tensor in given:
+            if tensor is None or name == "weights":
+                continue
+            if name == "values" and tensor.dtype not in (torch.int32, torch.int64):
+                raise TypeError(
+                    f"Invalid values dtype={tensor.dtype} for {self._features_and_tables(keys)}. "
+                    "Must be torch.int32 or torch.int64."
+                )
+            if name != "values" and not is_integer_dtype(tensor.dtype):
+                raise TypeError(
+                    f"Invalid {name} dtype={tensor.dtype} for {self._features_and_tables(keys)}. "
+                    "Must be an integer dtype (torch.int32 or torch.int64)."
+                )
+
+    def _explain_mismatch(
+        self, keys: List[str], lengths: torch.Tensor, batch: int, total: int, num_values: int
+    ) -> ValueError:
+        """Lengths that do not add up to the values, named by feature, table
+        and sample as the unsharded collection names them."""
+        mismatch = f"the lengths add up to {total} ids but there are {num_values} values"
+        if total > num_values:
+            # The first bag that runs past the values.
+            ends = lengths.cumsum(0)
+            bag = int((ends > num_values).nonzero()[0])
+            f, b = divmod(bag, batch)
+            return ValueError(
+                f"Invalid length {int(lengths[bag])} for feature {keys[f]!r} (table {self._table_of(keys[f])!r}), "
+                f"sample {b}: its bag ends at {int(ends[bag])}, past the {num_values} values; {mismatch}."
+            )
+        last = keys[-1]
+        return ValueError(
+            f"Invalid lengths for feature {last!r} (table {self._table_of(last)!r}), the last one: the bags end at "
+            f"{total} but there are {num_values} values; {mismatch}."
+        )
+
+    def _check_finite_weights(self, keys: List[str], weights: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Refuses NaN or inf per-id weights, naming the value, feature,
+        sample and table (``check_finite_per_sample_weights``: one sum over
+        the weights; the offsets are built and searched only on failure)."""
+        if weights.numel() == 0 or bool(torch.isfinite(weights.sum())):
+            return
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        configs, config_index = self.layout.configs, [self.layout.feature_table[k] for k in keys]
+        try:
+            check_finite_per_sample_weights("ShardedEmbeddingBagCollection", weights, offsets, config_index)
+        except ValueError as error:
+            message = str(error)
+            message = re.sub(r"feature slot (\d+)", lambda m: f"feature {keys[int(m.group(1))]!r}", message)
+            message = re.sub(r"table (\d+)", lambda m: f"table {configs[int(m.group(1))].name!r}", message)
+            for op_name, kjt_name in (("per_sample_weights", "weights"), ("indices", "values")):
+                message = message.replace(op_name, kjt_name)
+            raise ValueError(message) from None
 
     def _agree(self, error: Optional[Exception]) -> None:
         """Every rank of the group learns whether any rank's input was bad
@@ -280,9 +389,8 @@ class SparseFeaturesDist:
         layout = self.layout
         limits = self._row_limits.get(tuple(keys))
         if limits is None:
-            limits = torch.tensor(
-                [layout.configs[layout.feature_table[k]].num_embeddings for k in keys], dtype=torch.int64, device=values.device
-            )
+            rows = [layout.configs[layout.feature_table[k]].num_embeddings for k in keys]
+            limits = torch.tensor(rows, dtype=torch.int64, device=self._table_device)
             self._row_limits[tuple(keys)] = limits
         # One vectorised pass over all ids against their feature's limit, one
         # sync; the per-feature search runs only on failure.
@@ -290,7 +398,8 @@ class SparseFeaturesDist:
         bad = (values < 0) | (values >= per_id_limit)
         if bool(bad.any()):
             position = int(bad.nonzero()[0])
-            f = int(torch.searchsorted(per_feature.cumsum(0), torch.tensor(position), right=True))
+            position_t = torch.tensor(position, device=per_feature.device)
+            f = int(torch.searchsorted(per_feature.cumsum(0), position_t, right=True))
             value = int(values[position])
             config = layout.configs[layout.feature_table[keys[f]]]
             raise IndexError(
