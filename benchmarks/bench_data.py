@@ -7,17 +7,19 @@ Parquet, and its binary conversion read in order and shuffled; the synthetic
 workload for reference), one process, batches of ``--batch``:
 
 * ``alone``: the reader's own rate, nothing else running;
-* ``inline`` / ``prefetch``: the reader feeding a consumer that computes
-  for about as long as the reader takes per batch (torch matmuls, which
-  release the GIL, as a training step's kernels do), read by the consumer's
-  thread itself, or by a ``Prefetcher`` thread two batches ahead. Perfect
-  overlap would halve the inline time.
+* ``inline`` / ``thread`` / ``process``: the reader feeding a consumer
+  that computes for about as long as the reader takes per batch (torch
+  matmuls on one thread), read by the consumer's thread itself, by a
+  ``Prefetcher`` thread, or by a ``BatchWorker`` process, two batches
+  ahead. With a core free for the worker, perfect overlap halves the
+  inline time.
 
 Trainer: the README's main job (``launch/configs/default.yaml``, 2
 processes, synthetic data) for ``--steps`` steps, with its batches
 ``pregenerated`` (all made before the run: the step time without any data
-cost), generated ``inline`` by the training thread (``data.prefetch=0``), or
-by the ``prefetch`` thread (the default, ``data.prefetch=2``). The step time
+cost), generated ``inline`` by the training thread (what
+``data.prefetch_worker: auto`` picks on these saturated cores), by a worker
+``thread`` or by the worker ``process`` (``data.prefetch=2``). The step time
 is the median over the progress intervals after the first; variants
 alternate over ``--rounds``.
 
@@ -53,7 +55,7 @@ from harness import (
 )
 
 READERS = ["criteo", "criteo_schema", "avazu", "movielens", "sequence", "parquet", "binary", "binary_shuffled", "synthetic"]
-TRAINER_VARIANTS = ["pregenerated", "inline", "prefetch"]
+TRAINER_VARIANTS = ["pregenerated", "inline", "thread", "process"]
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def reader_worker(kind: str, files: Dict[str, str], batch: int, batches: int) ->
     """One reader in this process: alone, then feeding a consumer inline and prefetched."""
     import torch
 
-    from dist_rec.data.prefetch import Prefetcher
+    from dist_rec.data.prefetch import BatchWorker, Prefetcher
 
     torch.set_num_threads(1)
 
@@ -148,10 +150,13 @@ def reader_worker(kind: str, files: Dict[str, str], batch: int, batches: int) ->
     compute_alone = timed(iter([None] * batches), compute)
     inline = timed(stream(), compute)
     prefetcher = Prefetcher(stream(), depth=2)
-    prefetched = timed(prefetcher, compute)
+    thread = timed(prefetcher, compute)
     prefetcher.close()
+    worker = BatchWorker(open_reader(kind, files), depth=2)  # forked before the consumer's tensors exist, as in the trainer
+    process = timed(worker.start(1, batch, 0, 1), compute)
+    worker.close()
     return {"reader": kind, "samples_per_s": batch * batches / alone, "compute_s": compute_alone, "alone_s": alone,
-            "inline_s": inline, "prefetch_s": prefetched}  # fmt: skip
+            "inline_s": inline, "thread_s": thread, "process_s": process}  # fmt: skip
 
 
 # -- trainer -------------------------------------------------------------------------------
@@ -180,19 +185,26 @@ def trainer_rank(rank: int, world_size: int, variant: str, steps: int, log_every
     values["train"].update(steps=steps, eval_every=0, log_every=log_every, output_dir=out)
     values["data"]["eval_samples"] = 2048
     values["data"]["prefetch"] = 0 if variant in ("inline", "pregenerated") else 2
+    values["data"]["prefetch_worker"] = "thread" if variant == "thread" else "process"
     config = TrainConfig.from_dict(values)
     env = Environment(rank=rank, world_size=world_size, local_world_size=world_size, backend="gloo")
     trainer = Trainer(config, env, quiet=True)
     if variant == "pregenerated":
         trainer.data.train = Pregenerated(trainer.data.train, config.train.batch_size, rank, world_size, steps)
+    import resource
+
+    cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     trainer.train()
+    cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall0
+    busy = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall
     if rank != 0:
         return None
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["examples_per_second"] for r in records if r.get("kind") == "train"][1:]  # after the first interval
     global_batch = config.train.batch_size * world_size
     return {"variant": variant, "examples_per_s": statistics.median(rates),
-            "step_ms": 1000 * global_batch / statistics.median(rates), "intervals": len(rates)}  # fmt: skip
+            "step_ms": 1000 * global_batch / statistics.median(rates), "intervals": len(rates),
+            "cpu_busy": busy}  # fmt: skip
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -205,14 +217,16 @@ def report(readers: Dict[str, List[dict]], trainer: Dict[str, List[dict]], args,
         rows = []
         for kind, results in readers.items():
             m = median_fields(results)
-            rows.append([kind, f"{m['samples_per_s']:,.0f}", f"{1000 * m['alone_s'] / args.batches:.1f}",
-                         f"{1000 * m['inline_s'] / args.batches:.1f}", f"{1000 * m['prefetch_s'] / args.batches:.1f}",
-                         ratio_cell([r["prefetch_s"] / r["inline_s"] for r in results])])  # fmt: skip
+            per_batch = [f"{1000 * m[k] / args.batches:.1f}" for k in ("alone_s", "compute_s", "inline_s", "thread_s", "process_s")]
+            rows.append([kind, f"{m['samples_per_s']:,.0f}", *per_batch,
+                         ratio_cell([r["thread_s"] / r["inline_s"] for r in results], count_rounds=False),
+                         ratio_cell([r["process_s"] / r["inline_s"] for r in results], count_rounds=False)])  # fmt: skip
         lines += [f"Readers, one process, batches of {args.batch:,} ({args.lines:,}-line files; medians of "
-                  f"{args.rounds} rounds). The consumer computes about as long per batch as the reader reads it: "
-                  "ideal overlap is 0.50x.", "",
-                  markdown_table(["reader", "samples/s alone", "ms/batch alone", "ms/batch + compute, inline",
-                                  "ms/batch + compute, prefetched", "prefetched / inline"], rows), ""]  # fmt: skip
+                  f"{args.rounds} rounds). Then the reader feeds a consumer that computes (one torch thread) about "
+                  "as long per batch as the reader reads it, reading inline, from a thread or from the worker "
+                  "process: with a core free for the worker the ideal is 0.50x of inline.", "",
+                  markdown_table(["reader", "samples/s alone", "ms/batch: read", "compute", "read + compute inline",
+                                  "thread", "process", "thread / inline", "process / inline"], rows), ""]  # fmt: skip
     if trainer:
         base = trainer["pregenerated"]
         rows = []

@@ -77,8 +77,15 @@ class DataConfig:
             (the same samples on any world size). 0: none; needs no eval_paths.
         shuffle: shuffle binary data every epoch, by ``seed`` (the same order
             on any world size). Text is read in file order: convert it.
-        prefetch: batches prepared ahead of the step by a background thread
-            (0: the training thread reads them itself).
+        prefetch: batches prepared ahead of the step (0: the training
+            thread reads them itself).
+        prefetch_worker: who prepares them: "process" (a worker process
+            forked before the model is built, at idle priority, batches in
+            shared memory), "thread", or "auto": a thread for binary data
+            (numpy slicing, cheaper than a hand-over between processes), the
+            process for the rest (text parsing in Python would hold the
+            trainer's GIL). See ``dist_rec.data.prefetch`` and
+            benchmarks/bench_data.py.
         on_error: what a malformed line does: "raise" or "skip".
         max_skip_fraction: with on_error "skip", the most of the lines read
             that may be skipped before the run stops with the counts.
@@ -103,6 +110,7 @@ class DataConfig:
     eval_fraction: float = 0.0
     shuffle: bool = False
     prefetch: int = 2
+    prefetch_worker: str = "auto"
     on_error: str = "raise"
     max_skip_fraction: float = 0.01
     seed: int = 0
@@ -166,7 +174,9 @@ class DataConfig:
         if self.shuffle and self.source not in ("binary", "criteo_binary"):
             raise _invalid(f"{prefix}.shuffle", self.shuffle, "false unless the data is binary: convert text with "
                            "python -m dist_rec.data.convert (or convert_criteo) to shuffle it")  # fmt: skip
-        _check(self.prefetch >= 0, f"{prefix}.prefetch", self.prefetch, ">= 0 (0: no background thread)")
+        _check(self.prefetch >= 0, f"{prefix}.prefetch", self.prefetch, ">= 0 (0: the training thread reads)")
+        if self.prefetch_worker not in ("auto", "process", "thread"):
+            raise _invalid(f"{prefix}.prefetch_worker", self.prefetch_worker, "'auto', 'process' or 'thread'")
         if self.on_error not in ("raise", "skip"):
             raise _invalid(f"{prefix}.on_error", self.on_error, "'raise' or 'skip'")
         _check(0.0 <= self.max_skip_fraction <= 1.0, f"{prefix}.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")

@@ -37,7 +37,7 @@ from torch import nn
 from dist_rec.config import ConfigError, TrainConfig
 from dist_rec.data.batch import Batch
 from dist_rec.data.epochs import EpochStream
-from dist_rec.data.prefetch import Prefetcher
+from dist_rec.data.prefetch import BatchWorker, Prefetcher
 from dist_rec.distributed import destroy_process_group, init_single_process_group
 from dist_rec.fault.activity import ACTIVITY
 from dist_rec.fault.membership import REPLACEMENT
@@ -174,12 +174,18 @@ class Trainer:
         except BaseException:
             if getattr(self, "checkpointer", None) is not None:
                 self.checkpointer.close()
+            if getattr(self, "_batch_worker", None) is not None:
+                self._batch_worker.close()
             if self._own_group:  # a refused start leaves no process group behind
                 destroy_process_group()
             raise
 
     def _assemble(self, config: TrainConfig, env: Environment, run) -> None:
         self.data = build_data(config)
+        # Forked now, while this process holds the data but no model (see BatchWorker).
+        self._epochs: Optional[EpochStream] = None
+        self._batch_worker = (BatchWorker(self.data.train, config.data.prefetch, on_state=self._apply_reader_state)
+                              if self._prefetch_worker() == "process" else None)  # fmt: skip
         torch.manual_seed(run.seed)
         model = build_model(config, self.data, env.device)
         epoch = join_first_epoch(env, config)  # under the fault-tolerant launcher: now the model is built
@@ -241,8 +247,7 @@ class Trainer:
         self._resume_step: Optional[int] = None
         self._examples = 0
         self._failure_records: List[Dict] = []
-        self._epochs: Optional[EpochStream] = None
-        self._prefetcher: Optional[Prefetcher] = None
+        self._prefetcher = None
         self._data_skips: Optional[Dict] = None
         if joining:  # a replacement: the running ranks hand it their state
             self._resume_step = self.recovery.restore(epoch, env.member.rank, 0, time.time())
@@ -337,7 +342,8 @@ class Trainer:
             f"({env.backend or 'single'}, {env.device}), batch {config.train.batch_size} per process "
             f"({self.examples_per_step} global), {len(data.sparse_feature_names)} tables / "
             f"{sum(data.num_embeddings_per_feature):,} rows x {config.model.embedding_dim}, "
-            f"{torch.get_num_threads()} thread(s) per process"
+            f"{torch.get_num_threads()} thread(s) per process, batches read by "
+            + {"inline": "the training thread", "process": "a worker process", "thread": "a worker thread"}[self._prefetch_worker()]
         )
         if self.engine is not None:
             self._say(f"dense: {self.engine.describe()}")
@@ -367,9 +373,38 @@ class Trainer:
             stream = self._epochs = EpochStream(dataset, run.epochs, run.batch_size, env.data_rank, env.data_world_size)
             for _ in range(step):
                 next(stream, None)
-        if self.config.data.prefetch:
-            stream = self._prefetcher = Prefetcher(stream, self.config.data.prefetch)
+        data = self.config.data
+        if self._batch_worker is not None:
+            seek = dataset.seek_state() if hasattr(dataset, "seek_state") else None
+            stream = self._prefetcher = self._batch_worker.start(run.epochs, run.batch_size, env.data_rank,
+                                                                 env.data_world_size, step, seek)  # fmt: skip
+        elif self._prefetch_worker() == "thread":
+            stream = self._prefetcher = Prefetcher(stream, data.prefetch)
         return self._step_batches(stream, None if run.steps == 0 else run.steps - step)
+
+    def _apply_reader_state(self, state: Dict) -> None:
+        """The state of the reader in the worker process, after a batch:
+        where the epochs stand, its skip counts and its seek notes."""
+        reader = getattr(self.data.train, "dataset", self.data.train)  # under a held-out split: the file reader
+        if self._epochs is not None:
+            epochs = self._epochs
+            epochs.epoch, epochs.steps_per_epoch, epochs.exhausted = state["epoch"], state["steps_per_epoch"], state["exhausted"]
+        if state["skips"] is not None:
+            reader.skips = state["skips"]
+        if state.get("seek") is not None:
+            reader.restore_seek_state(state["seek"])
+
+    def _prefetch_worker(self) -> str:
+        """Who prepares the batches: "process", "thread" or "inline" (see
+        data.prefetch_worker; "auto": a thread for binary data, whose reads
+        are numpy slicing that a hand-over between processes would cost more
+        than, a worker process for the parsers and the generator)."""
+        data = self.config.data
+        if not data.prefetch:
+            return "inline"
+        if data.prefetch_worker != "auto":
+            return data.prefetch_worker
+        return "thread" if data.source in ("binary", "criteo_binary") else "process"
 
     def _close_stream(self) -> None:
         if self._prefetcher is not None:
@@ -467,6 +502,8 @@ class Trainer:
         directory's lock and a group of our own are released (the process
         may go on: a test, a notebook)."""
         self._close_stream()
+        if self._batch_worker is not None:
+            self._batch_worker.close()
         if not self.env.distributed:
             self.checkpointer.abandon()
         self.checkpointer.close()
@@ -524,6 +561,8 @@ class Trainer:
         )
         self.log.close()
         self.checkpointer.close()
+        if self._batch_worker is not None:
+            self._batch_worker.close()
         if self.env.is_main and self.output_dir is not None:
             records = read_records(self.output_dir / "metrics.jsonl")
             plot_path = plot_training(records, self.data.teacher_auc, self.output_dir / "training.png")

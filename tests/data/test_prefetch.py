@@ -61,3 +61,98 @@ def test_close_stops_a_worker_blocked_on_a_full_queue():
 def test_depth_is_checked():
     with pytest.raises(ValueError, match="Invalid depth=0"):
         Prefetcher(iter([]), depth=0)
+
+
+# -- the worker process --------------------------------------------------------------------
+
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+from dist_rec.data.prefetch import BatchWorker  # noqa: E402
+from dist_rec.data.schema import Schema  # noqa: E402
+from dist_rec.data.synthetic import SyntheticConfig, SyntheticDataset  # noqa: E402
+from dist_rec.data.tabular import TextDataset  # noqa: E402
+from dist_rec.testing import tables  # noqa: E402
+
+
+def _same(a, b):
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.dense_features, b.dense_features)
+    ka, kb = a.sparse_features, b.sparse_features
+    assert ka.keys() == kb.keys() and ka.stride() == kb.stride()
+    assert torch.equal(ka.values(), kb.values()) and torch.equal(ka.lengths(), kb.lengths())
+    assert (ka.weights_or_none() is None) == (kb.weights_or_none() is None)
+    if ka.weights_or_none() is not None:
+        assert torch.equal(ka.weights(), kb.weights())
+
+
+@pytest.mark.parametrize("slot_bytes", [16 << 20, 4096])  # in shared memory; too large for a slot: through the pipe
+def test_the_worker_process_hands_over_the_same_batches(tmp_path, slot_bytes):
+    path = tables.write_lines(tmp_path / "seq.tsv", tables.sequence_lines(500))
+    dataset = TextDataset([path], Schema.from_dict(tables.SEQUENCE_SCHEMA))  # weighted, multi-hot, shared table
+    states = []
+    worker = BatchWorker(dataset, depth=2, slot_bytes=slot_bytes, on_state=states.append)
+    try:
+        got = list(worker.start(2, 64, 1, 2))  # rank 1 of 2, two epochs
+        expected = list(dataset.batches(64, 1, 2)) * 2
+        assert len(got) == len(expected) == 6
+        for a, b in zip(got, expected):
+            _same(a, b)
+        assert states[-1]["exhausted"] and states[-1]["skips"].lines_read == 500 and states[-1]["epoch"] == 1
+        # A new stream from a step: the same worker, the batches from there on.
+        resumed = list(worker.start(2, 64, 1, 2, start_step=2))
+        assert len(resumed) == 4
+        _same(resumed[0], expected[2])
+    finally:
+        worker.close()
+
+
+def test_a_new_stream_abandons_the_one_in_flight():
+    dataset = SyntheticDataset(SyntheticConfig(num_embeddings_per_feature=[10, 20]), "train")
+    worker = BatchWorker(dataset, depth=2)
+    try:
+        first = worker.start(1, 16, 0, 1)
+        next(first)
+        second = worker.start(1, 16, 0, 1, start_step=100)
+        _same(next(second), next(dataset.batches(16, 0, 1, start_step=100)))
+    finally:
+        worker.close()
+
+
+def test_an_error_in_the_worker_process_is_raised_with_its_type_and_message(tmp_path):
+    lines = tables.avazu_lines(300)
+    lines[250] = lines[250].replace(",", ";", 2)
+    path = tables.write_lines(tmp_path / "a.csv", lines)
+    dataset = TextDataset([path], Schema.from_dict(tables.AVAZU_SCHEMA), chunk_rows=100)
+    worker = BatchWorker(dataset, depth=1)
+    try:
+        batches = worker.start(1, 50, 0, 1)
+        assert len([next(batches) for _ in range(4)]) == 4  # the batches before the bad line's chunk
+        with pytest.raises(ValueError, match=rf"{path}:251: expected 12 ','-separated fields, got 10"):
+            list(batches)
+    finally:
+        worker.close()
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for():
+    import signal
+
+    worker = BatchWorker(SyntheticDataset(SyntheticConfig(num_embeddings_per_feature=[10, 20]), "train"), depth=1)
+    batches = worker.start(1, 8, 0, 1)
+    next(batches)
+    os.kill(worker._process.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"data worker process \(pid \d+\) died with exit code -9"):
+        for _ in range(100):
+            next(batches)
+
+
+def test_close_stops_the_worker_and_frees_its_shared_memory():
+    worker = BatchWorker(SyntheticDataset(SyntheticConfig(num_embeddings_per_feature=[10, 20]), "train"), depth=2)
+    names = [m.name for m in worker._slots]
+    batches = worker.start(1, 8, 0, 1)
+    next(batches)
+    process = worker._process
+    worker.close()
+    assert not process.is_alive()
+    assert not any(os.path.exists(f"/dev/shm/{name.lstrip('/')}") for name in names)
+    assert next(batches, None) is None

@@ -88,7 +88,7 @@ def test_a_few_bad_lines_train_and_are_reported(tmp_path, capsys):
     for i in range(100, 2000, 400):
         lines[i] = "garbage"
     path = tables.write_lines(tmp_path / "avazu.csv", lines)
-    config = _config("avazu", path, tmp_path / "run", 64, on_error="skip")
+    config = _config("avazu", path, tmp_path / "run", 64, on_error="skip", prefetch_worker="process")  # counts come back
     config.train.steps = 0
     result = train(config, Environment())
     assert result.steps == (2000 - 5) // 64
@@ -113,21 +113,36 @@ def test_fewer_samples_than_one_global_batch_is_an_error(tmp_path):
         train(_config("avazu", path, tmp_path / "run", 64), Environment(), quiet=True)
 
 
-def _bad_line_rank(rank, world_size, path, out):
+def _bad_line_rank(rank, world_size, path, out, worker):
     env = Environment(rank=rank, world_size=world_size, local_world_size=world_size, backend="gloo")
-    config = _config("criteo", path, f"{out}/run", 16)
+    config = _config("criteo", path, f"{out}/run", 16, prefetch=0 if worker == "inline" else 2, prefetch_worker=
+                     "auto" if worker == "inline" else worker)  # fmt: skip
     config.fault.timeout_s = 20.0
     train(config, env, quiet=True)
 
 
-def test_a_bad_line_met_by_one_rank_stops_every_rank(tmp_path):
+@pytest.mark.parametrize("worker", ["process", "thread", "inline"])
+def test_a_bad_line_met_by_one_rank_stops_every_rank(tmp_path, worker):
     lines = tables.criteo_lines(400, seed=1)
     lines[16 * 2 * 5 + 16 + 3] = "1\tnot\ta\tcriteo\tline"  # line 180: step 5's block of rank 1
     path = tables.write_lines(tmp_path / "day.tsv", lines)
     with pytest.raises(AssertionError) as failed:
-        run_multi_process(_bad_line_rank, world_size=2, timeout=60, path=str(path), out=str(tmp_path))
+        run_multi_process(_bad_line_rank, world_size=2, timeout=60, path=str(path), out=str(tmp_path), worker=worker)
     report = str(failed.value)
     assert report.startswith("rank 1 failed:")  # the root cause leads: the rank that met the line
     assert f"ValueError: {path}:180: expected 40 tab-separated fields, got 5" in report
     assert "rank 0 failed too" in report  # it stopped, it did not hang
     assert "did not finish" not in report
+
+
+def test_batches_read_by_a_worker_process_or_thread_train_as_read_inline(tmp_path):
+    path = tables.write_lines(tmp_path / "behaviour.tsv", tables.sequence_lines(800, seed=3))
+    losses = {}
+    for worker in ("process", "thread", "inline"):
+        config = _config("sequence", path, tmp_path / worker, 32, prefetch=0 if worker == "inline" else 3,
+                         prefetch_worker="auto" if worker == "inline" else worker, eval_fraction=0.1)  # fmt: skip
+        config.train.steps, config.train.epochs = 0, 2
+        result = train(config, Environment(), quiet=True)
+        losses[worker] = (result.losses, result.final_eval.auc)
+    assert losses["process"] == losses["thread"] == losses["inline"]
+    assert len(losses["inline"][0]) > 30
