@@ -17,9 +17,9 @@ workload for reference), one process, batches of ``--batch``:
 Trainer: the README's main job (``launch/configs/default.yaml``, 2
 processes, synthetic data) for ``--steps`` steps, with its batches
 ``pregenerated`` (all made before the run: the step time without any data
-cost), generated ``inline`` by the training thread (what
-``data.prefetch_worker: auto`` picks on these saturated cores), by a worker
-``thread`` or by the worker ``process`` (``data.prefetch=2``). The step time
+cost), generated ``inline`` by the training thread (``data.prefetch=0``),
+by a worker ``thread``, or by the worker ``process`` (what
+``data.prefetch_worker: auto`` picks for synthetic and text data). The step time
 is the median over the progress intervals after the first; variants
 alternate over ``--rounds``.
 

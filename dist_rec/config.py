@@ -164,6 +164,7 @@ class DataConfig:
         except ValueError as error:  # same rules, named as this config names them
             raise ConfigError(str(error).replace("Invalid ", f"Invalid {prefix}.", 1)) from None
         _check(self.eval_samples >= 1, f"{prefix}.eval_samples", self.eval_samples, ">= 1")
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, ">= 0")
         _check(0.0 <= self.eval_fraction < 1.0, f"{prefix}.eval_fraction", self.eval_fraction, "in [0, 1)")
         if self.eval_fraction and self.source == "synthetic":
             raise _invalid(f"{prefix}.eval_fraction", self.eval_fraction, "0 for synthetic data (it has its own "

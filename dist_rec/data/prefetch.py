@@ -122,17 +122,19 @@ class BatchWorker:
     previous stream. Batches come ``depth`` ahead through ``depth + 1``
     shared-memory slots (one copy on this side; a batch larger than a slot
     comes through the pipe). The worker runs at idle priority with one
-    torch thread and dies with this process. After each batch the reader's
+    torch thread and dies with this process (``PR_SET_PDEATHSIG``: create it
+    from the thread that lives as long as the trainer). After each batch the reader's
     state (skip counts, seek notes, the epoch) comes back and is applied
     here by ``on_state``.
     """
 
-    def __init__(self, dataset, depth: int = 2, on_state=None, slot_bytes: int = 16 << 20) -> None:
+    def __init__(self, dataset, depth: int = 2, on_state=None, slot_bytes: int = 4 << 20) -> None:
         import multiprocessing as mp
         from multiprocessing import shared_memory
 
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"Invalid depth={depth!r}. Must be an int >= 1.")
+        self.dataset = dataset  # the one it reads (as it was when forked)
         self._on_state = on_state
         self._slots = [shared_memory.SharedMemory(create=True, size=slot_bytes) for _ in range(depth + 1)]
         context = mp.get_context("fork")
@@ -155,7 +157,13 @@ class BatchWorker:
         """This rank's batches over ``epochs`` passes from global batch
         ``start_step`` on (``seek``: the reader's seek notes to resume with)."""
         self._generation += 1
-        self._commands.send((self._generation, (epochs, batch_size, rank, world_size, start_step, seek)))
+        try:
+            self._commands.send((self._generation, (epochs, batch_size, rank, world_size, start_step, seek)))
+        except (BrokenPipeError, OSError):
+            self._process.join(timeout=5)
+            self.close()
+            raise RuntimeError(f"The data worker process (pid {self._process.pid}) is gone (exit code "
+                               f"{self._process.exitcode}){_exit_hint(self._process.exitcode)}.") from None  # fmt: skip
         return _Batches(self, self._generation)
 
     def _receive(self, generation: int):
@@ -170,7 +178,8 @@ class BatchWorker:
                 self._process.join(timeout=5)
                 self.close()
                 raise RuntimeError(f"The data worker process (pid {self._process.pid}) died with exit code "
-                                   f"{self._process.exitcode} before handing over its next batch.") from None  # fmt: skip
+                                   f"{self._process.exitcode}{_exit_hint(self._process.exitcode)} before handing over "
+                                   "its next batch.") from None  # fmt: skip
             if kind == "batch" and payload[0] is not None and number != generation:
                 self._release(payload[0])
             if number == generation:
@@ -226,13 +235,16 @@ class _Batches(Iterator):
         self._worker, self._generation, self._finished = worker, generation, False
 
     def __next__(self):
-        if self._finished or self._worker._closed:
+        if self._finished:
             raise StopIteration
+        if self._worker._closed:
+            raise RuntimeError("The data worker process was closed; this stream has no more batches.")
         kind, payload, state = self._worker._receive(self._generation)
+        batch = self._worker._unpack(payload) if kind == "batch" else None  # its slot is free again first
         if self._worker._on_state is not None and state is not None:
             self._worker._on_state(state)
-        if kind == "batch":
-            return self._worker._unpack(payload)
+        if batch is not None:
+            return batch
         self._finished = True
         if kind == "error":
             raise payload
@@ -244,7 +256,9 @@ class _Batches(Iterator):
 
 
 def _serve(dataset, commands, messages, free, slot_names, parent: int) -> None:
-    """The worker: waits for a stream to make, makes it, and so on."""
+    """The worker: waits for a stream to make, makes it, and so on, until
+    the trainer closes its ends of the pipes. Any error of a stream (its
+    setup included) is sent to the trainer, never mistaken for the pipes'."""
     from multiprocessing import shared_memory
 
     from dist_rec.data.epochs import EpochStream
@@ -255,37 +269,63 @@ def _serve(dataset, commands, messages, free, slot_names, parent: int) -> None:
     except (AttributeError, OSError):
         os.nice(19)
     torch.set_num_threads(1)
-    slots = [shared_memory.SharedMemory(name=name) for name in slot_names]
     reader = getattr(dataset, "dataset", dataset)  # under a held-out split: the file reader
     pending = None
     try:
+        slots = [shared_memory.SharedMemory(name=name) for name in slot_names]
         while True:
             command = pending if pending is not None else commands.recv()
             pending = None
             generation, (epochs, batch_size, rank, world_size, start_step, seek) = command
-            if seek and hasattr(reader, "restore_seek_state"):
-                reader.restore_seek_state(seek)
-            stream = EpochStream(dataset, epochs, batch_size, rank, world_size, start_step)
-            noted = [0]
+            stream, noted = None, [0]
             try:
-                for batch in stream:
-                    if commands.poll():  # a new stream was asked for: this one is abandoned
-                        pending = commands.recv()
+                if seek and hasattr(reader, "restore_seek_state"):
+                    reader.restore_seek_state(seek)
+                stream = EpochStream(dataset, epochs, batch_size, rank, world_size, start_step)
+                iterator = iter(stream)
+                while True:
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        message = ("end", generation, None, _state(stream, reader, noted))
                         break
-                    messages.send(("batch", generation, _pack(batch, slots, free), _state(stream, reader, noted)))
-                else:
-                    messages.send(("end", generation, None, _state(stream, reader, noted)))
-            except (EOFError, BrokenPipeError):
+                    if commands.poll():  # a new stream was asked for: this one is abandoned
+                        pending, message = _recv(commands), None
+                        break
+                    payload = _pack(batch, slots, free)
+                    state = _state(stream, reader, noted)
+                    try:
+                        messages.send(("batch", generation, payload, state))
+                    except (BrokenPipeError, OSError):
+                        raise _PipeClosed from None
+            except _PipeClosed:
                 raise
             except BaseException as error:  # noqa: BLE001 -- raised in the trainer, where the batch was wanted
+                state = _state(stream, reader, noted) if stream is not None else None
+                message = ("error", generation, error, state)
+            if message is not None:
                 try:
-                    messages.send(("error", generation, error, _state(stream, reader, noted)))
+                    messages.send(message)
+                except (BrokenPipeError, EOFError, OSError):
+                    raise
                 except Exception:  # an exception that does not pickle: its type's name and message
+                    error = message[2]
                     messages.send(("error", generation, RuntimeError(f"{type(error).__name__}: {error}"), None))
-    except (EOFError, BrokenPipeError, OSError):
-        pass  # the trainer closed its ends: done
+    except (_PipeClosed, BrokenPipeError, EOFError, OSError):
+        pass  # the trainer closed its ends (or is gone): done
     finally:
         os._exit(0)  # no interpreter teardown: the parent's state (groups, threads) is not ours to close
+
+
+class _PipeClosed(Exception):
+    """The trainer's end of a pipe is gone (raised in the worker only)."""
+
+
+def _recv(connection):
+    try:
+        return connection.recv()
+    except (EOFError, OSError):
+        raise _PipeClosed from None
 
 
 def _state(stream, reader, noted) -> dict:
@@ -309,7 +349,7 @@ def _pack(batch, slots, free):
     keys, stride = list(kjt.keys()), kjt.stride()
     if size > slots[0].size:
         return None, arrays, keys, stride
-    slot = free.recv()
+    slot = _recv(free)
     buffer = slots[slot].buf
     layout, offset = [], 0
     for a in arrays:
@@ -321,6 +361,12 @@ def _pack(batch, slots, free):
         layout.append((a.dtype.str, flat.size, offset, a.shape))
         offset += -(-a.nbytes // 64) * 64  # 64-byte aligned
     return slot, layout, keys, stride
+
+
+def _exit_hint(code) -> str:
+    if code == -7:  # SIGBUS: a shared-memory page that could not be backed
+        return " (SIGBUS: /dev/shm is likely full; give it more room, or set data.prefetch_worker=thread)"
+    return ""
 
 
 def _die_with_parent(parent: int) -> None:

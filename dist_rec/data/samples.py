@@ -14,6 +14,7 @@ dataset.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -181,7 +182,10 @@ class HeldOutSplit:
             raise ValueError(f"Invalid eval_fraction={fraction!r}. Must be in (0, 1).")
         if part not in ("train", "eval"):
             raise ValueError(f"Invalid part={part!r}. Must be 'train' or 'eval'.")
-        self.dataset, self.fraction, self.seed, self.part, self._chunk = dataset, fraction, seed, part, chunk
+        # A copy of the reader per part: each keeps its own skip counts (and
+        # seek notes) while the two parts' passes interleave.
+        self.dataset = copy.copy(dataset)
+        self.fraction, self.seed, self.part, self._chunk = fraction, seed, part, chunk
 
     def __getattr__(self, name):  # names, sizes, skip counts: the underlying dataset's
         if name == "dataset" or name.startswith("__"):  # not its length: the part's is unknown

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -369,17 +370,25 @@ class ColumnParser:
             weights.append(bag_weights)
         return self._assemble(labels, dense, lengths, ids, weights), faults
 
-    def fit(self, columns: Dict[ColumnKey, np.ndarray], num_rows: int, accumulator: FitAccumulator) -> np.ndarray:
-        """Adds a chunk's good rows to ``accumulator``; returns their mask."""
+    def valid_rows(self, columns: Dict[ColumnKey, np.ndarray], num_rows: int) -> np.ndarray:
+        """Which rows parse (vocabulary features aside: any text is a value)."""
         faults = self._field_counts(columns, num_rows)
         self._labels(columns[self.schema.label], faults)
-        values = {d.name: self._dense(d, columns[d.column], faults, untransformed=True) for d in self.schema.dense}
+        for d in self.schema.dense:
+            self._dense(d, columns[d.column], faults, untransformed=True)
         for s in self.schema.sparse:
             if s.encoding != "vocab":
                 self._sparse(s, columns[s.column], columns.get(s.weights) if s.weights is not None else None, faults)
-        good = faults.reason == 0
+        return faults.reason == 0
+
+    def fit(self, columns: Dict[ColumnKey, np.ndarray], num_rows: int, accumulator: FitAccumulator,
+            keep: Optional[np.ndarray] = None) -> None:  # fmt: skip
+        """Adds a chunk's rows to ``accumulator``: those that parse, or
+        ``keep`` (a subset of them: the held-out split's training part)."""
+        good = self.valid_rows(columns, num_rows) if keep is None else keep
         for name, sums in accumulator.sums.items():
-            x = values[name][good].astype(np.float64)
+            d = next(d for d in self.schema.dense if d.name == name)
+            x = self._dense(d, columns[d.column], RowFaults(num_rows), untransformed=True)[good].astype(np.float64)
             sums[0] += len(x)
             sums[1] += float(x.sum())
             sums[2] += float((x * x).sum())
@@ -388,7 +397,6 @@ class ColumnParser:
                 counts = accumulator.counts[s.name]
                 for cell in columns[s.column][good]:
                     counts.update(_tokens(cell, s))
-        return good
 
     # -- columns ----------------------------------------------------------------
 
@@ -396,9 +404,8 @@ class ColumnParser:
         faults = RowFaults(num_rows)
         counts = getattr(columns, "counts", None)  # text rows: fields per row (tabular.FieldCounts)
         if counts is not None:
-            width = columns.width
-            sep = self.schema.delimiter
-            faults.add("field_count", counts != width, lambda i: f"expected {width} {sep!r}-separated fields, got {counts[i]}")
+            width, sep = columns.width, self.schema.delimiter
+            faults.add("field_count", columns.bad, lambda i: f"expected {width} {sep!r}-separated fields, got {counts[i]}")
         return faults
 
     def _labels(self, raw: np.ndarray, faults: RowFaults) -> np.ndarray:
@@ -437,10 +444,12 @@ class ColumnParser:
         where = f"sparse feature {s.name} (column {_column_name(s.column)}, table {s.table})"
         if s.delimiter is None:
             present = np.array([_present(v) for v in raw], dtype=bool) if len(raw) else np.zeros(0, dtype=bool)
+            lists = np.array([isinstance(v, (list, tuple, np.ndarray)) for v in raw], dtype=bool) if len(raw) else present
+            present &= ~lists  # a list in a one-value column: refused below, never hashed as its repr
             ids = np.full(len(raw), -1, dtype=np.int64)
             encoded, bad = self._encode(s, raw[present], size)
             ids[present] = encoded
-            bad_rows = np.zeros(len(raw), dtype=bool)
+            bad_rows = lists.copy()
             bad_rows[present] = bad
             faults.add("category", bad_rows, lambda i: f"{where} must be {_RULE[s.encoding]}, got {_show(raw[i])}")
             return ids, None
@@ -461,18 +470,24 @@ class ColumnParser:
             return bags, None
         bag_weights: List[np.ndarray] = []
         bad_weights = np.zeros(len(raw), dtype=bool)
-        for i, cell in enumerate(raw_weights):
-            items = _split(cell, s.delimiter)
-            if s.max_length is not None:
-                items = items[-s.max_length :]
-            try:
-                w = np.array([float(x) for x in items], dtype=np.float32)
-            except (TypeError, ValueError):
-                w = np.zeros(0, dtype=np.float32)
+        for i, (cell, weight_cell) in enumerate(zip(raw, raw_weights)):
+            # Paired item by item as written: an empty id drops its weight with it.
+            items, weight_items = _split(cell, s.delimiter, keep_empty=True), _split(weight_cell, s.delimiter, keep_empty=True)
+            w = np.zeros(len(bags[i]), dtype=np.float32)
+            if len(items) != len(weight_items):
                 bad_weights[i] = True
-            if len(w) != len(bags[i]) or not np.isfinite(w).all():
-                bad_weights[i] = True
-                w = np.zeros(len(bags[i]), dtype=np.float32)
+            else:
+                kept = [x for t, x in zip(items, weight_items) if t != ""]
+                if s.max_length is not None:
+                    kept = kept[-s.max_length :]
+                try:
+                    w = np.array([float(x) for x in kept], dtype=np.float32)
+                except (TypeError, ValueError):
+                    bad_weights[i] = True
+                    w = np.zeros(len(bags[i]), dtype=np.float32)
+                if len(w) != len(bags[i]) or not np.isfinite(w).all():
+                    bad_weights[i] = True
+                    w = np.zeros(len(bags[i]), dtype=np.float32)
             bag_weights.append(w)
         faults.add("weights", bad_weights, lambda i: f"weights of {where} (column {_column_name(s.weights)}) must be "
                                                      f"{len(bags[i])} finite numbers separated by {s.delimiter!r}, "
@@ -529,12 +544,21 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little") >> 1
 
 
-_ENCODERS: Dict[str, Callable[[str], int]] = {
-    "hash": stable_hash,
-    "int": lambda text: int(text, 10),
-    "hex": lambda text: int(text, 16),
-}
-_RULE = {"hash": "text", "int": "integers", "hex": "hex strings", "vocab": "text"}
+_DECIMAL = re.compile(r"[0-9]+")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def _strict(pattern: "re.Pattern", base: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not pattern.fullmatch(text):  # int() would take " 7 ", "1_0" and "-5" (then wrapped into the table)
+            raise ValueError(text)
+        return int(text, base)
+
+    return parse
+
+
+_ENCODERS: Dict[str, Callable[[str], int]] = {"hash": stable_hash, "int": _strict(_DECIMAL, 10), "hex": _strict(_HEX, 16)}
+_RULE = {"hash": "one value (text)", "int": "non-negative integers", "hex": "hex strings", "vocab": "one value (text)"}
 
 
 def _present(value) -> bool:
@@ -553,12 +577,17 @@ def _text(value) -> str:
     return str(value)
 
 
-def _split(cell, delimiter: str) -> List[str]:
-    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+def _split(cell, delimiter: str, keep_empty: bool = False) -> List[str]:
+    """A multi-hot cell's items: delimited text, or a Parquet list (whose
+    nulls, like empty items, are missing values: dropped, unless kept to
+    pair items with their weights)."""
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)) or (isinstance(cell, str) and cell == ""):
         return []
     if isinstance(cell, (list, tuple, np.ndarray)):
-        return [_text(x) for x in cell]
-    return [t for t in str(cell).split(delimiter) if t != ""]
+        items = ["" if x is None else _text(x) for x in cell]
+    else:
+        items = str(cell).split(delimiter)
+    return items if keep_empty else [t for t in items if t != ""]
 
 
 def _tokens(cell, s: SparseColumn) -> List[str]:

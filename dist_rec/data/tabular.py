@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from dist_rec.data.batch import Batch
-from dist_rec.data.samples import RankBlocks, SampleRows
+from dist_rec.data.samples import RankBlocks, SampleRows, held_out
 from dist_rec.data.schema import ColumnKey, ColumnParser, FitAccumulator, Fitted, Schema
 from dist_rec.data.skips import SkipCounter
 
@@ -49,7 +49,7 @@ class _TableDataset:
     kind = "table"
 
     def __init__(self, paths, schema: Schema, on_error: str = "raise", max_skip_fraction: float = 0.01,
-                 fitted: Optional[Fitted] = None, chunk_rows: int = 16384) -> None:  # fmt: skip
+                 fitted: Optional[Fitted] = None, chunk_rows: int = 16384, held_out: Optional[Tuple[float, int]] = None) -> None:  # fmt: skip
         if not isinstance(schema, Schema):
             raise ValueError(f"Invalid schema={schema!r}. Must be a dist_rec.data.Schema.")
         if on_error not in ("raise", "skip"):
@@ -61,7 +61,11 @@ class _TableDataset:
         self._on_error = on_error
         self._max_skip_fraction = max_skip_fraction
         self._chunk_rows = chunk_rows
+        self._held_out = held_out  # (fraction, seed): the evaluation's samples, left out of the fitting pass
         self.skips = SkipCounter(max_skip_fraction, ", ".join(str(p) for p in self._paths))
+        for path in self._paths:  # every file has the schema's columns: said now, not at its first batch
+            if path.stat().st_size:
+                _column_index(schema, self._column_names(path), path)
         self.fitted = fitted if fitted is not None else (self._fit() if schema.needs_fit else Fitted())
         self._parser = ColumnParser(schema, self.fitted)
 
@@ -137,12 +141,24 @@ class _TableDataset:
             moments={d.name: (0.0, 1.0) for d in self.schema.dense if d.transform == "standardize"},
         )
         parser, accumulator = ColumnParser(self.schema, placeholder), FitAccumulator(self.schema)
+        index = 0  # of the valid samples, as the held-out split numbers them
         for columns, num_rows, _ in self._chunks():
-            parser.fit(columns, num_rows, accumulator)
+            keep = None
+            if self._held_out is not None:
+                good = parser.valid_rows(columns, num_rows)
+                keep = good.copy()
+                rows = np.flatnonzero(good)
+                keep[rows] = ~held_out(index + np.arange(len(rows)), *self._held_out)
+                index += len(rows)
+            parser.fit(columns, num_rows, accumulator, keep)
         return accumulator.result()
 
     def _chunks(self) -> Iterator[Tuple[Dict[ColumnKey, np.ndarray], int, "callable"]]:
         """(raw columns by schema key, rows, row -> "file:line")."""
+        raise NotImplementedError
+
+    def _column_names(self, path: Path) -> Optional[List[str]]:
+        """The file's column names (None: a text file without header or ``schema.columns``)."""
         raise NotImplementedError
 
 
@@ -160,48 +176,67 @@ class TextDataset(_TableDataset):
 
     kind = "text"
 
-    def _chunks(self):
-        width: Optional[int] = None
-        for path in self._paths:
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", newline="", encoding="utf-8", errors="surrogateescape") as f:
-                first_line = 1
-                names = self.schema.columns
-                if self.schema.header:
-                    header = f.readline()
-                    first_line = 2
-                    names = next(csv.reader([header], delimiter=self.schema.delimiter), [])
-                    if not header:
-                        continue  # an empty file
-                index = _column_index(self.schema, names, path)
-                if names is not None:
-                    width = len(names)
-                while True:
-                    lines = list(itertools.islice(f, self._chunk_rows))
-                    if not lines:
-                        break
-                    rows = list(csv.reader(lines, delimiter=self.schema.delimiter))
-                    if width is None:
-                        width = len(rows[0])
-                    yield self._columns(rows, width, index, path, first_line)
-                    first_line += len(lines)
+    def _column_names(self, path: Path) -> Optional[List[str]]:
+        if not self.schema.header:
+            return self.schema.columns
+        opener = gzip.open if path.suffix == ".gz" else open
+        try:
+            with opener(path, "rt", newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+                return next(csv.reader(f, delimiter=self.schema.delimiter, strict=True), [])
+        except (OSError, EOFError, csv.Error) as error:
+            raise ValueError(f"{path}: cannot read its header: {type(error).__name__}: {error}") from None
 
-    def _columns(self, rows: List[List[str]], width: int, index: Dict[ColumnKey, int], path: Path, first_line: int):
+    def _chunks(self):
+        for path in self._paths:
+            try:
+                yield from self._file_chunks(path)
+            except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:  # a truncated .gz, an unreadable file
+                raise ValueError(f"{path}: cannot be read past what was read so far: {type(error).__name__}: {error}") from None
+
+    def _file_chunks(self, path: Path):
+        opener = gzip.open if path.suffix == ".gz" else open
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name.
+        with opener(path, "rt", newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.reader(f, delimiter=self.schema.delimiter, strict=True)
+            names = self.schema.columns
+            if self.schema.header:
+                names = next(reader, None)
+                if names is None:
+                    return  # an empty file
+            index = _column_index(self.schema, names, path)
+            # Without names, a row must reach the last column the schema reads; with them, have them all.
+            width = len(names) if names is not None else None
+            least = max(index.values()) + 1
+            last_line = reader.line_num
+            while True:
+                rows, first_lines = [], []
+                for row in itertools.islice(reader, self._chunk_rows):
+                    rows.append(row)
+                    first_lines.append(last_line + 1)  # a quoted field may span lines: the record starts here
+                    last_line = reader.line_num
+                if not rows:
+                    break
+                yield self._columns(rows, width, least, index, path, first_lines)
+
+    def _columns(self, rows: List[List[str]], width: Optional[int], least: int, index: Dict[ColumnKey, int], path: Path,
+                 first_lines: List[int]):  # fmt: skip
         counts = np.array([len(r) for r in rows], dtype=np.int64)
-        if (counts != width).any():
-            rows = [r if len(r) == width else [""] * width for r in rows]
+        bad = counts != width if width is not None else counts < least
+        if bad.any():
+            rows = [[""] * least if wrong else r for r, wrong in zip(rows, bad.tolist())]
         columns = FieldCounts({key: np.array([r[i] for r in rows], dtype=object) for key, i in index.items()},
-                              counts, width)  # fmt: skip
-        return columns, len(rows), (lambda i: f"{path}:{first_line + i}")
+                              counts, bad, width if width is not None else f"at least {least}")  # fmt: skip
+        return columns, len(rows), (lambda i: f"{path}:{first_lines[i]}")
 
 
 class FieldCounts(dict):
-    """Raw columns that also carry each row's number of fields, which the
-    parser checks first (a row with another count gets empty cells)."""
+    """Raw columns that also carry each row's number of fields and which
+    rows have a wrong count, which the parser checks first (such a row gets
+    empty cells)."""
 
-    def __init__(self, columns, counts: np.ndarray, width: int) -> None:
+    def __init__(self, columns, counts: np.ndarray, bad: np.ndarray, width) -> None:
         super().__init__(columns)
-        self.counts, self.width = counts, width
+        self.counts, self.bad, self.width = counts, bad, width
 
 
 class ParquetDataset(_TableDataset):
@@ -214,6 +249,12 @@ class ParquetDataset(_TableDataset):
     def __init__(self, *args, **kwargs) -> None:
         _pyarrow()  # a clear message before anything else
         super().__init__(*args, **kwargs)
+
+    def _column_names(self, path: Path) -> Optional[List[str]]:
+        try:
+            return _pyarrow().ParquetFile(path).schema_arrow.names
+        except Exception as error:  # pyarrow raises its own types
+            raise ValueError(f"{path}: not a readable Parquet file ({error}).") from None
 
     def _chunks(self):
         pq = _pyarrow()
@@ -238,11 +279,10 @@ def _arrow_column(array) -> np.ndarray:
     import pyarrow as pa
 
     kind = array.type
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
-        if array.null_count:
-            return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls: NaN
-        return array.to_numpy(zero_copy_only=False)
-    return np.array(array.to_pylist() + [None], dtype=object)[:-1]  # strings and lists, element by element
+    if pa.types.is_floating(kind) or ((pa.types.is_integer(kind) or pa.types.is_boolean(kind)) and not array.null_count):
+        return array.to_numpy(zero_copy_only=False)  # float nulls: NaN
+    # Integers with nulls (as Python ints and None, not floats: ids past 2**53 stay exact), strings, lists:
+    return np.array(array.to_pylist() + [None], dtype=object)[:-1]
 
 
 def _pyarrow():

@@ -78,7 +78,9 @@ def _build_data(config: TrainConfig) -> Data:
         from dist_rec.data.schema import Schema
 
         schema = Schema.load(data.schema) if isinstance(data.schema, str) else Schema.from_dict(data.schema)
-        train = open_table(data.train_paths, schema, data.source, **common)
+        # Vocabularies and moments from the training part only: the held-out samples are the evaluation's.
+        held_out = (data.eval_fraction, data.seed) if data.eval_fraction else None
+        train = open_table(data.train_paths, schema, data.source, held_out=held_out, **common)
         evaluation = open_table(data.eval_paths, schema, data.source, fitted=train.fitted, **common) if data.eval_paths else None
     else:
         from dist_rec.data.binary import BinaryDataset
@@ -86,6 +88,8 @@ def _build_data(config: TrainConfig) -> Data:
         shuffle = data.seed if data.shuffle else None
         train = BinaryDataset(data.train_paths[0], shuffle_seed=shuffle)
         evaluation = BinaryDataset(data.eval_paths[0]) if data.eval_paths else None
+        if evaluation is not None:
+            _check_same_tables(train, evaluation)
         stored = train.num_embeddings_per_feature
         given = list(data.num_embeddings_per_feature)
         if given and (given * len(stored) if len(given) == 1 else given) != stored:
@@ -98,6 +102,20 @@ def _build_data(config: TrainConfig) -> Data:
     return Data(train, evaluation, train.sparse_feature_names, list(train.num_embeddings_per_feature),
                 train.num_dense_features, feature_tables=getattr(train, "feature_tables", None),
                 is_weighted=bool(getattr(train, "is_weighted", False)))  # fmt: skip
+
+
+def _check_same_tables(train, evaluation) -> None:
+    """An evaluation dataset must mean by each id what the training one
+    does: the same features, tables, sizes and vocabularies."""
+    for what in ("sparse_feature_names", "num_embeddings_per_feature", "feature_tables", "num_dense_features"):
+        if getattr(train, what) != getattr(evaluation, what):
+            raise ConfigError(f"Invalid data.eval_paths={[str(evaluation.directory)]}: its {what} "
+                              f"{getattr(evaluation, what)} differ from the training dataset's {getattr(train, what)}.")  # fmt: skip
+    fitted = train.meta["extra"].get("fitted"), evaluation.meta["extra"].get("fitted")
+    if fitted[0] != fitted[1]:
+        raise ConfigError(f"Invalid data.eval_paths={[str(evaluation.directory)]}: its vocabularies differ from the "
+                          f"training dataset's, so its ids name other rows. Convert it with --fitted-from "
+                          f"{train.directory}.")  # fmt: skip
 
 
 def _held_out(dataset, fraction: float, seed: int):

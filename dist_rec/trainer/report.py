@@ -146,6 +146,10 @@ def summary_table(s: Dict) -> str:
     if sync:
         rows.append(("2D replicas", f"averaged in the background: {sync['rounds']:,} rounds "
                                     f"({sync['rounds_per_step']:.2f} per step, {sync['seconds_in_rounds']:.1f} s)"))  # fmt: skip
+    skipped = s.get("skipped_lines")
+    if skipped:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped["by_reason"].items()))
+        rows.append(("skipped lines", f"{skipped['skipped']:,} of {skipped['lines_read']:,} ({reasons})"))
     e = s.get("eval")
     if e:
         auc_line = f"{e['auc']:.4f}"

@@ -374,6 +374,10 @@ class Trainer:
             for _ in range(step):
                 next(stream, None)
         data = self.config.data
+        if self._batch_worker is not None and self._batch_worker.dataset is not dataset:
+            # data.train was replaced after the worker was forked (a test, a benchmark): it cannot read the new one.
+            self._batch_worker.close()
+            self._batch_worker = None
         if self._batch_worker is not None:
             seek = dataset.seek_state() if hasattr(dataset, "seek_state") else None
             stream = self._prefetcher = self._batch_worker.start(run.epochs, run.batch_size, env.data_rank,

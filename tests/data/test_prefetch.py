@@ -155,4 +155,21 @@ def test_close_stops_the_worker_and_frees_its_shared_memory():
     worker.close()
     assert not process.is_alive()
     assert not any(os.path.exists(f"/dev/shm/{name.lstrip('/')}") for name in names)
-    assert next(batches, None) is None
+    with pytest.raises(RuntimeError, match="data worker process was closed"):  # not taken for the end of the data
+        next(batches)
+
+
+def test_a_read_error_in_the_worker_names_the_file(tmp_path):
+    import gzip
+
+    path = tmp_path / "a.csv.gz"
+    path.write_bytes(gzip.compress("\n".join(tables.avazu_lines(3000)).encode())[:-2000])  # truncated
+    schema = Schema.from_dict({"label": "click", "sparse": [{"name": "site_id", "num_embeddings": 100}]})  # no fitting pass
+    dataset = TextDataset([path], schema, chunk_rows=500)
+    worker = BatchWorker(dataset, depth=1)
+    try:
+        with pytest.raises(ValueError, match=rf"{path}: cannot be read past what was read so far: EOFError"):
+            list(worker.start(1, 100, 0, 1))
+        assert worker._process.is_alive()  # the worker serves the next stream
+    finally:
+        worker.close()

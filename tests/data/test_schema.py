@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from dist_rec.data.schema import ColumnParser, Fitted, Schema, criteo_schema, stable_hash
 from dist_rec.data.tabular import TextDataset
@@ -92,7 +93,9 @@ def test_bad_rows_raise_with_file_line_column_and_value(tmp_path):
         ("1,cheap,1,a,1,1,x", r"a.csv:3: dense feature price \(column 'price'\) must be a finite number, got 'cheap'"),
         ("1,inf,1,a,1,1,x", r"a.csv:3: dense feature price .* got 'inf'"),
         ("1,nan,1,a,1,1,x", r"a.csv:3: dense feature price .* got 'nan'"),
-        ("1,1,1,a,x7,1,x", r"a.csv:3: sparse feature cat \(column 'cat', table shared\) must be integers, got 'x7'"),
+        ("1,1,1,a,x7,1,x", r"a.csv:3: sparse feature cat \(column 'cat', table shared\) must be non-negative integers, got 'x7'"),
+        ("1,1,1,a,-5,1,x", r"a.csv:3: sparse feature cat .* must be non-negative integers, got '-5'"),
+        ("1,1,1,a, 7 ,1,x", r"a.csv:3: sparse feature cat .* must be non-negative integers, got ' 7 '"),
         ("1,1,1,a,1,1", r"a.csv:3: expected 7 ','-separated fields, got 6"),
     ]
     for line, message in cases:
@@ -149,3 +152,34 @@ def test_the_worked_schemas_of_docs_data_md_are_valid(tmp_path):
     (tmp_path / "avazu.schema.yaml").write_text(yaml.safe_dump(schemas[1]))
     run["data"]["schema"] = str(tmp_path / "avazu.schema.yaml")
     TrainConfig.from_dict(run)
+
+
+def test_a_sequence_keeps_its_last_items_with_their_weights(tmp_path):
+    schema = Schema.from_dict({
+        "label": 0, "header": False, "delimiter": "\t",
+        "sparse": [{"name": "item", "column": 1, "num_embeddings": 100, "encoding": "int", "table": "items"},
+                   {"name": "history", "column": 2, "num_embeddings": 100, "encoding": "int", "table": "items",
+                    "delimiter": " ", "max_length": 3, "weights": 3}],
+    })  # fmt: skip
+    path = write_lines(tmp_path / "seq.tsv", ["1\t5\t1 2 3 4 205\t0.1 0.2 0.3 0.4 0.5", "0\t7\t\t", "1\t9\t8\t2.5"])
+    (batch,) = list(TextDataset([path], schema).batches(3))
+    kjt = batch.sparse_features
+    assert kjt.lengths().tolist() == [1, 1, 1, 3, 0, 1]
+    assert kjt.values().tolist() == [5, 7, 9, 3, 4, 5, 8]  # 205 % 100 = 5: the last three items
+    torch.testing.assert_close(kjt.weights(), torch.tensor([1, 1, 1, 0.3, 0.4, 0.5, 2.5]))
+    bad = write_lines(tmp_path / "bad.tsv", ["1\t5\t1 2\t0.1"])
+    with pytest.raises(ValueError, match=r"bad.tsv:1: weights of sparse feature history .* must be 2 finite numbers"):
+        list(TextDataset([bad], schema).batches(1))
+
+
+def test_a_rating_becomes_a_label_by_its_threshold(tmp_path):
+    schema = Schema.from_dict({"label": "rating", "label_threshold": 4.0,
+                               "sparse": [{"name": "genres", "encoding": "vocab", "delimiter": "|"}]})  # fmt: skip
+    path = write_lines(tmp_path / "r.csv", ["rating,genres", "4.5,Action|Comedy", "3.5,Comedy", "4,", "0.5,Drama|Comedy"])
+    ds = TextDataset([path], schema)
+    assert ds.fitted.vocabularies["genres"] == ["Comedy", "Action", "Drama"]
+    (batch,) = list(ds.batches(4))
+    assert batch.labels.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert batch.sparse_features.lengths().tolist() == [2, 1, 0, 2]
+    assert batch.sparse_features.values().tolist() == [2, 1, 1, 3, 1]
+    assert batch.dense_features.shape == (4, 0)

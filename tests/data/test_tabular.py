@@ -1,6 +1,7 @@
 """The schema readers on files in each shape users bring: text and Parquet
 read alike, text -> binary -> batches is identical, bad rows are counted."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,80 @@ def test_open_table_picks_the_reader_by_suffix(tmp_path):
     assert isinstance(open_table([path], schema), TextDataset)
     parquet = tables.write_parquet(path, tmp_path / "a.parquet", tables.AVAZU_SCHEMA)
     assert isinstance(open_table([parquet], schema), ParquetDataset)
+
+
+# -- review cases: quoting, widths, pairing, encodings -------------------------------------------------------------
+
+SIMPLE = {"label": "click", "sparse": [{"name": "site", "num_embeddings": 100}]}
+
+
+def _texts(path, schema, chunk_rows=16384, **kwargs):
+    ds = TextDataset([path], Schema.from_dict(schema), chunk_rows=chunk_rows, **kwargs)
+    return [b for b in ds.batches(1, drop_last=False)], ds
+
+
+def test_a_quoted_field_may_span_lines_and_chunks(tmp_path):
+    from dist_rec.data.schema import stable_hash
+
+    path = tmp_path / "q.csv"
+    path.write_text('click,site\n1,"a\nb"\n0,c\n1,"d\n\ne"\n')
+    for chunk_rows in (1, 2, 100):
+        batches, _ = _texts(path, SIMPLE, chunk_rows)
+        assert [b.sparse_features.values().item() for b in batches] == [stable_hash(t) % 100 for t in ("a\nb", "c", "d\n\ne")]
+    path.write_text('click,site\n1,"a\nb"\n0,c\n2,d\n')
+    with pytest.raises(ValueError, match=r"q.csv:5: label \('click'\) must be 0 or 1, got '2'"):  # the record's own line
+        _texts(path, SIMPLE, 1)
+
+
+def test_without_names_a_row_must_reach_the_last_column_read(tmp_path):
+    schema = {"label": 0, "header": False, "sparse": [{"name": "x", "column": 2, "num_embeddings": 10, "encoding": "int"}]}
+    path = tables.write_lines(tmp_path / "h.csv", ["1,5", "0,6,7", "1,7,8,9"])  # a bad first row does not set a width
+    batches, ds = _texts(path, schema, on_error="skip", max_skip_fraction=1.0)
+    assert [b.sparse_features.values().tolist() for b in batches] == [[7], [8]]
+    assert ds.skips.examples == [f"{path}:1: expected at least 3 ','-separated fields, got 2"]
+
+
+def test_weights_pair_with_their_ids_item_by_item(tmp_path):
+    schema = {"label": 0, "header": False, "delimiter": "\t",
+              "sparse": [{"name": "h", "column": 1, "num_embeddings": 10, "encoding": "int", "delimiter": "|", "weights": 2}]}  # fmt: skip
+    path = tables.write_lines(tmp_path / "w.tsv", ["1\t1|2|\t0.5|0.2|9", "0\t|3\t7|0.25"])
+    batches, _ = _texts(path, schema)
+    assert [b.sparse_features.weights().tolist() for b in batches] == [[0.5, pytest.approx(0.2)], [0.25]]
+    bad = tables.write_lines(tmp_path / "bad.tsv", ["1\t1|2\t0.5"])
+    with pytest.raises(ValueError, match=r"bad.tsv:1: weights of sparse feature h"):
+        _texts(bad, schema)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffclick,site\n1,a\n".encode("utf-8"))
+    batches, _ = _texts(path, SIMPLE)
+    assert batches[0].labels.tolist() == [1.0]
+
+
+def test_parquet_integers_with_nulls_stay_exact_and_lists_are_checked(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = Schema.from_dict({"label": "click", "sparse": [
+        {"name": "id", "num_embeddings": 2**62, "encoding": "int"},
+        {"name": "tags", "num_embeddings": 10, "encoding": "int", "delimiter": "|"}]})  # fmt: skip
+    table = pa.table({"click": [1, 0, 1], "id": [2**53 + 1, None, 7], "tags": [[1, None, 3], [], None]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    (batch,) = list(ParquetDataset([tmp_path / "a.parquet"], schema).batches(3))
+    assert batch.sparse_features["id"].values().tolist() == [2**53 + 1, 7]  # not rounded through a float
+    assert batch.sparse_features["tags"].values().tolist() == [1, 3]  # a null item is a missing value
+    pq.write_table(pa.table({"click": [1], "id": [[1, 2]], "tags": [[1]]}), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=r"b.parquet:row 1: sparse feature id .* must be non-negative integers"):
+        list(ParquetDataset([tmp_path / "b.parquet"], schema).batches(1))
+
+
+def test_the_fitting_pass_leaves_the_held_out_samples_out(tmp_path):
+    from dist_rec.data.samples import held_out
+
+    rows = [f"{i % 2},v{i}" for i in range(400)]
+    path = tables.write_lines(tmp_path / "v.csv", ["click,site"] + rows)
+    schema = Schema.from_dict({"label": "click", "sparse": [{"name": "site", "encoding": "vocab"}]})
+    ds = TextDataset([path], schema, held_out=(0.25, 3))
+    kept = {f"v{i}" for i in range(400) if not held_out(np.arange(400), 0.25, 3)[i]}
+    assert set(ds.fitted.vocabularies["site"]) == kept and 250 < len(kept) < 350

@@ -85,18 +85,19 @@ def test_running_out_of_data_before_train_steps_is_said(tmp_path, capsys):
 
 def test_a_few_bad_lines_train_and_are_reported(tmp_path, capsys):
     lines = tables.avazu_lines(2000, seed=5)
-    for i in range(100, 2000, 400):
+    for i in range(100, 2000, 190):  # 10 of 2000 lines: 0.5%
         lines[i] = "garbage"
     path = tables.write_lines(tmp_path / "avazu.csv", lines)
     config = _config("avazu", path, tmp_path / "run", 64, on_error="skip", prefetch_worker="process")  # counts come back
     config.train.steps = 0
     result = train(config, Environment())
-    assert result.steps == (2000 - 5) // 64
+    assert result.steps == (2000 - 10) // 64
     out = capsys.readouterr().out
-    assert "skipped lines: 5 of 2000 lines skipped in" in out and "(field_count 5); first: " in out
+    assert "skipped lines: 10 of 2000 lines skipped in" in out and "(field_count 10); first: " in out
+    assert "skipped lines  10 of 2,000 (field_count 10)" in out  # the summary table
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["skipped_lines"]["skipped"] == 5
-    assert summary["skipped_lines"]["by_reason"] == {"field_count": 5}
+    assert summary["skipped_lines"]["skipped"] == 10
+    assert summary["skipped_lines"]["by_reason"] == {"field_count": 10}
 
 
 def test_a_file_of_only_bad_lines_fails_with_the_counts(tmp_path):
@@ -146,3 +147,53 @@ def test_batches_read_by_a_worker_process_or_thread_train_as_read_inline(tmp_pat
         losses[worker] = (result.losses, result.final_eval.auc)
     assert losses["process"] == losses["thread"] == losses["inline"]
     assert len(losses["inline"][0]) > 30
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data.source=binary", "data.train_paths=[no_such_dir]"], "error: data: Invalid directory='no_such_dir'"),
+        (["data.source=text", "data.train_paths=[{csv}]", "data.schema={{label: click, sparse: [{{name: nope, "
+          "num_embeddings: 5}}]}}"], "error: data: {csv}: no column 'nope'; the columns are"),
+        (["data.source=text", "data.train_paths=[{csv}]", "data.schema=missing.yaml"], "error: data: Cannot read schema file missing.yaml"),
+        (["data.eval_fraction=0.1", "data.eval_paths=[{csv}]", "data.source=criteo_text", "data.train_paths=[{csv}]",
+          "data.num_embeddings_per_feature=[97]"], "error: Invalid data.eval_fraction=0.1. Must be 0 when data.eval_paths"),
+    ],
+)
+def test_data_errors_found_while_building_are_one_error_line_and_exit_code_2(tmp_path, overrides, message):
+    import subprocess
+    import sys
+
+    csv = tables.write_lines(tmp_path / "a.csv", tables.avazu_lines(10))
+    args = [a.format(csv=csv) for a in overrides]
+    sizes = [] if any(a.startswith("data.num_embeddings") for a in args) else ["data.num_embeddings_per_feature=[]"]
+    done = subprocess.run([sys.executable, "-m", "dist_rec.train", "--config", "launch/configs/tiny.yaml", *sizes,
+                           f"train.output_dir={tmp_path / 'run'}", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith(message.format(csv=csv)), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_criteo_converter_says_why_nothing_was_written(tmp_path, capsys):
+    from dist_rec.data.convert_criteo import main as convert_criteo
+
+    path = tables.write_lines(tmp_path / "junk.tsv", ["not\ta criteo line"] * 20)
+    assert convert_criteo(["--num-embeddings", "10", "--on-error", "skip", "--out", str(tmp_path / "bin"), str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "No usable sample: 20 of 20 lines skipped in" in err and "(field_count 20)" in err
+    assert f"{path}:1: expected 40 tab-separated fields, got 2" in err
+    assert not (tmp_path / "bin").exists()
+
+
+def test_an_eval_dataset_with_other_vocabularies_is_refused(tmp_path):
+    from dist_rec.config import ConfigError
+
+    schema = Schema.from_dict(tables.MOVIELENS_SCHEMA)
+    convert([tables.write_lines(tmp_path / "train.csv", tables.movielens_lines(300, seed=1))], schema, tmp_path / "train")
+    convert([tables.write_lines(tmp_path / "test.csv", tables.movielens_lines(100, seed=2))], schema, tmp_path / "test")
+    tiny = yaml.safe_load(open("launch/configs/tiny.yaml"))
+    tiny["data"] = {"source": "binary", "train_paths": [str(tmp_path / "train")], "eval_paths": [str(tmp_path / "test")]}
+    tiny["train"]["output_dir"] = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"its vocabularies differ from the training dataset's.*--fitted-from"):
+        train(TrainConfig.from_dict(tiny), Environment(), quiet=True)
