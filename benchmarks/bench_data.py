@@ -222,7 +222,7 @@ def report(readers: Dict[str, List[dict]], trainer: Dict[str, List[dict]], args,
                          ratio_cell([r["thread_s"] / r["inline_s"] for r in results], count_rounds=False),
                          ratio_cell([r["process_s"] / r["inline_s"] for r in results], count_rounds=False)])  # fmt: skip
         lines += [f"Readers, one process, batches of {args.batch:,} ({args.lines:,}-line files; medians of "
-                  f"{args.rounds} rounds). Then the reader feeds a consumer that computes (one torch thread) about "
+                  f"{len(next(iter(readers.values())))} rounds). Then the reader feeds a consumer that computes (one torch thread) about "
                   "as long per batch as the reader reads it, reading inline, from a thread or from the worker "
                   "process: with a core free for the worker the ideal is 0.50x of inline.", "",
                   markdown_table(["reader", "samples/s alone", "ms/batch: read", "compute", "read + compute inline",
@@ -234,8 +234,9 @@ def report(readers: Dict[str, List[dict]], trainer: Dict[str, List[dict]], args,
             m = median_fields(results)
             rows.append([variant, f"{m['examples_per_s']:,.0f}", f"{m['step_ms']:.1f}",
                          ratio_cell(per_round_ratios(results, base, "step_ms"))])  # fmt: skip
+        rounds = len(trainer["pregenerated"])
         lines += [f"Trainer, the README's main job (2 processes, {args.steps} steps, synthetic data), step time "
-                  f"against pregenerated batches ({args.rounds} rounds):", "",
+                  f"against pregenerated batches ({rounds} rounds, variants alternated):", "",
                   markdown_table(["batches", "examples/s", "step ms", "step time / pregenerated"], rows), ""]  # fmt: skip
     return "\n".join(lines)
 
@@ -250,6 +251,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--from-json", type=Path, nargs="+", help="render the tables from earlier runs' JSON (rounds pooled)")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -259,9 +261,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.worker:
         write_worker_result(args.result, reader_worker(args.worker, json.loads(args.files), args.batch, args.batches))
         return
-    load = warn_if_busy()
     readers: Dict[str, List[dict]] = {}
     trainer: Dict[str, List[dict]] = {}
+    if args.from_json:
+        for path in args.from_json:
+            run = json.loads(path.read_text())
+            for pooled, part in ((readers, run["readers"]), (trainer, run["trainer"])):
+                for variant, results in part.items():
+                    pooled.setdefault(variant, []).extend(results)
+        args.rounds = max((len(r) for r in [*readers.values(), *trainer.values()]), default=0)
+        publish(report(readers, trainer, args, [0.0], argv), readers, trainer, args)
+        return
+    load = warn_if_busy()
     with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
         if args.readers:
             files = {k: str(v) for k, v in make_files(Path(root), args.lines).items()}
@@ -283,7 +294,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                 return result
 
             trainer = run_rounds(args.trainer, args.rounds, measure_trainer)
-    text = report(readers, trainer, args, load, argv)
+    publish(report(readers, trainer, args, load, argv), readers, trainer, args)
+
+
+def publish(text: str, readers, trainer, args) -> None:
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
