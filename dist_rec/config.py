@@ -740,6 +740,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
             raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of sections, not {type(values).__name__}.")
+    return TrainConfig.from_dict(apply_overrides(values, overrides))
+
+
+def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """``values`` (a config's nested mapping) with ``section.field=value``
+    overrides set in place; returns it."""
     for override in overrides:
         keys, value = parse_override(override)
         node = values
@@ -748,4 +754,4 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
             if not isinstance(node, dict):
                 raise ConfigError(f"Invalid override {override!r}: {key!r} is not a section.")
         node[keys[-1]] = value
-    return TrainConfig.from_dict(values)
+    return values

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from dist_rec.checkpoint import CheckpointError, CheckpointReader, load_checkpoint, read_manifest
 from dist_rec.checkpoint.series import CheckpointSeries
-from dist_rec.config import ConfigError, TrainConfig, load_config, parse_override
+from dist_rec.config import ConfigError, TrainConfig, apply_overrides, load_config, parse_override
 from dist_rec.distributed import destroy_process_group, init_single_process_group
 from dist_rec.metrics import EvalMetrics, binary_metrics
 from dist_rec.trainer.builders import Data, build_data, build_model, shard_model
@@ -154,16 +154,7 @@ def evaluation_config(entry: Path, config_file: Optional[str] = None, overrides:
         raise EvaluationError(f"The checkpoint {entry} carries no config (not written by python -m dist_rec.train); "
                               "pass --config FILE.")  # fmt: skip
     else:
-        values = copy.deepcopy(saved)
-        for override in overrides:
-            keys, value = parse_override(override)
-            node = values
-            for key in keys[:-1]:
-                node = node.setdefault(key, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"Invalid override {override!r}: {key!r} is not a section.")
-            node[keys[-1]] = value
-        config = TrainConfig.from_dict(values)
+        config = TrainConfig.from_dict(apply_overrides(copy.deepcopy(saved), overrides))
     if not any(parse_override(o)[0] == ["sharding", "replicas"] for o in overrides):
         config.sharding.replicas = 1  # 2D replicas speed training up; any world size evaluates with one group
     if saved is not None:
@@ -292,17 +283,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from dist_rec.distributed.world import exit_process
+    from dist_rec.distributed.world import run_command
 
-    try:
-        exit_code = main()
-    except SystemExit as exit_:
-        exit_code = exit_.code if isinstance(exit_.code, int) else 1
-    except KeyboardInterrupt:
-        exit_code = 130
-    except BaseException:  # noqa: BLE001 -- printed as the interpreter would, then the same exit code
-        import traceback
-
-        traceback.print_exc()
-        exit_code = 1
-    exit_process(exit_code)
+    run_command(main)

@@ -93,15 +93,6 @@ def _run_fault_tolerant(config, env, hooks=()) -> "NoReturn":
 
 
 if __name__ == "__main__":
-    try:
-        exit_code = main()
-    except SystemExit as exit_:
-        exit_code = exit_.code if isinstance(exit_.code, int) else 1
-    except KeyboardInterrupt:
-        exit_code = 130
-    except BaseException:  # noqa: BLE001 -- printed as the interpreter would, then the same exit code
-        import traceback
+    from dist_rec.distributed.world import run_command
 
-        traceback.print_exc()
-        exit_code = 1
-    exit_process(exit_code)
+    run_command(main)

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from dist_rec.data.batch import Batch, check_rank, kjt_from_id_matrix
-from dist_rec.data.skips import EXAMPLES_KEPT, SkipCounter
+from dist_rec.data.skips import EXAMPLES_KEPT, SkipCounter, SkipCounts
 
 NUM_DENSE_FEATURES = 13
 NUM_SPARSE_FEATURES = 26
@@ -87,7 +87,7 @@ REASONS = ("field_count", "label", "integer", "category")
 _OK, _FIELD_COUNT, _LABEL, _INTEGER, _CATEGORY = 0, 1, 2, 3, 4
 
 
-class CriteoTextDataset:
+class CriteoTextDataset(SkipCounts):
     """The Criteo text files as one stream of batches (``Dataset`` protocol).
 
     Args:
@@ -135,18 +135,6 @@ class CriteoTextDataset:
         # Counts of the latest batches() pass (skip mode).
         self._max_skip_fraction = max_skip_fraction
         self.skips = SkipCounter(max_skip_fraction, ", ".join(str(p) for p in self._paths))
-
-    @property
-    def skipped_lines(self) -> int:
-        return self.skips.skipped
-
-    @property
-    def skipped_by_reason(self) -> Dict[str, int]:
-        return dict(self.skips.by_reason)
-
-    @property
-    def skipped_examples(self) -> List[str]:
-        return list(self.skips.examples)
 
     @property
     def paths(self) -> List[Path]:

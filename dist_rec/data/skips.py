@@ -65,3 +65,23 @@ class SkipCounter:
     def summary(self) -> Dict:
         return {"lines_read": self.lines_read, "skipped": self.skipped, "by_reason": dict(self.by_reason),
                 "examples": list(self.examples)}  # fmt: skip
+
+
+class SkipCounts:
+    """The skip counts of a reader's latest pass (its ``skips``) under the
+    names the trainer and the converters read."""
+
+    skips: SkipCounter
+
+    @property
+    def skipped_lines(self) -> int:
+        return self.skips.skipped
+
+    @property
+    def skipped_by_reason(self) -> Dict[str, int]:
+        return dict(self.skips.by_reason)
+
+    @property
+    def skipped_examples(self) -> List[str]:
+        return list(self.skips.examples)
+

@@ -37,12 +37,12 @@ import numpy as np
 from dist_rec.data.batch import Batch
 from dist_rec.data.samples import RankBlocks, SampleRows, held_out
 from dist_rec.data.schema import ColumnKey, ColumnParser, FitAccumulator, Fitted, Schema
-from dist_rec.data.skips import SkipCounter
+from dist_rec.data.skips import SkipCounter, SkipCounts
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class _TableDataset:
+class _TableDataset(SkipCounts):
     """What the text and Parquet readers share (``Dataset`` protocol)."""
 
     equal_batches_per_rank = True
@@ -98,15 +98,6 @@ class _TableDataset:
     @property
     def is_weighted(self) -> bool:
         return any(s.weights is not None for s in self.schema.sparse)
-
-    # The Criteo reader's names for the counts, which the trainer reports.
-    @property
-    def skipped_lines(self) -> int:
-        return self.skips.skipped
-
-    @property
-    def skipped_by_reason(self) -> Dict[str, int]:
-        return dict(self.skips.by_reason)
 
     # -- batches -------------------------------------------------------------------------
 

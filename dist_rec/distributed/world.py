@@ -27,7 +27,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import torch.distributed as dist
 
@@ -151,3 +151,22 @@ def exit_process(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_command(main: Callable[[], int]) -> NoReturn:
+    """Runs a command's ``main()`` and ends the process with its exit code
+    through ``exit_process``: an uncaught error is printed as the
+    interpreter would and exits 1, Ctrl-C exits 130."""
+    try:
+        code = main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 -- printed as the interpreter would, then the same exit code
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
