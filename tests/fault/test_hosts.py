@@ -78,7 +78,7 @@ def test_a_cut_host_leaves_the_other_replica_group_training_and_rejoins(tmp_path
     timeout = 8.0
     port = free_port()
     overrides = [f"train.output_dir={tmp_path / 'out'}", "sharding.type=table_wise", "sharding.replicas=2",
-                 "train.batch_size=64", "train.steps=1800", "train.eval_every=0", "train.log_every=50",
+                 "train.batch_size=64", "train.steps=3600", "train.eval_every=0", "train.log_every=50",
                  f"fault.timeout_s={timeout}", "fault.heartbeat_s=0.5"]  # fmt: skip
     events = tmp_path / "out" / "fault_events.jsonl"
     with Hosts(2) as hosts:
@@ -114,7 +114,7 @@ def test_a_cut_host_leaves_the_other_replica_group_training_and_rejoins(tmp_path
                     p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log.read_text()[-4000:] for log in logs)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["steps"] == 1800 and summary["lost_samples"] == 0
+    assert summary["steps"] == 3600 and summary["lost_samples"] == 0
     assert "replica rebuild" in {f["recovery"] for f in summary["failures"]}
     # The cut host's ranks rejoined with shards equal to their live replicas'.
     rejoined = [e for e in _events(events) if e["event"] == "restored" and e["rank"] in (2, 3) and e["time"] > back]
