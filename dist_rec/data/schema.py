@@ -370,25 +370,25 @@ class ColumnParser:
             weights.append(bag_weights)
         return self._assemble(labels, dense, lengths, ids, weights), faults
 
-    def valid_rows(self, columns: Dict[ColumnKey, np.ndarray], num_rows: int) -> np.ndarray:
-        """Which rows parse (vocabulary features aside: any text is a value)."""
+    def _check_rows(self, columns, num_rows: int) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """Which rows parse (vocabulary features aside: any text is a value),
+        and each dense column's values before its transform."""
         faults = self._field_counts(columns, num_rows)
         self._labels(columns[self.schema.label], faults)
-        for d in self.schema.dense:
-            self._dense(d, columns[d.column], faults, untransformed=True)
+        dense = {d.name: self._dense(d, columns[d.column], faults, untransformed=True) for d in self.schema.dense}
         for s in self.schema.sparse:
             if s.encoding != "vocab":
                 self._sparse(s, columns[s.column], columns.get(s.weights) if s.weights is not None else None, faults)
-        return faults.reason == 0
+        return faults.reason == 0, dense
 
     def fit(self, columns: Dict[ColumnKey, np.ndarray], num_rows: int, accumulator: FitAccumulator,
-            keep: Optional[np.ndarray] = None) -> None:  # fmt: skip
+            keep: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:  # fmt: skip
         """Adds a chunk's rows to ``accumulator``: those that parse, or
-        ``keep`` (a subset of them: the held-out split's training part)."""
-        good = self.valid_rows(columns, num_rows) if keep is None else keep
+        ``keep(rows that parse)`` of them (the held-out split's training part)."""
+        good, dense = self._check_rows(columns, num_rows)
+        good = good if keep is None else keep(good)
         for name, sums in accumulator.sums.items():
-            d = next(d for d in self.schema.dense if d.name == name)
-            x = self._dense(d, columns[d.column], RowFaults(num_rows), untransformed=True)[good].astype(np.float64)
+            x = dense[name][good].astype(np.float64)
             sums[0] += len(x)
             sums[1] += float(x.sum())
             sums[2] += float((x * x).sum())

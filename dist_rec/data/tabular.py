@@ -133,15 +133,17 @@ class _TableDataset(SkipCounts):
         )
         parser, accumulator = ColumnParser(self.schema, placeholder), FitAccumulator(self.schema)
         index = 0  # of the valid samples, as the held-out split numbers them
+
+        def training_part(good: np.ndarray) -> np.ndarray:
+            nonlocal index
+            rows = np.flatnonzero(good)
+            keep = good.copy()
+            keep[rows] = ~held_out(index + np.arange(len(rows)), *self._held_out)
+            index += len(rows)
+            return keep
+
         for columns, num_rows, _ in self._chunks():
-            keep = None
-            if self._held_out is not None:
-                good = parser.valid_rows(columns, num_rows)
-                keep = good.copy()
-                rows = np.flatnonzero(good)
-                keep[rows] = ~held_out(index + np.arange(len(rows)), *self._held_out)
-                index += len(rows)
-            parser.fit(columns, num_rows, accumulator, keep)
+            parser.fit(columns, num_rows, accumulator, training_part if self._held_out is not None else None)
         return accumulator.result()
 
     def _chunks(self) -> Iterator[Tuple[Dict[ColumnKey, np.ndarray], int, "callable"]]:

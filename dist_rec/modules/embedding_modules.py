@@ -231,12 +231,7 @@ class EmbeddingBagCollection(nn.Module):
         if not self._is_weighted:
             if per_sample_weights is not None and not self._warned_ignored_weights:
                 self._warned_ignored_weights = True
-                warnings.warn(
-                    f"EmbeddingBagCollection: the input carries per-id weights for {self._features_and_tables(keys)}, "
-                    "but this collection was built with is_weighted=False: they are ignored. Build it with "
-                    "is_weighted=True to pool with them.",
-                    stacklevel=2,
-                )
+                warn_ignored_weights("EmbeddingBagCollection", self._features_and_tables(keys))
             per_sample_weights = None
         elif per_sample_weights is None:
             raise ValueError("This EmbeddingBagCollection has is_weighted=True but the input has no weights.")
@@ -370,6 +365,16 @@ def check_finite_gradient(grad_output: torch.Tensor, tables) -> None:
             f"The gradient of the pooled embeddings of tables {list(tables)} holds NaN or inf; the rows were not "
             "updated. The loss diverged or an input is not finite: lower the learning rates or check the data."
         )
+
+
+def warn_ignored_weights(collection: str, features_and_tables: str) -> None:
+    """The once-per-collection warning for per-id weights given to a
+    collection built without ``is_weighted`` (sharded or not)."""
+    warnings.warn(
+        f"{collection}: the input carries per-id weights for {features_and_tables}, but this collection was built "
+        "with is_weighted=False: they are ignored. Build it with is_weighted=True to pool with them.",
+        stacklevel=3,
+    )
 
 
 def check_feature_keys(keys: List[str], feature_names: List[str], configs, what: str) -> None:

@@ -20,14 +20,13 @@ in the counts all-to-all, with a flag.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from dist_rec.modules.embedding_modules import check_feature_keys
+from dist_rec.modules.embedding_modules import check_feature_keys, warn_ignored_weights
 from dist_rec.ops.embedding_bag import check_finite_per_sample_weights
 from dist_rec.sharding.comm import all_to_all
 from dist_rec.sharding.router import Routed, Router
@@ -245,12 +244,7 @@ class SparseFeaturesDist:
         if not self.is_weighted:
             if weights is not None and not self._warned_ignored_weights:
                 self._warned_ignored_weights = True
-                warnings.warn(
-                    f"ShardedEmbeddingBagCollection: the input carries per-id weights for "
-                    f"{self._features_and_tables(keys)}, but this collection was built with is_weighted=False: "
-                    "they are ignored. Build it with is_weighted=True to pool with them.",
-                    stacklevel=2,
-                )
+                warn_ignored_weights("ShardedEmbeddingBagCollection", self._features_and_tables(keys))
             weights = None
         elif weights is None:
             raise ValueError("This ShardedEmbeddingBagCollection has is_weighted=True but the input has no weights.")

@@ -161,7 +161,6 @@ def _refusals_rank(rank, world_size, path, cases):
 
 @pytest.mark.parametrize("path", ["row_wise", "ahead", "data_parallel"])
 def test_bad_input_on_one_rank_stops_every_rank_naming_feature_and_table(path):
-    pytest.importorskip("torchrec")
     run_multi_process(_refusals_rank, world_size=2, timeout=180, path=path, cases=CASES)
 
 
