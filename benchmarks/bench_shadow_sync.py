@@ -17,7 +17,10 @@ with ``tc`` (``--rate``, ``--delay-ms``). Variants (``sync.dense`` /
 * ``emb_fg``, ``emb_fg10``, ``emb_bg``: 2D (two replica groups, from 4
   processes on) with the embedding replicas averaged in the foreground
   every step, every 10 steps, or in the background (``emb_none``: never,
-  the 2D ceiling).
+  the 2D ceiling);
+* ``*_i50``: background rounds at least 50 ms apart; ``*_d50``, ``*_d25``:
+  paced so that rounds take at most 50% / 25% of the time (``sync.duty``);
+  ``bmuf_fg10``: BMUF in the foreground every 10 steps.
 
 Reported per run: examples/s (the trainer's summary), eval AUC and NE at the
 end (the same steps, so the same examples), and the background rounds per
@@ -66,6 +69,10 @@ VARIANTS = {
 # learning rate of eta / (1 - mu) per round) is meant for rounds far apart.
 for _name in ("ma_bg", "easgd_bg", "bmuf_bg", "emb_bg"):
     VARIANTS[_name + "_i50"] = [*VARIANTS[_name], "sync.interval_s=0.05"]
+    # Paced by a duty cycle: the rounds take at most half / a quarter of the wall time (``sync.duty``).
+    VARIANTS[_name + "_d50"] = [*VARIANTS[_name], "sync.duty=0.5"]
+    VARIANTS[_name + "_d25"] = [*VARIANTS[_name], "sync.duty=0.25"]
+VARIANTS["bmuf_fg10"] = ["sync.dense=bmuf", "sync.mode=foreground", "sync.every=10"]
 
 
 

@@ -565,7 +565,11 @@ class SyncConfig:
             never on the training thread) or "foreground" (every ``every``
             steps, on the training thread).
         every: the foreground interval in steps.
-        interval_s: background: pause between rounds (0: back to back).
+        interval_s: background: least pause between rounds (0: back to back).
+        duty: background: the largest share of wall time spent in rounds,
+            in (0, 1]: after a round of t seconds the next waits
+            t * (1 - duty) / duty (the rounds' copies and sums share the
+            cores with the training; 1: back to back).
         alpha: EASGD's moving rate, in (0, 1].
         block_momentum: BMUF's block momentum mu, in [0, 1).
         block_lr: BMUF's block learning rate eta, > 0.
@@ -579,6 +583,7 @@ class SyncConfig:
     mode: str = "background"
     every: int = 1
     interval_s: float = 0.0
+    duty: float = 1.0
     alpha: float = 0.25
     block_momentum: float = 0.875
     block_lr: float = 1.0
@@ -590,6 +595,7 @@ class SyncConfig:
         _check(self.mode in SYNC_MODES, f"{prefix}.mode", self.mode, f"one of {list(SYNC_MODES)}")
         _check(self.every >= 1, f"{prefix}.every", self.every, ">= 1")
         _check(self.interval_s >= 0, f"{prefix}.interval_s", self.interval_s, ">= 0")
+        _check(0 < self.duty <= 1, f"{prefix}.duty", self.duty, "in (0, 1]")
         _check(0 < self.alpha <= 1, f"{prefix}.alpha", self.alpha, "in (0, 1]")
         _check(0 <= self.block_momentum < 1, f"{prefix}.block_momentum", self.block_momentum, "in [0, 1)")
         _check(self.block_lr > 0, f"{prefix}.block_lr", self.block_lr, "> 0")

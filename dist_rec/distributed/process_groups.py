@@ -41,12 +41,15 @@ RebuildListener = Callable[["ProcessGroups"], None]
 @dataclass(frozen=True)
 class _SubgroupSpec:
     """A sub-group relative to the grid: explicit global ranks (``ranks``),
-    every rank (both None), or the ranks at ``positions`` of every sharding
-    group (one group per replica, keyed ``<key>/<replica>``)."""
+    every rank (both None), the ranks at ``positions`` of every sharding
+    group (one group per replica, keyed ``<key>/<replica>``), or with
+    ``copies`` the ranks of every replica group (one group per position,
+    keyed ``<key>/<position>``: the copies of one shard)."""
 
     ranks: Optional[Tuple[int, ...]]
     positions: Optional[Tuple[int, ...]]
     intra_host_transport: bool
+    copies: bool = False
 
 
 class ProcessGroups:
@@ -170,6 +173,28 @@ class ProcessGroups:
         self._form_subgroup(key, spec)
         return self.replica_subgroup(key)
 
+    def copies_subgroups(self, key: str):
+        """One group per replica group (the ranks holding the copies of the
+        same shards, as ``replica_group``) that is this ``key``'s own: a
+        background round on it never meets the training thread's
+        collectives on ``replica_group``. Made on first call (a collective
+        over the job, as ``subgroup``) and re-formed for the new grid by
+        ``rebuild`` (a replica group out or back). Returns this rank's;
+        ``copies_subgroup(key)`` asks for it again."""
+        spec = _SubgroupSpec(None, None, False, copies=True)
+        known = self._subgroup_specs.get(key)
+        if known is not None:
+            if known != spec:
+                raise ValueError(f"Sub-group {key!r} exists as {self._describe(known)}; asked again as a family of replica groups.")
+            return self.copies_subgroup(key)
+        self._subgroup_specs[key] = spec
+        self._form_subgroup(key, spec)
+        return self.copies_subgroup(key)
+
+    def copies_subgroup(self, key: str):
+        """This rank's group of the family ``copies_subgroups`` made as ``key``."""
+        return self.group(f"{key}/{self.grid.my_sharding_group.index(self.rank)}")
+
     def replica_subgroup(self, key: str):
         """This rank's replica's group of the family ``replica_subgroups`` made as ``key``."""
         return self.group(f"{key}/{self.grid.replica_index}")
@@ -262,6 +287,10 @@ class ProcessGroups:
     def _form_subgroup(self, key: str, spec: _SubgroupSpec) -> None:
         """Forms the sub-group(s) of ``spec`` for the current grid; a family's
         members of replicas that no longer exist are dropped."""
+        if spec.copies:
+            for position, ranks in enumerate(self.grid.replica_groups):
+                self._subgroups[f"{key}/{position}"] = self._new_subgroup(tuple(ranks), False)
+            return
         if spec.positions is None:
             self._subgroups[key] = self._new_subgroup(spec.ranks or tuple(range(self.world_size)), spec.intra_host_transport)
             return
@@ -280,6 +309,8 @@ class ProcessGroups:
 
     @staticmethod
     def _describe(spec: _SubgroupSpec) -> str:
+        if spec.copies:
+            return "a family of replica groups"
         if spec.positions is not None:
             return f"at positions {list(spec.positions)} of every sharding group"
         return "of every rank" if spec.ranks is None else str(list(spec.ranks))

@@ -7,6 +7,7 @@ step (or a save, or an evaluation) fails in a collective, every survivor:
 
 1. makes its other collectives fail at once, so that every peer notices
    (``dist_rec.distributed.abort``), reports, and drops the step in flight;
+   the background sync rounds (ShadowSync) are abandoned with the groups;
 2. joins the next membership epoch, keeping its memory (``member.join``);
 3. re-forms every group in the same process (``ProcessGroups.rebuild``);
 4. restores what the epoch needs (``restore``), a collective of the new
@@ -18,13 +19,18 @@ step (or a save, or an evaluation) fails in a collective, every survivor:
    loads only that shard from the newest complete checkpoint (1D partial
    recovery: the portion of lost samples is counted); a survivor keeps
    its own shards untouched;
-5. resumes at the source's step, each rank's data stream re-opened there
+5. starts the replica syncs again on the new groups (the dense replicas
+   broadcast, the background rounds with a rule for the new group size;
+   embedding rounds only with 2 or more replica groups), the restore's last
+   act, on every rank of the epoch in the same order;
+6. resumes at the source's step, each rank's data stream re-opened there
    by seeking.
 
 Ranks coming back to a degraded 2D job switch without a failure: the
 running ranks agree, one step behind and without waiting (an all-reduce
 started after each step and read after the next), to leave for the
-pending epoch at the same step boundary.
+pending epoch at the same step boundary; their background rounds stop
+agreed there (the groups are intact).
 """
 
 from __future__ import annotations
@@ -161,10 +167,12 @@ class Recovery:
         switching = isinstance(error, Rejoin)
         if switching:
             member.say(f"after step {step}: switching to the pending epoch (ranks are back)")
+            self._stop_syncs(step)
         else:
             member.say(f"failed after step {step}, during {ACTIVITY.describe()}: {type(error).__name__}: {str(error)[:300]}")
             member.report_failure(step, error)
             abort_communication(f"step {step + 1} failed", keep_ports=[member.port])
+            self._abandon_syncs()
         trainer.pipeline.reset()
         # A save in flight fails with the groups (a switch lets it finish); the next one is a base.
         trainer.checkpointer.abandon(cancel=not switching)
@@ -186,6 +194,33 @@ class Recovery:
                 member.say(f"recovery failed ({type(failure).__name__}: {str(failure)[:200]}); joining the next epoch")
                 member.report_failure(step, failure)
                 abort_communication("recovery failed", keep_ports=[member.port])
+                self._abandon_syncs()  # restarted by a restore that failed after it
+
+    def _stop_syncs(self, step: int) -> None:
+        """A switch: the groups are intact and every running rank switches
+        at this step, so the background rounds stop agreed. A round that
+        fails meanwhile (a rank died during the switch) is a failure: its
+        rounds are abandoned and the join finds the next epoch."""
+        trainer = self.trainer
+        try:
+            trainer.dense_sync.stop_rounds()
+            trainer.embedding_sync.stop_rounds()
+        except Exception as failure:
+            if not self.can_recover(failure):
+                raise
+            self.member.say(f"the sync rounds failed while switching after step {step} ({type(failure).__name__}: "
+                            f"{str(failure)[:200]}); abandoning them")  # fmt: skip
+            self._abandon_syncs()
+
+    def _abandon_syncs(self) -> None:
+        """The groups were aborted: the background rounds end without an
+        agreed stop (a round in flight fails with the groups and adds
+        nothing), before the groups are re-formed; the restore starts them
+        again on the new ones."""
+        trainer = self.trainer
+        for name, sync in (("dense", trainer.dense_sync), ("embedding", trainer.embedding_sync)):
+            if not sync.abandon(timeout_s=10.0):
+                self.member.say(f"the {name} sync's round thread did not end within 10 s; it adds nothing any more")
 
     def _rebuild(self, epoch: Epoch) -> None:
         env, groups = self.trainer.env, self.trainer.process_groups
@@ -224,12 +259,16 @@ class Recovery:
         record = self._record(epoch, plan, infos, resume, checkpoint_step, detected, restored_bytes,
                               time.perf_counter() - started)  # fmt: skip
         member.events.write("restored", epoch=epoch.id, role=role, resume_step=resume,
-                            own_restored_bytes=getattr(self, "_own_restored_bytes", 0), **self.phases, **{
+                            own_restored_bytes=getattr(self, "_own_restored_bytes", 0), **self.phases,
+                            **trainer.sync_rounds(), **{
             k: record[k] for k in ("recovery", "lost_samples", "restored_bytes", "restore_seconds")})  # fmt: skip
         member.say(f"epoch {epoch.id} formed as {epoch.describe()}; {record['summary']}; resuming at step {resume}")
         trainer.after_recovery(resume)
         for hook in trainer.hooks:
             hook.after_restore(trainer, epoch, resume)
+        # Last: the replica syncs start on the new groups (collectives, in the same order on every rank: the
+        # survivors here, a replacement too, in its own restore), once the hooks saw the restored state.
+        trainer.start_syncs()
         return resume
 
     def _restore_from_source(self, plan: RestorePlan, infos) -> int:

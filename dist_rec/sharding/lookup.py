@@ -77,6 +77,7 @@ class LocalLookup:
         self.width = sum(dims)
         self.tracker = None  # a checkpoint policy's RowTracker: rows touched (and counts) since the last save
         self.update_lock = None  # background replica sync: held while the rows are stepped (``dist_rec.sync``)
+        self.sync_tracker = None  # background replica sync's RowTracker: rows touched since its last round
         # Puts the lookup in the autograd graph though the tables do not require grad.
         self._grad_anchor = torch.empty(0, device=storage.device, requires_grad=True)
 
@@ -93,6 +94,8 @@ class LocalLookup:
         check_finite_gradient(grad_output, self.tables())
         with self.update_lock if self.update_lock is not None else contextlib.nullcontext():
             self.update(self.storage, self.optimizer, self.layout, values_N, offsets, weights_N, grad_output)
+            if self.sync_tracker is not None:  # with the update, under the lock a round swaps the marks under
+                self.sync_tracker.record(self.layout, values_N, offsets)
         if self.tracker is not None:
             self.tracker.record(self.layout, values_N, offsets)
 

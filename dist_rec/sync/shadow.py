@@ -14,10 +14,14 @@ foreground rule.
 The copy and the add hold ``lock``, as do the trainer's optimizer step
 (``guard``) and a checkpoint's snapshot (``quiesced``): no update is torn.
 
-Stopping is agreed, not assumed: every round's first sum carries a flag,
-set on the replicas whose trainer asked to stop, and every replica leaves
-after the round in which any replica set it. No replica is left waiting in
-a collective that the others will not join.
+Stopping is agreed, not assumed: every round starts with a one-element
+all-reduce of a flag, set on the replicas whose trainer asked to stop, and
+every replica leaves when any replica set it. No replica is left waiting
+in a collective that the others will not join.
+
+Rounds are paced (``duty``): after a round busy for t seconds (counted
+from that first all-reduce, so a pausing peer's wait does not feed the
+next pause) the thread waits t (1 - duty) / duty.
 
 A round's add goes around autograd's version counters (``.data``): a
 forward in flight keeps its saved weights and its backward sees the moved
@@ -58,6 +62,12 @@ class _Rounds:
         self.rounds = 0
         self.lock = threading.Lock()
 
+    def restart(self) -> None:
+        """Rounds start (again): nothing to forget for whole copies."""
+
+    def select(self, group) -> None:
+        """What the next round moves: every element, for whole copies."""
+
     def copy(self) -> torch.Tensor:
         return torch.cat([t.detach().reshape(-1) for t in self.tensors])
 
@@ -74,22 +84,16 @@ class _Rounds:
             for tensor, part in zip(self.tensors, torch.split(flat, self.sizes)):
                 tensor.copy_(part.view_as(tensor))
 
-    def summer(self, group, flag: Optional[float] = None):
-        """``all_reduce_sum`` for one round; with ``flag`` its first sum
-        carries it, and ``.flags`` holds the replicas' total after."""
+    def summer(self, group):
+        """``all_reduce_sum`` over ``group`` for one round (its traffic counted)."""
         size = dist.get_world_size(group)
 
         def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-            carry = all_reduce_sum.flags is None and flag is not None
-            wire = torch.cat([x, x.new_tensor([flag])]) if carry else x.clone()
+            wire = x.clone()
             dist.all_reduce(wire, group=group)
             COMM_STATS.record(self.kind, 2 * (size - 1) * wire.numel() * wire.element_size() // max(size, 1))
-            if carry:
-                all_reduce_sum.flags = float(wire[-1])
-                return wire[:-1]
             return wire
 
-        all_reduce_sum.flags = None
         return all_reduce_sum
 
 
@@ -107,15 +111,21 @@ class ShadowSync:
         kind: the name its traffic is counted under (``COMM_STATS``).
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], rule, group: Callable[[], Optional[dist.ProcessGroup]],
-                 interval_s: float = 0.0, kind: str = "shadow_sync") -> None:  # fmt: skip
-        self._rounds = _Rounds(tensors, rule, group, kind)
+    def __init__(self, tensors, rule, group: Callable[[], Optional[dist.ProcessGroup]], interval_s: float = 0.0,
+                 duty: float = 1.0, kind: str = "shadow_sync") -> None:  # fmt: skip
+        if not 0.0 < duty <= 1.0:
+            raise ValueError(f"Invalid sync.duty={duty}. Must be in (0, 1] (the share of time spent in rounds).")
+        if interval_s < 0:
+            raise ValueError(f"Invalid sync.interval_s={interval_s}. Must be >= 0.")
+        self._rounds = tensors if isinstance(tensors, _Rounds) else _Rounds(tensors, rule, group, kind)
         self.lock = self._rounds.lock
-        self.interval_s = float(interval_s)
+        self.interval_s, self.duty = float(interval_s), float(duty)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._generation = 0  # a round adds only if its thread is still the current one (``abandon``)
         self.error: Optional[BaseException] = None
         self.round_seconds = 0.0
+        self.busy_s = 0.0  # the last round's seconds after the replicas met
         # Test seam: ``between(round, copy)`` runs between a round's copy and its add.
         self.between: Optional[Callable[[int, torch.Tensor], None]] = None
 
@@ -127,13 +137,20 @@ class ShadowSync:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> None:
+    def start(self, rule=None) -> None:
+        """Starts the rounds on ``group()`` (asked now: after a rebuild, the
+        new group); ``rule`` replaces the rule (a new group size, fresh state)."""
         if self.running:
             raise RuntimeError("ShadowSync is already running.")
+        if rule is not None:
+            self._rounds.rule = rule
         self._stop.clear()
         self.error = None
+        self._generation += 1
         group = self._rounds.group()
-        self._thread = threading.Thread(target=self._run, args=(group,), name="dist_rec-shadow-sync", daemon=True)
+        self._rounds.restart()
+        self._thread = threading.Thread(target=self._run, args=(group, self._generation), name="dist_rec-shadow-sync",
+                                        daemon=True)  # fmt: skip
         self._thread.start()
 
     def stop(self, timeout_s: Optional[float] = None) -> None:
@@ -148,6 +165,22 @@ class ShadowSync:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+    def abandon(self, timeout_s: float = 10.0) -> bool:
+        """After a failure (the groups aborted): the rounds end without an
+        agreed stop, the thread's error (its failed collective) is dropped,
+        and a round still in flight never adds. Returns whether the thread
+        ended within ``timeout_s``."""
+        with self.lock:
+            self._generation += 1  # under the lock: no add of the old thread can follow
+        self._stop.set()
+        ended = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            ended = not self._thread.is_alive()
+            self._thread = None
+        self.error = None
+        return ended
 
     def guard(self, step: Callable[[], object]) -> Callable[[], object]:
         """``step`` (the optimizer's) run under the lock: a round never copies
@@ -165,31 +198,51 @@ class ShadowSync:
         with self.lock:
             yield
 
-    def run_round(self, group) -> bool:
-        """One round; False when a replica asked to stop (every replica then
-        leaves after this same round)."""
+    def run_round(self, group, generation: Optional[int] = None, stop: bool = False) -> bool:
+        """One round; False when a replica asked to ``stop`` (every replica
+        then leaves before this round's work). Sets ``busy_s``: the round's
+        seconds after the replicas met (a slow or pausing peer's wait is
+        not counted: the pacing would otherwise feed on itself)."""
         rounds = self._rounds
+        flag = torch.tensor([1.0 if stop else 0.0])
+        dist.all_reduce(flag, group=group)  # the agreed stop; every replica is at this round's start after it
+        if float(flag) > 0:
+            return False
         started = time.perf_counter()
+        rounds.select(group)
         with self.lock:
             copy = rounds.copy()
         if self.between is not None:
             self.between(rounds.rounds, copy)
-        summer = rounds.summer(group, flag=1.0 if self._stop.is_set() else 0.0)
-        target = rounds.rule.target(copy, summer)
+        target = rounds.rule.target(copy, rounds.summer(group))
         delta = target - copy
         with self.lock:
+            if generation is not None and generation != self._generation:
+                return False  # abandoned meanwhile: the groups (and this round's sums) are gone
             rounds.add(delta)
         rounds.rounds += 1
-        self.round_seconds += time.perf_counter() - started
-        return not summer.flags
+        self.busy_s = time.perf_counter() - started
+        self.round_seconds += self.busy_s
+        return True
 
-    def _run(self, group) -> None:
+    def pause_after(self, seconds: float) -> float:
+        """The pause after a round busy for ``seconds``: at least
+        ``interval_s``, and long enough that rounds take at most ``duty``
+        of the time (the rounds' copies and sums share the cores with the
+        training)."""
+        return max(self.interval_s, seconds * (1.0 - self.duty) / self.duty)
+
+    def _run(self, group, generation: int) -> None:
         try:
-            while self.run_round(group):
-                if self.interval_s > 0:
-                    self._stop.wait(self.interval_s)
+            while True:
+                if not self.run_round(group, generation, stop=self._stop.is_set()):
+                    return
+                pause = self.pause_after(self.busy_s)
+                if pause > 0:
+                    self._stop.wait(pause)
         except BaseException as error:  # handed to the training thread by stop()
-            self.error = error
+            if generation == self._generation:
+                self.error = error
 
 
 class ForegroundSync:

@@ -88,38 +88,72 @@ class DenseSync:
     loop, stopped with it) or in the foreground every ``sync.every`` steps.
     The optimizer step and a checkpoint's snapshot hold the rounds off
     (``guard``, ``quiesced``). At the end the replicas are averaged once, so
-    that the final model (evaluated and saved) is their consensus."""
+    that the final model (evaluated and saved) is their consensus.
+
+    Under recovery the rounds end with the failed epoch (``abandon``; a
+    switch to a pending epoch stops them agreed: ``stop_rounds``) and start
+    again on the new epoch's group once its state is restored (``start``,
+    with a fresh rule for the group's size)."""
 
     def __init__(self, config, params, process_groups) -> None:
-        from dist_rec.sync import ForegroundSync, ShadowSync, make_rule
+        from dist_rec.sync import ForegroundSync, ShadowSync
 
-        s = config.sync
+        s = self._settings = config.sync
         self.name, self.mode = s.dense, s.mode
         self.params = [p for p in params if p.numel()]
-        group = process_groups.subgroup("dense_sync")  # its own: a background round never meets the step's collectives
+        process_groups.subgroup("dense_sync")  # its own: a background round never meets the step's collectives
         self._group = lambda: process_groups.group("dense_sync")
-        self.rule = make_rule(s.dense, dist.get_world_size(group), alpha=s.alpha, block_momentum=s.block_momentum,
-                              block_lr=s.block_lr, nesterov=s.nesterov)  # fmt: skip
+        self.rule = self._new_rule()
         if s.mode == "background":
-            self.sync = ShadowSync(self.params, self.rule, self._group, interval_s=s.interval_s, kind="dense_sync")
+            self.sync = ShadowSync(self.params, self.rule, self._group, interval_s=s.interval_s, duty=s.duty,
+                                   kind="dense_sync")  # fmt: skip
         else:
             self.sync = ForegroundSync(self.params, self.rule, self._group, every=s.every, kind="dense_sync")
+        self._started = False
+        self._earlier_rounds, self._earlier_seconds = 0, 0.0  # foreground syncs of earlier epochs
 
     @property
     def background(self) -> bool:
         return self.mode == "background"
 
+    @property
+    def rounds(self) -> int:
+        return self._earlier_rounds + self.sync.rounds
+
+    def _new_rule(self, start: Optional[torch.Tensor] = None):
+        from dist_rec.sync import make_rule
+
+        s = self._settings
+        return make_rule(s.dense, dist.get_world_size(self._group()), alpha=s.alpha, block_momentum=s.block_momentum,
+                         block_lr=s.block_lr, nesterov=s.nesterov, start=start)  # fmt: skip
+
     def start(self) -> None:
-        """Before the first step (after a resume too): the replicas start
-        equal (as DDP's constructor makes them), BMUF from that point."""
+        """Before the first step (after a resume too), and after a recovery
+        restored a new epoch (a collective over its dense group): the
+        replicas start equal (as DDP's constructor makes them), the rule
+        fresh for the group's size (BMUF from that point, EASGD's centre
+        from the first round's mean). A no-op, with no collective, once
+        started (a replacement restarts it in its restore and is asked again
+        at the top of the loop)."""
+        if self._started:
+            return
         group = self._group()
         with torch.no_grad():
             for p in self.params:
                 dist.broadcast(p, dist.get_global_rank(group, 0), group=group)
-        if self.name == "bmuf":
-            self.rule.previous = torch.cat([p.detach().reshape(-1) for p in self.params])
-        if self.background and not self.sync.running:
-            self.sync.start()
+        start = torch.cat([p.detach().reshape(-1) for p in self.params]) if self.name == "bmuf" else None
+        self.rule = self._new_rule(start)
+        self._started = True
+        if self.background:
+            if dist.get_world_size(group) > 1:  # a group of one (a degraded epoch) has nothing to agree
+                self.sync.start(rule=self.rule)
+        else:  # its step count starts over on every rank of the epoch (a replacement's is 0)
+            from dist_rec.sync import ForegroundSync
+
+            self._earlier_rounds += self.sync.rounds
+            self._earlier_seconds += self.sync.round_seconds
+            self.sync = ForegroundSync(self.params, self.rule, self._group, every=self._settings.every,
+                                       kind="dense_sync")  # fmt: skip
 
     def guard(self, step: Callable[[], object]) -> Callable[[], object]:
         return self.sync.guard(step) if self.background else step
@@ -133,6 +167,7 @@ class DenseSync:
 
     def stop(self) -> None:
         """Stops the rounds (agreed by every replica) and averages the replicas once."""
+        self._started = False
         if self.background:
             self.sync.stop()
         group = self._group()
@@ -141,16 +176,33 @@ class DenseSync:
                 dist.all_reduce(p, group=group)
                 p.div_(dist.get_world_size(group))
 
+    def stop_rounds(self) -> None:
+        """Stops the rounds (agreed by every replica: the groups are intact)
+        without the final average: the epoch is about to be switched for a
+        pending one (ranks are back); ``start`` resumes on its groups."""
+        self._started = False
+        if self.background:
+            self.sync.stop()
+
+    def abandon(self, timeout_s: float = 10.0) -> bool:
+        """After a failure (the groups aborted): the rounds end without an
+        agreed stop and no round in flight adds any more. Returns whether
+        the round thread ended within ``timeout_s``."""
+        self._started = False
+        return self.sync.abandon(timeout_s) if self.background else True
+
     def report(self, steps: int) -> dict:
-        return {"dense": self.name, "mode": self.mode, "rounds": self.sync.rounds,
-                "rounds_per_step": round(self.sync.rounds / max(1, steps), 3),
-                "seconds_in_rounds": round(self.sync.round_seconds, 2)}  # fmt: skip
+        seconds = self._earlier_seconds + self.sync.round_seconds
+        return {"dense": self.name, "mode": self.mode, "rounds": self.rounds,
+                "rounds_per_step": round(self.rounds / max(1, steps), 3),
+                "seconds_in_rounds": round(seconds, 2)}  # fmt: skip
 
 
 class NullDenseSync:
     """``sync.dense: ddp``: DDP all-reduces the gradients in the backward."""
 
     background = False
+    rounds = 0
 
     def start(self) -> None:
         pass
@@ -167,6 +219,12 @@ class NullDenseSync:
     def stop(self) -> None:
         pass
 
+    def stop_rounds(self) -> None:
+        pass
+
+    def abandon(self, timeout_s: float = 10.0) -> bool:
+        return True
+
     def report(self, steps: int) -> Optional[dict]:
         return None
 
@@ -174,35 +232,72 @@ class NullDenseSync:
 class EmbeddingSync:
     """``sync.embeddings: background``: the 2D shard replicas averaged by
     ShadowSync's rounds (``dist_rec.sync.embeddings``) instead of in the
-    foreground every ``sharding.sync_every`` steps."""
+    foreground every ``sharding.sync_every`` steps. Under recovery as
+    ``DenseSync``: abandoned with a failed epoch, stopped agreed for a
+    switch, started again once a new epoch is restored; not run in a
+    degraded epoch (a replica group out: one copy of each shard)."""
 
     def __init__(self, config, dmp) -> None:
         from dist_rec.sync.embeddings import EmbeddingReplicaSync
 
-        self.replicas = EmbeddingReplicaSync(dmp.sharded, dmp.process_groups, interval_s=config.sync.interval_s)
+        self.replicas = EmbeddingReplicaSync(dmp.sharded, dmp.process_groups, interval_s=config.sync.interval_s,
+                                             duty=config.sync.duty)
+        self._groups = dmp.process_groups
+        self._started = False
+
+    @property
+    def rounds(self) -> int:
+        return self.replicas.sync.rounds
 
     def start(self) -> None:
-        if not self.replicas.sync.running:
+        """Starts the rounds on the current epoch's groups (no collective of
+        its own: the rounds are, so every rank of the epoch starts them); a
+        no-op once started."""
+        if self._started:
+            return
+        self._started = True
+        if self._groups.grid.replicas > 1:
             self.replicas.start()
 
     def stop(self) -> None:
+        self._started = False
         self.replicas.stop()
+
+    def stop_rounds(self) -> None:
+        """See ``DenseSync.stop_rounds``."""
+        self._started = False
+        self.replicas.sync.stop()
+
+    def abandon(self, timeout_s: float = 10.0) -> bool:
+        """See ``DenseSync.abandon``."""
+        self._started = False
+        return self.replicas.abandon(timeout_s)
 
     def quiesced(self):
         return self.replicas.quiesced()
 
     def report(self, steps: int) -> dict:
-        sync = self.replicas.sync
+        sync, rows = self.replicas.sync, self.replicas.rows
+        every_row = sum(local.shard.num_rows for local in rows.shards)
         return {"rounds": sync.rounds, "rounds_per_step": round(sync.rounds / max(1, steps), 3),
-                "seconds_in_rounds": round(sync.round_seconds, 2)}  # fmt: skip
+                "seconds_in_rounds": round(sync.round_seconds, 2),
+                "rows_per_round": round(rows.rows_moved / max(1, sync.rounds) / max(1, every_row), 4)}  # fmt: skip
 
 
 class NullEmbeddingSync:
+    rounds = 0
+
     def start(self) -> None:
         pass
 
     def stop(self) -> None:
         pass
+
+    def stop_rounds(self) -> None:
+        pass
+
+    def abandon(self, timeout_s: float = 10.0) -> bool:
+        return True
 
     def quiesced(self):
         return contextlib.nullcontext()

@@ -144,8 +144,9 @@ def summary_table(s: Dict) -> str:
                                        f"({sync['rounds_per_step']:.2f} per step, {sync['seconds_in_rounds']:.1f} s)"))  # fmt: skip
     sync = s.get("embedding_sync")
     if sync:
+        moved = f", {sync['rows_per_round']:.1%} of the rows each" if "rows_per_round" in sync else ""
         rows.append(("2D replicas", f"averaged in the background: {sync['rounds']:,} rounds "
-                                    f"({sync['rounds_per_step']:.2f} per step, {sync['seconds_in_rounds']:.1f} s)"))  # fmt: skip
+                                    f"({sync['rounds_per_step']:.2f} per step, {sync['seconds_in_rounds']:.1f} s{moved})"))  # fmt: skip
     skipped = s.get("skipped_lines")
     if skipped:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped["by_reason"].items()))

@@ -316,6 +316,23 @@ class Trainer:
         self._open_outputs()
         self.evaluator.env = self.env
 
+    def start_syncs(self) -> None:
+        """The replica syncs start: at the top of the loop, and once recovery
+        restored a new epoch (its last act, on every rank of it, survivors
+        and a replacement alike) on the new groups. In this order on every
+        rank: the dense replicas' broadcast is a collective, and so are the
+        rounds. Started syncs are not started again (a replacement, started
+        by its restore, comes to the top of the loop after it)."""
+        self.dense_sync.start()
+        self.embedding_sync.start()
+
+    def sync_rounds(self) -> Dict[str, int]:
+        """The background and foreground sync rounds this process ran so far
+        (for the event log), per sync that is on."""
+        parts = (("dense_sync", self.dense_sync), ("embedding_sync", self.embedding_sync))
+        return {f"{name}_rounds": part.rounds for name, part in parts
+                if not isinstance(part, (NullDenseSync, NullEmbeddingSync))}  # fmt: skip
+
     def restore_data_position(self, source: int) -> None:
         """The data reader's seek notes from ``source`` (a collective)."""
         dataset = self.data.train
@@ -448,8 +465,7 @@ class Trainer:
             self.log.trim_after(first_step)
         batches = self._stream(step)
         self.progress.start(first_step)
-        self.dense_sync.start()
-        self.embedding_sync.start()
+        self.start_syncs()  # a no-op in a replacement: its restore started them
         final_eval: Optional[EvalMetrics] = None
         finished = False
         while not finished:
@@ -588,7 +604,7 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
             self._say(summary_table(figures))
         if self.env.member is not None:
-            self.env.member.events.write("done", step=step)
+            self.env.member.events.write("done", step=step, **self.sync_rounds())
             self.env.member.close()
         if self._own_group:
             destroy_process_group()
@@ -597,10 +613,6 @@ class Trainer:
 
 def _check_recoverable(config: TrainConfig) -> None:
     """What recovery under the fault-tolerant launcher cannot carry yet."""
-    if config.sync.dense != "ddp" or config.sync.embeddings != "every_n":
-        raise ConfigError(f"Invalid sync.dense={config.sync.dense!r} / sync.embeddings={config.sync.embeddings!r} under "
-                          "dist_rec.fault.launch. Must be 'ddp' / 'every_n' (recovery does not restart background rounds "
-                          "yet).")  # fmt: skip
     if config.train.dense_engine != "ddp":
         raise ConfigError("Invalid train.dense_engine={!r} under dist_rec.fault.launch. Must be 'ddp' (recovery "
                           "re-forms DDP; DeepSpeed's engine is not rebuilt).".format(config.train.dense_engine))

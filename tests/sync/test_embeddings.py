@@ -109,6 +109,47 @@ def test_a_fused_update_made_during_a_round_is_kept():
     run_multi_process(_rank_update_during_round, world_size=4, timeout=180)
 
 
+def _rank_training(rank, world_size):
+    groups = ProcessGroups(replicas=2, layout="shards_on_host")
+    sharded = _collection(groups)
+    sync = EmbeddingReplicaSync({"ebc": sharded}, groups)
+    g = torch.Generator().manual_seed(rank)
+    sync.start()
+    for step in range(40):  # each rank trains its own ids (repeated ids too) while rounds run
+        ids = torch.cat([torch.randint(0, 6, (3,), generator=g), torch.randint(20, 40, (3,), generator=g)])
+        kjt = KeyedJaggedTensor(["f0", "f1"], ids % torch.tensor([23, 23, 23, 40, 40, 40]), lengths=torch.tensor([2, 1, 2, 1]))
+        sharded(kjt).values().backward(torch.randn(2, 12, generator=g))
+        time.sleep(0.002 * (rank % 2))
+    sync.sync.stop(timeout_s=60)
+    rounds, moved = sync.sync.rounds, sync.rows.rows_moved
+    all_rows = sum(local.shard.num_rows for local in sharded.local_shards())
+    assert rounds >= 2 and moved < rounds * all_rows  # after the first round, only the touched rows moved
+    # One more round, of the touched rows only, with training paused: every row of every copy lands on the
+    # replicas' mean, so the rows left out of the rounds were equal on every replica.
+    expected = _replica_mean(_blocks(sharded), _my_replica_group(groups))
+    sync.sync.run_round(groups.copies_subgroup("embedding_sync"))
+    for got, want in zip(_blocks(sharded), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_rounds_of_touched_rows_leave_no_row_apart():
+    run_multi_process(_rank_training, world_size=4, timeout=180)
+
+
+def _rank_idle_rounds(rank, world_size):
+    groups = ProcessGroups(replicas=2, layout="shards_on_host")
+    sync = EmbeddingReplicaSync({"ebc": _collection(groups)}, groups)
+    sync.start()
+    time.sleep(0.1)
+    sync.sync.stop(timeout_s=30)
+    all_rows = sum(local.shard.num_rows for local in sync.rows.shards)
+    assert sync.sync.rounds >= 2 and sync.rows.rows_moved == all_rows  # the first round: every row; then none
+
+
+def test_with_nothing_touched_only_the_first_round_moves_rows():
+    run_multi_process(_rank_idle_rounds, world_size=4)
+
+
 def _rank_refused(rank, world_size):
     groups = ProcessGroups(replicas=2, layout="shards_on_host")
     sharded = _collection(groups, MomentumScaledRowWiseAdagrad(lr=0.1, eps=1e-3, momentum_scale=1.5))

@@ -110,6 +110,52 @@ def test_an_update_made_during_a_round_is_never_lost(name):
     run_multi_process(_rank_planted, world_size=WORLD, name=name)
 
 
+def test_the_duty_cycle_paces_the_rounds():
+    shadow = ShadowSync([torch.zeros(3)], make_rule("ma", 1), lambda: None, interval_s=0.01, duty=0.25)
+    assert shadow.pause_after(0.1) == pytest.approx(0.3)  # a round of 0.1 s: 0.3 s of pause, 25% of the time in rounds
+    assert shadow.pause_after(0.001) == pytest.approx(0.01)  # never less than interval_s
+    assert ShadowSync([torch.zeros(3)], make_rule("ma", 1), lambda: None).pause_after(0.1) == 0  # duty 1: back to back
+    with pytest.raises(ValueError, match="sync.duty=0"):
+        ShadowSync([torch.zeros(3)], make_rule("ma", 1), lambda: None, duty=0)
+
+
+class _AddOne:
+    """A rule whose every round moves the parameters by +1."""
+
+    def target(self, x, all_reduce_sum):
+        return all_reduce_sum(x) + 1
+
+
+def _rank_abandoned(rank, world_size):
+    import threading
+
+    params = [torch.zeros(5, dtype=torch.float64)]
+    group = dist.new_group([0])
+    shadow = ShadowSync(params, _AddOne(), lambda: group)
+    in_round, release = threading.Event(), threading.Event()
+
+    def hold(round_index, copy):  # the round waits here while its sync is abandoned (as after a failure)
+        in_round.set()
+        release.wait(30)
+
+    shadow.between = hold
+    shadow.start()
+    assert in_round.wait(30)
+    threading.Timer(0.2, release.set).start()
+    assert shadow.abandon(timeout_s=30)
+    assert torch.equal(params[0], torch.zeros(5, dtype=torch.float64))  # the round in flight added nothing
+    assert shadow.error is None and not shadow.running
+    shadow.between = None
+    shadow.start()  # rounds start again (after a rebuild: on the new group)
+    time.sleep(0.05)
+    shadow.stop(timeout_s=30)
+    assert shadow.rounds >= 1 and torch.equal(params[0], torch.full((5,), float(shadow.rounds), dtype=torch.float64))
+
+
+def test_an_abandoned_round_never_adds_and_the_rounds_restart():
+    run_multi_process(_rank_abandoned, world_size=1)
+
+
 def _rank_train(rank, world_size, out, overrides):
     from dist_rec.config import load_config
     from dist_rec.train import Environment, train
