@@ -20,7 +20,9 @@ with ``tc`` (``--rate``, ``--delay-ms``). Variants (``sync.dense`` /
   the 2D ceiling);
 * ``*_i50``: background rounds at least 50 ms apart; ``*_d50``, ``*_d25``:
   paced so that rounds take at most 50% / 25% of the time (``sync.duty``);
-  ``bmuf_fg10``: BMUF in the foreground every 10 steps.
+  ``bmuf_fg10``: BMUF in the foreground every 10 steps; ``*_fg3``: the
+  rules in the foreground every 3 steps (the round rate the background
+  reaches at the default ``sync.duty``).
 
 Reported per run: examples/s (the trainer's summary), eval AUC and NE at the
 end (the same steps, so the same examples), and the background rounds per
@@ -57,7 +59,7 @@ VARIANTS = {
     "ma_fg10": ["sync.dense=ma", "sync.mode=foreground", "sync.every=10"],
     "ma_bg": ["sync.dense=ma", "sync.mode=background"],
     "easgd_bg": ["sync.dense=easgd", "sync.mode=background"],
-    "bmuf_bg": ["sync.dense=bmuf", "sync.mode=background"],
+    "bmuf_bg": ["sync.dense=bmuf", "sync.mode=background", "sync.every=3"],  # a round per block of 3 steps at most
     # 2D embedding replicas (2 replica groups; 4 or more processes), dense layers under DDP:
     "emb_fg": ["sharding.replicas=2", "sharding.sync_every=1"],
     "emb_fg10": ["sharding.replicas=2", "sharding.sync_every=10"],
@@ -73,6 +75,9 @@ for _name in ("ma_bg", "easgd_bg", "bmuf_bg", "emb_bg"):
     VARIANTS[_name + "_d50"] = [*VARIANTS[_name], "sync.duty=0.5"]
     VARIANTS[_name + "_d25"] = [*VARIANTS[_name], "sync.duty=0.25"]
 VARIANTS["bmuf_fg10"] = ["sync.dense=bmuf", "sync.mode=foreground", "sync.every=10"]
+# The foreground rules every 3 steps: the round rate the background rounds reach at the default duty (0.25).
+for _name in ("ma", "easgd", "bmuf"):
+    VARIANTS[f"{_name}_fg3"] = [f"sync.dense={_name}", "sync.mode=foreground", "sync.every=3"]
 
 
 

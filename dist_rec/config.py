@@ -564,7 +564,11 @@ class SyncConfig:
         mode: "background" (ShadowSync: rounds in a thread of their own,
             never on the training thread) or "foreground" (every ``every``
             steps, on the training thread).
-        every: the foreground interval in steps.
+        every: foreground: the interval in steps; background: the least
+            optimizer steps between two rounds' starts (BMUF's block: its
+            momentum is meant per block of steps; background BMUF at 1.2
+            rounds per step reached AUC 0.68 on the main job, at one round
+            per 3 steps 0.814).
         interval_s: background: least pause between rounds (0: back to back).
         duty: background: the largest share of wall time spent in rounds,
             in (0, 1]: after a round of t seconds the next waits
@@ -583,7 +587,7 @@ class SyncConfig:
     mode: str = "background"
     every: int = 1
     interval_s: float = 0.0
-    duty: float = 1.0
+    duty: float = 0.25
     alpha: float = 0.25
     block_momentum: float = 0.875
     block_lr: float = 1.0

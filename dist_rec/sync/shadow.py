@@ -106,20 +106,29 @@ class ShadowSync:
         rule: a ``rules`` object (``target(x, all_reduce_sum)``).
         group: returns the replicas' process group (its own, not the
             training thread's).
-        interval_s: pause between rounds (0: back to back, as fast as the
-            link allows).
+        interval_s: least pause between rounds (0: back to back, as fast as
+            the link allows).
+        duty: the largest share of wall time in rounds (see ``pause_after``).
         kind: the name its traffic is counted under (``COMM_STATS``).
+        min_steps: a round starts only once this many optimizer steps
+            (``stepped``) were made since the last one started: BMUF's
+            block, whose momentum is meant per block of steps. (Default: 1,
+            rounds never wait for steps.)
     """
 
     def __init__(self, tensors, rule, group: Callable[[], Optional[dist.ProcessGroup]], interval_s: float = 0.0,
-                 duty: float = 1.0, kind: str = "shadow_sync") -> None:  # fmt: skip
+                 duty: float = 1.0, kind: str = "shadow_sync", min_steps: int = 1) -> None:  # fmt: skip
         if not 0.0 < duty <= 1.0:
             raise ValueError(f"Invalid sync.duty={duty}. Must be in (0, 1] (the share of time spent in rounds).")
         if interval_s < 0:
             raise ValueError(f"Invalid sync.interval_s={interval_s}. Must be >= 0.")
         self._rounds = tensors if isinstance(tensors, _Rounds) else _Rounds(tensors, rule, group, kind)
         self.lock = self._rounds.lock
-        self.interval_s, self.duty = float(interval_s), float(duty)
+        if min_steps < 1:
+            raise ValueError(f"Invalid sync.every={min_steps}. Must be >= 1.")
+        self.interval_s, self.duty, self.min_steps = float(interval_s), float(duty), int(min_steps)
+        self._steps = self._round_steps = 0  # optimizer steps (``stepped``), and their count at the last round's start
+        self._stepped = threading.Condition()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._generation = 0  # a round adds only if its thread is still the current one (``abandon``)
@@ -157,6 +166,7 @@ class ShadowSync:
         """Asks every replica to stop after the next round, and waits for it
         (raises the thread's error, if it failed)."""
         self._stop.set()
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
@@ -174,6 +184,7 @@ class ShadowSync:
         with self.lock:
             self._generation += 1  # under the lock: no add of the old thread can follow
         self._stop.set()
+        self._wake()
         ended = True
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -181,6 +192,26 @@ class ShadowSync:
             self._thread = None
         self.error = None
         return ended
+
+    def stepped(self) -> None:
+        """The trainer made an optimizer step (rounds wait for ``min_steps`` of them)."""
+        with self._stepped:
+            self._steps += 1
+            self._stepped.notify_all()
+
+    def _wake(self) -> None:
+        with self._stepped:
+            self._stepped.notify_all()
+
+    def _wait_for_steps(self) -> None:
+        """With ``min_steps`` > 1, a round starts once that many optimizer
+        steps were made since the last one started (BMUF's block), or at a
+        stop; with 1, rounds do not wait for steps."""
+        if self.min_steps <= 1:
+            return
+        with self._stepped:
+            self._stepped.wait_for(lambda: self._stop.is_set() or self._steps - self._round_steps >= self.min_steps)
+            self._round_steps = self._steps
 
     def guard(self, step: Callable[[], object]) -> Callable[[], object]:
         """``step`` (the optimizer's) run under the lock: a round never copies
@@ -235,6 +266,7 @@ class ShadowSync:
     def _run(self, group, generation: int) -> None:
         try:
             while True:
+                self._wait_for_steps()
                 if not self.run_round(group, generation, stop=self._stop.is_set()):
                     return
                 pause = self.pause_after(self.busy_s)

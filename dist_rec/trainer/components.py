@@ -106,7 +106,7 @@ class DenseSync:
         self.rule = self._new_rule()
         if s.mode == "background":
             self.sync = ShadowSync(self.params, self.rule, self._group, interval_s=s.interval_s, duty=s.duty,
-                                   kind="dense_sync")  # fmt: skip
+                                   kind="dense_sync", min_steps=s.every)  # fmt: skip
         else:
             self.sync = ForegroundSync(self.params, self.rule, self._group, every=s.every, kind="dense_sync")
         self._started = False
@@ -162,7 +162,9 @@ class DenseSync:
         return self.sync.quiesced() if self.background else contextlib.nullcontext()
 
     def after_optimizer_step(self) -> None:
-        if not self.background:
+        if self.background:
+            self.sync.stepped()  # a background round waits for sync.every steps (BMUF's block)
+        else:
             self.sync.after_optimizer_step()
 
     def stop(self) -> None:

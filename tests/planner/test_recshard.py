@@ -150,9 +150,55 @@ def test_a_thousand_tables_get_a_plan_within_the_time_limit():
     total = sum(d.num_rows * d.row_bytes for d in demands)
     result = plan_recshard(demands, 4, TIERS, fast_bytes=total // 40, slow_bytes=total // 3, grid=10, time_limit_s=20)
     assert len(result.plan.tables) == 1000
-    assert result.method in ("milp", "greedy")
+    assert result.method in ("milp_decomposed", "greedy")  # 44k binaries on 4 ranks: solved in parts
     greedy = plan_recshard(demands, 4, TIERS, fast_bytes=total // 40, slow_bytes=total // 3, use_milp=False)
     assert result.max_rank_cost_s <= greedy.max_rank_cost_s * (1 + 1e-9)
+
+
+def _lower_bound(result):
+    """The decomposition's lower bound, from its status ("within G% of the lower bound")."""
+    import re
+
+    gap = float(re.search(r"within ([0-9.]+)% of the lower bound", result.status).group(1)) / 100
+    return result.candidate_costs_s["milp_decomposed"] * (1 - gap)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_solved_in_parts_the_plan_and_its_lower_bound_bracket_the_optimum(seed, monkeypatch):
+    import dist_rec.planner.recshard as recshard
+
+    monkeypatch.setattr(recshard, "MAX_JOINT_BINARIES", 0)  # small enough for brute force, solved in parts
+    rng = np.random.default_rng(100 + seed)
+    demands = [
+        demand(f"t{i}", int(rng.integers(50, 400)), int(rng.choice([4, 8, 16])), float(rng.uniform(100, 2000)),
+               float(rng.uniform(0.6, 1.4)), seed * 10 + i, unused=float(rng.uniform(0, 0.5)))
+        for i in range(4)
+    ]  # fmt: skip
+    total = sum(d.num_rows * d.row_bytes for d in demands)
+    fast_cap, slow_cap = [int(total * rng.uniform(0.05, 0.3))] * 2, [int(total * rng.uniform(0.6, 1.0))] * 2
+    result = plan_recshard(demands, 2, TIERS, fast_bytes=fast_cap, slow_bytes=slow_cap, grid=3)
+    optimum = brute_force(demands, 2, fast_cap, slow_cap, grid=3)
+    assert "milp_decomposed" in result.candidate_costs_s, result.status
+    assert _lower_bound(result) <= optimum * (1 + 1e-6) <= result.candidate_costs_s["milp_decomposed"] * (1 + 2e-6)
+    for g in range(2):
+        mine = [d for d in demands if result.rank_of[d.name] == g]
+        assert sum(result.hot_rows[d.name] * d.row_bytes for d in mine) <= fast_cap[g]
+        assert sum((d.num_rows - result.hot_rows[d.name]) * d.row_bytes for d in mine) <= slow_cap[g]
+
+
+def test_a_thousand_tables_on_eight_ranks_land_close_to_the_lower_bound():
+    rng = np.random.default_rng(1)
+    demands = [
+        demand(f"t{i}", int(rng.integers(100, 3000)), 8, float(rng.uniform(10, 1000)), float(rng.uniform(0.5, 1.3)), i,
+               unused=float(rng.uniform(0, 0.9)))
+        for i in range(1000)
+    ]  # fmt: skip
+    total = sum(d.num_rows * d.row_bytes for d in demands)
+    kwargs = dict(fast_bytes=total // 80, slow_bytes=total // 4)
+    result = plan_recshard(demands, 8, TIERS, grid=20, time_limit_s=60, **kwargs)
+    greedy = plan_recshard(demands, 8, TIERS, use_milp=False, **kwargs)
+    assert result.status.startswith("decomposed") and result.max_rank_cost_s <= greedy.max_rank_cost_s * (1 + 1e-9)
+    assert _lower_bound(result) >= 0.95 * result.candidate_costs_s["milp_decomposed"], result.status
 
 
 def test_rows_a_sample_never_saw_keep_the_tail_its_singletons_predict():

@@ -119,6 +119,29 @@ def test_the_duty_cycle_paces_the_rounds():
         ShadowSync([torch.zeros(3)], make_rule("ma", 1), lambda: None, duty=0)
 
 
+def _rank_blocks(rank, world_size):
+    import threading
+
+    params = [torch.zeros(4, dtype=torch.float64)]
+    group = dist.new_group(list(range(world_size)))
+    shadow = ShadowSync(params, make_rule("ma", world_size), lambda: group, min_steps=3)
+    started = []
+    shadow.between = lambda round_index, copy: started.append(shadow._round_steps)  # the steps its wait saw
+    shadow.start()
+    for _ in range(10):  # ten optimizer steps, 20 ms apart
+        time.sleep(0.02)
+        shadow.stepped()
+    time.sleep(0.1)
+    shadow.stop(timeout_s=30)
+    # A round once every block of 3 steps at most (under load a wake-up may come a step late), none between;
+    # the stop ends the wait for a block that never comes.
+    assert 2 <= len(started) <= 3 and all(b - a >= 3 for a, b in zip([0, *started], started)), started
+
+
+def test_background_rounds_wait_for_a_block_of_steps():
+    run_multi_process(_rank_blocks, world_size=2)
+
+
 class _AddOne:
     """A rule whose every round moves the parameters by +1."""
 
