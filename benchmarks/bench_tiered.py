@@ -864,6 +864,8 @@ def _markdown(data: Dict) -> str:
     if data.get("milp"):
         milp_rows = [[m["tables"], m["world_size"], f"{m['binaries']:,}", m["method"], m["status"],
                       f"**{m['solve_s']:.2f}**"] for m in data["milp"]]  # fmt: skip
+        if data.get("milp_argv"):
+            lines += [f"MILP timings measured again later: `{command_line(__file__, data['milp_argv'])}`.", ""]
         lines += [
             f"RecShard's MILP on synthetic demands (Kaggle-like sizes x 0.25-4, Zipf 1.05-1.3 over 5-100% of the rows, "
             f"pooling 1-20; DRAM {a['milp_fast_share']:.0%} of the rows' bytes; `time_limit_s={a['milp_time_limit']:g}`; "
@@ -903,6 +905,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--milp-tables", type=int, nargs="*", default=[26, 1000], help="synthetic MILP sizes (none: skip)")
     parser.add_argument("--milp-world-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--milp-time-limit", type=float, default=60.0)
+    parser.add_argument("--milp-only", action="store_true",
+                        help="with --from-json: measure the MILP's timings again into that file, keep its variants'")
     parser.add_argument("--milp-fast-share", type=float, default=0.1, help="synthetic DRAM budget, share of the rows' bytes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=REPO / ".bench_tiered",
@@ -965,6 +969,14 @@ def main(argv=None) -> None:
     shown = list(argv if argv is not None else sys.argv[1:])
     if args.from_json:  # the run's own command line, machine and load are what the page quotes
         data = json.loads(args.from_json.read_text())
+        if args.milp_only:  # the MILP's timings measured again; the variants' figures stay the run's
+            from dist_rec.planner.tiers import TierModel
+
+            tiers = TierModel.load_or_calibrate(args.dir.resolve() / "tiers.json", directory=args.dir.resolve())
+            for key in ("milp_tables", "milp_world_sizes", "milp_time_limit", "milp_fast_share", "grid", "seed"):
+                data["args"][key] = getattr(args, key)
+            data["milp"], data["milp_argv"] = milp_timings(args, tiers), shown
+            args.from_json.write_text(json.dumps(data, indent=1, default=float))
     else:
         load = warn_if_busy()
         data = run(args, shown, load)

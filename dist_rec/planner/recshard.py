@@ -119,6 +119,7 @@ class RecShardResult:
     solve_s: float
     status: str  # the solver's: "optimal", a time limit with its gap, or why it found nothing
     candidate_costs_s: Dict[str, float] = field(default_factory=dict)  # slowest rank's cost of each plan tried
+    lower_bound_s: Optional[float] = None  # no plan on the grid beats it (solved in parts: ``_solve_decomposed``)
 
     @property
     def max_rank_cost_s(self) -> float:
@@ -130,6 +131,7 @@ class RecShardResult:
             "status": self.status,
             "solve_s": self.solve_s,
             "candidate_costs_ms": {k: 1e3 * v for k, v in self.candidate_costs_s.items()},
+            "lower_bound_ms": None if self.lower_bound_s is None else 1e3 * self.lower_bound_s,
             "rank_cost_ms": [1e3 * c for c in self.rank_cost_s],
             "slow_reads_per_batch": self.slow_reads_per_batch,
             "hot_rows": dict(self.hot_rows),
@@ -254,13 +256,17 @@ def plan_recshard(
     fast_cap, slow_cap = _capacities(tiers, fast, slow, world_size, fast_bytes, slow_bytes)
     _check_fits(demands, fast, slow, fast_cap, slow_cap)
     started = time.perf_counter()
+    lower_bound = None
     greedy = _greedy_choice(demands, world_size, fast, slow, fast_cap, slow_cap)
     candidates = {"greedy": _max_cost(greedy, demands, world_size, fast, slow)}
     best, method, status = greedy, "greedy", "greedy"
     if use_milp and demands:
         binaries = world_size * sum(len(_candidates(d, grid)) for d in demands)
         if world_size > 1 and binaries > MAX_JOINT_BINARIES:
-            solved, status = _solve_decomposed(demands, world_size, fast, slow, fast_cap, slow_cap, grid, time_limit_s)
+            bound: List[float] = []
+            solved, status = _solve_decomposed(demands, world_size, fast, slow, fast_cap, slow_cap, grid, time_limit_s,
+                                               bound=bound)  # fmt: skip
+            lower_bound = bound[0] if bound else None
             name = "milp_decomposed"
         else:
             solved, status = _solve_milp(demands, world_size, fast, slow, fast_cap, slow_cap, grid, time_limit_s)
@@ -274,6 +280,7 @@ def plan_recshard(
     best = _trim_unread_hot_rows(best, demands, world_size, slow_cap)
     result = _result(best, demands, world_size, fast, slow, method, status, time.perf_counter() - started)
     result.candidate_costs_s = candidates
+    result.lower_bound_s = lower_bound
     return result
 
 
@@ -388,7 +395,15 @@ def _solve_milp(demands, world_size, fast, slow, fast_cap, slow_cap, grid, time_
     return choice, status
 
 
-def _solve_decomposed(demands, world_size, fast, slow, fast_cap, slow_cap, grid, time_limit_s):
+def _cheapest_on_one_rank(d: TableDemand, grid: int, fast: str, slow: str, fast_bytes: int, slow_bytes: int) -> float:
+    """The table's lowest cost on a rank of these budgets (alone on it): no
+    plan's slowest rank costs less."""
+    costs = [d.cost(hot, fast, slow) for hot in _candidates(d, grid)
+             if hot * d.row_bytes <= fast_bytes and (d.num_rows - hot) * d.row_bytes <= slow_bytes]  # fmt: skip
+    return min(costs, default=0.0)
+
+
+def _solve_decomposed(demands, world_size, fast, slow, fast_cap, slow_cap, grid, time_limit_s, bound=None):
     """The joint MILP in three parts, with a lower bound on its optimum:
 
     1. **Pooled:** one MILP over a single rank holding every rank's fast
@@ -401,18 +416,22 @@ def _solve_decomposed(demands, world_size, fast, slow, fast_cap, slow_cap, grid,
        where its bytes fit at all).
     3. **Per rank:** one MILP per rank re-picks its tables' hot rows under
        that rank's own budgets.
+    4. **Rebalance:** while time is left, a table moves from the costliest
+       rank to the cheapest (the one whose cost is nearest half their
+       difference, of three tried) when the two ranks' MILPs then give a
+       lower maximum.
 
-    The status gives the plan's distance from the bound."""
+    The status gives the plan's distance from the bound; ``bound`` (a
+    list) receives the bound (seconds)."""
     started = time.perf_counter()
-    bound: List[float] = []
+    pooled_bound: List[float] = []
     pooled, pooled_status = _solve_milp(demands, 1, fast, slow, [sum(fast_cap)], [sum(slow_cap)], grid,
-                                        time_limit_s / 2, bound=bound)  # fmt: skip
+                                        time_limit_s / 2, bound=pooled_bound)  # fmt: skip
     if pooled is None:
         return None, f"pooled MILP: {pooled_status}"
-    lower = bound[0] / world_size if bound else 0.0
-    cheapest = max((min(d.cost(hot, fast, slow) for hot in _candidates(d, grid)
-                        if hot * d.row_bytes <= max(fast_cap) and (d.num_rows - hot) * d.row_bytes <= max(slow_cap)),
-                    default=0.0) for d in demands)  # fmt: skip
+    lower = pooled_bound[0] / world_size if pooled_bound else 0.0
+    cheapest = max((_cheapest_on_one_rank(d, grid, fast, slow, max(fast_cap), max(slow_cap)) for d in demands),
+                   default=0.0)  # fmt: skip
     lower = max(lower, cheapest)
     # 2. Assignment (longest processing time first, on the pooled costs).
     load = [0.0] * world_size
@@ -432,20 +451,48 @@ def _solve_decomposed(demands, world_size, fast, slow, fast_cap, slow_cap, grid,
         fast_left[g] -= taken_fast
         slow_left[g] -= hot_b + cold_b - taken_fast
     # 3. Hot rows per rank under its own budgets.
-    choice: Dict[str, tuple] = {}
-    for g in range(world_size):
-        mine = [d for d in demands if rank_of[d.name] == g]
+    deadline = started + time_limit_s
+
+    def solve_rank(g, names):
+        mine = [d for d in demands if d.name in names]
         if not mine:
-            continue
-        left = max(1.0, time_limit_s - (time.perf_counter() - started)) / (world_size - g)
-        solved, status = _solve_milp(mine, 1, fast, slow, [fast_cap[g]], [slow_cap[g]], grid, left)
+            return {}, 0.0
+        left = max(0.5, deadline - time.perf_counter()) / 4
+        solved, _ = _solve_milp(mine, 1, fast, slow, [fast_cap[g]], [slow_cap[g]], grid, left)
         if solved is None:
             solved = _fill_fast(mine, {d.name: 0 for d in mine}, 1, fast, slow, [fast_cap[g]], [slow_cap[g]])
         if solved is None:
-            return None, f"decomposed: rank {g}'s tables do not fit its budgets ({status})"
+            return None, math.inf
+        return solved, sum(d.cost(solved[d.name][1], fast, slow) for d in mine)
+
+    members = [{name for name, g in rank_of.items() if g == r} for r in range(world_size)]
+    per_rank = [solve_rank(g, members[g]) for g in range(world_size)]
+    if any(solved is None for solved, _ in per_rank):
+        return None, "decomposed: a rank's tables do not fit its budgets"
+    # 4. Rebalance: a table moves from the costliest rank to the cheapest while that lowers the pair's maximum.
+    by_name = {d.name: d for d in demands}
+    while time.perf_counter() < deadline:
+        costs = [c for _, c in per_rank]
+        hi, lo = max(range(world_size), key=costs.__getitem__), min(range(world_size), key=costs.__getitem__)
+        half = (costs[hi] - costs[lo]) / 2
+        if half <= 1e-9 * costs[hi]:
+            break
+        tried = sorted(members[hi], key=lambda n: abs(by_name[n].cost(per_rank[hi][0][n][1], fast, slow) - half))[:3]
+        for name in tried:
+            moved_hi, moved_lo = members[hi] - {name}, members[lo] | {name}
+            new_hi, new_lo = solve_rank(hi, moved_hi), solve_rank(lo, moved_lo)
+            if new_hi[0] is not None and new_lo[0] is not None and max(new_hi[1], new_lo[1]) < costs[hi] * (1 - 1e-9):
+                members[hi], members[lo], per_rank[hi], per_rank[lo] = moved_hi, moved_lo, new_hi, new_lo
+                break
+        else:
+            break
+    choice: Dict[str, tuple] = {}
+    for g, (solved, _) in enumerate(per_rank):
         choice.update({name: (g, hot) for name, (_, hot) in solved.items()})
     worst = _max_cost(choice, demands, world_size, fast, slow)
     gap = (worst - lower) / worst if worst > 0 else 0.0
+    if bound is not None:
+        bound.append(lower)
     return choice, f"decomposed, within {gap:.2%} of the lower bound"
 
 

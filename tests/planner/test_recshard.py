@@ -155,14 +155,6 @@ def test_a_thousand_tables_get_a_plan_within_the_time_limit():
     assert result.max_rank_cost_s <= greedy.max_rank_cost_s * (1 + 1e-9)
 
 
-def _lower_bound(result):
-    """The decomposition's lower bound, from its status ("within G% of the lower bound")."""
-    import re
-
-    gap = float(re.search(r"within ([0-9.]+)% of the lower bound", result.status).group(1)) / 100
-    return result.candidate_costs_s["milp_decomposed"] * (1 - gap)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_solved_in_parts_the_plan_and_its_lower_bound_bracket_the_optimum(seed, monkeypatch):
     import dist_rec.planner.recshard as recshard
@@ -179,7 +171,7 @@ def test_solved_in_parts_the_plan_and_its_lower_bound_bracket_the_optimum(seed, 
     result = plan_recshard(demands, 2, TIERS, fast_bytes=fast_cap, slow_bytes=slow_cap, grid=3)
     optimum = brute_force(demands, 2, fast_cap, slow_cap, grid=3)
     assert "milp_decomposed" in result.candidate_costs_s, result.status
-    assert _lower_bound(result) <= optimum * (1 + 1e-6) <= result.candidate_costs_s["milp_decomposed"] * (1 + 2e-6)
+    assert result.lower_bound_s <= optimum * (1 + 1e-6) <= result.candidate_costs_s["milp_decomposed"] * (1 + 2e-6)
     for g in range(2):
         mine = [d for d in demands if result.rank_of[d.name] == g]
         assert sum(result.hot_rows[d.name] * d.row_bytes for d in mine) <= fast_cap[g]
@@ -198,7 +190,7 @@ def test_a_thousand_tables_on_eight_ranks_land_close_to_the_lower_bound():
     result = plan_recshard(demands, 8, TIERS, grid=20, time_limit_s=60, **kwargs)
     greedy = plan_recshard(demands, 8, TIERS, use_milp=False, **kwargs)
     assert result.status.startswith("decomposed") and result.max_rank_cost_s <= greedy.max_rank_cost_s * (1 + 1e-9)
-    assert _lower_bound(result) >= 0.95 * result.candidate_costs_s["milp_decomposed"], result.status
+    assert result.lower_bound_s >= 0.95 * result.candidate_costs_s["milp_decomposed"], result.status
 
 
 def test_rows_a_sample_never_saw_keep_the_tail_its_singletons_predict():
