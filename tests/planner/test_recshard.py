@@ -50,14 +50,27 @@ def brute_force(demands, world, fast_cap, slow_cap, grid):
     return best
 
 
+def assert_within_budgets(result, demands, fast_cap, slow_cap):
+    """Each rank's hot rows fit its fast budget, the rest its slow one."""
+    for g in range(len(fast_cap)):
+        mine = [d for d in demands if result.rank_of[d.name] == g]
+        assert sum(result.hot_rows[d.name] * d.row_bytes for d in mine) <= fast_cap[g]
+        assert sum((d.num_rows - result.hot_rows[d.name]) * d.row_bytes for d in mine) <= slow_cap[g]
+
+
+def small_instance(rng, seed, tables):
+    """``tables`` random small demands: brute force can check their plans."""
+    return [
+        demand(f"t{i}", int(rng.integers(50, 400)), int(rng.choice([4, 8, 16])), float(rng.uniform(100, 2000)),
+               float(rng.uniform(0.6, 1.4)), seed * 10 + i, unused=float(rng.uniform(0, 0.5)))
+        for i in range(tables)
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_milp_placement_is_optimal_on_small_instances(seed):
     rng = np.random.default_rng(seed)
-    demands = [
-        demand(f"t{i}", int(rng.integers(50, 400)), int(rng.choice([4, 8, 16])), float(rng.uniform(100, 2000)),
-               float(rng.uniform(0.6, 1.4)), seed * 10 + i, unused=float(rng.uniform(0, 0.5)))
-        for i in range(3)
-    ]  # fmt: skip
+    demands = small_instance(rng, seed, 3)
     total = sum(d.num_rows * d.row_bytes for d in demands)
     fast_cap = [int(total * rng.uniform(0.05, 0.3))] * 2
     slow_cap = [int(total * rng.uniform(0.6, 1.0))] * 2
@@ -67,11 +80,7 @@ def test_the_milp_placement_is_optimal_on_small_instances(seed):
     assert result.candidate_costs_s["milp"] == pytest.approx(expected, rel=1e-5)
     # The greedy plan (finer steps than the grid) is kept only when it is better still.
     assert result.max_rank_cost_s <= expected * (1 + 1e-5)
-    # The plan respects each rank's budgets.
-    for g in range(2):
-        mine = [d for d in demands if result.rank_of[d.name] == g]
-        assert sum(result.hot_rows[d.name] * d.row_bytes for d in mine) <= fast_cap[g]
-        assert sum((d.num_rows - result.hot_rows[d.name]) * d.row_bytes for d in mine) <= slow_cap[g]
+    assert_within_budgets(result, demands, fast_cap, slow_cap)
 
 
 def test_the_greedy_plan_is_feasible_and_never_better_than_the_milp():
@@ -161,21 +170,14 @@ def test_solved_in_parts_the_plan_and_its_lower_bound_bracket_the_optimum(seed, 
 
     monkeypatch.setattr(recshard, "MAX_JOINT_BINARIES", 0)  # small enough for brute force, solved in parts
     rng = np.random.default_rng(100 + seed)
-    demands = [
-        demand(f"t{i}", int(rng.integers(50, 400)), int(rng.choice([4, 8, 16])), float(rng.uniform(100, 2000)),
-               float(rng.uniform(0.6, 1.4)), seed * 10 + i, unused=float(rng.uniform(0, 0.5)))
-        for i in range(4)
-    ]  # fmt: skip
+    demands = small_instance(rng, seed, 4)
     total = sum(d.num_rows * d.row_bytes for d in demands)
     fast_cap, slow_cap = [int(total * rng.uniform(0.05, 0.3))] * 2, [int(total * rng.uniform(0.6, 1.0))] * 2
     result = plan_recshard(demands, 2, TIERS, fast_bytes=fast_cap, slow_bytes=slow_cap, grid=3)
     optimum = brute_force(demands, 2, fast_cap, slow_cap, grid=3)
     assert "milp_decomposed" in result.candidate_costs_s, result.status
     assert result.lower_bound_s <= optimum * (1 + 1e-6) <= result.candidate_costs_s["milp_decomposed"] * (1 + 2e-6)
-    for g in range(2):
-        mine = [d for d in demands if result.rank_of[d.name] == g]
-        assert sum(result.hot_rows[d.name] * d.row_bytes for d in mine) <= fast_cap[g]
-        assert sum((d.num_rows - result.hot_rows[d.name]) * d.row_bytes for d in mine) <= slow_cap[g]
+    assert_within_budgets(result, demands, fast_cap, slow_cap)
 
 
 def test_a_thousand_tables_on_eight_ranks_land_close_to_the_lower_bound():
