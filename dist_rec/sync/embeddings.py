@@ -41,10 +41,10 @@ from dist_rec.checkpoint.snapshot import RowTracker
 from dist_rec.optim.fused import MomentumScaledRowWiseAdagrad
 from dist_rec.placement import InMemoryStorage
 from dist_rec.sync.rules import ModelAveraging
-from dist_rec.sync.shadow import ShadowSync, _Rounds
+from dist_rec.sync.shadow import Rounds, ShadowSync
 
 
-class TouchedRows(_Rounds):
+class TouchedRows(Rounds):
     """Rounds over the rows of ``shards`` (``LocalShard``s) that some replica
     touched since the last round (see the module docstring); every row in
     the first round after a ``restart``.
@@ -67,6 +67,11 @@ class TouchedRows(_Rounds):
 
     def restart(self) -> None:
         self.full = True
+
+    def rows_per_round(self) -> float:
+        """The share of the rows a round moved, on average so far."""
+        every_row = sum(local.shard.num_rows for local in self.shards)
+        return self.rows_moved / max(1, self.rounds) / max(1, every_row)
 
     def select(self, group) -> None:
         """Swaps the marks for fresh ones and takes their union over the

@@ -47,8 +47,9 @@ import torch.distributed as dist
 from dist_rec.sharding.comm import COMM_STATS
 
 
-class _Rounds:
-    """The flat copy and the apply shared by both modes."""
+class Rounds:
+    """What a round moves, for both modes: every element of ``tensors``,
+    as one flat copy (``embeddings.TouchedRows`` moves a chosen subset)."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], rule, group: Callable[[], Optional[dist.ProcessGroup]], kind: str) -> None:
         self.tensors: List[torch.Tensor] = [t for t in tensors]
@@ -102,7 +103,8 @@ class ShadowSync:
     parameters, updated in place) on ``group()`` (asked at the start).
 
     Args:
-        tensors: the parameters (one floating dtype).
+        tensors: the parameters (one floating dtype), or a ``Rounds`` that
+            says what a round moves (then ``rule`` and ``group`` are its).
         rule: a ``rules`` object (``target(x, all_reduce_sum)``).
         group: returns the replicas' process group (its own, not the
             training thread's).
@@ -122,10 +124,10 @@ class ShadowSync:
             raise ValueError(f"Invalid sync.duty={duty}. Must be in (0, 1] (the share of time spent in rounds).")
         if interval_s < 0:
             raise ValueError(f"Invalid sync.interval_s={interval_s}. Must be >= 0.")
-        self._rounds = tensors if isinstance(tensors, _Rounds) else _Rounds(tensors, rule, group, kind)
-        self.lock = self._rounds.lock
         if min_steps < 1:
             raise ValueError(f"Invalid sync.every={min_steps}. Must be >= 1.")
+        self._rounds = tensors if isinstance(tensors, Rounds) else Rounds(tensors, rule, group, kind)
+        self.lock = self._rounds.lock
         self.interval_s, self.duty, self.min_steps = float(interval_s), float(duty), int(min_steps)
         self._steps = self._round_steps = 0  # optimizer steps (``stepped``), and their count at the last round's start
         self._stepped = threading.Condition()
@@ -163,8 +165,9 @@ class ShadowSync:
         self._thread.start()
 
     def stop(self, timeout_s: Optional[float] = None) -> None:
-        """Asks every replica to stop after the next round, and waits for it
-        (raises the thread's error, if it failed)."""
+        """Asks every replica to stop (agreed at the start of the next round,
+        whose work is then skipped everywhere) and waits for it (raises the
+        thread's error, if it failed)."""
         self._stop.set()
         self._wake()
         if self._thread is not None:
@@ -286,7 +289,7 @@ class ForegroundSync:
                  every: int = 1, kind: str = "foreground_sync") -> None:  # fmt: skip
         if every < 1:
             raise ValueError(f"Invalid sync.every={every}. Must be >= 1.")
-        self._rounds = _Rounds(tensors, rule, group, kind)
+        self._rounds = Rounds(tensors, rule, group, kind)
         self.every = int(every)
         self._steps = 0
         self.round_seconds = 0.0

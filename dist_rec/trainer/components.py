@@ -96,7 +96,7 @@ class DenseSync:
     with a fresh rule for the group's size)."""
 
     def __init__(self, config, params, process_groups) -> None:
-        from dist_rec.sync import ForegroundSync, ShadowSync
+        from dist_rec.sync import ShadowSync
 
         s = self._settings = config.sync
         self.name, self.mode = s.dense, s.mode
@@ -108,7 +108,7 @@ class DenseSync:
             self.sync = ShadowSync(self.params, self.rule, self._group, interval_s=s.interval_s, duty=s.duty,
                                    kind="dense_sync", min_steps=s.every)  # fmt: skip
         else:
-            self.sync = ForegroundSync(self.params, self.rule, self._group, every=s.every, kind="dense_sync")
+            self.sync = self._foreground()
         self._started = False
         self._earlier_rounds, self._earlier_seconds = 0, 0.0  # foreground syncs of earlier epochs
 
@@ -119,6 +119,11 @@ class DenseSync:
     @property
     def rounds(self) -> int:
         return self._earlier_rounds + self.sync.rounds
+
+    def _foreground(self):
+        from dist_rec.sync import ForegroundSync
+
+        return ForegroundSync(self.params, self.rule, self._group, every=self._settings.every, kind="dense_sync")
 
     def _new_rule(self, start: Optional[torch.Tensor] = None):
         from dist_rec.sync import make_rule
@@ -148,12 +153,9 @@ class DenseSync:
             if dist.get_world_size(group) > 1:  # a group of one (a degraded epoch) has nothing to agree
                 self.sync.start(rule=self.rule)
         else:  # its step count starts over on every rank of the epoch (a replacement's is 0)
-            from dist_rec.sync import ForegroundSync
-
             self._earlier_rounds += self.sync.rounds
             self._earlier_seconds += self.sync.round_seconds
-            self.sync = ForegroundSync(self.params, self.rule, self._group, every=self._settings.every,
-                                       kind="dense_sync")  # fmt: skip
+            self.sync = self._foreground()
 
     def guard(self, step: Callable[[], object]) -> Callable[[], object]:
         return self.sync.guard(step) if self.background else step
@@ -279,11 +281,10 @@ class EmbeddingSync:
         return self.replicas.quiesced()
 
     def report(self, steps: int) -> dict:
-        sync, rows = self.replicas.sync, self.replicas.rows
-        every_row = sum(local.shard.num_rows for local in rows.shards)
+        sync = self.replicas.sync
         return {"rounds": sync.rounds, "rounds_per_step": round(sync.rounds / max(1, steps), 3),
                 "seconds_in_rounds": round(sync.round_seconds, 2),
-                "rows_per_round": round(rows.rows_moved / max(1, sync.rounds) / max(1, every_row), 4)}  # fmt: skip
+                "rows_per_round": round(self.replicas.rows.rows_per_round(), 4)}  # fmt: skip
 
 
 class NullEmbeddingSync:
