@@ -27,8 +27,12 @@ never waited for.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import gc
 import os
 import queue
+import tempfile
 import threading
 from typing import Iterator, Optional, TypeVar
 
@@ -137,6 +141,7 @@ class BatchWorker:
         self.dataset = dataset  # the one it reads (as it was when forked)
         self._on_state = on_state
         self._slots = [shared_memory.SharedMemory(create=True, size=slot_bytes) for _ in range(depth + 1)]
+        self._last_words = tempfile.TemporaryFile()  # where the worker's fault handler writes if it crashes
         context = mp.get_context("fork")
         self._messages, worker_messages = context.Pipe(duplex=False)
         worker_commands, self._commands = context.Pipe(duplex=False)
@@ -145,9 +150,11 @@ class BatchWorker:
             self._free.send(slot)
         self._process = context.Process(
             target=_serve, name="dist_rec-data-worker", daemon=True,
-            args=(dataset, worker_commands, worker_messages, free_end, [m.name for m in self._slots], os.getpid()),
+            args=(dataset, worker_commands, worker_messages, free_end, [m.name for m in self._slots], os.getpid(),
+                  self._last_words.fileno()),
         )  # fmt: skip
-        self._process.start()
+        with _frozen_garbage():
+            self._process.start()
         for end in (worker_messages, worker_commands, free_end):
             end.close()
         self._generation = 0
@@ -160,10 +167,7 @@ class BatchWorker:
         try:
             self._commands.send((self._generation, (epochs, batch_size, rank, world_size, start_step, seek)))
         except (BrokenPipeError, OSError):
-            self._process.join(timeout=5)
-            self.close()
-            raise RuntimeError(f"The data worker process (pid {self._process.pid}) is gone (exit code "
-                               f"{self._process.exitcode}){_exit_hint(self._process.exitcode)}.") from None  # fmt: skip
+            raise RuntimeError(f"The data worker process (pid {self._process.pid}) is gone ({self._gone()}).") from None
         return _Batches(self, self._generation)
 
     def _receive(self, generation: int):
@@ -175,15 +179,28 @@ class BatchWorker:
                         raise EOFError
                 kind, number, payload, state = self._messages.recv()
             except (EOFError, OSError):  # the worker is gone (its end of the pipe closed with it)
-                self._process.join(timeout=5)
-                self.close()
-                raise RuntimeError(f"The data worker process (pid {self._process.pid}) died with exit code "
-                                   f"{self._process.exitcode}{_exit_hint(self._process.exitcode)} before handing over "
-                                   "its next batch.") from None  # fmt: skip
+                raise RuntimeError(f"The data worker process (pid {self._process.pid}) died ({self._gone()}) before "
+                                   "handing over its next batch.") from None  # fmt: skip
             if kind == "batch" and payload[0] is not None and number != generation:
                 self._release(payload[0])
             if number == generation:
                 return kind, payload, state
+
+    def _gone(self) -> str:
+        """Closes this side of a worker that died, and says why it died as far
+        as known: its exit code, the signal's usual cause, and the end of
+        what its fault handler wrote (the Python stack at a crash)."""
+        self._process.join(timeout=5)
+        code = self._process.exitcode
+        words = ""
+        if not self._closed:
+            self._last_words.seek(0)
+            words = self._last_words.read(16384).decode(errors="replace")
+            served = words.find(" in _serve\n")  # the frames below it are the trainer's, copied by the fork
+            words = words[: served + len(" in _serve")] if served >= 0 else words.split("\nExtension modules:")[0]
+        self.close()
+        said = f"exit code {code}{_exit_hint(code)}"
+        return f"{said}; its fault handler wrote:\n{words.strip()[:4000]}\n" if words.strip() else said
 
     def _release(self, slot: int) -> None:
         try:
@@ -216,6 +233,7 @@ class BatchWorker:
         self._process.join(timeout=10)
         for end in (self._messages, self._commands, self._free):
             end.close()
+        self._last_words.close()
         for memory in self._slots:
             memory.close()
             try:
@@ -255,7 +273,7 @@ class _Batches(Iterator):
         self._finished = True
 
 
-def _serve(dataset, commands, messages, free, slot_names, parent: int) -> None:
+def _serve(dataset, commands, messages, free, slot_names, parent: int, last_words: int) -> None:
     """The worker: waits for a stream to make, makes it, and so on, until
     the trainer closes its ends of the pipes. Any error of a stream (its
     setup included) is sent to the trainer, never mistaken for the pipes'."""
@@ -264,6 +282,8 @@ def _serve(dataset, commands, messages, free, slot_names, parent: int) -> None:
     from dist_rec.data.epochs import EpochStream
 
     _die_with_parent(parent)
+    faulthandler.enable(os.fdopen(last_words, "w", closefd=False), all_threads=True)
+    gc.enable()  # (disabled across the fork:) collects only what this process makes from here on
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
@@ -361,6 +381,29 @@ def _pack(batch, slots, free):
         layout.append((a.dtype.str, flat.size, offset, a.shape))
         offset += -(-a.nbytes // 64) * 64  # 64-byte aligned
     return slot, layout, keys, stride
+
+
+@contextlib.contextmanager
+def _frozen_garbage():
+    """Forks with every object of this process in the collector's permanent
+    generation, so that the worker's collector never finalises them.
+
+    The trainer's garbage (a process group of an earlier run, a thread
+    pool) would otherwise be collected in the worker, whose copy of it has
+    no threads: its finaliser joins threads that are not there and the
+    worker hangs or dies (SIGSEGV, seen once in CI after the whole suite).
+    Freezing also spares the worker a collector pass over, and so a
+    copy-on-write of, every page of the trainer's objects.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def _exit_hint(code) -> str:

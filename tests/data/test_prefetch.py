@@ -65,6 +65,7 @@ def test_depth_is_checked():
 
 # -- the worker process --------------------------------------------------------------------
 
+import gc  # noqa: E402
 import os  # noqa: E402
 
 import torch  # noqa: E402
@@ -141,9 +142,56 @@ def test_a_worker_that_dies_is_reported_not_waited_for():
     batches = worker.start(1, 8, 0, 1)
     next(batches)
     os.kill(worker._process.pid, signal.SIGKILL)
-    with pytest.raises(RuntimeError, match=r"data worker process \(pid \d+\) died with exit code -9"):
+    with pytest.raises(RuntimeError, match=r"data worker process \(pid \d+\) died \(exit code -9\)"):
         for _ in range(100):
             next(batches)
+
+
+def test_a_worker_that_crashes_is_reported_with_its_stack():
+    import signal
+
+    worker = BatchWorker(SyntheticDataset(SyntheticConfig(num_embeddings_per_feature=[10, 20]), "train"), depth=1)
+    batches = worker.start(1, 8, 0, 1)
+    next(batches)
+    os.kill(worker._process.pid, signal.SIGSEGV)
+    with pytest.raises(RuntimeError, match=r"(?s)died \(exit code -11; its fault handler wrote:\n"
+                                           r"Fatal Python error: Segmentation fault.*_serve.*\) before handing"):  # fmt: skip
+        for _ in range(100):
+            next(batches)
+
+
+class _CollectingDataset(SyntheticDataset):
+    """Runs the collector in the worker before its first batch."""
+
+    def batches(self, *args, **kwargs):
+        gc.collect()
+        return super().batches(*args, **kwargs)
+
+
+def test_the_trainers_garbage_is_not_finalised_in_the_worker():
+    # A process group of an earlier run, left in a reference cycle: finalised
+    # in the forked worker (whose copy has none of its threads), it hangs it.
+    import torch.distributed as dist
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        group = dist.ProcessGroupGloo(dist.HashStore(), 0, 1)
+        group.allreduce(torch.ones(2)).wait()
+        cycle = {"group": group}
+        cycle["self"] = cycle
+        del group, cycle
+        worker = BatchWorker(_CollectingDataset(SyntheticConfig(num_embeddings_per_feature=[10, 20]), "train"), depth=1)
+    finally:
+        if enabled:
+            gc.enable()
+    try:
+        batches = worker.start(1, 8, 0, 1)
+        assert worker._messages.poll(60), "the worker hangs in its collector"
+        assert next(batches).labels.shape == (8,)
+    finally:
+        worker.close()
+        gc.collect()  # here, where the group's threads are
 
 
 def test_close_stops_the_worker_and_frees_its_shared_memory():
