@@ -4,18 +4,26 @@ and the page cache, for a model whose tables do not fit in memory.
 The model: 26 tables with Criteo Kaggle's row counts scaled to
 ``--total-gib`` GiB at ``--dim`` columns (weights plus one float32 row-wise
 AdaGrad state per row; tiny tables get at least ``--min-rows`` rows), one
-id per bag (pooling factor 1, sum pooling), ids Zipf-distributed like
-Criteo's: rank ``r`` drawn by numpy's Zipf(``--zipf``) truncated to the
-table's rows (larger draws are drawn again), id = a fixed random
-permutation of the rows at ``r`` (the hot rows are scattered, not the low
-ids). Each step is the embedding part of a training step: a lookup of a
-batch of ``--batch`` samples, the next batch's prefetch, and row-wise
-AdaGrad fused into the backward (a fixed random gradient).
+id per bag (pooling factor 1, sum pooling). The ids (``--ids``):
+
+* ``hashed`` (the default), as Criteo's are and as RecShard assumes: each
+  feature has Criteo Kaggle's own number of distinct values, drawn by a
+  Zipf(``--zipf``) law over their ranks (numpy's, truncated: larger draws
+  are drawn again) and hashed into the table's rows by a fixed random map
+  (collisions as a real hash has them). The tables are ~4.9x larger than
+  the values they hold, so most rows are never read;
+* ``dense``: every row is a value; rank ``r`` goes to a fixed random
+  permutation of the rows at ``r`` (the hot rows are scattered).
+
+Each step is the embedding part of a training step: a lookup of a batch of
+``--batch`` samples, the next batch's prefetch, and row-wise AdaGrad fused
+into the backward (a fixed random gradient).
 
 Every variant gets the same DRAM budget (``--budget-gib``):
 
 * ``recshard``: access statistics from ``--stats-batches`` sample batches
-  (drawn apart from the timed ones, from the same distribution), then the
+  (drawn apart from the timed ones, from the same law; their counts are
+  drawn at once, as the multinomial they are), then the
   RecShard MILP (``plan_recshard``, one process holding every table: it
   chooses each table's hot rows under the budget, with the read costs of
   this machine's calibrated tier model), then a ``TieredStorage`` with those
@@ -26,9 +34,8 @@ Every variant gets the same DRAM budget (``--budget-gib``):
 * ``mmap``: every table memory-mapped (``MemmapStorage``): the OS page cache
   is the cache, bounded by the memory cgroup below, with the kernel's
   read-around on a fault (up to the device's ``read_ahead_kb``). Before its
-  warm-up steps it looks up batches of the statistics sample (its last
-  ``--mmap-replay`` at most) until its page cache fills the cgroup, so that
-  it starts warm, from what the planner saw;
+  warm-up steps it looks up batches drawn like the sample's (``--mmap-replay``
+  at most) until its page cache fills the cgroup, so that it starts warm;
 * ``mmap_random``: the same with ``madvise(MADV_RANDOM)`` on the maps: no
   read-around, a fault reads its 4 KiB page, the page cache an LRU of
   pages (the strongest form of this baseline; ``MemmapStorage`` does not
@@ -51,8 +58,12 @@ Reported per variant: examples/s (median over ``--steps`` timed steps after
 read from the SSD (``cold_row_reads``: the unique cold rows of each
 batch); mmap: major page faults), SSD blocks and bytes read
 per step, and for RecShard the share of the ``dram`` rate; the planner's own
-estimate of slow reads against the true expectation (the Zipf law is known
-here). Then the MILP's solve time on synthetic demands of ``--milp-tables``
+estimate of slow reads against the true expectation (the law is known here)
+and against the best any placement of the budget's rows could do. The same
+statistics are planned on paper at the ``--sweep-gib`` budgets, with each
+plan's expected slow reads. A variant's steps stop once they took
+``--max-steps-s`` (an mmap variant can take minutes a step), and the report
+says after how many. Then the MILP's solve time on synthetic demands of ``--milp-tables``
 tables (``plan_recshard(..., time_limit_s=--milp-time-limit)``). The
 acceptance this serves (issue "Tiered placement of embedding rows
 (RecShard)"): RecShard >= 3x the examples/s of table_greedy and of mmap,
@@ -156,23 +167,35 @@ def zipf_ranks(rng: np.random.Generator, exponent: float, rows: int, size: int) 
     return out
 
 
-def permutation(seed: int, stream: int, table: int, rows: int) -> np.ndarray:
-    """Table ``table``'s fixed map from Zipf rank to row id."""
-    return _rng(seed, stream, table).permutation(rows)
+def values_of(t: int, rows: int, ids: str) -> int:
+    """Distinct values of table ``t``'s feature: Criteo Kaggle's own count
+    when the ids are hashed (at most the table's rows), every row when dense."""
+    return min(KAGGLE_ROWS[t], rows) if ids == "hashed" else rows
 
 
-def _true_hot_share(perm: np.ndarray, hot_ids: np.ndarray, exponent: float) -> float:
-    """Share of a table's reads that fall on ``hot_ids`` under the true law."""
-    rows = perm.size
-    if hot_ids.size == 0:
-        return 0.0
-    if hot_ids.size == rows:
-        return 1.0
-    p = np.arange(1, rows + 1, dtype=np.float64) ** -exponent
-    p /= p.sum()
-    rank_of = np.empty(rows, dtype=np.int64)
-    rank_of[perm] = np.arange(rows)
-    return float(p[rank_of[hot_ids]].sum())
+def id_map(seed: int, stream: int, table: int, rows: int, values: int, ids: str) -> np.ndarray:
+    """Table ``table``'s fixed map from a value's Zipf rank to its row id:
+    a hash into the table's rows (collisions as a real hash has them; the
+    rows no value hashes to are never read) or, dense, a permutation of the
+    rows (every row read, the hot ones scattered)."""
+    rng = _rng(seed, stream, table)
+    return rng.integers(0, rows, size=values) if ids == "hashed" else rng.permutation(rows)
+
+
+def zipf_pmf(exponent: float, values: int) -> np.ndarray:
+    """The truncated Zipf law over ranks ``0 .. values - 1``."""
+    p = np.arange(1, values + 1, dtype=np.float64) ** -exponent
+    return p / p.sum()
+
+
+def row_law(mapping: np.ndarray, exponent: float, rows: int) -> np.ndarray:
+    """Each row's probability of being the id of a lookup, under the true law."""
+    return np.bincount(mapping, weights=zipf_pmf(exponent, mapping.size), minlength=rows)
+
+
+def in_batch(p: np.ndarray, batch: int) -> np.ndarray:
+    """Each row's probability of being read at least once in a batch of ``batch`` ids."""
+    return -np.expm1(batch * np.log1p(-np.minimum(p, 1.0 - 1e-16)))
 
 
 def _cold_counts(ids_nb: np.ndarray, hot: int, positions: Optional[np.ndarray], per_block: int, blocks_per_record: int):
@@ -202,7 +225,8 @@ def _record_layout(dim: int):
 
 def prepare(args, directory: Path, tiers) -> Dict:
     """Draws the statistics sample and the timed batches, plans RecShard and
-    table-level greedy, saves what the workers need under ``directory``."""
+    table-level greedy (and, on paper, at each ``--sweep-gib`` budget), saves
+    what the workers need under ``directory``."""
     from dist_rec import EmbeddingBagConfig
     from dist_rec.planner.access_stats import AccessStats, TableAccessStats
     from dist_rec.planner.recshard import plan_recshard, table_demands, table_greedy
@@ -213,34 +237,37 @@ def prepare(args, directory: Path, tiers) -> Dict:
     small = scaled_rows(args.budget_gib * GIB, row_bytes, args.min_rows)
     budget = int(args.budget_gib * GIB)
     n_run = args.warmup + args.steps
-    replay = min(args.mmap_replay, args.stats_batches)
+    replay = args.mmap_replay
     print(f"tables: {NUM_TABLES}, {sum(rows):,} rows x {dim} ({sum(rows) * row_bytes / GIB:.2f} GiB with state), largest "
           f"{max(rows):,}; dram variant {sum(small):,} rows ({sum(small) * row_bytes / GIB:.2f} GiB)", flush=True)  # fmt: skip
 
-    # Ids: the statistics sample, the timed batches (full and small tables).
+    # Ids: the statistics sample's counts, the true law, the timed batches (full and small tables), mmap's warm-up.
     started = time.perf_counter()
     counts: List[np.ndarray] = []
+    laws: List[np.ndarray] = []  # each row's probability per lookup
+    values = [values_of(t, rows[t], args.ids) for t in range(NUM_TABLES)]
     timed = np.empty((n_run, NUM_TABLES, batch), dtype=np.int64)
     timed_small = np.empty((n_run, NUM_TABLES, batch), dtype=np.int64)
     replayed = np.empty((replay, NUM_TABLES, batch), dtype=np.int32)  # row ids < 2^31
     sample = args.stats_batches * batch
     for t in range(NUM_TABLES):
-        perm = permutation(args.seed, PERMUTATION, t, rows[t])
+        mapping = id_map(args.seed, PERMUTATION, t, rows[t], values[t], args.ids)
+        pmf = zipf_pmf(args.zipf, values[t])
         rng = _rng(args.seed, STATS, t)
-        c = np.zeros(rows[t], dtype=np.int64)
-        tail = np.zeros(0, dtype=np.int64)  # the sample's last `replay` batches
-        for first in range(0, sample, 1 << 23):
-            ids = perm[zipf_ranks(rng, args.zipf, rows[t], min(1 << 23, sample - first))]
-            c += np.bincount(ids, minlength=rows[t])
-            if replay:
-                tail = np.concatenate([tail, ids])[-replay * batch :]
-        replayed[:, t, :] = tail.reshape(replay, batch)
-        counts.append(c)
-        timed[:, t, :] = perm[zipf_ranks(_rng(args.seed, TIMED, t), args.zipf, rows[t], n_run * batch)].reshape(n_run, batch)
-        perm_small = permutation(args.seed, PERMUTATION_SMALL, t, small[t])
-        timed_small[:, t, :] = perm_small[zipf_ranks(_rng(args.seed, TIMED, t), args.zipf, small[t], n_run * batch)].reshape(n_run, batch)
-        del perm, perm_small
-    print(f"drew {args.stats_batches} sample batches and {n_run} timed batches ({time.perf_counter() - started:.1f} s)", flush=True)
+        # The counts of `sample` independent lookups, drawn at once: a multinomial over the values.
+        counts.append(np.bincount(mapping, weights=rng.multinomial(sample, pmf), minlength=rows[t]).astype(np.int64))
+        laws.append(np.bincount(mapping, weights=pmf, minlength=rows[t]))
+        if replay:
+            replayed[:, t, :] = mapping[zipf_ranks(rng, args.zipf, values[t], replay * batch)].reshape(replay, batch)
+        ranks = zipf_ranks(_rng(args.seed, TIMED, t), args.zipf, values[t], n_run * batch)
+        timed[:, t, :] = mapping[ranks].reshape(n_run, batch)
+        small_values = values_of(t, small[t], args.ids)
+        small_map = id_map(args.seed, PERMUTATION_SMALL, t, small[t], small_values, args.ids)
+        ranks = zipf_ranks(_rng(args.seed, TIMED, t), args.zipf, small_values, n_run * batch)
+        timed_small[:, t, :] = small_map[ranks].reshape(n_run, batch)
+        del mapping, pmf, small_map, ranks
+    print(f"drew the counts of {args.stats_batches:,} sample batches, {n_run} timed batches and {replay} warm-up "
+          f"batches ({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
 
     # The plans.
     names = [f"t{t}" for t in range(NUM_TABLES)]
@@ -248,12 +275,31 @@ def prepare(args, directory: Path, tiers) -> Dict:
                for t in range(NUM_TABLES)]  # fmt: skip
     stats = AccessStats({names[t]: TableAccessStats(names[t], counts[t], sample, sample, sample, [f"f{t}"])
                          for t in range(NUM_TABLES)}, batch, args.stats_batches)  # fmt: skip
+    del counts
     demands = table_demands(configs, stats, tiers, batch)
     slow_bytes = shutil.disk_usage(directory).free
-    recshard = plan_recshard(demands, 1, tiers, fast="device", slow="ssd", fast_bytes=budget, slow_bytes=slow_bytes,
-                             grid=args.grid, time_limit_s=args.milp_time_limit)  # fmt: skip
-    greedy = table_greedy(demands, 1, tiers, fast="device", slow="ssd", fast_bytes=budget, slow_bytes=slow_bytes)
     used_rows = [stats[n].used_rows for n in names]
+    hot_orders = [stats[n].hot_order() for n in names]
+    truth = _Truth(laws, batch)
+
+    def plan_both(fast_bytes: int):
+        recshard = plan_recshard(demands, 1, tiers, fast="device", slow="ssd", fast_bytes=fast_bytes,
+                                 slow_bytes=slow_bytes, grid=args.grid, time_limit_s=args.milp_time_limit)  # fmt: skip
+        greedy = table_greedy(demands, 1, tiers, fast="device", slow="ssd", fast_bytes=fast_bytes, slow_bytes=slow_bytes)
+        return recshard, greedy
+
+    sweep = []
+    for gib in args.sweep_gib:
+        fast_bytes = int(gib * GIB)
+        recshard, greedy = plan_both(fast_bytes)
+        rs = truth.slow([recshard.hot_rows[n] for n in names], hot_orders)
+        tg = truth.slow([greedy.hot_rows[n] for n in names], None)
+        best = truth.best(fast_bytes // row_bytes)
+        sweep.append({"budget_gib": gib, "recshard": rs, "table_greedy": tg, "oracle": best,
+                      "recshard_method": recshard.method, "recshard_status": recshard.status})  # fmt: skip
+        print(f"[sweep] {gib:g} GiB: expected slow reads (ids, rows) per step: recshard {rs[0]:,.0f}, {rs[1]:,.0f}; "
+              f"table_greedy {tg[0]:,.0f}, {tg[1]:,.0f}; best possible {best[0]:,.0f}, {best[1]:,.0f}", flush=True)  # fmt: skip
+    recshard, greedy = plan_both(budget)
     print(f"recshard plan: {recshard.method} ({recshard.status}) in {recshard.solve_s:.2f} s, "
           f"{sum(recshard.hot_rows.values()):,} hot rows; table_greedy: "
           f"{sum(1 for n in names if greedy.hot_rows[n])} tables in memory", flush=True)  # fmt: skip
@@ -265,43 +311,74 @@ def prepare(args, directory: Path, tiers) -> Dict:
     plans = {}
     orders: List[Optional[str]] = [None] * NUM_TABLES
     for name, result in (("recshard", recshard), ("table_greedy", greedy)):
+        hot_rows = [int(result.hot_rows[n]) for n in names]
+        expected = truth.slow(hot_rows, hot_orders if name == "recshard" else None)
         plans[name] = {
-            "method": result.method, "status": result.status, "solve_s": result.solve_s,
-            "hot_rows": [int(result.hot_rows[n]) for n in names],
+            "method": result.method, "status": result.status, "solve_s": result.solve_s, "hot_rows": hot_rows,
             "estimated_slow_reads_per_step": float(result.slow_reads_per_batch),
-            "expected_slow_reads_per_step": 0.0, "run_cold_reads": 0, "run_cold_rows": 0, "run_cold_blocks": 0,
+            "expected_slow_reads_per_step": expected[0], "expected_slow_rows_per_step": expected[1],
+            "run_cold_reads": 0, "run_cold_rows": 0, "run_cold_blocks": 0,
         }  # fmt: skip
+    best = truth.best(budget // row_bytes)
     for t, name in enumerate(names):
-        order = stats[name].hot_order() if 0 < plans["recshard"]["hot_rows"][t] < rows[t] else None
+        order = hot_orders[t] if 0 < plans["recshard"]["hot_rows"][t] < rows[t] else None
         if order is not None:
             path = plan_dir / f"order_{t}.npy"
             np.save(path, order)
             orders[t] = str(path)
-        perm = permutation(args.seed, PERMUTATION, t, rows[t])
         for variant in ("recshard", "table_greedy"):
             plan = plans[variant]
-            hot = plan["hot_rows"][t]
-            use_order = order if variant == "recshard" else None
-            hot_ids = use_order[:hot] if use_order is not None else np.arange(hot)
-            plan["expected_slow_reads_per_step"] += batch * (1.0 - _true_hot_share(perm, hot_ids, args.zipf))
             positions = None
-            if use_order is not None:
+            if variant == "recshard" and order is not None:
                 positions = np.empty(rows[t], dtype=np.int64)
-                positions[use_order] = np.arange(rows[t])
-            reads, cold_rows, blocks = _cold_counts(timed[:, t, :], hot, positions, per_block, blocks_per_record)
+                positions[order] = np.arange(rows[t])
+            reads, cold_rows, blocks = _cold_counts(timed[:, t, :], plan["hot_rows"][t], positions, per_block,
+                                                    blocks_per_record)  # fmt: skip
             plan["run_cold_reads"] += reads
             plan["run_cold_rows"] += cold_rows
             plan["run_cold_blocks"] += blocks
-        del perm, order
-    del stats, demands, counts
+        del order
+    read_rows = sum(int(np.count_nonzero(law)) for law in laws)
+    del stats, demands, laws, truth, hot_orders
     gc.collect()
 
     batches = directory / "batches.npz"
     np.savez(batches, timed=timed, timed_small=timed_small, replay=replayed)
     return {
         "rows": rows, "small_rows": small, "row_bytes": row_bytes, "budget_bytes": budget, "used_rows": used_rows,
+        "values": values, "rows_ever_read": read_rows, "best_slow_per_step": best, "sweep": sweep,
         "plans": plans, "orders": orders, "batches": str(batches), "replay_batches": replay,
     }  # fmt: skip
+
+
+class _Truth:
+    """Expected slow-tier reads per step under the true law (known here):
+    ids read, and rows read (each row once per batch, as ``TieredStorage``
+    reads them), for a plan's hot rows or for the best possible choice of
+    ``k`` rows (the ``k`` most likely over every table)."""
+
+    def __init__(self, laws: List[np.ndarray], batch: int) -> None:
+        self.laws, self.batch = laws, batch
+        self.rows_read = [in_batch(law, batch) for law in laws]
+
+    def slow(self, hot_rows: Sequence[int], hot_orders: Optional[List[np.ndarray]]) -> tuple:
+        ids = rows = 0.0
+        for t, (law, read) in enumerate(zip(self.laws, self.rows_read)):
+            hot = hot_rows[t]
+            if hot >= law.size:
+                continue
+            chosen = hot_orders[t][:hot] if hot_orders is not None else slice(0, hot)
+            ids += self.batch * max(0.0, 1.0 - float(law[chosen].sum()))
+            rows += float(read.sum() - read[chosen].sum())
+        return ids, rows
+
+    def best(self, k: int) -> tuple:
+        law = np.concatenate(self.laws)
+        if k >= law.size:
+            return 0.0, 0.0
+        cold = np.argpartition(law, law.size - k)[: law.size - k]
+        read = np.concatenate(self.rows_read)
+        return self.batch * float(law[cold].sum()), float(read[cold].sum())
 
 
 class _Cgroup:
@@ -362,6 +439,7 @@ def run_variant(variant: str, args, directory: Path, prepared: Dict) -> Dict:
         "hot_rows": prepared["plans"][variant]["hot_rows"] if variant in TIERED else None,
         "orders": prepared["orders"] if variant == "recshard" else [None] * NUM_TABLES,
         "replay": prepared["replay_batches"] if variant in MMAP else 0, "seed": args.seed, "threads": args.io_threads,
+        "max_steps_s": args.max_steps_s,
     }  # fmt: skip
     config_path = directory / f"{variant}.config.json"
     result_path = directory / f"{variant}.result.json"
@@ -438,7 +516,7 @@ class _ZipfCdf:
 
 
 def milp_timings(args, tiers) -> List[Dict]:
-    from dist_rec.planner.recshard import DEFAULT_GRID, TableDemand, _candidates, plan_recshard
+    from dist_rec.planner.recshard import TableDemand, _candidates, plan_recshard
 
     row_bytes = args.dim * 4 + STATE_BYTES
     read_seconds = {t.name: t.seconds_per_row(args.dim * 4) for t in tiers.tiers}
@@ -457,9 +535,9 @@ def milp_timings(args, tiers) -> List[Dict]:
         for ws in args.milp_world_sizes:
             fast = int(args.milp_fast_share * total / ws)
             slow = int(max(2 * total / ws, 2 * biggest))
-            binaries = ws * sum(len(_candidates(d, args.grid or DEFAULT_GRID)) for d in demands)
+            binaries = ws * sum(len(_candidates(d, args.milp_grid)) for d in demands)
             tick = time.perf_counter()
-            result = plan_recshard(demands, ws, tiers, fast_bytes=fast, slow_bytes=slow, grid=args.grid,
+            result = plan_recshard(demands, ws, tiers, fast_bytes=fast, slow_bytes=slow, grid=args.milp_grid,
                                    time_limit_s=args.milp_time_limit)  # fmt: skip
             wall = time.perf_counter() - tick
             out.append({"tables": n, "world_size": ws, "binaries": binaries, "method": result.method,
@@ -689,7 +767,11 @@ def worker(args) -> None:
     times: List[float] = []
     storage.prefetch(layout, indices[0], offsets)
     loop_start = time.perf_counter()
+    ran = 0
     for i in range(n_run):
+        if i > cfg["warmup"] and time.perf_counter() - loop_start > cfg["max_steps_s"]:
+            print(f"[{label}] stopped after {i} of {n_run} steps: past --max-steps-s {cfg['max_steps_s']:g} s", flush=True)
+            break
         if i == cfg["warmup"]:
             window["before"] = {"io": _io_bytes(), "faults": _major_faults()}
         tick = time.perf_counter()
@@ -698,6 +780,7 @@ def worker(args) -> None:
             storage.prefetch(layout, indices[i + 1], offsets)
         storage.fused_update(optimizer, layout, indices[i], offsets, None, grad)
         dt = time.perf_counter() - tick
+        ran = i + 1
         times.append(dt)
         elapsed = time.perf_counter() - loop_start
         phase = "warm-up" if i < cfg["warmup"] else "timed"
@@ -728,15 +811,18 @@ def worker(args) -> None:
         "peak_rss_bytes": _peak_rss(),
         "cgroup_path": _my_cgroup(),
     }
+    result.update(steps_run=ran, steps_planned=n_run)
     if tiered:
         # Over every batch run (warm-up and timed): the prefetch of a batch runs a step ahead, so its
-        # block reads belong to no single step; these totals are exact.
+        # block reads belong to no single step; these totals are exact. Stopped early, the next batch's
+        # prefetch was read too.
+        read = n_run if ran == n_run else ran + 1
         result.update(
             hot_rows=sum(cfg["hot_rows"]),
             fast_bytes=sum(cfg["hot_rows"]) * row_bytes,
-            cold_rows_per_step=(storage.cold_row_reads - rows_before) / n_run,  # unique cold rows of each batch
-            cold_blocks_per_step=(storage.cold_blocks_read() - blocks_before) / n_run,
-            io_read_bytes_per_step_all=(_io_bytes()["read"] - io_all_before["read"]) / n_run,
+            cold_rows_per_step=(storage.cold_row_reads - rows_before) / read,  # unique cold rows of each batch
+            cold_blocks_per_step=(storage.cold_blocks_read() - blocks_before) / read,
+            io_read_bytes_per_step_all=(_io_bytes()["read"] - io_all_before["read"]) / read,
         )
         storage.close()
     elif variant == "dram":
@@ -761,6 +847,18 @@ def _ratio(a: Optional[float], b: Optional[float], digits: int = 1) -> str:
     return f"{a / b:.{digits}f}x"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "es" if noun.endswith(("s", "h")) else "s")
+
+
+def _ids_text(a: Dict, prepared: Dict) -> str:
+    if a.get("ids", "dense") == "dense":
+        return f"ids Zipf({a['zipf']:g}) truncated to each table, hot rows scattered by a fixed permutation"
+    return (f"ids hashed as Criteo's are: each feature's {sum(prepared['values']):,} distinct values in all (Criteo "
+            f"Kaggle's counts) drawn Zipf({a['zipf']:g}) and hashed into its table's rows by a fixed random map, so "
+            "that most rows are never read")
+
+
 def _markdown(data: Dict) -> str:
     a = data["args"]
     prepared, results, tiers = data["prepared"], data["variants"], data["tiers"]
@@ -768,7 +866,7 @@ def _markdown(data: Dict) -> str:
     row_bytes, budget = prepared["row_bytes"], prepared["budget_bytes"]
     ssd = tiers.get("ssd", {})
     qdn = ssd.get(f"iops_qd{ssd.get('threads', 8)}", 0)
-    replays = ", ".join(f"{v}: {results[v].get('replay_batches', 0)} batches" for v in MMAP if v in results
+    replays = ", ".join(f"{v}: {_count(results[v].get('replay_batches', 0), 'batch')}" for v in MMAP if v in results
                         and not results[v].get("failed")) or "none run"  # fmt: skip
     read_ahead = data.get("read_ahead_kb")
     limit = "no memory cgroup (**mmap's page cache was not bounded**)" if a["no_cgroup"] else (
@@ -786,12 +884,13 @@ def _markdown(data: Dict) -> str:
         "",
         f"26 tables with Criteo Kaggle's row counts scaled to {sum(rows) * row_bytes / GIB:.1f} GiB "
         f"({sum(rows):,} rows x {a['dim']} float32 + row-wise AdaGrad state; largest {max(rows):,} rows), one id per bag, "
-        f"sum pooling, ids Zipf({a['zipf']:g}) truncated to each table, hot rows scattered by a fixed permutation; "
+        f"sum pooling, {_ids_text(a, prepared)}; "
         f"batch {a['batch']}, lookup + next batch's prefetch + fused row-wise AdaGrad per step; median of {a['steps']} "
         f"steps after {a['warmup']} warm-up steps. DRAM budget **{budget / GIB:g} GiB** of rows for every variant; "
-        f"{limit}. RecShard plans from {a['stats_batches']} sample batches; the mmap variants first look up sample "
-        f"batches until their page cache fills the cgroup ({replays}; lookups only). The `dram` ceiling runs the same tables scaled to the budget "
-        f"({sum(small):,} rows).",
+        f"{limit}. RecShard plans from the counts of {a['stats_batches']:,} sample batches (drawn apart from the timed "
+        f"ones, from the same law), on a grid of {a.get('grid', 20)}; the mmap variants first look up batches drawn "
+        f"the same way until their page cache fills the cgroup ({replays}; lookups only). The `dram` ceiling runs the "
+        f"same tables scaled to the budget ({sum(small):,} rows).",
         "",
     ]
     header = ["variant", "rows in DRAM (GiB)", "cgroup limit / peak (GiB)", "examples/s", "vs dram",
@@ -818,7 +917,10 @@ def _markdown(data: Dict) -> str:
         else:
             reads, blocks, mib = "0", "0", "0"
         fast = "page cache" if variant in MMAP else _gib(r.get("fast_bytes"))
-        table.append([LABELS[variant], fast, limits, f"**{r['examples_per_s']:,.0f}**",
+        rate = f"**{r['examples_per_s']:,.0f}**"
+        if r.get("steps_run", r.get("steps_planned")) != r.get("steps_planned"):
+            rate += f" ({r['steps_run'] - a['warmup']} timed steps: time limit)"
+        table.append([LABELS[variant], fast, limits, rate,
                       _ratio(r["examples_per_s"], dram_rate, 2) if variant != "dram" else "1x",
                       reads, blocks, mib, f"{r['init_s']:.0f}"])  # fmt: skip
     lines += [markdown_table(header, table), ""]
@@ -830,8 +932,11 @@ def _markdown(data: Dict) -> str:
         if "table_greedy" in ok:
             tg = ok["table_greedy"]
             fewer = tg["cold_rows_per_step"] / rs["cold_rows_per_step"] if rs["cold_rows_per_step"] else math.inf
+            plans = prepared["plans"]
+            ids = plans["table_greedy"]["run_cold_reads"] / max(plans["recshard"]["run_cold_reads"], 1)
             parts.append(f"{_ratio(rs['examples_per_s'], tg['examples_per_s'], 2)} the examples/s of table-level greedy "
-                         f"(target >= 3x) with {fewer:.1f}x fewer slow-tier reads (target >= 50x)")  # fmt: skip
+                         f"(target >= 3x) with {fewer:.1f}x fewer slow-tier reads, counted as rows read from the SSD "
+                         f"({ids:.1f}x fewer counted as lookups served by it; target >= 50x)")  # fmt: skip
         for variant in MMAP:
             if variant in ok:
                 parts.append(f"{_ratio(rs['examples_per_s'], ok[variant]['examples_per_s'], 2)} those of {variant} "
@@ -847,20 +952,44 @@ def _markdown(data: Dict) -> str:
     for variant in TIERED:
         p = plans[variant]
         hot = sum(p["hot_rows"])
+        rows_expected = p.get("expected_slow_rows_per_step")
         plan_rows.append([variant, f"{p['method']} ({p['status']}, {p['solve_s']:.2f} s)", f"{hot:,}",
                           f"{hot * row_bytes / GIB:.2f} of {budget / GIB:g}",
                           f"{p['estimated_slow_reads_per_step']:,.0f}", f"{p['expected_slow_reads_per_step']:,.0f}",
+                          "-" if rows_expected is None else f"{rows_expected:,.0f}",
                           f"{p['run_cold_reads'] / n_run:,.0f}", f"{p['run_cold_rows'] / n_run:,.0f}"])  # fmt: skip
+    best = prepared.get("best_slow_per_step")
+    if best is not None:
+        plan_rows.append(["best possible", "the budget's most likely rows under the true law", "-", f"{budget / GIB:g}",
+                          "-", f"{best[0]:,.0f}", f"{best[1]:,.0f}", "-", "-"])  # fmt: skip
     used = sum(prepared["used_rows"])
+    ever = prepared.get("rows_ever_read")
     lines += [
-        f"The plans (slow-tier reads of {a['batch'] * NUM_TABLES:,} ids per step: the planner's estimate from its "
-        "sample, the expectation under the true Zipf law, and in the run, ids and unique rows; "
-        f"the sample read {used:,} distinct rows):",
+        f"The plans (slow-tier reads per step of {a['batch'] * NUM_TABLES:,} lookups: the planner's estimate from its "
+        "sample; the expectation under the true law, as lookups served by the SSD and as rows read from it (each "
+        "cold row once per batch); and in the run, both counted. "
+        f"The sample read {used:,} distinct rows"
+        + (f"; {ever:,} of the {sum(rows):,} rows can ever be read" if ever is not None else "") + "):",
         "",
-        markdown_table(["plan", "method", "hot rows", "GiB of rows in DRAM", "estimated slow reads", "expected",
-                        "in the run (ids)", "in the run (rows)"], plan_rows),  # fmt: skip
+        markdown_table(["plan", "method", "hot rows", "GiB of rows in DRAM", "estimated slow lookups",
+                        "expected lookups", "expected rows", "in the run (lookups)", "in the run (rows)"],
+                       plan_rows),  # fmt: skip
         "",
     ]
+    if prepared.get("sweep"):
+        sweep_rows = []
+        for point in prepared["sweep"]:
+            rs, tg, best = point["recshard"], point["table_greedy"], point["oracle"]
+            sweep_rows.append([f"{point['budget_gib']:g}", f"{rs[0]:,.0f} / {rs[1]:,.0f}", f"{tg[0]:,.0f} / {tg[1]:,.0f}",
+                               f"{best[0]:,.0f} / {best[1]:,.0f}", _ratio(tg[0], rs[0]), _ratio(tg[1], rs[1])])  # fmt: skip
+        lines += [
+            "The same statistics planned at other DRAM budgets, on paper: expected slow-tier lookups / rows read per "
+            "step under the true law, and how many times fewer RecShard's are than table-level greedy's:",
+            "",
+            markdown_table(["DRAM budget (GiB)", "RecShard", "table-level greedy", "best possible",
+                            "fewer lookups", "fewer rows"], sweep_rows),  # fmt: skip
+            "",
+        ]
     if data.get("milp"):
         milp_rows = [[m["tables"], m["world_size"], f"{m['binaries']:,}", m["method"], m["status"],
                       f"**{m['solve_s']:.2f}**"] for m in data["milp"]]  # fmt: skip
@@ -869,7 +998,8 @@ def _markdown(data: Dict) -> str:
         lines += [
             f"RecShard's MILP on synthetic demands (Kaggle-like sizes x 0.25-4, Zipf 1.05-1.3 over 5-100% of the rows, "
             f"pooling 1-20; DRAM {a['milp_fast_share']:.0%} of the rows' bytes; `time_limit_s={a['milp_time_limit']:g}`; "
-            "solve time includes the greedy plan it starts from; target: 1,000 tables in < 60 s):",
+            f"grid {a.get('milp_grid', 20)}; solve time includes the greedy plan it starts from; target: 1,000 tables "
+            "in < 60 s):",
             "",
             markdown_table(["tables", "ranks", "binaries", "method", "status", "solve (s)"], milp_rows),
             "",
@@ -885,23 +1015,33 @@ def _markdown(data: Dict) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--total-gib", type=float, default=40.0, help="the 26 tables' size with their state (default 40)")
-    parser.add_argument("--budget-gib", type=float, default=4.0, help="DRAM for rows, every variant (default 4)")
+    parser.add_argument("--budget-gib", type=float, default=6.0, help="DRAM for rows, every variant (default 6: 15%% of the rows)")
     parser.add_argument("--allowance-gib", type=float, default=2.0,
                         help="memory for the process itself, added to the budget in each variant's cgroup (default 2)")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--min-rows", type=int, default=1000, help="rows of the tiniest tables (default 1000)")
-    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids (> 1; default 1.05)")
+    parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the ids (> 1; default 1.1, the main job's)")
+    parser.add_argument("--ids", choices=["hashed", "dense"], default="hashed",
+                        help="hashed: Criteo Kaggle's distinct values per feature hashed into the larger tables (most "
+                        "rows never read, as in RecShard's hash tables); dense: every row a value (default hashed)")
+    parser.add_argument("--sweep-gib", type=float, nargs="*", default=[2.0, 4.0, 6.0, 8.0],
+                        help="DRAM budgets planned on paper, with the expected slow reads of each plan (none: skip)")
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="steps before the timed ones (default 5)")
-    parser.add_argument("--stats-batches", type=int, default=2000,
-                        help="batches of the sample RecShard plans from (default 2000: 4M samples)")
+    parser.add_argument("--stats-batches", type=int, default=100_000,
+                        help="batches of the sample RecShard plans from (default 100,000: 205M samples per table at "
+                             "batch 2048; their counts are drawn at once, as a multinomial)")
     parser.add_argument("--mmap-replay", type=int, default=200,
-                        help="most sample batches the mmap variants look up to fill their cache before the warm-up "
-                             "(default 200; 0: none)")
-    parser.add_argument("--grid", type=int, default=20, help="hot fractions k / grid of the MILP (default 20)")
+                        help="most batches (drawn like the sample's) the mmap variants look up to fill their cache "
+                             "before the warm-up (default 200; 0: none)")
+    parser.add_argument("--grid", type=int, default=50, help="hot fractions k / grid of the plan's MILP (default 50)")
+    parser.add_argument("--milp-grid", type=int, default=20, help="the same for the MILP timings (default 20, the planner's)")
     parser.add_argument("--io-threads", type=int, default=8, help="TieredStorage's reads in flight (default 8)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--max-steps-s", type=float, default=900.0,
+                        help="a variant's steps stop (after its warm-up and one timed step) once they took this long "
+                             "(default 900)")
     parser.add_argument("--milp-tables", type=int, nargs="*", default=[26, 1000], help="synthetic MILP sizes (none: skip)")
     parser.add_argument("--milp-world-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--milp-time-limit", type=float, default=60.0)
@@ -973,7 +1113,7 @@ def main(argv=None) -> None:
             from dist_rec.planner.tiers import TierModel
 
             tiers = TierModel.load_or_calibrate(args.dir.resolve() / "tiers.json", directory=args.dir.resolve())
-            for key in ("milp_tables", "milp_world_sizes", "milp_time_limit", "milp_fast_share", "grid", "seed"):
+            for key in ("milp_tables", "milp_world_sizes", "milp_time_limit", "milp_fast_share", "milp_grid", "seed"):
                 data["args"][key] = getattr(args, key)
             data["milp"], data["milp_argv"] = milp_timings(args, tiers), shown
             args.from_json.write_text(json.dumps(data, indent=1, default=float))

@@ -147,7 +147,7 @@ class SyntheticDataset:
         self.split = split
         self.num_samples = num_samples
         self._teacher = _Teacher(config)
-        self._cached: Tuple[int, Optional[_Block]] = (-1, None)
+        self._cached: Tuple[Tuple[int, int], Optional[_Block]] = ((-1, 0), None)
 
     @property
     def sparse_feature_names(self) -> List[str]:
@@ -187,13 +187,9 @@ class SyntheticDataset:
     def samples(self, start: int, stop: int) -> _Block:
         """Samples ``[start, stop)`` of the split as arrays (sample-major)."""
         size = self.config.block_size
-        parts = []
-        for block in range(start // size, (stop - 1) // size + 1):
-            b = self._block(block)
-            lo = max(start - block * size, 0)
-            hi = min(stop - block * size, size)
-            parts.append(_slice(b, lo, hi))
-        return parts[0] if len(parts) == 1 else _concat(parts)
+        first = start // size
+        blocks = self._blocks(first, (stop - 1) // size + 1 - first)
+        return _slice(blocks, start - first * size, stop - first * size)
 
     def _batch(self, start: int, stop: int) -> Batch:
         b = self.samples(start, stop)
@@ -204,11 +200,15 @@ class SyntheticDataset:
         )
 
     def _block(self, index: int) -> _Block:
-        if self._cached[0] == index:
+        return self._blocks(index, 1)
+
+    def _blocks(self, first: int, count: int) -> _Block:
+        """Blocks ``first .. first + count - 1`` as one (the last asked is kept)."""
+        if self._cached[0] == (first, count):
             return self._cached[1]
-        block = self._teacher.generate(_SPLITS[self.split], index)
-        self._cached = (index, block)
-        return block
+        blocks = self._teacher.generate(_SPLITS[self.split], first, count)
+        self._cached = ((first, count), blocks)
+        return blocks
 
 
 class _Teacher:
@@ -230,6 +230,9 @@ class _Teacher:
         latent_std = (1.0 / (pairs * k)) ** 0.25
         self.latents = (rng.standard_normal((total_rows, k)) * latent_std).astype(np.float64)
         self.effects = rng.standard_normal(total_rows) / math.sqrt(num_features)
+        # Each teacher row's effect and latents side by side, and a row of zeros last (an empty bag's).
+        self.row_terms = np.concatenate([self.effects[:, None], self.latents], axis=1)
+        self.row_terms = np.concatenate([self.row_terms, np.zeros((1, 1 + k))])
         self.dense_map = rng.standard_normal((num_dense, k)) * latent_std / math.sqrt(num_dense)
         self.dense_weights = rng.standard_normal(num_dense) / math.sqrt(num_dense)
         # Ranks are scattered over row ids by a multiplier coprime to the size,
@@ -241,21 +244,30 @@ class _Teacher:
         self.shift_mean, self.shift_std = float(raw.mean()), float(raw.std() or 1.0)
         self.bias = _bias_for_rate(config.logit_scale * (raw - self.shift_mean) / self.shift_std, config.click_rate)
 
-    def generate(self, split: int, block: int) -> _Block:
+    def generate(self, split: int, first: int, count: int = 1) -> _Block:
+        """Blocks ``first .. first + count - 1`` of ``split`` as one block.
+
+        Each block draws from its own stream, as always; the teacher's
+        arithmetic then runs once over all of them. It works per sample,
+        so the bits are those of block-by-block generation, at a fraction
+        of the per-call cost of small arrays."""
         n = self.config.block_size
-        rng = np.random.default_rng([self.config.seed, split, block])
-        dense, lengths, values, logits = self._draw(rng, n)
+        draws = [self._draw(np.random.default_rng([self.config.seed, split, b]), n) for b in range(first, first + count)]
+        dense, lengths, uniforms, label_uniforms = (np.concatenate(parts) if count > 1 else parts[0] for parts in zip(*draws))
+        values, logits = self._teach(dense, lengths, uniforms)
         probability = 1.0 / (1.0 + np.exp(-logits))
-        labels = (rng.random(n) < probability).astype(np.float32)
-        offsets = np.zeros(n + 1, dtype=np.int64)
+        labels = (label_uniforms < probability).astype(np.float32)
+        offsets = np.zeros(dense.shape[0] + 1, dtype=np.int64)
         np.cumsum(lengths.sum(axis=1), out=offsets[1:])
         return _Block(dense, lengths, values, offsets, labels, probability)
 
     def _raw_logits(self, split: int, block: int, n: int) -> np.ndarray:
-        rng = np.random.default_rng([self.config.seed, split, block])
-        return self._draw(rng, n, raw=True)[3]
+        dense, lengths, uniforms, _ = self._draw(np.random.default_rng([self.config.seed, split, block]), n)
+        return self._teach(dense, lengths, uniforms, raw=True)[1]
 
-    def _draw(self, rng: np.random.Generator, n: int, raw: bool = False):
+    def _draw(self, rng: np.random.Generator, n: int):
+        """A block's random draws, in their order: dense features, bag
+        lengths (and missing bags), one uniform per id, one per label."""
         config = self.config
         num_features = len(self.sizes)
         dense = rng.standard_normal((n, config.num_dense_features), dtype=np.float32)
@@ -269,35 +281,58 @@ class _Teacher:
             lengths = rng.poisson(mean, size=(n, num_features))
         if config.missing_probability > 0:
             lengths[rng.random((n, num_features)) < config.missing_probability] = 0
+        uniforms = rng.random(int(lengths.sum()))
+        return dense, lengths, uniforms, rng.random(n)
 
+    def _teach(self, dense: np.ndarray, lengths: np.ndarray, uniforms: np.ndarray, raw: bool = False):
+        """The ids (from their uniforms) and the teacher's logits of samples."""
+        config = self.config
+        n, num_features = lengths.shape
         flat_lengths = lengths.reshape(-1)
         feature_of_value = np.repeat(np.tile(np.arange(num_features), n), flat_lengths)
         sizes = self.sizes[feature_of_value]
-        ranks = _bounded_zipf(rng.random(feature_of_value.size), sizes, config.zipf_exponent)
+        ranks = _bounded_zipf(uniforms, sizes, config.zipf_exponent)
         values = (ranks * self.multipliers[feature_of_value] + self.shifts[feature_of_value]) % sizes
 
         # Teacher rows follow the rank (the id is a scrambling of it).
         teacher_rows = self.row_base[feature_of_value] + ranks % self.rows[feature_of_value]
         signal = 1.0 / (1.0 + ranks / config.signal_rows) if config.signal_rows > 0 else np.ones(ranks.size)
         bag_of_value = np.repeat(np.arange(n * num_features), flat_lengths)
-        denominator = np.maximum(flat_lengths, 1)
-        pooled_effect = np.bincount(bag_of_value, signal * self.effects[teacher_rows], n * num_features) / denominator
-        pooled = np.stack(
-            [
-                np.bincount(bag_of_value, signal * self.latents[teacher_rows, j], n * num_features) / denominator
-                for j in range(config.teacher_dim)
-            ],
-            axis=1,
-        ).reshape(n, num_features, config.teacher_dim)
+        means = _bag_means(self.row_terms, teacher_rows, signal, bag_of_value, flat_lengths)
+        pooled_effect = means[:, 0]
+        pooled = means[:, 1:].reshape(n, num_features, config.teacher_dim)
         dense64 = dense.astype(np.float64)
         dense_latent = dense64 @ self.dense_map
         vectors = np.concatenate([dense_latent[:, None, :], pooled], axis=1)
-        total = vectors.sum(axis=1)
+        total = vectors[:, 0].copy()  # vectors.sum(axis=1), in its order, without its slow strided reduction
+        for f in range(1, vectors.shape[1]):
+            total += vectors[:, f]
         pairwise = 0.5 * ((total * total).sum(axis=1) - (vectors * vectors).sum(axis=(1, 2)))
         raw_logits = dense64 @ self.dense_weights + pooled_effect.reshape(n, num_features).sum(axis=1)
         raw_logits = raw_logits + config.interaction_weight * pairwise
         logits = raw_logits if raw else self.bias + config.logit_scale * (raw_logits - self.shift_mean) / self.shift_std
-        return dense, lengths, values, logits
+        return values, logits
+
+
+def _bag_means(row_terms: np.ndarray, rows: np.ndarray, signal: np.ndarray, bag_of_value: np.ndarray,
+               lengths: np.ndarray) -> np.ndarray:
+    """``[bags, columns]`` float64: the mean over each bag's ids of
+    ``signal * row_terms[row]`` (0 for an empty bag), with the bits of
+    ``np.bincount``'s in-order sums. With at most one id per bag (one-hot
+    features, the main job's) the sum of one value is the value: one
+    gather per bag gives the same bits at a fraction of the cost of one
+    bincount per column (``row_terms``' last row is zeros: an empty bag's)."""
+    bags = lengths.size
+    if bags == 0 or lengths.max() <= 1:
+        bag_rows = np.full(bags, row_terms.shape[0] - 1, dtype=np.int64)
+        bag_rows[bag_of_value] = rows
+        bag_signal = np.zeros(bags)
+        bag_signal[bag_of_value] = signal
+        return bag_signal[:, None] * row_terms.take(bag_rows, axis=0) + 0.0  # + 0.0: bincount's 0.0 + -0.0 is 0.0
+    weighted = signal[:, None] * row_terms.take(rows, axis=0)
+    denominator = np.maximum(lengths, 1)
+    return np.stack([np.bincount(bag_of_value, weighted[:, j], bags) / denominator
+                     for j in range(weighted.shape[1])], axis=1)  # fmt: skip
 
 
 def _bounded_zipf(u: np.ndarray, sizes: np.ndarray, exponent: float) -> np.ndarray:

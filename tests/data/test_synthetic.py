@@ -111,3 +111,23 @@ def test_invalid_config_is_refused(field, value, message):
     with pytest.raises(ValueError) as info:
         _config(**{field: value})
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("most", [1, 3])  # one-hot (one gather per bag) and multi-hot (bincount)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bag_means_are_the_bincount_means_bit_for_bit(most, seed):
+    from dist_rec.data.synthetic import _bag_means
+
+    rng = np.random.default_rng(seed)
+    row_terms = np.concatenate([rng.standard_normal((50, 5)), np.zeros((1, 5))])
+    row_terms[::7, 2] = -0.0
+    lengths = rng.integers(0, most + 1, size=200)
+    bag_of_value = np.repeat(np.arange(lengths.size), lengths)
+    rows = rng.integers(0, 50, size=bag_of_value.size)
+    signal = rng.random(bag_of_value.size)
+    # The reference: what the teacher computed before, one bincount per column.
+    expected = np.stack([np.bincount(bag_of_value, signal * row_terms[rows, j], lengths.size) / np.maximum(lengths, 1)
+                         for j in range(5)], axis=1)  # fmt: skip
+    got = _bag_means(row_terms, rows, signal, bag_of_value, lengths)
+    assert got.tobytes() == expected.tobytes()
+    assert _bag_means(row_terms, rows[:0], signal[:0], bag_of_value[:0], lengths[:0]).shape == (0, 5)
