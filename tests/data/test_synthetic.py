@@ -131,3 +131,18 @@ def test_bag_means_are_the_bincount_means_bit_for_bit(most, seed):
     got = _bag_means(row_terms, rows, signal, bag_of_value, lengths)
     assert got.tobytes() == expected.tobytes()
     assert _bag_means(row_terms, rows[:0], signal[:0], bag_of_value[:0], lengths[:0]).shape == (0, 5)
+
+
+@pytest.mark.parametrize("mean_bag_length, missing", [(1.0, 0.02), (1.0, 0.0), (3.0, 0.1)])
+def test_a_batch_of_blocks_made_at_once_has_the_bits_of_block_by_block(mean_bag_length, missing):
+    from dist_rec.data.synthetic import _concat, _slice
+
+    config = _config(block_size=16, mean_bag_length=mean_bag_length, missing_probability=missing)
+    at_once, by_block = SyntheticDataset(config), SyntheticDataset(config)
+    for start, stop in [(0, 64), (40, 100), (16, 32)]:
+        first = start // 16
+        blocks = _concat([by_block._block(b) for b in range(first, (stop - 1) // 16 + 1)])
+        expected = _slice(blocks, start - first * 16, stop - first * 16)
+        got = at_once.samples(start, stop)
+        for field in ("dense", "lengths", "values", "sample_offsets", "labels", "teacher_probability"):
+            assert getattr(got, field).tobytes() == getattr(expected, field).tobytes(), (start, stop, field)
