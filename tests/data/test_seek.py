@@ -31,7 +31,8 @@ def test_synthetic_stream_seeks_without_generating_what_came_before(monkeypatch,
     fresh = _take(data.batches(64, rank, world), 12)
     generated = []
     real = synthetic._Teacher.generate
-    monkeypatch.setattr(synthetic._Teacher, "generate", lambda self, split, block: generated.append(block) or real(self, split, block))
+    monkeypatch.setattr(synthetic._Teacher, "generate", lambda self, split, first, count=1:
+                        generated.extend(range(first, first + count)) or real(self, split, first, count))  # fmt: skip
     for start in (0, 5, 9):
         generated.clear()
         seeked = _take(SyntheticDataset(data.config).batches(64, rank, world, start_step=start), 12 - start)
