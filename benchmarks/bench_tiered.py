@@ -188,11 +188,6 @@ def zipf_pmf(exponent: float, values: int) -> np.ndarray:
     return p / p.sum()
 
 
-def row_law(mapping: np.ndarray, exponent: float, rows: int) -> np.ndarray:
-    """Each row's probability of being the id of a lookup, under the true law."""
-    return np.bincount(mapping, weights=zipf_pmf(exponent, mapping.size), minlength=rows)
-
-
 def in_batch(p: np.ndarray, batch: int) -> np.ndarray:
     """Each row's probability of being read at least once in a batch of ``batch`` ids."""
     return -np.expm1(batch * np.log1p(-np.minimum(p, 1.0 - 1e-16)))
@@ -281,6 +276,7 @@ def prepare(args, directory: Path, tiers) -> Dict:
     used_rows = [stats[n].used_rows for n in names]
     hot_orders = [stats[n].hot_order() for n in names]
     truth = _Truth(laws, batch)
+    del laws  # truth holds them, end to end
 
     def plan_both(fast_bytes: int):
         recshard = plan_recshard(demands, 1, tiers, fast="device", slow="ssd", fast_bytes=fast_bytes,
@@ -338,8 +334,8 @@ def prepare(args, directory: Path, tiers) -> Dict:
             plan["run_cold_rows"] += cold_rows
             plan["run_cold_blocks"] += blocks
         del order
-    read_rows = sum(int(np.count_nonzero(law)) for law in laws)
-    del stats, demands, laws, truth, hot_orders
+    read_rows = int(np.count_nonzero(truth.law))
+    del stats, demands, truth, hot_orders
     gc.collect()
 
     batches = directory / "batches.npz"
@@ -358,8 +354,11 @@ class _Truth:
     ``k`` rows (the ``k`` most likely over every table)."""
 
     def __init__(self, laws: List[np.ndarray], batch: int) -> None:
-        self.laws, self.batch = laws, batch
-        self.rows_read = [in_batch(law, batch) for law in laws]
+        self.batch = batch
+        self.law = np.concatenate(laws)  # every table's rows, end to end; per table: views
+        self.read = in_batch(self.law, batch)
+        ends = np.cumsum([law.size for law in laws])[:-1]
+        self.laws, self.rows_read = np.split(self.law, ends), np.split(self.read, ends)
 
     def slow(self, hot_rows: Sequence[int], hot_orders: Optional[List[np.ndarray]]) -> tuple:
         ids = rows = 0.0
@@ -373,12 +372,11 @@ class _Truth:
         return ids, rows
 
     def best(self, k: int) -> tuple:
-        law = np.concatenate(self.laws)
+        law = self.law
         if k >= law.size:
             return 0.0, 0.0
         cold = np.argpartition(law, law.size - k)[: law.size - k]
-        read = np.concatenate(self.rows_read)
-        return self.batch * float(law[cold].sum()), float(read[cold].sum())
+        return self.batch * float(law[cold].sum()), float(self.read[cold].sum())
 
 
 class _Cgroup:

@@ -228,11 +228,10 @@ class _Teacher:
         # the first-order part.
         pairs = (num_features + 1) * num_features / 2
         latent_std = (1.0 / (pairs * k)) ** 0.25
-        self.latents = (rng.standard_normal((total_rows, k)) * latent_std).astype(np.float64)
-        self.effects = rng.standard_normal(total_rows) / math.sqrt(num_features)
+        latents = (rng.standard_normal((total_rows, k)) * latent_std).astype(np.float64)
+        effects = rng.standard_normal(total_rows) / math.sqrt(num_features)
         # Each teacher row's effect and latents side by side, and a row of zeros last (an empty bag's).
-        self.row_terms = np.concatenate([self.effects[:, None], self.latents], axis=1)
-        self.row_terms = np.concatenate([self.row_terms, np.zeros((1, 1 + k))])
+        self.row_terms = np.concatenate([np.concatenate([effects[:, None], latents], axis=1), np.zeros((1, 1 + k))])
         self.dense_map = rng.standard_normal((num_dense, k)) * latent_std / math.sqrt(num_dense)
         self.dense_weights = rng.standard_normal(num_dense) / math.sqrt(num_dense)
         # Ranks are scattered over row ids by a multiplier coprime to the size,
@@ -379,18 +378,4 @@ def _slice(b: _Block, lo: int, hi: int) -> _Block:
         b.sample_offsets[lo : hi + 1] - start,
         b.labels[lo:hi],
         b.teacher_probability[lo:hi],
-    )
-
-
-def _concat(parts: Sequence[_Block]) -> _Block:
-    offsets = [parts[0].sample_offsets]
-    for p in parts[1:]:
-        offsets.append(p.sample_offsets[1:] + offsets[-1][-1])
-    return _Block(
-        np.concatenate([p.dense for p in parts]),
-        np.concatenate([p.lengths for p in parts]),
-        np.concatenate([p.values for p in parts]),
-        np.concatenate(offsets),
-        np.concatenate([p.labels for p in parts]),
-        np.concatenate([p.teacher_probability for p in parts]),
     )

@@ -135,14 +135,26 @@ def test_bag_means_are_the_bincount_means_bit_for_bit(most, seed):
 
 @pytest.mark.parametrize("mean_bag_length, missing", [(1.0, 0.02), (1.0, 0.0), (3.0, 0.1)])
 def test_a_batch_of_blocks_made_at_once_has_the_bits_of_block_by_block(mean_bag_length, missing):
-    from dist_rec.data.synthetic import _concat, _slice
+    from dist_rec.data.synthetic import _slice
 
     config = _config(block_size=16, mean_bag_length=mean_bag_length, missing_probability=missing)
     at_once, by_block = SyntheticDataset(config), SyntheticDataset(config)
     for start, stop in [(0, 64), (40, 100), (16, 32)]:
         first = start // 16
-        blocks = _concat([by_block._block(b) for b in range(first, (stop - 1) // 16 + 1)])
+        blocks = _concat_blocks([by_block._block(b) for b in range(first, (stop - 1) // 16 + 1)])
         expected = _slice(blocks, start - first * 16, stop - first * 16)
         got = at_once.samples(start, stop)
         for field in ("dense", "lengths", "values", "sample_offsets", "labels", "teacher_probability"):
             assert getattr(got, field).tobytes() == getattr(expected, field).tobytes(), (start, stop, field)
+
+
+def _concat_blocks(parts):
+    """Consecutive blocks as one (the offsets of each continue the last's)."""
+    from dist_rec.data.synthetic import _Block
+
+    offsets = [parts[0].sample_offsets]
+    for p in parts[1:]:
+        offsets.append(p.sample_offsets[1:] + offsets[-1][-1])
+    fields = ("dense", "lengths", "values", "labels", "teacher_probability")
+    joined = {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
+    return _Block(sample_offsets=np.concatenate(offsets), **joined)
