@@ -11,7 +11,8 @@ Two measurements, alternated in rounds:
   batch 2048, table-wise), and the same model on Criteo Kaggle's table
   sizes, saved with ``checkpoint.policy=incremental`` every ``--intervals``
   steps: the bytes of a delta (the rows changed since they were last saved,
-  with their ids and row-wise state) against a full save's.
+  with their ids and row-wise state; weights exact or quantised to
+  ``--delta-bits``) against a full save's.
 
     python benchmarks/bench_checkpoint.py --markdown docs/benchmarks.md
     python benchmarks/bench_checkpoint.py --part stall --gib 1 --rounds 2
@@ -138,17 +139,21 @@ def stall(args, workdir: Path) -> Dict:
 
 
 def incremental_bytes(args, workdir: Path) -> Dict:
+    import torch
+
+    from dist_rec.checkpoint.files import component
     from dist_rec.config import load_config
     from dist_rec.distributed import destroy_process_group
     from dist_rec.trainer import Environment, Trainer
 
     out = {}
-    for job, interval in [(job, interval) for job in args.bytes_jobs for interval in args.intervals]:
-        root = workdir / f"inc-{job}-{interval}"
+    for job, interval, bits in [(j, i, b) for j in args.bytes_jobs for i in args.intervals for b in args.delta_bits]:
+        root = workdir / f"inc-{job}-{interval}-{bits}"
         config = load_config(str(REPO / "launch/configs/default.yaml"), [
             *BYTES_JOBS[job], "train.batch_size=2048", "sharding.type=table_wise", f"train.steps={interval * (args.deltas + 1)}",
             "train.eval_every=0", f"train.output_dir={workdir / 'out'}", f"train.checkpoint_dir={root}",
             "checkpoint.policy=incremental", f"checkpoint.base_every={args.deltas + 1}", "checkpoint.keep_last=1",
+            f"checkpoint.delta_bits={bits}",
         ])  # fmt: skip
         trainer = Trainer(config, Environment(), quiet=True)
         batches = trainer._stream(0)
@@ -158,15 +163,28 @@ def incremental_bytes(args, workdir: Path) -> Dict:
                 trainer.checkpointer.save(step)
         trainer.checkpointer.finish()
         trainer.checkpointer.close()
+        # What a load of the last delta would rebuild (the saver's reference) against the live rows.
+        error, scale = 0.0, []
+        for path, sharded in trainer.checkpointer.model.sharded.items():
+            for local in sharded.local_shards():
+                weight = local.read()[0]
+                scale.append(weight.float().pow(2).mean().sqrt().item())
+                name = f"{component(path)}/{component(local.table)}/r{local.shard.row_offset}_c{local.shard.col_offset}.pt"
+                reference = trainer.checkpointer.buffers.references.get(name)
+                if reference is not None:
+                    error = max(error, (reference.float() - weight.float()).abs().max().item())
         destroy_process_group()
         saves = trainer.checkpointer.saves
         full = saves[0]["bytes"]
         deltas = [s["bytes"] for s in saves if s["kind"] == "delta"]
         rows = [s["rows_saved"] / s["rows_total"] for s in saves if s["kind"] == "delta"]
-        out[(job, interval)] = {"full": full, "deltas": deltas, "ratio": statistics.mean(deltas) / full,
-                                "rows": statistics.mean(rows)}  # fmt: skip
-        print(f"[bytes] {job}, every {interval} steps: a delta writes {out[(job, interval)]['ratio']:.1%} of a full "
-              f"save's bytes ({out[(job, interval)]['rows']:.1%} of the rows)", flush=True)  # fmt: skip
+        out[(job, interval, bits)] = {"full": full, "deltas": deltas, "ratio": statistics.mean(deltas) / full,
+                                      "rows": statistics.mean(rows), "max_error": error,
+                                      "weight_rms": statistics.median(scale)}  # fmt: skip
+        r = out[(job, interval, bits)]
+        print(f"[bytes] {job}, every {interval} steps, {bits}-bit deltas: a delta writes {r['ratio']:.1%} of a full "
+              f"save's bytes ({r['rows']:.1%} of the rows); rebuilt rows off by at most {error:.2e} "
+              f"(weights' RMS {r['weight_rms']:.2e})", flush=True)  # fmt: skip
     return out
 
 
@@ -191,14 +209,21 @@ def _markdown(stall_result, bytes_result, args, argv, load) -> str:
             "",
         ]
     if bytes_result:
-        rows = [[k[0], k[1], f"{v['full'] / 2**20:.1f}", f"{statistics.mean(v['deltas']) / 2**20:.2f}", f"{v['rows']:.1%}",
-                 f"{v['ratio']:.1%}"] for k, v in bytes_result.items()]  # fmt: skip
+        rows = [[k[0], k[1], "exact" if k[2] == 32 else f"{k[2]}-bit", f"{v['full'] / 2**20:.1f}",
+                 f"{statistics.mean(v['deltas']) / 2**20:.2f}", f"{v['rows']:.1%}", f"{v['ratio']:.1%}",
+                 "0" if k[2] == 32 else f"{v['max_error']:.1e} ({v['max_error'] / v['weight_rms']:.1%})"]
+                for k, v in bytes_result.items()]  # fmt: skip
         lines += [
             "**Incremental bytes** on the main job's access pattern (launch/configs/default.yaml: 26 tables, 0.19M "
             "rows x 16, Zipf 1.1; one process, batch 2048) and on the same model with Criteo Kaggle's table sizes "
-            f"(capped at 1M rows: 9.6M rows, Zipf 1.05), {args.deltas} deltas per interval after a base:",
+            f"(capped at 1M rows: 9.6M rows, Zipf 1.05), {args.deltas} deltas per interval after a base. A delta names "
+            "its rows by id or by bitmap, whichever is smaller; its weights are exact, or (`checkpoint.delta_bits`) "
+            "each row's change since the previous save quantised to 8 or 4 bits (Check-N-Run). Rebuilt error: the "
+            "largest difference between what a load of the last delta rebuilds and the live weights (and against the "
+            "weights' RMS):",
             "",
-            markdown_table(["access pattern", "interval (steps)", "full save MiB", "delta MiB (mean)", "rows in a delta", "delta / full"], rows),
+            markdown_table(["access pattern", "interval (steps)", "delta weights", "full save MiB", "delta MiB (mean)",
+                            "rows in a delta", "delta / full", "rebuilt error"], rows),  # fmt: skip
             "",
         ]
     return "\n".join(lines)
@@ -211,6 +236,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--intervals", type=int, nargs="+", default=[16, 60, 200])
     parser.add_argument("--deltas", type=int, default=3)
+    parser.add_argument("--delta-bits", type=int, nargs="+", choices=[32, 8, 4], default=[32, 8, 4])
     parser.add_argument("--bytes-jobs", nargs="+", choices=sorted(BYTES_JOBS), default=["main", "kaggle-sized"])
     parser.add_argument("--dir", type=Path, help="where the checkpoints go (default: a temporary directory)")
     parser.add_argument("--markdown", type=Path)

@@ -20,7 +20,8 @@ buried under process start-up on a 2-core machine:
   the checkpoint (a real ``restore_local_shards`` of the chain), training
   goes on, the shard's updates since its save are lost (PLS); the interval is
   the largest whose expected PLS stays under ``--target-pls``; saves are
-  full (``partial``), CPR-MFU (``mfu``) or CPR-SSU (``ssu``).
+  full (``partial``), CPR-MFU (``mfu``), CPR-SSU (``ssu``) or every touched
+  row with its change quantised to 4 bits (``inc4``, Check-N-Run).
 
 Saves are the trainer's own (``dist_rec.trainer.checkpointing``: snapshot
 on the training thread, background writer). The overhead of a policy is the
@@ -62,9 +63,12 @@ JOBS = {
         steps=800,
     ),
 }
-POLICIES = ["full", "partial", "mfu", "ssu"]  # full = full recovery; the others recover partially
+POLICIES = ["full", "partial", "mfu", "ssu", "inc4"]  # full = full recovery; the others recover partially
 LABELS = {"full": "full recovery (full saves)", "partial": "CPR partial recovery (full saves)",
-          "mfu": "CPR-MFU", "ssu": "CPR-SSU"}  # fmt: skip
+          "mfu": "CPR-MFU", "ssu": "CPR-SSU", "inc4": "CPR partial recovery (incremental, 4-bit deltas)"}  # fmt: skip
+# The checkpoint settings of each policy (beyond the shared ones).
+SETTINGS = {"full": ["checkpoint.policy=full"], "partial": ["checkpoint.policy=full"], "mfu": ["checkpoint.policy=mfu"],
+            "ssu": ["checkpoint.policy=ssu"], "inc4": ["checkpoint.policy=incremental", "checkpoint.delta_bits=4"]}  # fmt: skip
 
 
 def _config(job: dict, steps: int, checkpoint_dir: str, output_dir: str, extra: List[str]):
@@ -105,8 +109,7 @@ def _run(job: dict, steps: int, policy: str, interval: int, failures, args, work
 
     root = workdir / f"ckpt-{policy}"
     shutil.rmtree(root, ignore_errors=True)
-    extra = [] if policy == "none" else [f"checkpoint.policy={ {'partial': 'full'}.get(policy, policy)}",
-                                         f"checkpoint.mfu_fraction={args.fraction}", f"checkpoint.ssu_fraction={args.fraction}",
+    extra = [] if policy == "none" else [*SETTINGS[policy], f"checkpoint.mfu_fraction={args.fraction}", f"checkpoint.ssu_fraction={args.fraction}",
                                          f"checkpoint.base_every={args.base_every}", "checkpoint.keep_last=2"]  # fmt: skip
     config = _config(job, steps, str(root), str(workdir / f"out-{policy}"), extra)  # (the same sharded model, unsaved)
     trainer = Trainer(config, Environment(), quiet=True)

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from dist_rec.checkpoint.delta import DELTA_BITS
 from dist_rec.distributed.grid import LAYOUTS
 from dist_rec.planner.plan import ShardingType
 
@@ -476,6 +477,10 @@ class CheckpointConfig:
             (training stalls only for the copy); False writes in the step.
         base_every: a full save every this many saves (non-full policies).
         mfu_fraction, ssu_fraction: the policies' shares of rows.
+        delta_bits: 32 stores a delta's weights exact; 8 or 4 stores each
+            saved row's change since the previous save quantised to that
+            many bits (Check-N-Run; a restored row is off by at most half
+            of its row's step; bases stay exact).
         keep_last: complete checkpoints kept (with the bases their deltas need).
         auto_interval: choose the interval from ``fault.mtbf_s`` and the
             measured save cost (Young/Daly, or the largest interval whose
@@ -489,6 +494,7 @@ class CheckpointConfig:
     base_every: int = 5
     mfu_fraction: float = 0.1
     ssu_fraction: float = 0.1
+    delta_bits: int = 32
     keep_last: int = 2
     auto_interval: bool = False
     target_pls: float = 0.01
@@ -499,6 +505,8 @@ class CheckpointConfig:
         _check(self.base_every >= 1, f"{prefix}.base_every", self.base_every, ">= 1")
         _check(0 < self.mfu_fraction <= 1, f"{prefix}.mfu_fraction", self.mfu_fraction, "in (0, 1]")
         _check(0 < self.ssu_fraction <= 1, f"{prefix}.ssu_fraction", self.ssu_fraction, "in (0, 1]")
+        if self.delta_bits not in DELTA_BITS:
+            raise _invalid(f"{prefix}.delta_bits", self.delta_bits, f"one of {list(DELTA_BITS)}")
         _check(self.keep_last >= 1, f"{prefix}.keep_last", self.keep_last, ">= 1")
         _check(0 < self.target_pls < 1, f"{prefix}.target_pls", self.target_pls, "in (0, 1)")
 

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from dist_rec.checkpoint.delta import decode_rows, saved_row_count
 from dist_rec.checkpoint.files import (
     MANIFEST,
     TMP_MARK,
@@ -261,6 +262,8 @@ def write_items(tmp: Path, items, rank: int, check_finite: bool = False, cancel=
     for item in items:
         if check_finite:
             _check_finite(item, rank)
+        if item.encode is not None:
+            item.tensors, item.encode = item.encode(item.tensors), None
         if item.kind == "dense":
             model_state = item.tensors["model"]
             size, sha = write_tensors(tmp / item.file, item.tensors, cancel)
@@ -278,7 +281,7 @@ def write_items(tmp: Path, items, rank: int, check_finite: bool = False, cancel=
                 "written_by": rank,
             }  # fmt: skip
             if item.kind == "delta":
-                record["rows"] = int(item.tensors["rows"].numel())
+                record["rows"] = saved_row_count(item.tensors)
             records.append(record)
         _hook("file_written", tmp / item.file)
     return records
@@ -291,14 +294,17 @@ def _check_finite(item, rank: int) -> None:
             raise NonFiniteError(f"rank {rank}: the dense layers hold NaN or inf ({', '.join(bad[:5])}); not saved.")
         return
     for name, tensor in item.tensors.items():
-        if name == "rows" or not tensor.is_floating_point():
+        if not tensor.is_floating_point():
             continue
         if tensor.numel() == 0:
             continue
         finite = torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(dim=1)
         if not bool(finite.all()):
             rows = (~finite).nonzero().flatten()
-            first = int(item.tensors["rows"][rows[0]]) if "rows" in item.tensors else item.rect[0] + int(rows[0])
+            if item.kind == "delta":
+                first = int(decode_rows(item.tensors, item.rect[0], item.rect[1])[rows[0]])
+            else:
+                first = item.rect[0] + int(rows[0])
             raise NonFiniteError(
                 f"rank {rank}: table {item.table!r} of module {item.module!r} holds NaN or inf in {name} of "
                 f"{rows.numel()} row(s) (first: row {first}); not saved."
@@ -461,7 +467,7 @@ def _shard_copies(reader: CheckpointReader, model, modules: Optional[Sequence[st
 def _apply_copies(copies: _Copies) -> None:
     for local, rect, blocks in copies:
         for tensors, saved, common in blocks:
-            if "rows" in tensors:
+            if "rows" in tensors or "row_bits" in tensors:
                 copy_rows_into_shard(local, rect, tensors, saved, common)
             else:
                 copy_block_into_shard(local, rect, tensors, saved, common)

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from dist_rec.checkpoint.delta import expected_tensors
 from dist_rec.checkpoint.files import MANIFEST, CheckpointError
 from dist_rec.planner.plan import ShardingPlan, ShardingType
 
@@ -158,9 +159,10 @@ def _check_structure(manifest: Dict) -> None:
             count = int(entry["rows"])
             if not 0 <= count <= nr:
                 raise CheckpointError(f"{where}: {count} rows saved of a {nr}-row rectangle.")
-        expected = {"weight": ([count, nc], config["dtype"])}
         if entry["kind"] == "delta":
-            expected["rows"] = ([count], "int64")
+            expected = expected_tensors(tensors, count, nr, nc, config["dtype"])
+        else:
+            expected = {"weight": ([count, nc], config["dtype"])}
         for state in modules[module]["optimizer"]["state_names"]:
             expected[state] = ([count], "float32")
         got = {k: (list(v["shape"]), v["dtype"]) for k, v in tensors.items()}

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from dist_rec.checkpoint.delta import decode_rows, decode_weights
 from dist_rec.checkpoint.files import CheckpointError, resolve_for_load
 from dist_rec.checkpoint.manifest import Rect, file_rect, overlap, read_manifest
 
@@ -235,20 +236,26 @@ def copy_block_into_shard(local, rect: Rect, saved_tensors: Dict[str, torch.Tens
 
 @torch.no_grad()
 def copy_rows_into_shard(local, rect: Rect, saved_tensors: Dict[str, torch.Tensor], saved: Rect, common: Rect) -> None:
-    """A delta's rows (global ids ``saved_tensors["rows"]`` of the saved
-    rectangle ``saved``) that fall in ``common`` into a live shard, through
-    its storage (``write_rows``); a column part of rows is merged first."""
+    """A delta's rows (``delta.decode_rows`` of the saved rectangle
+    ``saved``) that fall in ``common`` into a live shard, through its
+    storage (``write_rows``); a column part of rows is merged first, and a
+    quantised delta's changes are added to the rows' current values."""
     r0, nr, c0, nc = common
-    rows = saved_tensors["rows"]
+    rows = decode_rows(saved_tensors, saved[0], saved[1])
     inside = (rows >= r0) & (rows < r0 + nr)
     if not bool(inside.any()):
         return
     picked = inside.nonzero().flatten()
     local_ids = rows[picked] - rect[0]
-    part = saved_tensors["weight"][picked][:, c0 - saved[2] : c0 - saved[2] + nc]
+    cols = slice(c0 - saved[2], c0 - saved[2] + nc)
+    whole = nc == rect[3]
+    current = None
+    if not whole or "weight" not in saved_tensors:
+        current, _ = local.storage.read_rows(local.index, local_ids)
+    here = slice(c0 - rect[2], c0 - rect[2] + nc)
+    part = decode_weights(saved_tensors, picked, saved[3], cols, current[:, here] if current is not None else None)
     state = {name: saved_tensors[name][picked] for name in local.state_names}
-    if nc != rect[3]:
-        weight, _ = local.storage.read_rows(local.index, local_ids)
-        weight[:, c0 - rect[2] : c0 - rect[2] + nc] = part
-        part = weight
+    if not whole:
+        current[:, here] = part
+        part = current
     local.storage.write_rows(local.index, local_ids, part, state)

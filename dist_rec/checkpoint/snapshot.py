@@ -18,6 +18,11 @@ What a snapshot holds depends on the checkpoint policy (CPR; Check-N-Run):
 * ``ssu`` (CPR-SSU): a uniform sample (``ssu_fraction``) of the rows changed
   since they were last saved (a row left out stays due).
 
+A delta names its rows by id or by bitmap, and stores their weights exact
+or, with ``delta_bits`` 8 or 4, as quantised changes since the previous
+save (``delta.py``); a quantised delta needs the saver's reference, which
+is the base's copy in the ``SnapshotBuffers``, moved by every delta.
+
 Changed rows and access counts come from ``RowTracker``s attached to the
 local lookups: the ids of each fused update are marked in a bitmap (and
 counted with an ``index_add`` for MFU), no sort; a save clears the bits of
@@ -31,15 +36,17 @@ time.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from dist_rec.checkpoint.delta import encode_rows, encode_weights
 from dist_rec.checkpoint.files import component
 
 POLICIES = ("full", "incremental", "mfu", "ssu")
@@ -88,10 +95,15 @@ class SavePolicy:
     mfu_fraction: float = 0.1
     ssu_fraction: float = 0.1
     seed: int = 0
+    delta_bits: int = 32
 
     @property
     def tracks(self) -> bool:
         return self.policy != "full"
+
+    @property
+    def quantises(self) -> bool:
+        return self.tracks and self.delta_bits < 32
 
     @property
     def counts(self) -> bool:
@@ -109,6 +121,9 @@ class Item:
     table: str = ""
     rect: tuple = ()
     shard_rank: int = -1
+    # Run by the writer before anything else (off the training thread): the
+    # tensors as the file stores them (a delta's row bitmap, quantised weights).
+    encode: Optional[Callable[[Dict], Dict]] = None
 
 
 @dataclass
@@ -140,6 +155,7 @@ class SnapshotBuffers:
     def __init__(self) -> None:
         self._held: Dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
+        self.references: Dict[str, torch.Tensor] = {}  # shard file -> weights a load rebuilds (quantised deltas)
 
     def get(self, key, shape, dtype) -> torch.Tensor:
         key = (key, tuple(shape), dtype)
@@ -190,6 +206,7 @@ def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: S
     from dist_rec.checkpoint.checkpoint import _cpu_tensor, dense_state_dict
 
     buffers = buffers if buffers is not None else SnapshotBuffers()
+    copy = copy or policy.quantises  # the base's copy is the quantised deltas' reference
 
     rank = dist.get_rank()
     grid = model.grid
@@ -211,6 +228,8 @@ def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: S
                 tensors = {"weight": weight, **state}
                 if copy:
                     tensors = {k: buffers.copy((name, k), v) for k, v in tensors.items()}
+                    if policy.quantises:
+                        buffers.references[name] = tensors["weight"]
                 else:
                     tensors = {k: _cpu_tensor(v) for k, v in tensors.items()}
                 snapshot.items.append(Item(f"shards/{name}", "shard", tensors, path, local.table, rect, s.rank))
@@ -223,7 +242,8 @@ def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: S
                     continue
                 weight, state = local.storage.read_rows(local.index, rows)
                 tensors = {"rows": rows.cpu() + s.row_offset, "weight": weight.cpu(), **{k: v.cpu() for k, v in state.items()}}
-                snapshot.items.append(Item(f"deltas/{name}", "delta", tensors, path, local.table, rect, s.rank))
+                encode = functools.partial(_encode_delta, rect, policy.delta_bits, buffers.references.get(name))
+                snapshot.items.append(Item(f"deltas/{name}", "delta", tensors, path, local.table, rect, s.rank, encode))
                 snapshot.rows_saved += int(rows.numel())
         if rank == 0:
             for local in sharded.data_parallel_tables():
@@ -240,6 +260,16 @@ def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: S
             optimizer_state = _clone_tree(optimizer_state)
         snapshot.items.append(Item("dense.pt", "dense", {"model": model_state, "optimizer": optimizer_state, "extra": extra}))
     return snapshot
+
+
+def _encode_delta(rect: tuple, bits: int, reference: Optional[torch.Tensor], tensors: Dict) -> Dict:
+    """A delta's snapshot (global row ids, exact weights, state) as its file
+    stores it (``delta.py``); moves a quantised delta's ``reference``."""
+    local_rows = tensors["rows"] - rect[0]
+    encoded = encode_rows(local_rows, rect[0], rect[1])
+    encoded.update(encode_weights(tensors["weight"], bits, reference, local_rows))
+    encoded.update({k: v for k, v in tensors.items() if k not in ("rows", "weight")})
+    return encoded
 
 
 def _join_replicas(sharded) -> List[Optional[tuple]]:
@@ -275,7 +305,9 @@ def _select_rows(tracked, policy: SavePolicy, step: int, table: str, shard) -> t
         return dirty.nonzero().flatten()
     if policy.policy == "mfu":
         due = dirty.nonzero().flatten()
-        top = min(due.numel(), max(1, math.ceil(policy.mfu_fraction * shard.num_rows)))
+        top = max(1, math.ceil(policy.mfu_fraction * shard.num_rows))
+        if due.numel() <= top:  # every due row fits
+            return due
         return due[counts[due].topk(top, sorted=False).indices].sort().values
     if policy.policy == "ssu":
         ids = dirty.nonzero().flatten()

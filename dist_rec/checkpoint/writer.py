@@ -18,6 +18,7 @@ at the end, and learns its failure at its next step.
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import threading
 import time
@@ -95,10 +96,16 @@ def write_entry(root: Path, snapshot: Snapshot, header: Dict, group, keep_last: 
 
 
 class BackgroundWriter:
-    """One write at a time in a background thread."""
+    """One write at a time in a background thread (one thread for the
+    writer's life: handing a write to a waiting thread costs the training
+    thread a queue put, where starting a thread made it wait until the new
+    thread ran, milliseconds on a busy machine)."""
 
     def __init__(self) -> None:
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._finished = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._in_flight = False
         self._result = None
         self._error: Optional[BaseException] = None
         self.seconds = 0.0  # the last write's duration
@@ -106,40 +113,60 @@ class BackgroundWriter:
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._in_flight and not self._finished.is_set()
 
     def start(self, write: Callable[[], object]) -> None:
-        if self._thread is not None:
+        if self._in_flight:
             raise RuntimeError("BackgroundWriter: a write is already in flight; wait() for it first.")
+        self._result, self._error = None, None
+        self.cancel.clear()
+        self._finished.clear()
+        self._in_flight = True
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, args=(self._jobs,), name="dist_rec-checkpoint-writer",
+                                            daemon=True)  # fmt: skip
+            self._thread.start()
+        self._jobs.put(write)
 
-        def run() -> None:
+    def _serve(self, jobs: "queue.SimpleQueue") -> None:
+        while True:
+            write = jobs.get()
+            if write is None:
+                return
             started = time.perf_counter()
             try:
                 self._result = write()
             except BaseException as error:  # handed to the training thread by wait()
                 self._error = error
             self.seconds = time.perf_counter() - started
-
-        self._result, self._error = None, None
-        self.cancel.clear()
-        self._thread = threading.Thread(target=run, name="dist_rec-checkpoint-writer", daemon=True)
-        self._thread.start()
+            self._finished.set()
 
     def done(self) -> bool:
         """Whether a write was started and has finished (``wait`` then returns at once)."""
-        return self._thread is not None and not self._thread.is_alive()
+        return self._in_flight and self._finished.is_set()
 
     def wait(self):
         """The write's result once it finished (raises its error); None when
         none is in flight. A cancel applies to the write in flight only: it
         is cleared here."""
-        if self._thread is None:
+        if not self._in_flight:
             self.cancel.clear()
             return None
-        self._thread.join()
-        self._thread = None
+        self._finished.wait()
+        self._in_flight = False
         self.cancel.clear()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
         return self._result
+
+    def close(self) -> None:
+        """Waits for the write in flight (its error is dropped) and ends the thread."""
+        try:
+            self.wait()
+        except BaseException:
+            pass
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None

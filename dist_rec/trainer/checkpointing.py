@@ -80,7 +80,7 @@ class Checkpointer:
         except CheckpointError as error:
             raise ConfigError(f"Invalid train.checkpoint_dir={str(self.directory)!r}. {error}") from None
         self.policy = SavePolicy(self.config.policy, self.config.base_every, self.config.mfu_fraction,
-                                 self.config.ssu_fraction)  # fmt: skip
+                                 self.config.ssu_fraction, delta_bits=self.config.delta_bits)  # fmt: skip
         attach_trackers(model, self.policy)
         self.writer = BackgroundWriter()
         self.buffers = SnapshotBuffers()
@@ -156,7 +156,9 @@ class Checkpointer:
 
             checkpoint_module._fault_hook = lambda stage, path: self.at("checkpoint", step) if stage == "file_written" else None
             try:
-                return write_entry(self.directory, snapshot, header, group, keep, cancel=self.writer.cancel)
+                written = write_entry(self.directory, snapshot, header, group, keep, cancel=self.writer.cancel)
+                record["bytes"] = snapshot.nbytes  # as written (a delta is encoded by the writer)
+                return written
             finally:
                 checkpoint_module._fault_hook = None
 
@@ -227,7 +229,8 @@ class Checkpointer:
         self._pending, self._parent, self._since_base = None, None, 0
 
     def close(self) -> None:
-        """The end of the run (or its failure): the directory's lock is released."""
+        """The end of the run (or its failure): the writer's thread ends, the directory's lock is released."""
+        self.writer.close()
         self.series.unlock()
 
     # -- resuming --------------------------------------------------------------------
@@ -247,6 +250,8 @@ class Checkpointer:
         last = Path(info["directory"])
         self._parent = last.name if last.parent == self.directory else None  # a legacy single checkpoint: next is a base
         self._since_base = len(info.get("chain", [])) - 1 if self._parent else 0
+        if self.policy.quantises:  # a quantised delta follows this process's own reference: a base first
+            self._parent, self._since_base = None, 0
         self._last_save_step = step
         self.say(f"resumed from {info['directory']}: step {info['step']}; continuing at step {step}")
         return step

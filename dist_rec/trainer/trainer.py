@@ -88,6 +88,7 @@ class _DataPosition:
 
     def __init__(self, trainer: "Trainer") -> None:
         self.trainer = trainer
+        self._settings: Optional[Dict] = None
 
     @property
     def global_batch(self) -> int:
@@ -96,8 +97,9 @@ class _DataPosition:
     def position(self, step: int) -> Dict:
         dataset = self.trainer.data.train
         seek = dataset.seek_state() if hasattr(dataset, "seek_state") else None
-        return {"step": int(step), "examples": int(step) * self.global_batch, "seek": seek,
-                "config": self.trainer.config.to_dict()}  # fmt: skip
+        if self._settings is None:  # (the run's settings do not change once it trains: built once)
+            self._settings = self.trainer.config.to_dict()
+        return {"step": int(step), "examples": int(step) * self.global_batch, "seek": seek, "config": self._settings}
 
     def check(self, extra) -> None:
         """Before a resume loads anything: the settings saved with it against this run's."""

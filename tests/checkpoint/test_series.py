@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_rec.checkpoint import CheckpointError, load_checkpoint
+from dist_rec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dist_rec.checkpoint.delta import decode_rows
+from dist_rec.checkpoint.files import component
 from dist_rec.checkpoint.interval import (
     choose_interval, expected_pls, full_recovery_overhead, partial_recovery_interval, young_daly,
 )  # fmt: skip
@@ -65,16 +67,38 @@ def _saves_rank(rank, world_size, root):
     background = _checkpointer(os.path.join(root, "async"), dmp, optimizer, "ck-async", keep_last=3)
     incremental = _checkpointer(os.path.join(root, "inc"), dmp, optimizer, "ck-inc", policy="incremental",
                                 base_every=3, keep_last=2)  # fmt: skip
+    twin, twin_optimizer = _build(PLAN_2, seed=1)  # the same training, its own row trackers
+    quantised = _checkpointer(os.path.join(root, "q4"), twin, twin_optimizer, "ck-q4", policy="incremental",
+                              base_every=3, keep_last=2, delta_bits=4, async_save=False)  # fmt: skip
     for step in range(6):
         _train_step(dmp, optimizer, step)
+        _train_step(twin, twin_optimizer, step)
         incremental.save(step + 1)
+        quantised.save(step + 1)
         if (step + 1) % 2 == 0:
             sync.save(step + 1)
             background.save(step + 1)  # written while the next steps train
-    for checkpointer in (sync, background, incremental):
+    for checkpointer in (sync, background, incremental, quantised):
         checkpointer.finish()
         checkpointer.close()
     live = _snapshot(dmp, optimizer)
+    _assert_same(_snapshot(twin, twin_optimizer), live, "the twin's training")
+
+    # 4-bit deltas: a load rebuilds exactly the saver's reference, which is
+    # within half a step of every live row (and exact wherever nothing changed).
+    rebuilt = dict(live)
+    for path, sharded in dmp.sharded.items():
+        for local in sharded.local_shards():
+            s = local.shard
+            reference = quantised.buffers.references[f"{component(path)}/{component(local.table)}/r{s.row_offset}_c{s.col_offset}.pt"]
+            key = (path, local.table, s.row_offset, s.col_offset, "weight")
+            error = (reference - live[key]).abs().max()
+            assert 0 < error < 0.02, (key, error)  # lossy, and only just
+            rebuilt[key] = reference.clone()
+    fresh, fresh_optimizer = _build(PLAN_2, seed=9)
+    load_checkpoint(os.path.join(root, "q4"), fresh, fresh_optimizer)
+    _assert_same(_snapshot(fresh, fresh_optimizer), rebuilt, "base + 4-bit deltas against the saver's reference")
+    save_checkpoint(os.path.join(root, "q4_rebuilt"), fresh, fresh_optimizer, step=6)
     if rank == 0:
         assert [r["kind"] for r in incremental.saves] == ["base", "delta", "delta", "base", "delta", "delta"]
         assert all(r["rows_saved"] < r["rows_total"] for r in incremental.saves if r["kind"] == "delta")
@@ -94,6 +118,21 @@ def _other_world_rank(rank, world_size, root):
     chained, chained_optimizer = _build(PLAN_1, seed=8)
     load_checkpoint(os.path.join(root, "inc"), chained, chained_optimizer)
     _assert_same(_snapshot(chained, chained_optimizer), _snapshot(full, full_optimizer), "base + deltas resharded")
+    rebuilt, rebuilt_optimizer = _build(PLAN_1, seed=10)
+    load_checkpoint(os.path.join(root, "q4_rebuilt"), rebuilt, rebuilt_optimizer)
+    quantised, quantised_optimizer = _build(PLAN_1, seed=11)
+    load_checkpoint(os.path.join(root, "q4"), quantised, quantised_optimizer)
+    _assert_same(_snapshot(quantised, quantised_optimizer), _snapshot(rebuilt, rebuilt_optimizer), "4-bit deltas resharded")
+    # A resumed run has no reference of its own yet: its first save is a base.
+    resumed = _checkpointer(os.path.join(root, "q4"), quantised, quantised_optimizer, "ck-q4-resumed", policy="incremental",
+                            base_every=3, keep_last=5, delta_bits=4)  # fmt: skip
+    assert resumed.resume() == 6
+    _train_step(quantised, quantised_optimizer, 6)
+    resumed.save(7)
+    resumed.save(8)
+    resumed.finish()
+    resumed.close()
+    assert [r["kind"] for r in resumed.saves] == ["base", "delta"]
 
 
 def test_async_equals_sync_and_deltas_equal_a_full_save(tmp_path):
@@ -121,8 +160,9 @@ def _tracker_of(dmp, table):
 
 
 def _delta_rows(entry: Path, table: str) -> torch.Tensor:
-    (path,) = (entry / "deltas" / "sparse_arch" / table).glob("*.pt")
-    return torch.load(path)["rows"]
+    """The global ids of the rows the delta ``entry`` saved of ``table`` (one block)."""
+    (record,) = [f for f in json.loads((entry / "manifest.json").read_text())["files"] if f.get("table") == table]
+    return decode_rows(torch.load(entry / record["file"]), record["row_offset"], record["num_rows"])
 
 
 def _policies_rank(rank, world_size, root):

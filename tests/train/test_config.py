@@ -46,6 +46,7 @@ def test_yaml_round_trip():
         ("model.over_arch_layer_sizes=[8, 2]", "Invalid model.over_arch_layer_sizes=[8, 2]. Must be a list ending in 1"),
         ("model.interaction=cat", "Invalid model.interaction='cat'. Must be 'dot' or 'dcn'."),
         ("train.backend=mpi", "Invalid train.backend='mpi'. Must be one of"),
+        ("checkpoint.delta_bits=2", "Invalid checkpoint.delta_bits=2. Must be one of [32, 8, 4]"),
         ("train.batchsize=3", "Unknown config key 'train.batchsize'. Valid keys under 'train'"),
         ("trainer.steps=3", "Unknown config key 'trainer'"),
         ("train.steps", "Invalid override 'train.steps'. Must be section.field=value"),
