@@ -131,7 +131,10 @@ def kjt_from_sample_major(
     # Bag (sample b, feature f) moves to position f * B + b.
     order = np.arange(flat.size).reshape(num_samples, num_features).T.reshape(-1)
     new_lengths = flat[order]
-    gather = concatenated_ranges(starts[order], new_lengths)
+    if flat.size and flat.max() <= 1:  # one-hot bags (some empty): each bag's range is its start
+        gather = starts[order][new_lengths > 0]
+    else:
+        gather = concatenated_ranges(starts[order], new_lengths)
     values_out = torch.from_numpy(np.ascontiguousarray(np.asarray(values)[gather]))
     weights_out = None
     if weights is not None:

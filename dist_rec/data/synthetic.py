@@ -237,6 +237,8 @@ class _Teacher:
         # Ranks are scattered over row ids by a multiplier coprime to the size,
         # so hot rows are not all at the start of a table.
         self.multipliers = np.array([_coprime_near(int(n), 0.6180339887 * n) for n in sizes], dtype=np.int64)
+        self.capped = bool((self.rows < sizes).any())
+        self.zipf_spans = _zipf_span(sizes, config.zipf_exponent)  # per feature, not per id
         self.shifts = rng.integers(0, sizes)
         self.shift_mean, self.shift_std = 0.0, 1.0
         raw = self._raw_logits(_SPLITS["calibration"], 0, 16384)
@@ -288,25 +290,38 @@ class _Teacher:
         config = self.config
         n, num_features = lengths.shape
         flat_lengths = lengths.reshape(-1)
-        feature_of_value = np.repeat(np.tile(np.arange(num_features), n), flat_lengths)
+        if flat_lengths.size and flat_lengths.max() <= 1:  # one-hot bags: a value's bag is where a length is 1
+            bag_of_value = np.flatnonzero(flat_lengths)
+            feature_of_value = np.tile(np.arange(num_features), n)[bag_of_value]
+        else:
+            bag_of_value = np.repeat(np.arange(n * num_features), flat_lengths)
+            feature_of_value = np.repeat(np.tile(np.arange(num_features), n), flat_lengths)
         sizes = self.sizes[feature_of_value]
-        ranks = _bounded_zipf(uniforms, sizes, config.zipf_exponent)
+        ranks = _bounded_zipf(uniforms, sizes, config.zipf_exponent, self.zipf_spans[feature_of_value])
         values = (ranks * self.multipliers[feature_of_value] + self.shifts[feature_of_value]) % sizes
 
         # Teacher rows follow the rank (the id is a scrambling of it).
-        teacher_rows = self.row_base[feature_of_value] + ranks % self.rows[feature_of_value]
+        if self.capped:
+            teacher_rows = self.row_base[feature_of_value] + ranks % self.rows[feature_of_value]
+        else:  # (a rank is below its table's size: the modulo would be the rank)
+            teacher_rows = self.row_base[feature_of_value] + ranks
         signal = 1.0 / (1.0 + ranks / config.signal_rows) if config.signal_rows > 0 else np.ones(ranks.size)
-        bag_of_value = np.repeat(np.arange(n * num_features), flat_lengths)
         means = _bag_means(self.row_terms, teacher_rows, signal, bag_of_value, flat_lengths)
         pooled_effect = means[:, 0]
         pooled = means[:, 1:].reshape(n, num_features, config.teacher_dim)
         dense64 = dense.astype(np.float64)
         dense_latent = dense64 @ self.dense_map
-        vectors = np.concatenate([dense_latent[:, None, :], pooled], axis=1)
-        total = vectors[:, 0].copy()  # vectors.sum(axis=1), in its order, without its slow strided reduction
-        for f in range(1, vectors.shape[1]):
-            total += vectors[:, f]
-        pairwise = 0.5 * ((total * total).sum(axis=1) - (vectors * vectors).sum(axis=(1, 2)))
+        # The dense latent and the pooled latents, [n, F + 1, k]: their sum over
+        # the F + 1 vectors in order (without numpy's slow strided reduction),
+        # and the sum of their squares, reduced over one [n, F + 1, k] array
+        # as the concatenated vectors were (the same bits, without the copy).
+        total = dense_latent.copy()
+        for f in range(num_features):
+            total += pooled[:, f]
+        squares = np.empty((n, num_features + 1, config.teacher_dim))
+        np.multiply(dense_latent, dense_latent, out=squares[:, 0])
+        np.multiply(pooled, pooled, out=squares[:, 1:])
+        pairwise = 0.5 * ((total * total).sum(axis=1) - squares.sum(axis=(1, 2)))
         raw_logits = dense64 @ self.dense_weights + pooled_effect.reshape(n, num_features).sum(axis=1)
         raw_logits = raw_logits + config.interaction_weight * pairwise
         logits = raw_logits if raw else self.bias + config.logit_scale * (raw_logits - self.shift_mean) / self.shift_std
@@ -327,24 +342,39 @@ def _bag_means(row_terms: np.ndarray, rows: np.ndarray, signal: np.ndarray, bag_
         bag_rows[bag_of_value] = rows
         bag_signal = np.zeros(bags)
         bag_signal[bag_of_value] = signal
-        return bag_signal[:, None] * row_terms.take(bag_rows, axis=0) + 0.0  # + 0.0: bincount's 0.0 + -0.0 is 0.0
+        means = row_terms.take(bag_rows, axis=0)
+        means *= bag_signal[:, None]
+        means += 0.0  # bincount's 0.0 + -0.0 is 0.0
+        return means
     weighted = signal[:, None] * row_terms.take(rows, axis=0)
     denominator = np.maximum(lengths, 1)
     return np.stack([np.bincount(bag_of_value, weighted[:, j], bags) / denominator
                      for j in range(weighted.shape[1])], axis=1)  # fmt: skip
 
 
-def _bounded_zipf(u: np.ndarray, sizes: np.ndarray, exponent: float) -> np.ndarray:
-    """0-based ranks in [0, size) with P(k) ~ 1/(k+1)^s, by inverting the
-    continuous power law on [1, size + 1) (no per-row table)."""
-    sizes = sizes.astype(np.float64)
+def _zipf_span(sizes: np.ndarray, exponent: float) -> np.ndarray:
+    """What ``_bounded_zipf`` scales its uniforms by, per size: computed
+    once per table, then gathered per id."""
+    sizes = np.asarray(sizes).astype(np.float64)
     if exponent == 0.0:
-        x = 1.0 + u * sizes
+        return sizes
+    if abs(exponent - 1.0) < 1e-12:
+        return np.log1p(sizes)
+    return (sizes + 1.0) ** (1.0 - exponent) - 1.0
+
+
+def _bounded_zipf(u: np.ndarray, sizes: np.ndarray, exponent: float, spans: Optional[np.ndarray] = None) -> np.ndarray:
+    """0-based ranks in [0, size) with P(k) ~ 1/(k+1)^s, by inverting the
+    continuous power law on [1, size + 1) (no per-row table). ``spans``:
+    ``_zipf_span(sizes)``, when known."""
+    spans = _zipf_span(sizes, exponent) if spans is None else spans
+    if exponent == 0.0:
+        x = 1.0 + u * spans
     elif abs(exponent - 1.0) < 1e-12:
-        x = np.exp(u * np.log1p(sizes))
+        x = np.exp(u * spans)
     else:
         a = 1.0 - exponent
-        x = (1.0 + u * ((sizes + 1.0) ** a - 1.0)) ** (1.0 / a)
+        x = (1.0 + u * spans) ** (1.0 / a)
     return np.minimum(np.floor(x).astype(np.int64) - 1, sizes.astype(np.int64) - 1)
 
 
