@@ -1,0 +1,69 @@
+"""The native ceiling loops of benchmarks/bench_ceiling.py against plain
+PyTorch: a ceiling that computed something else would measure nothing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_ceiling  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def native():
+    return bench_ceiling.load_native()
+
+
+def _bags(seed: int, tables: int, rows: int, batch: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 5, (tables * batch,), generator=g)
+    lengths[::7] = 0  # empty bags
+    offsets = torch.zeros(tables * batch + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    ids = torch.randint(0, rows, (int(offsets[-1]),), generator=g)
+    ids[: ids.numel() // 3] = 2  # repeated ids
+    return ids, offsets
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dim", [16, 64, 128])
+@pytest.mark.parametrize("distance,hint", [(0, "t0"), (8, "t1"), (32, "t0")])
+def test_pooled_read_sums_each_bag(native, seed, dim, distance, hint):
+    tables, rows, batch = 3, 50, 40
+    weights = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed + t)) for t in range(tables)]
+    ids, offsets = _bags(seed, tables, rows, batch)
+    out = torch.full((tables * batch, dim), float("nan"))
+    bench_ceiling.pooled_read(native, weights, ids, offsets, batch, distance, out, hint)
+    for t in range(tables):
+        bag_offsets = offsets[t * batch : (t + 1) * batch + 1]
+        start = int(bag_offsets[0])
+        expected = torch.nn.functional.embedding_bag(
+            ids[start : int(bag_offsets[-1])], weights[t], bag_offsets - start, mode="sum", include_last_offset=True
+        )
+        torch.testing.assert_close(out[t * batch : (t + 1) * batch], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hint", ["w", "t1"])
+def test_update_rows_changes_each_listed_row_once(native, hint):
+    tables, rows, dim = 2, 300, 64
+    weights = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(t)) for t in range(tables)]
+    before = [w.clone() for w in weights]
+    listed = [torch.tensor([0, 5, 6, 299]), torch.arange(0, 300, 3)]
+    starts = torch.tensor([0, 4, 4 + listed[1].numel()])
+    bench_ceiling.update_rows(native, weights, torch.cat(listed), starts, 2.0, 1.0, 16, hint)
+    for t in range(tables):
+        expected = before[t].clone()
+        expected[listed[t]] = expected[listed[t]] * 2.0 + 1.0
+        torch.testing.assert_close(weights[t], expected, rtol=0, atol=1e-6)
+
+
+def test_a_dim_without_a_loop_is_refused(native):
+    weights = [torch.zeros(4, 24)]
+    with pytest.raises(ValueError, match="no loop for dim 24"):
+        bench_ceiling.pooled_read(native, weights, torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1]), 1, 0,
+                                  torch.empty(1, 24))  # fmt: skip
