@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import os
 import statistics
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def load_native() -> ctypes.CDLL:
     cache.mkdir(parents=True, exist_ok=True)
     library = cache / f"row_ceiling-{digest}.so"
     if not library.exists():
-        partial = library.with_suffix(".so.tmp")
+        partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")  # (renamed into place: builders may race)
         command = ["g++", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

@@ -507,6 +507,9 @@ class CheckpointConfig:
         _check(0 < self.ssu_fraction <= 1, f"{prefix}.ssu_fraction", self.ssu_fraction, "in (0, 1]")
         if self.delta_bits not in DELTA_BITS:
             raise _invalid(f"{prefix}.delta_bits", self.delta_bits, f"one of {list(DELTA_BITS)}")
+        if self.delta_bits != 32 and self.policy == "full":
+            raise _invalid(f"{prefix}.delta_bits", self.delta_bits,
+                           f"32 with {prefix}.policy='full' (full saves have no deltas to quantise)")  # fmt: skip
         _check(self.keep_last >= 1, f"{prefix}.keep_last", self.keep_last, ">= 1")
         _check(0 < self.target_pls < 1, f"{prefix}.target_pls", self.target_pls, "in (0, 1)")
 

@@ -26,12 +26,17 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from dist_rec.checkpoint.files import CheckpointError
+
 DELTA_BITS = (32, 8, 4)
 
 
 def encode_rows(rows: torch.Tensor, row_offset: int, num_rows: int) -> Dict[str, torch.Tensor]:
-    """``rows`` (sorted local ids of a ``num_rows``-row block at ``row_offset``)
-    as global ids or as the block's bitmap, whichever is smaller."""
+    """``rows`` (ascending local ids of a ``num_rows``-row block at
+    ``row_offset``) as global ids or as the block's bitmap, whichever is
+    smaller (a bitmap lists rows in ascending order: the weights must too)."""
+    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        raise ValueError("A delta's rows must be ascending and distinct (its weights follow their order).")
     if rows.numel() * 64 <= num_rows:
         return {"rows": rows.to(torch.int64) + row_offset}
     mask = np.zeros(num_rows, dtype=bool)
@@ -48,6 +53,7 @@ def decode_rows(tensors: Dict[str, torch.Tensor], row_offset: int, num_rows: int
 
 
 def saved_row_count(tensors: Dict[str, torch.Tensor]) -> int:
+    """How many rows a delta file saved (its ids, or the bits set in its bitmap)."""
     if "rows" in tensors:
         return int(tensors["rows"].numel())
     return int(np.unpackbits(tensors["row_bits"].numpy()).sum())
@@ -96,34 +102,36 @@ def apply_change(current: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
     return (current.float() + change).to(current.dtype)
 
 
-def encode_weights(weight: torch.Tensor, bits: int, reference: Optional[torch.Tensor], rows: torch.Tensor
-                   ) -> Dict[str, torch.Tensor]:  # fmt: skip
+def encode_weights(weight: torch.Tensor, bits: int, reference: Optional[torch.Tensor], rows: torch.Tensor,
+                   file: str = "") -> Dict[str, torch.Tensor]:  # fmt: skip
     """The weights of a delta's ``rows``: exact (``bits`` 32), or their
     change since ``reference`` quantised, after which ``reference[rows]``
-    holds what a load of this delta rebuilds."""
+    holds what a load of this delta rebuilds (``file``: the delta's, for errors)."""
     if bits == 32:
         return {"weight": weight}
     if reference is None:
-        raise RuntimeError("A quantised delta needs the saver's reference (the base it follows was not kept).")
+        raise CheckpointError(f"{file or 'a delta'}: a {bits}-bit delta needs the saver's reference of its block "
+                              "(the base it follows was not taken in this process); the next save will be a base.")  # fmt: skip
     previous = reference[rows]
     coded = quantise(weight.float() - previous.float(), bits)
     reference[rows] = apply_change(previous, dequantise(coded, weight.shape[1]))
     return coded
 
 
-def expected_tensors(kind_tensors: Dict, count: int, num_rows: int, num_cols: int, dtype: str) -> Dict[str, Tuple[list, str]]:
+def expected_tensors(recorded: Dict, count: int, num_rows: int, num_cols: int, dtype: str) -> Dict[str, Tuple[list, str]]:
     """Names, shapes and dtypes a delta file of ``count`` rows of a
-    ``num_rows`` x ``num_cols`` block holds, given the names it records
-    (which say its encoding); the optimizer state is added by the caller."""
+    ``num_rows`` x ``num_cols`` block holds, given the tensors its manifest
+    entry records (their names say its encoding); the optimizer state is
+    added by the caller."""
     expected: Dict[str, Tuple[list, str]] = {}
-    if "row_bits" in kind_tensors:
+    if "row_bits" in recorded:
         expected["row_bits"] = ([(num_rows + 7) // 8], "uint8")
     else:
         expected["rows"] = ([count], "int64")
-    if "weight_q" in kind_tensors:
-        recorded = list(kind_tensors["weight_q"]["shape"])
+    if "weight_q" in recorded:
+        shape = list(recorded["weight_q"]["shape"])
         packed = (num_cols + 1) // 2 if num_cols > 1 else num_cols  # 4-bit codes; 8-bit ones are num_cols wide
-        width = recorded[1] if len(recorded) == 2 and recorded[1] in (num_cols, packed) else num_cols
+        width = shape[1] if len(shape) == 2 and shape[1] in (num_cols, packed) else num_cols
         expected["weight_q"] = ([count, width], "uint8")
         expected["weight_low"] = ([count], "bfloat16")
         expected["weight_step"] = ([count], "bfloat16")

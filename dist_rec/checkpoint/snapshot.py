@@ -242,7 +242,7 @@ def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: S
                     continue
                 weight, state = local.storage.read_rows(local.index, rows)
                 tensors = {"rows": rows.cpu() + s.row_offset, "weight": weight.cpu(), **{k: v.cpu() for k, v in state.items()}}
-                encode = functools.partial(_encode_delta, rect, policy.delta_bits, buffers.references.get(name))
+                encode = functools.partial(_encode_delta, f"deltas/{name}", rect, policy.delta_bits, buffers.references.get(name))
                 snapshot.items.append(Item(f"deltas/{name}", "delta", tensors, path, local.table, rect, s.rank, encode))
                 snapshot.rows_saved += int(rows.numel())
         if rank == 0:
@@ -262,12 +262,12 @@ def take_snapshot(model, dense_optimizer, step: int, extra, kind: str, policy: S
     return snapshot
 
 
-def _encode_delta(rect: tuple, bits: int, reference: Optional[torch.Tensor], tensors: Dict) -> Dict:
+def _encode_delta(file: str, rect: tuple, bits: int, reference: Optional[torch.Tensor], tensors: Dict) -> Dict:
     """A delta's snapshot (global row ids, exact weights, state) as its file
     stores it (``delta.py``); moves a quantised delta's ``reference``."""
     local_rows = tensors["rows"] - rect[0]
     encoded = encode_rows(local_rows, rect[0], rect[1])
-    encoded.update(encode_weights(tensors["weight"], bits, reference, local_rows))
+    encoded.update(encode_weights(tensors["weight"], bits, reference, local_rows, file))
     encoded.update({k: v for k, v in tensors.items() if k not in ("rows", "weight")})
     return encoded
 

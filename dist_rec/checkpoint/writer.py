@@ -95,6 +95,17 @@ def write_entry(root: Path, snapshot: Snapshot, header: Dict, group, keep_last: 
     return root / name
 
 
+class _Job:
+    """One write handed to the writer's thread, and what came of it."""
+
+    def __init__(self, write: Callable[[], object]) -> None:
+        self.write: Optional[Callable[[], object]] = write
+        self.finished = threading.Event()
+        self.result = None
+        self.error: Optional[BaseException] = None
+        self.seconds = 0.0
+
+
 class BackgroundWriter:
     """One write at a time in a background thread (one thread for the
     writer's life: handing a write to a waiting thread costs the training
@@ -103,70 +114,68 @@ class BackgroundWriter:
 
     def __init__(self) -> None:
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._finished = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._in_flight = False
-        self._result = None
-        self._error: Optional[BaseException] = None
+        self._job: Optional[_Job] = None  # the write in flight, until wait()
         self.seconds = 0.0  # the last write's duration
         self.cancel = threading.Event()  # set: the write in flight stops at its next chunk (``write_entry``)
 
     @property
     def busy(self) -> bool:
-        return self._in_flight and not self._finished.is_set()
+        return self._job is not None and not self._job.finished.is_set()
 
     def start(self, write: Callable[[], object]) -> None:
-        if self._in_flight:
+        if self._job is not None:
             raise RuntimeError("BackgroundWriter: a write is already in flight; wait() for it first.")
-        self._result, self._error = None, None
         self.cancel.clear()
-        self._finished.clear()
-        self._in_flight = True
+        self._job = _Job(write)
         if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, args=(self._jobs,), name="dist_rec-checkpoint-writer",
-                                            daemon=True)  # fmt: skip
+            self._thread = threading.Thread(target=_serve, args=(self._jobs,), name="dist_rec-checkpoint-writer", daemon=True)
             self._thread.start()
-        self._jobs.put(write)
-
-    def _serve(self, jobs: "queue.SimpleQueue") -> None:
-        while True:
-            write = jobs.get()
-            if write is None:
-                return
-            started = time.perf_counter()
-            try:
-                self._result = write()
-            except BaseException as error:  # handed to the training thread by wait()
-                self._error = error
-            self.seconds = time.perf_counter() - started
-            self._finished.set()
+        self._jobs.put(self._job)
 
     def done(self) -> bool:
         """Whether a write was started and has finished (``wait`` then returns at once)."""
-        return self._in_flight and self._finished.is_set()
+        return self._job is not None and self._job.finished.is_set()
 
     def wait(self):
         """The write's result once it finished (raises its error); None when
         none is in flight. A cancel applies to the write in flight only: it
         is cleared here."""
-        if not self._in_flight:
+        job, self._job = self._job, None
+        if job is None:
             self.cancel.clear()
             return None
-        self._finished.wait()
-        self._in_flight = False
+        job.finished.wait()
         self.cancel.clear()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        return self._result
+        self.seconds = job.seconds
+        if job.error is not None:
+            raise job.error
+        return job.result
 
     def close(self) -> None:
-        """Waits for the write in flight (its error is dropped) and ends the thread."""
-        try:
-            self.wait()
-        except BaseException:
-            pass
-        if self._thread is not None:
-            self._jobs.put(None)
+        """Ends the thread: at once when idle; after the write in flight
+        otherwise, without waiting for it here (after a failure that write
+        may be stuck in a collective with a dead peer until the group's
+        timeout; the thread is a daemon). A later ``start`` makes a new thread."""
+        if self._thread is None:
+            return
+        self._jobs.put(None)
+        if not self.busy:
             self._thread.join()
-            self._thread = None
+        self._thread, self._jobs, self._job = None, queue.SimpleQueue(), None
+
+
+def _serve(jobs: "queue.SimpleQueue") -> None:
+    """The writer's thread: runs the jobs it is handed until told to stop (None)."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        started = time.perf_counter()
+        try:
+            job.result = job.write()
+        except BaseException as error:  # handed to the training thread by wait()
+            job.error = error
+        job.write = None  # (the snapshot it holds is freed now, not at the next save)
+        job.seconds = time.perf_counter() - started
+        job.finished.set()

@@ -170,7 +170,11 @@ class Checkpointer:
             record["stall_s"] = time.perf_counter() - started
         else:
             ACTIVITY.set(f"checkpoint of step {step}: writing")
-            write()
+            try:
+                write()
+            except BaseException:  # the saver's reference and the rows' bits moved: the next save is a base
+                self._parent, self._since_base = None, 0
+                raise
             record["stall_s"] = time.perf_counter() - started
             record["write_s"] = record["stall_s"]
             self._published(record)
@@ -229,8 +233,10 @@ class Checkpointer:
         self._pending, self._parent, self._since_base = None, None, 0
 
     def close(self) -> None:
-        """The end of the run (or its failure): the writer's thread ends, the directory's lock is released."""
+        """The end of the run (or its failure): the writer's thread ends (a
+        write still in flight is not waited for), the directory's lock is released."""
         self.writer.close()
+        self._pending = None
         self.series.unlock()
 
     # -- resuming --------------------------------------------------------------------

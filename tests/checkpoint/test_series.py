@@ -68,8 +68,9 @@ def _saves_rank(rank, world_size, root):
     incremental = _checkpointer(os.path.join(root, "inc"), dmp, optimizer, "ck-inc", policy="incremental",
                                 base_every=3, keep_last=2)  # fmt: skip
     twin, twin_optimizer = _build(PLAN_2, seed=1)  # the same training, its own row trackers
+    # (background saves: the deltas are coded by the writer thread)
     quantised = _checkpointer(os.path.join(root, "q4"), twin, twin_optimizer, "ck-q4", policy="incremental",
-                              base_every=3, keep_last=2, delta_bits=4, async_save=False)  # fmt: skip
+                              base_every=3, keep_last=2, delta_bits=4)  # fmt: skip
     for step in range(6):
         _train_step(dmp, optimizer, step)
         _train_step(twin, twin_optimizer, step)
@@ -124,8 +125,9 @@ def _other_world_rank(rank, world_size, root):
     load_checkpoint(os.path.join(root, "q4"), quantised, quantised_optimizer)
     _assert_same(_snapshot(quantised, quantised_optimizer), _snapshot(rebuilt, rebuilt_optimizer), "4-bit deltas resharded")
     # A resumed run has no reference of its own yet: its first save is a base.
+    # (synchronous saves: the deltas are coded in the step)
     resumed = _checkpointer(os.path.join(root, "q4"), quantised, quantised_optimizer, "ck-q4-resumed", policy="incremental",
-                            base_every=3, keep_last=5, delta_bits=4)  # fmt: skip
+                            base_every=3, keep_last=5, delta_bits=4, async_save=False)  # fmt: skip
     assert resumed.resume() == 6
     _train_step(quantised, quantised_optimizer, 6)
     resumed.save(7)

@@ -88,5 +88,47 @@ def test_a_cancelled_background_write_publishes_nothing_and_keeps_the_last_entry
         writer.start(lambda: write_entry(root, _snapshot(3, 100), header, group, cancel=writer.cancel))
         writer.wait()
         assert [p.name for p in CheckpointSeries(root).entries()] == ["step-000000001", "step-000000003"]
+        writer.close()
     finally:
         destroy_process_group()
+
+
+def _writer_threads():
+    return [t for t in threading.enumerate() if t.name == "dist_rec-checkpoint-writer"]
+
+
+def test_one_thread_serves_every_write_and_close_ends_it():
+    before = len(_writer_threads())
+    writer = BackgroundWriter()
+    for value in range(3):
+        writer.start(lambda value=value: value * 10)
+        assert writer.wait() == value * 10
+    assert len(_writer_threads()) == before + 1  # one thread for the three writes
+    writer.start(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        writer.wait()
+    writer.close()
+    assert len(_writer_threads()) == before
+    writer.start(lambda: "again")  # a closed writer makes a new thread
+    assert writer.wait() == "again"
+    writer.close()
+    assert len(_writer_threads()) == before
+
+
+def test_close_does_not_wait_for_a_write_in_flight():
+    """After a failure the write in flight may hang in a collective until the
+    group's timeout; closing must not hang with it."""
+    before = len(_writer_threads())
+    release = threading.Event()
+    writer = BackgroundWriter()
+    writer.start(lambda: release.wait(60))
+    assert writer.busy
+    began = time.perf_counter()
+    writer.close()
+    assert time.perf_counter() - began < 1
+    assert writer.wait() is None and not writer.busy  # nothing in flight any more, as far as this writer knows
+    release.set()  # the abandoned write ends; its thread with it
+    deadline = time.perf_counter() + 10
+    while len(_writer_threads()) > before and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert len(_writer_threads()) == before

@@ -1,6 +1,8 @@
 """The synthetic workload: deterministic, independent of how it is split,
 Zipf-shaped, and with a teacher that is the best predictor."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +160,33 @@ def _concat_blocks(parts):
     fields = ("dense", "lengths", "values", "labels", "teacher_probability")
     joined = {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
     return _Block(sample_offsets=np.concatenate(offsets), **joined)
+
+
+@pytest.mark.parametrize(
+    "settings,fingerprint",
+    [
+        ({}, "20d521f600c25452"),  # the main job's: one-hot bags, 2% missing
+        ({"missing_probability": 0.0}, "ba64ffe05df00202"),
+        ({"mean_bag_length": 3.0, "missing_probability": 0.1}, "4c67b07cf6dba3ee"),  # multi-hot
+        ({"zipf_exponent": 1.0, "teacher_rows_cap": 1000}, "f69dbe1855275501"),  # capped teacher tables
+        ({"zipf_exponent": 0.0}, "390e2608c7ac5e72"),
+    ],
+)
+def test_the_samples_keep_their_bits(settings, fingerprint):
+    """The generator is made faster from time to time; its samples must not
+    change (runs, checkpoints and published figures depend on them). These
+    fingerprints were recorded before the speed-ups of 2026-12-05."""
+    import hashlib
+
+    import yaml
+
+    sizes = yaml.safe_load((Path(__file__).resolve().parents[2] / "launch/configs/default.yaml").read_text())["data"][
+        "num_embeddings_per_feature"
+    ]
+    dataset = SyntheticDataset(SyntheticConfig(num_embeddings_per_feature=sizes, seed=0, **settings))
+    digest = hashlib.sha256()
+    for index in range(4):
+        block = dataset._block(index)
+        for array in (block.dense, block.lengths, block.values, block.labels, block.teacher_probability):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    assert digest.hexdigest()[:16] == fingerprint

@@ -89,3 +89,9 @@ def test_shampoo_settings_are_checked_by_the_optimizer():
 def test_float_settings_accept_exponents_without_a_dot():
     config = load_config("launch/configs/default.yaml", ["optimizer.shampoo.epsilon=1e-6"])
     assert config.optimizer.shampoo.epsilon == 1e-6
+
+
+def test_quantised_deltas_need_a_policy_with_deltas():
+    with pytest.raises(ConfigError, match=r"Invalid checkpoint.delta_bits=4. Must be 32 with checkpoint.policy='full'"):
+        load_config("launch/configs/tiny.yaml", ["checkpoint.delta_bits=4"])
+    assert load_config("launch/configs/tiny.yaml", ["checkpoint.policy=mfu", "checkpoint.delta_bits=4"]).checkpoint.delta_bits == 4
