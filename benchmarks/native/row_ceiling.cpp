@@ -14,6 +14,8 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace {
 
 // hint 0: into L1 (prefetcht0); 1: into L2 (prefetcht1); 2: for writing (prefetchw).
@@ -68,33 +70,36 @@ void update_rows_v(float* const* tables, int64_t dim, const int64_t* rows, const
 
 }  // namespace
 
-extern "C" {
-
-int ceiling_threads() { return omp_get_max_threads(); }
-
-// Returns 0, or -1 for a dim this build has no loop for.
-int pooled_read(const float* const* tables, int64_t dim, const int64_t* ids, const int64_t* offsets, int64_t num_bags,
-                int64_t bags_per_table, float* out, int64_t distance, int hint) {
+// Calls fn with the number of AVX-512 registers a row of `dim` floats fills
+// (as a compile-time constant); -1 for a dim this build has no loop for.
+template <typename Fn>
+int with_registers(int64_t dim, Fn&& fn) {
   switch (dim) {
-    case 16: pooled_read_v<1>(tables, dim, ids, offsets, num_bags, bags_per_table, out, distance, hint); return 0;
-    case 32: pooled_read_v<2>(tables, dim, ids, offsets, num_bags, bags_per_table, out, distance, hint); return 0;
-    case 64: pooled_read_v<4>(tables, dim, ids, offsets, num_bags, bags_per_table, out, distance, hint); return 0;
-    case 128: pooled_read_v<8>(tables, dim, ids, offsets, num_bags, bags_per_table, out, distance, hint); return 0;
-    case 256: pooled_read_v<16>(tables, dim, ids, offsets, num_bags, bags_per_table, out, distance, hint); return 0;
+    case 16: fn(std::integral_constant<int, 1>{}); return 0;
+    case 32: fn(std::integral_constant<int, 2>{}); return 0;
+    case 64: fn(std::integral_constant<int, 4>{}); return 0;
+    case 128: fn(std::integral_constant<int, 8>{}); return 0;
+    case 256: fn(std::integral_constant<int, 16>{}); return 0;
   }
   return -1;
 }
 
+extern "C" {
+
+int ceiling_threads() { return omp_get_max_threads(); }
+
+int pooled_read(const float* const* tables, int64_t dim, const int64_t* ids, const int64_t* offsets, int64_t num_bags,
+                int64_t bags_per_table, float* out, int64_t distance, int hint) {
+  return with_registers(dim, [&](auto v) {
+    pooled_read_v<decltype(v)::value>(tables, dim, ids, offsets, num_bags, bags_per_table, out, distance, hint);
+  });
+}
+
 int update_rows(float* const* tables, int64_t dim, const int64_t* rows, const int64_t* table_starts, int64_t num_tables,
                 float a, float b, int64_t distance, int hint) {
-  switch (dim) {
-    case 16: update_rows_v<1>(tables, dim, rows, table_starts, num_tables, a, b, distance, hint); return 0;
-    case 32: update_rows_v<2>(tables, dim, rows, table_starts, num_tables, a, b, distance, hint); return 0;
-    case 64: update_rows_v<4>(tables, dim, rows, table_starts, num_tables, a, b, distance, hint); return 0;
-    case 128: update_rows_v<8>(tables, dim, rows, table_starts, num_tables, a, b, distance, hint); return 0;
-    case 256: update_rows_v<16>(tables, dim, rows, table_starts, num_tables, a, b, distance, hint); return 0;
-  }
-  return -1;
+  return with_registers(dim, [&](auto v) {
+    update_rows_v<decltype(v)::value>(tables, dim, rows, table_starts, num_tables, a, b, distance, hint);
+  });
 }
 
 }  // extern "C"
