@@ -288,7 +288,7 @@ def test_trains_a_small_mlp_in_float32():
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert optimizer.state_bytes() > 0
