@@ -197,7 +197,7 @@ template <typename I>
 std::vector<int64_t> bag_chunks(const I* offsets, int64_t num_bags, int64_t num_indices) {
   const int64_t threads = at::get_num_threads();
   const int64_t work = num_indices + num_bags;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads * 4, work / 4096));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads * 16, work / 4096));
   std::vector<int64_t> bounds{0};
   for (int64_t c = 1; c < chunks; ++c) {
     const int64_t target = work * c / chunks;
@@ -217,11 +217,15 @@ std::vector<int64_t> bag_chunks(const I* offsets, int64_t num_bags, int64_t num_
   return bounds;
 }
 
+// Threads take the chunks in order, each the next one free when it is done
+// with its last (not a fixed share each): on a shared machine one core is
+// often slower for a while, and a fixed split waits for it.
 template <typename Fn>
 void for_each_chunk(const std::vector<int64_t>& bounds, const Fn& fn) {
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < chunks; c = next++) {
       if (bounds[c] < bounds[c + 1]) {
         fn(bounds[c], bounds[c + 1]);
       }
