@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from dist_rec.checkpoint.delta import decode_rows, decode_weights
+from dist_rec.checkpoint.delta import decode_rows, decode_weights, saved_row_count
 from dist_rec.checkpoint.files import CheckpointError, resolve_for_load
 from dist_rec.checkpoint.manifest import Rect, file_rect, overlap, read_manifest
 
@@ -126,6 +126,9 @@ class CheckpointReader:
                 view.close()
         if entry["kind"] != "dense":
             _check_tensors(path, content, entry["tensors"])
+        if entry["kind"] == "delta" and saved_row_count(content) != int(entry["rows"]):
+            raise CheckpointError(f"{path}: its row bitmap names {saved_row_count(content)} rows; the manifest records "
+                                  f"{entry['rows']} (and the file holds that many weight rows).")  # fmt: skip
         self._cache[name] = content
         return content
 

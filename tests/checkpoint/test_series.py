@@ -7,6 +7,7 @@ changes, and the interval rules.
 The model, plans and batches are those of ``test_checkpoint.py``; the
 ``Checkpointer`` is the trainer's, driven directly."""
 
+import hashlib
 import json
 import math
 import os
@@ -228,6 +229,23 @@ def _policies_rank(rank, world_size, root):
     with pytest.raises(CheckpointError, match="r0_c0.pt"):
         load_checkpoint(corrupt, fresh, fresh_optimizer)
     _assert_same(_snapshot(fresh, fresh_optimizer), before, "after a refused corrupt delta")
+    # A bitmap that names more rows than the delta holds: refused naming the file, nothing loaded.
+    miscounted = Path(root, "miscounted")
+    shutil.copytree(Path(root, "inc"), miscounted)
+    entry = miscounted / "step-000000003"
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (record,) = [f for f in manifest["files"] if f["kind"] == "delta" and f["table"] == "t0"]
+    tensors = torch.load(entry / record["file"])
+    assert "row_bits" in tensors  # (most of t0's rows changed: a bitmap)
+    bits = tensors["row_bits"]
+    bits[0] = 255 if int(bits[0]) != 255 else 0
+    torch.save(tensors, entry / record["file"])
+    data = (entry / record["file"]).read_bytes()
+    record["bytes"], record["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"r0_c0.pt: its row bitmap names \d+ rows; the manifest records"):
+        load_checkpoint(miscounted, fresh, fresh_optimizer)
+    _assert_same(_snapshot(fresh, fresh_optimizer), before, "after a refused miscounted delta")
     orphan = Path(root, "orphan")
     shutil.copytree(Path(root, "inc"), orphan)
     shutil.rmtree(orphan / "step-000000001")
