@@ -126,14 +126,15 @@ def kjt_from_sample_major(
     flat = lengths.reshape(-1)
     if flat.sum() != len(values):
         raise ValueError(f"lengths sum to {int(flat.sum())} but there are {len(values)} values.")
-    starts = np.zeros(flat.size, dtype=np.int64)
-    np.cumsum(flat[:-1], out=starts[1:])
     # Bag (sample b, feature f) moves to position f * B + b.
-    order = np.arange(flat.size).reshape(num_samples, num_features).T.reshape(-1)
-    new_lengths = flat[order]
-    if flat.size and flat.max() <= 1:  # one-hot bags (some empty): each bag's range is its start
-        gather = starts[order][new_lengths > 0]
+    new_lengths = np.ascontiguousarray(lengths.T).reshape(-1)
+    if flat.size and flat.max() <= 1:  # one-hot bags (some empty): value i is the bag where the i-th 1 is
+        position = np.cumsum(flat).reshape(num_samples, num_features).T  # (1 + a present bag's value)
+        gather = position[lengths.T > 0] - 1
     else:
+        starts = np.zeros(flat.size, dtype=np.int64)
+        np.cumsum(flat[:-1], out=starts[1:])
+        order = np.arange(flat.size).reshape(num_samples, num_features).T.reshape(-1)
         gather = concatenated_ranges(starts[order], new_lengths)
     values_out = torch.from_numpy(np.ascontiguousarray(np.asarray(values)[gather]))
     weights_out = None

@@ -240,6 +240,7 @@ class _Teacher:
         self.capped = bool((self.rows < sizes).any())
         self.zipf_spans = _zipf_span(sizes, config.zipf_exponent)  # per feature, not per id
         self.shifts = rng.integers(0, sizes)
+        self.by_rank = _RankTables.build(self) if int(sizes.sum()) <= _RANK_TABLES_MAX_ROWS else None
         self.shift_mean, self.shift_std = 0.0, 1.0
         raw = self._raw_logits(_SPLITS["calibration"], 0, 16384)
         self.shift_mean, self.shift_std = float(raw.mean()), float(raw.std() or 1.0)
@@ -290,6 +291,36 @@ class _Teacher:
         config = self.config
         n, num_features = lengths.shape
         flat_lengths = lengths.reshape(-1)
+        # The dense latent and the pooled latents, feature-major: [F + 1, n, k].
+        stack = np.empty((num_features + 1, n, config.teacher_dim))
+        if self.by_rank is not None and flat_lengths.size and flat_lengths.max() <= 1:
+            values, effects = self.by_rank.one_hot(self, lengths, uniforms, latents_out=stack[1:])
+        else:
+            values, means = self._values_and_means(lengths, uniforms)
+            effects = means[:, 0].reshape(n, num_features)
+            stack[1:] = means[:, 1:].reshape(n, num_features, config.teacher_dim).transpose(1, 0, 2)
+        dense64 = dense.astype(np.float64)
+        np.matmul(dense64, self.dense_map, out=stack[0])
+        # Their sum over the F + 1 vectors, in order (a reduction over the
+        # outer axis adds whole rows one after another), and the sum of their
+        # squares reduced per sample over one [n, F + 1, k] array: the bits
+        # of the sums over the concatenated vectors this was first written with.
+        total = np.add.reduce(stack, axis=0)
+        by_sample = stack.transpose(1, 0, 2)
+        squares = np.empty(by_sample.shape)
+        np.multiply(by_sample, by_sample, out=squares)
+        pairwise = 0.5 * ((total * total).sum(axis=1) - squares.sum(axis=(1, 2)))
+        raw_logits = dense64 @ self.dense_weights + effects.sum(axis=1)
+        raw_logits = raw_logits + config.interaction_weight * pairwise
+        logits = raw_logits if raw else self.bias + config.logit_scale * (raw_logits - self.shift_mean) / self.shift_std
+        return values, logits
+
+    def _values_and_means(self, lengths: np.ndarray, uniforms: np.ndarray):
+        """The ids (from their uniforms) and each bag's mean of ``signal *
+        row_terms[teacher row]``, per id."""
+        config = self.config
+        n, num_features = lengths.shape
+        flat_lengths = lengths.reshape(-1)
         if flat_lengths.size and flat_lengths.max() <= 1:  # one-hot bags: a value's bag is where a length is 1
             bag_of_value = np.flatnonzero(flat_lengths)
             feature_of_value = np.tile(np.arange(num_features), n)[bag_of_value]
@@ -305,27 +336,62 @@ class _Teacher:
             teacher_rows = self.row_base[feature_of_value] + ranks % self.rows[feature_of_value]
         else:  # (a rank is below its table's size: the modulo would be the rank)
             teacher_rows = self.row_base[feature_of_value] + ranks
-        signal = 1.0 / (1.0 + ranks / config.signal_rows) if config.signal_rows > 0 else np.ones(ranks.size)
-        means = _bag_means(self.row_terms, teacher_rows, signal, bag_of_value, flat_lengths)
-        pooled_effect = means[:, 0]
-        pooled = means[:, 1:].reshape(n, num_features, config.teacher_dim)
-        dense64 = dense.astype(np.float64)
-        dense_latent = dense64 @ self.dense_map
-        # The dense latent and the pooled latents, [n, F + 1, k]: their sum over
-        # the F + 1 vectors in order (without numpy's slow strided reduction),
-        # and the sum of their squares, reduced over one [n, F + 1, k] array
-        # as the concatenated vectors were (the same bits, without the copy).
-        total = dense_latent.copy()
-        for f in range(num_features):
-            total += pooled[:, f]
-        squares = np.empty((n, num_features + 1, config.teacher_dim))
-        np.multiply(dense_latent, dense_latent, out=squares[:, 0])
-        np.multiply(pooled, pooled, out=squares[:, 1:])
-        pairwise = 0.5 * ((total * total).sum(axis=1) - squares.sum(axis=(1, 2)))
-        raw_logits = dense64 @ self.dense_weights + pooled_effect.reshape(n, num_features).sum(axis=1)
-        raw_logits = raw_logits + config.interaction_weight * pairwise
-        logits = raw_logits if raw else self.bias + config.logit_scale * (raw_logits - self.shift_mean) / self.shift_std
-        return values, logits
+        signal = _signal(ranks, config.signal_rows)
+        return values, _bag_means(self.row_terms, teacher_rows, signal, bag_of_value, flat_lengths)
+
+
+# Above this many rows in all (about 50 MB of tables) the teacher works id by id.
+_RANK_TABLES_MAX_ROWS = 1 << 20
+
+
+class _RankTables:
+    """What the teacher computes for an id depends only on its feature and
+    Zipf rank: its value and its bag term ``signal * row_terms[row]``. For
+    tables small enough these are computed once for every (feature, rank),
+    with the very operations ``_Teacher._values_and_means`` runs per id (so
+    the same bits), and a batch of one-hot bags then needs one rank per bag
+    and two gathers."""
+
+    def __init__(self, feature_base: np.ndarray, values: np.ndarray, effects: np.ndarray, latents: np.ndarray) -> None:
+        self.feature_base = feature_base  # [F] where each feature's ranks start
+        self.values = values  # [rows] the id of each (feature, rank)
+        # Its bag term, split: [rows + 1] and [rows + 1, k]; the last row, zeros, an empty bag's.
+        self.effects, self.latents = effects, latents
+
+    @classmethod
+    def build(cls, teacher: "_Teacher") -> "_RankTables":
+        sizes = teacher.sizes
+        feature_base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        feature = np.repeat(np.arange(len(sizes)), sizes)
+        ranks = np.arange(int(sizes.sum()), dtype=np.int64) - feature_base[feature]
+        values = (ranks * teacher.multipliers[feature] + teacher.shifts[feature]) % sizes[feature]
+        rows = teacher.row_base[feature] + (ranks % teacher.rows[feature] if teacher.capped else ranks)
+        terms = np.concatenate([teacher.row_terms.take(rows, axis=0), np.zeros((1, teacher.row_terms.shape[1]))])
+        terms[:-1] *= _signal(ranks, teacher.config.signal_rows)[:, None]
+        terms += 0.0  # as _bag_means: bincount's 0.0 + -0.0 is 0.0
+        return cls(feature_base, values, np.ascontiguousarray(terms[:, 0]), np.ascontiguousarray(terms[:, 1:]))
+
+    def one_hot(self, teacher: "_Teacher", lengths: np.ndarray, uniforms: np.ndarray, latents_out: np.ndarray):
+        """``_values_and_means`` for bags of at most one id: the ranks of the
+        whole ``[n, F]`` grid at once (an empty bag's uniform is a stand-in),
+        then each bag's row of the tables. Returns the values and the bags'
+        effects ``[n, F]``, and writes their latents to ``latents_out``
+        ``[F, n, k]`` (feature-major)."""
+        n, num_features = lengths.shape
+        present = lengths.reshape(-1) > 0
+        grid = np.zeros(n * num_features)
+        grid[present] = uniforms
+        ranks = _bounded_zipf(grid.reshape(n, num_features), teacher.sizes, teacher.config.zipf_exponent, teacher.zipf_spans)
+        index = ranks + self.feature_base
+        values = self.values.take(index.reshape(-1)[present])
+        index.reshape(-1)[~present] = len(self.effects) - 1
+        self.latents.take(index.T.reshape(-1), axis=0, out=latents_out.reshape(-1, latents_out.shape[-1]))
+        return values, self.effects.take(index)
+
+
+def _signal(ranks: np.ndarray, signal_rows: int) -> np.ndarray:
+    """How much a row of rank ``ranks`` says: rare rows say less."""
+    return 1.0 / (1.0 + ranks / signal_rows) if signal_rows > 0 else np.ones(ranks.size)
 
 
 def _bag_means(row_terms: np.ndarray, rows: np.ndarray, signal: np.ndarray, bag_of_value: np.ndarray,

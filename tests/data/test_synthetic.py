@@ -190,3 +190,26 @@ def test_the_samples_keep_their_bits(settings, fingerprint):
         for array in (block.dense, block.lengths, block.values, block.labels, block.teacher_probability):
             digest.update(np.ascontiguousarray(array).tobytes())
     assert digest.hexdigest()[:16] == fingerprint
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"missing_probability": 0.0}, {"missing_probability": 0.9}, {"mean_bag_length": 3.0},
+     {"zipf_exponent": 1.0, "teacher_rows_cap": 1000}, {"zipf_exponent": 0.0}, {"signal_rows": 0}],
+)  # fmt: skip
+def test_rank_tables_give_the_bits_of_the_per_id_teacher(settings, monkeypatch):
+    """Tables small enough are precomputed per (feature, rank); larger ones
+    are worked id by id. Both must make the same samples, bit for bit."""
+    import dist_rec.data.synthetic as synthetic
+
+    config = SyntheticConfig(num_embeddings_per_feature=[7, 1, 300, 5000, 40], seed=3, **settings)
+    tabled = SyntheticDataset(config)
+    assert tabled._teacher.by_rank is not None
+    monkeypatch.setattr(synthetic, "_RANK_TABLES_MAX_ROWS", 0)
+    per_id = SyntheticDataset(config)
+    assert per_id._teacher.by_rank is None
+    for start, stop in [(0, 1), (5, 700), (1000, 1256)]:
+        a, b = tabled.samples(start, stop), per_id.samples(start, stop)
+        for field in ("dense", "lengths", "values", "sample_offsets", "labels", "teacher_probability"):
+            x, y = np.ascontiguousarray(getattr(a, field)), np.ascontiguousarray(getattr(b, field))
+            assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), field
