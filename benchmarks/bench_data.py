@@ -19,9 +19,12 @@ processes, synthetic data) for ``--steps`` steps, with its batches
 ``pregenerated`` (all made before the run: the step time without any data
 cost), generated ``inline`` by the training thread (``data.prefetch=0``),
 by a worker ``thread``, or by the worker ``process`` (what
-``data.prefetch_worker: auto`` picks for synthetic and text data). The step time
-is the median over the progress intervals after the first; variants
-alternate over ``--rounds``.
+``data.prefetch_worker: auto`` picks for synthetic and text data), and
+``cycled``: the worker process handing over 16 batches made before the run,
+round and round (the hand-over's cost without the generator's). Each
+process is pinned to its own core as ``train.pin_cores`` pins a torchrun
+process (``--unpinned``: not). The step time is the median over the
+progress intervals after the first; variants alternate over ``--rounds``.
 
     python benchmarks/bench_data.py --markdown docs/benchmarks.md --json runs/bench_data.json
 """
@@ -55,7 +58,7 @@ from harness import (
 )
 
 READERS = ["criteo", "criteo_schema", "avazu", "movielens", "sequence", "parquet", "binary", "binary_shuffled", "synthetic"]
-TRAINER_VARIANTS = ["pregenerated", "inline", "thread", "process"]
+TRAINER_VARIANTS = ["pregenerated", "inline", "thread", "process", "cycled"]
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -177,9 +180,22 @@ class Pregenerated:
         return iter(self._batches[start_step:])
 
 
-def trainer_rank(rank: int, world_size: int, variant: str, steps: int, log_every: int, out: str) -> Optional[dict]:
+class Cycled(Pregenerated):
+    """16 batches made before the worker starts, served round and round."""
+
+    def __init__(self, dataset, batch_size, rank, world_size):
+        super().__init__(dataset, batch_size, rank, world_size, 16)
+
+    def batches(self, batch_size, rank=0, world_size=1, drop_last=True, start_step=0):
+        import itertools
+
+        return itertools.islice(itertools.cycle(self._batches), start_step, None)
+
+
+def trainer_rank(rank: int, world_size: int, variant: str, steps: int, log_every: int, out: str, pin: bool = True) -> Optional[dict]:
     from dist_rec.config import TrainConfig
     from dist_rec.train import Environment, Trainer
+    from dist_rec.trainer.environment import pin_to_cores
 
     values = yaml_config()
     values["train"].update(steps=steps, eval_every=0, log_every=log_every, output_dir=out)
@@ -188,6 +204,19 @@ def trainer_rank(rank: int, world_size: int, variant: str, steps: int, log_every
     values["data"]["prefetch_worker"] = "thread" if variant == "thread" else "process"
     config = TrainConfig.from_dict(values)
     env = Environment(rank=rank, world_size=world_size, local_world_size=world_size, backend="gloo")
+    if pin:  # as setup_environment pins a torchrun process (train.pin_cores)
+        pin_to_cores(rank, world_size)
+    if variant == "cycled":
+        import dist_rec.trainer.trainer as trainer_module
+
+        build = trainer_module.build_data
+
+        def cycled_data(config):
+            data = build(config)
+            data.train = Cycled(data.train, config.train.batch_size, rank, world_size)
+            return data
+
+        trainer_module.build_data = cycled_data
     trainer = Trainer(config, env, quiet=True)
     if variant == "pregenerated":
         trainer.data.train = Pregenerated(trainer.data.train, config.train.batch_size, rank, world_size, steps)
@@ -204,7 +233,8 @@ def trainer_rank(rank: int, world_size: int, variant: str, steps: int, log_every
     global_batch = config.train.batch_size * world_size
     return {"variant": variant, "examples_per_s": statistics.median(rates),
             "step_ms": 1000 * global_batch / statistics.median(rates), "intervals": len(rates),
-            "cpu_busy": busy}  # fmt: skip
+            "cpu_busy": busy, "minor_faults_per_step": (cpu1.ru_minflt - cpu0.ru_minflt) / steps,
+            "switches_per_step": (cpu1.ru_nvcsw + cpu1.ru_nivcsw - cpu0.ru_nvcsw - cpu0.ru_nivcsw) / steps}  # fmt: skip
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -235,7 +265,7 @@ def report(readers: Dict[str, List[dict]], trainer: Dict[str, List[dict]], args,
             rows.append([variant, f"{m['examples_per_s']:,.0f}", f"{m['step_ms']:.1f}",
                          ratio_cell(per_round_ratios(results, base, "step_ms"))])  # fmt: skip
         rounds = len(trainer["pregenerated"])
-        lines += [f"Trainer, the README's main job (2 processes, {args.steps} steps, synthetic data), step time "
+        lines += [f"Trainer, the README's main job (2 processes{', not pinned' if getattr(args, 'unpinned', False) else ', each pinned to a core'}, {args.steps} steps, synthetic data), step time "
                   f"against pregenerated batches ({rounds} rounds, variants alternated):", "",
                   markdown_table(["batches", "examples/s", "step ms", "step time / pregenerated"], rows), ""]  # fmt: skip
     return "\n".join(lines)
@@ -251,6 +281,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--unpinned", action="store_true", help="trainer processes not pinned to cores (train.pin_cores=false)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render the tables from earlier runs' JSON (rounds pooled)")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
@@ -289,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             def measure_trainer(variant, round_index):
                 out = str(Path(root) / f"{variant}{round_index}")
                 (result,) = [r for r in run_ranks(trainer_rank, 2, 1800, label=variant, variant=variant, steps=args.steps,
-                                                  log_every=args.log_every, out=out) if r]  # fmt: skip
+                                                  log_every=args.log_every, out=out, pin=not args.unpinned) if r]  # fmt: skip
                 print(json.dumps(result), flush=True)
                 return result
 

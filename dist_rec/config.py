@@ -347,6 +347,10 @@ class RunConfig:
         backend: "auto" (NCCL with GPUs, else gloo), "gloo" or "nccl".
         device: "auto", "cpu" or "cuda".
         threads: intra-op threads per process (0: cores / local processes).
+        pin_cores: under torchrun with several processes on a host, pin
+            each to its own block of the host's cores (its threads and its
+            data worker too); off where other jobs share the cores. Not
+            under the fault-tolerant launcher.
         checkpoint_dir: where sharded checkpoints go ("" : none). A run
             whose checkpoint_dir holds a checkpoint resumes from it (any
             world size or sharding with the same global batch).
@@ -370,6 +374,7 @@ class RunConfig:
     backend: str = "auto"
     device: str = "auto"
     threads: int = 0
+    pin_cores: bool = True
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
     dense_engine: str = "ddp"

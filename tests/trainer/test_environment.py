@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_rec.config import load_config
-from dist_rec.trainer.environment import available_cores, default_threads, setup_environment
+from dist_rec.trainer.environment import available_cores, core_block, default_threads, setup_environment
 
 
 @pytest.fixture
@@ -63,3 +63,60 @@ def test_setup_environment_sets_torch_threads(eight_cores, single_process, overr
     assert env.local_world_size == 2 and not env.distributed
     assert torch.get_num_threads() == threads
 
+
+
+# -- pinning to cores (train.pin_cores) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cores, processes, blocks",
+    [
+        (range(8), 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        (range(8), 3, [[0, 1, 2], [3, 4, 5], [6, 7]]),
+        ([7, 5, 2, 0], 2, [[0, 2], [5, 7]]),  # a cpuset with gaps, in any order
+        (range(2), 2, [[0], [1]]),
+        (range(3), 3, [[0], [1], [2]]),
+    ],
+)
+def test_core_blocks_split_the_cores_among_local_processes(cores, processes, blocks):
+    assert [core_block(cores, rank, processes) for rank in range(processes)] == blocks
+
+
+def test_no_block_when_processes_outnumber_cores():
+    assert core_block(range(2), 0, 3) is None
+    assert core_block(range(4), 4, 4) is None  # not a local rank of this host
+
+
+_PINNING = """
+import os, sys, threading
+from dist_rec.config import load_config
+from dist_rec.trainer.environment import core_block, setup_environment
+before = sorted(os.sched_getaffinity(0))
+setup_environment(load_config(None, ["train.device=cpu"] + sys.argv[1:]))
+seen = {}
+thread = threading.Thread(target=lambda: seen.update(thread=sorted(os.sched_getaffinity(0))))
+thread.start(); thread.join()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if sorted(os.sched_getaffinity(0)) == seen["thread"] else 1)
+child_ok = os.waitpid(pid, 0)[1] == 0
+print(before, sorted(os.sched_getaffinity(0)), seen["thread"], child_ok, core_block(before, 1, 2), sep=";")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+@pytest.mark.parametrize("launched, overrides, pinned", [(True, [], True), (True, ["train.pin_cores=false"], False),
+                                                         (False, [], False)])  # fmt: skip
+def test_a_torchrun_process_is_pinned_to_its_block_with_its_threads_and_children(launched, overrides, pinned):
+    """Local rank 1 of 2 (as torchrun launches it) runs on the second
+    block of its cores, and so do the threads and processes it starts; with
+    pin_cores off, or without torchrun's LOCAL_RANK, nothing changes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DIST_REC_FT_STORE")}
+    env["LOCAL_WORLD_SIZE"] = "2"
+    if launched:
+        env["LOCAL_RANK"] = "1"
+    out = subprocess.run([sys.executable, "-c", _PINNING, *overrides], capture_output=True, text=True, timeout=120,
+                         env=env, check=True).stdout.strip().splitlines()[-1]  # fmt: skip
+    before, after, thread, child_ok, block = out.split(";")
+    expected = block if pinned and block != "None" else before
+    assert after == expected and thread == expected and child_ok == "True"
