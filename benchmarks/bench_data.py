@@ -192,10 +192,9 @@ class Cycled(Pregenerated):
         return itertools.islice(itertools.cycle(self._batches), start_step, None)
 
 
-def trainer_rank(rank: int, world_size: int, variant: str, steps: int, log_every: int, out: str, pin: bool = True) -> Optional[dict]:
+def trainer_rank(rank: int, world_size: int, variant: str, steps: int, log_every: int, out: str) -> Optional[dict]:
     from dist_rec.config import TrainConfig
     from dist_rec.train import Environment, Trainer
-    from dist_rec.trainer.environment import pin_to_cores
 
     values = yaml_config()
     values["train"].update(steps=steps, eval_every=0, log_every=log_every, output_dir=out)
@@ -204,8 +203,6 @@ def trainer_rank(rank: int, world_size: int, variant: str, steps: int, log_every
     values["data"]["prefetch_worker"] = "thread" if variant == "thread" else "process"
     config = TrainConfig.from_dict(values)
     env = Environment(rank=rank, world_size=world_size, local_world_size=world_size, backend="gloo")
-    if pin:  # as setup_environment pins a torchrun process (train.pin_cores)
-        pin_to_cores(rank, world_size)
     if variant == "cycled":
         import dist_rec.trainer.trainer as trainer_module
 

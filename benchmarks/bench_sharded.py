@@ -505,7 +505,7 @@ def run_variant(variant: str, world_size: int, spec: dict, data: Path, args, loo
     ranks = run_ranks(
         rank_time, world_size, args.timeout, label=f"rank_time ({variant})", variant=variant, spec=spec,
         data=str(data), steps=args.steps, warmup=args.warmup,
-        threads=args.threads or max(1, (os.cpu_count() or 1) // world_size), loop=loop,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // world_size), loop=loop, pin=args.pin,
     )  # fmt: skip
     slowest = max(ranks, key=lambda r: r["step_ms"])
     return dict(
@@ -746,6 +746,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5, help="turns each variant takes")
     parser.add_argument("--threads", type=int, default=None, help="threads per process (default: cores / processes)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin every library's processes to their own block of the cores, as dist_rec's trainer "
+                             "pins a torchrun process (train.pin_cores)")  # fmt: skip
     parser.add_argument("--check-steps", type=int, default=4, help="steps of the correctness pass")
     parser.add_argument("--loss-tolerance", type=float, default=1e-4)
     parser.add_argument("--weight-tolerance", type=float, default=1e-3)

@@ -67,12 +67,14 @@ def write_worker_result(path: Path | str, result: dict) -> None:
 
 
 def run_ranks(
-    fn: Callable[..., Any], world_size: int, timeout: float, *, label: Optional[str] = None, **kwargs: Any
+    fn: Callable[..., Any], world_size: int, timeout: float, *, label: Optional[str] = None, pin: bool = False,
+    **kwargs: Any,
 ) -> List[Any]:
     """Runs ``fn(rank, world_size, **kwargs)`` on ``world_size`` spawned gloo
     ranks (``dist_rec.testing.multi_process``) and returns what each rank
     returned (JSON-able values, None where a rank returned nothing), in rank
-    order.
+    order. ``pin``: each rank first pinned to its own block of the cores, as
+    the trainer pins a torchrun process (``train.pin_cores``).
 
     A spawned rank cannot hand a value back to the driver: each writes its
     result as JSON into a temporary directory, read here once all are done.
@@ -84,7 +86,7 @@ def run_ranks(
         try:
             run_multi_process(
                 _rank_entry, world_size=world_size, timeout=timeout, rank_fn=fn, result_dir=result_dir,
-                rank_kwargs=kwargs,
+                rank_kwargs=kwargs, pin=pin,
             )  # fmt: skip
         except AssertionError as error:
             raise WorkerFailed(f"{label or fn.__name__} on {world_size} processes failed:\n{error}") from None
@@ -92,7 +94,11 @@ def run_ranks(
         return [json.loads(path.read_text()) if path.exists() else None for path in paths]
 
 
-def _rank_entry(rank: int, world_size: int, rank_fn: Callable, result_dir: str, rank_kwargs: dict) -> None:
+def _rank_entry(rank: int, world_size: int, rank_fn: Callable, result_dir: str, rank_kwargs: dict, pin: bool = False) -> None:
+    if pin:
+        from dist_rec.trainer.environment import pin_to_cores
+
+        pin_to_cores(rank, world_size)
     result = rank_fn(rank, world_size, **rank_kwargs)
     if result is not None:
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(result))

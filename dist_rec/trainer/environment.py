@@ -81,8 +81,8 @@ def core_block(cores, local_rank: int, local_world_size: int) -> Optional[List[i
 
 
 def pin_to_cores(local_rank: int, local_world_size: int) -> Optional[List[int]]:
-    """Pins this process (and what it starts later: threads, the data
-    worker) to its own block of the cores it may run on (``core_block``).
+    """Pins this process (its threads, and what it starts later: threads,
+    the data worker) to its own block of the cores it may run on (``core_block``).
 
     Unpinned, the host's processes and their data workers wander between
     the cores at every wait of their collectives, and each arrives to caches
@@ -93,8 +93,17 @@ def pin_to_cores(local_rank: int, local_world_size: int) -> Optional[List[int]]:
     if not hasattr(os, "sched_setaffinity") or local_world_size < 2:
         return None
     block = core_block(os.sched_getaffinity(0), local_rank, local_world_size)
-    if block is not None:
-        os.sched_setaffinity(0, block)
+    if block is None:
+        return None
+    try:  # every thread already running (a process group's), not only this one
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, block)
+        except ProcessLookupError:  # it has ended
+            pass
     return block
 
 
@@ -120,8 +129,7 @@ def setup_environment(config: TrainConfig) -> Environment:
         raise ConfigError("Invalid train.backend='nccl'. Must be 'gloo' or 'auto' when training on the CPU.")
     from dist_rec.fault.member import ENV_STORE, FaultMember
 
-    # Before any thread starts (a thread keeps the affinity it started with). Not under the
-    # fault-tolerant launcher, whose spares take the place of a rank of any local rank.
+    # Not under the fault-tolerant launcher, whose spares take the place of a rank of any local rank.
     if run.pin_cores and "LOCAL_RANK" in os.environ and ENV_STORE not in os.environ:
         pin_to_cores(local_rank, local_world_size)
     threads = run.threads or default_threads(local_world_size)

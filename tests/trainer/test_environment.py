@@ -92,10 +92,16 @@ import os, sys, threading
 from dist_rec.config import load_config
 from dist_rec.trainer.environment import core_block, setup_environment
 before = sorted(os.sched_getaffinity(0))
+seen, go = {}, threading.Event()
+def record(name):
+    go.wait()
+    seen[name] = sorted(os.sched_getaffinity(0))
+earlier = threading.Thread(target=record, args=("earlier",))  # running before the pinning
+earlier.start()
 setup_environment(load_config(None, ["train.device=cpu"] + sys.argv[1:]))
-seen = {}
-thread = threading.Thread(target=lambda: seen.update(thread=sorted(os.sched_getaffinity(0))))
-thread.start(); thread.join()
+thread = threading.Thread(target=record, args=("thread",))
+thread.start(); go.set(); thread.join(); earlier.join()
+assert seen["earlier"] == seen["thread"], seen
 pid = os.fork()
 if pid == 0:
     os._exit(0 if sorted(os.sched_getaffinity(0)) == seen["thread"] else 1)
@@ -109,7 +115,8 @@ print(before, sorted(os.sched_getaffinity(0)), seen["thread"], child_ok, core_bl
                                                          (False, [], False)])  # fmt: skip
 def test_a_torchrun_process_is_pinned_to_its_block_with_its_threads_and_children(launched, overrides, pinned):
     """Local rank 1 of 2 (as torchrun launches it) runs on the second
-    block of its cores, and so do the threads and processes it starts; with
+    block of its cores, and so do its threads (those running before, those
+    started after) and the processes it starts; with
     pin_cores off, or without torchrun's LOCAL_RANK, nothing changes."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DIST_REC_FT_STORE")}
     env["LOCAL_WORLD_SIZE"] = "2"
