@@ -665,9 +665,11 @@ def write_markdown(
     )
     presets = "; ".join(sorted({r["label"] for r in rows}))
     threads = args.threads or "cores / processes"
+    pinned = ("; every library's processes pinned to their own block of the cores (`--pin`, as dist_rec's "
+              "trainer pins a torchrun process: `train.pin_cores`)") if args.pin else ""  # fmt: skip
     text = f"""## Sharded DLRM training, end to end (CPU, gloo processes)
 
-Machine: {machine_summary(torchrec=True)}; threads per process: {threads}.{busy_note(load)}
+Machine: {machine_summary(torchrec=True)}; threads per process: {threads}{pinned}.{busy_note(load)}
 
 Command: `{command}` ({datetime.date.today().isoformat()}).
 
