@@ -262,7 +262,9 @@ def report(readers: Dict[str, List[dict]], trainer: Dict[str, List[dict]], args,
             rows.append([variant, f"{m['examples_per_s']:,.0f}", f"{m['step_ms']:.1f}",
                          ratio_cell(per_round_ratios(results, base, "step_ms"))])  # fmt: skip
         rounds = len(trainer["pregenerated"])
-        lines += [f"Trainer, the README's main job (2 processes{', not pinned' if getattr(args, 'unpinned', False) else ', each pinned to a core'}, {args.steps} steps, synthetic data), step time "
+        pinned = {r.get("pinned") for results in trainer.values() for r in results}
+        how = {frozenset({True}): ", each pinned to its cores", frozenset({False}): ", not pinned"}.get(frozenset(pinned), "")
+        lines += [f"Trainer, the README's main job (2 processes{how}, {args.steps} steps, synthetic data), step time "
                   f"against pregenerated batches ({rounds} rounds, variants alternated):", "",
                   markdown_table(["batches", "examples/s", "step ms", "step time / pregenerated"], rows), ""]  # fmt: skip
     return "\n".join(lines)
@@ -318,6 +320,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 out = str(Path(root) / f"{variant}{round_index}")
                 (result,) = [r for r in run_ranks(trainer_rank, 2, 1800, label=variant, variant=variant, steps=args.steps,
                                                   log_every=args.log_every, out=out, pin=not args.unpinned) if r]  # fmt: skip
+                result["pinned"] = not args.unpinned
                 print(json.dumps(result), flush=True)
                 return result
 

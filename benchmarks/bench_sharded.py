@@ -94,7 +94,6 @@ import argparse
 import datetime
 import logging
 import math
-import os
 import resource
 import statistics
 import tempfile
@@ -107,6 +106,7 @@ import torch
 import torch.nn.functional as F
 
 import bench_train
+from dist_rec.trainer.environment import default_threads
 from bench_train import KAGGLE_ROWS, SEED, describe, init_tables, to_kjt
 from harness import (
     busy_note, machine_summary, markdown_table, median_fields, per_round_ratios, ratio_cell, run_ranks, run_rounds,
@@ -505,7 +505,7 @@ def run_variant(variant: str, world_size: int, spec: dict, data: Path, args, loo
     ranks = run_ranks(
         rank_time, world_size, args.timeout, label=f"rank_time ({variant})", variant=variant, spec=spec,
         data=str(data), steps=args.steps, warmup=args.warmup,
-        threads=args.threads or max(1, (os.cpu_count() or 1) // world_size), loop=loop, pin=args.pin,
+        threads=args.threads or default_threads(world_size), loop=loop, pin=args.pin,
     )  # fmt: skip
     slowest = max(ranks, key=lambda r: r["step_ms"])
     return dict(
@@ -528,7 +528,7 @@ def check(world_size: int, sharding_type: str, libraries: List[str], spec: dict,
     out = run_ranks(
         rank_check, world_size, args.timeout, label=f"rank_check ({sharding_type})", libraries=libraries,
         sharding_type=sharding_type, spec=spec, data=str(data), steps=args.check_steps,
-        threads=args.threads or max(1, (os.cpu_count() or 1) // world_size), loops=tuple(args.loop),
+        threads=args.threads or default_threads(world_size), loops=tuple(args.loop),
     )[0]  # fmt: skip
     reference = out["losses"]["reference"]
     print(

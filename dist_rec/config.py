@@ -348,9 +348,11 @@ class RunConfig:
         device: "auto", "cpu" or "cuda".
         threads: intra-op threads per process (0: cores / local processes).
         pin_cores: under torchrun with several processes on a host, pin
-            each to its own block of the host's cores (its threads and its
-            data worker too); off where other jobs share the cores. Not
-            under the fault-tolerant launcher.
+            each to its own block of the CPUs it may run on (its affinity;
+            a core's hyperthreads kept together), its threads and its data
+            worker too. Off where other jobs share the cores or where the
+            launcher already binds each rank (``srun --cpu-bind``,
+            ``numactl``). Not under the fault-tolerant launcher.
         checkpoint_dir: where sharded checkpoints go ("" : none). A run
             whose checkpoint_dir holds a checkpoint resumes from it (any
             world size or sharding with the same global batch).

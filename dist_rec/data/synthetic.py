@@ -240,7 +240,9 @@ class _Teacher:
         self.capped = bool((self.rows < sizes).any())
         self.zipf_spans = _zipf_span(sizes, config.zipf_exponent)  # per feature, not per id
         self.shifts = rng.integers(0, sizes)
-        self.by_rank = _RankTables.build(self) if int(sizes.sum()) <= _RANK_TABLES_MAX_ROWS else None
+        # Only bags of at most one id use them (mean_bag_length <= 1).
+        table_bytes = int(sizes.sum()) * 8 * (2 + k)
+        self.by_rank = _RankTables.build(self) if config.mean_bag_length <= 1.0 and table_bytes <= _RANK_TABLES_MAX_BYTES else None
         self.shift_mean, self.shift_std = 0.0, 1.0
         raw = self._raw_logits(_SPLITS["calibration"], 0, 16384)
         self.shift_mean, self.shift_std = float(raw.mean()), float(raw.std() or 1.0)
@@ -305,7 +307,12 @@ class _Teacher:
         # outer axis adds whole rows one after another), and the sum of their
         # squares reduced per sample over one [n, F + 1, k] array: the bits
         # of the sums over the concatenated vectors this was first written with.
-        total = np.add.reduce(stack, axis=0)
+        if n * config.teacher_dim > 1:
+            total = np.add.reduce(stack, axis=0)
+        else:  # one value per vector: a reduction over that one axis would be numpy's pairwise sum
+            total = stack[0].copy()
+            for row in stack[1:]:
+                total += row
         by_sample = stack.transpose(1, 0, 2)
         squares = np.empty(by_sample.shape)
         np.multiply(by_sample, by_sample, out=squares)
@@ -340,8 +347,8 @@ class _Teacher:
         return values, _bag_means(self.row_terms, teacher_rows, signal, bag_of_value, flat_lengths)
 
 
-# Above this many rows in all (about 50 MB of tables) the teacher works id by id.
-_RANK_TABLES_MAX_ROWS = 1 << 20
+# Above this size of tables (a value, an effect and k latents per row of every feature) the teacher works id by id.
+_RANK_TABLES_MAX_BYTES = 64 << 20
 
 
 class _RankTables:

@@ -170,6 +170,11 @@ def _concat_blocks(parts):
         ({"mean_bag_length": 3.0, "missing_probability": 0.1}, "4c67b07cf6dba3ee"),  # multi-hot
         ({"zipf_exponent": 1.0, "teacher_rows_cap": 1000}, "f69dbe1855275501"),  # capped teacher tables
         ({"zipf_exponent": 0.0}, "390e2608c7ac5e72"),
+        # recorded from commit d165d9f (before the precomputed rank tables; it made the same bits as the first)
+        ({"signal_rows": 0}, "e68540109f7ec90f"),
+        ({"block_size": 1, "teacher_dim": 1}, "401e2df57e62ddd9"),
+        ({"teacher_dim": 9, "missing_probability": 0.3}, "382195efba7a148f"),
+        ({"mean_bag_length": 0.6}, "5aa33bb8098b930e"),
     ],
 )
 def test_the_samples_keep_their_bits(settings, fingerprint):
@@ -194,18 +199,20 @@ def test_the_samples_keep_their_bits(settings, fingerprint):
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"missing_probability": 0.0}, {"missing_probability": 0.9}, {"mean_bag_length": 3.0},
-     {"zipf_exponent": 1.0, "teacher_rows_cap": 1000}, {"zipf_exponent": 0.0}, {"signal_rows": 0}],
+    [{}, {"missing_probability": 0.0}, {"missing_probability": 0.9}, {"mean_bag_length": 0.5},
+     {"zipf_exponent": 1.0, "teacher_rows_cap": 1000}, {"zipf_exponent": 0.0}, {"signal_rows": 0},
+     {"block_size": 1, "teacher_dim": 1}],
 )  # fmt: skip
 def test_rank_tables_give_the_bits_of_the_per_id_teacher(settings, monkeypatch):
     """Tables small enough are precomputed per (feature, rank); larger ones
-    are worked id by id. Both must make the same samples, bit for bit."""
+    are worked id by id. Both must make the same samples, bit for bit (the
+    arithmetic after the bags' terms is shared: the fingerprints above pin it)."""
     import dist_rec.data.synthetic as synthetic
 
-    config = SyntheticConfig(num_embeddings_per_feature=[7, 1, 300, 5000, 40], seed=3, **settings)
+    config = SyntheticConfig(num_embeddings_per_feature=[7, 1, 300, 5000, 40, 9, 2, 1000, 64, 3], seed=3, **settings)
     tabled = SyntheticDataset(config)
     assert tabled._teacher.by_rank is not None
-    monkeypatch.setattr(synthetic, "_RANK_TABLES_MAX_ROWS", 0)
+    monkeypatch.setattr(synthetic, "_RANK_TABLES_MAX_BYTES", 0)
     per_id = SyntheticDataset(config)
     assert per_id._teacher.by_rank is None
     for start, stop in [(0, 1), (5, 700), (1000, 1256)]:

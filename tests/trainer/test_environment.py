@@ -82,6 +82,15 @@ def test_core_blocks_split_the_cores_among_local_processes(cores, processes, blo
     assert [core_block(cores, rank, processes) for rank in range(processes)] == blocks
 
 
+def test_a_cores_hyperthreads_stay_in_one_block():
+    """cpu i and i + 4 are the two threads of core i (Intel's usual
+    numbering): each process gets whole cores, not one thread of each."""
+    topology = {cpu: (0, cpu % 4) for cpu in range(8)}
+    assert [core_block(range(8), rank, 2, topology) for rank in range(2)] == [[0, 4, 1, 5], [2, 6, 3, 7]]
+    two_packages = {cpu: (cpu % 2, cpu // 2) for cpu in range(8)}  # even CPUs on package 0
+    assert core_block(range(8), 0, 2, two_packages) == [0, 2, 4, 6]
+
+
 def test_no_block_when_processes_outnumber_cores():
     assert core_block(range(2), 0, 3) is None
     assert core_block(range(4), 4, 4) is None  # not a local rank of this host
@@ -127,3 +136,35 @@ def test_a_torchrun_process_is_pinned_to_its_block_with_its_threads_and_children
     before, after, thread, child_ok, block = out.split(";")
     expected = block if pinned and block != "None" else before
     assert after == expected and thread == expected and child_ok == "True"
+
+
+@pytest.fixture
+def pinnable_eight_cores(monkeypatch):
+    """Eight CPUs whose affinity the test can change without moving itself."""
+    state = {"cpus": set(range(8))}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(state["cpus"]), raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: state.update(cpus=set(cpus)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr("dist_rec.trainer.environment.cpu_topology", lambda cpus: {})
+    return state
+
+
+@pytest.mark.parametrize("local_world_size, cpus, threads", [("2", set(range(4, 8)), 4), ("3", {3, 4, 5}, 2)])
+def test_pinned_processes_keep_the_threads_of_their_share(pinnable_eight_cores, single_process, monkeypatch,
+                                                          local_world_size, cpus, threads):  # fmt: skip
+    """The thread count is the host's cores divided among its processes,
+    counted before pinning (not the block divided again)."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    setup_environment(load_config(None, ["train.device=cpu"]))
+    assert pinnable_eight_cores["cpus"] == cpus
+    assert torch.get_num_threads() == threads
+
+
+def test_no_pinning_without_the_local_world_size(pinnable_eight_cores, single_process, monkeypatch):
+    """A launcher that sets LOCAL_RANK but not LOCAL_WORLD_SIZE does not say
+    how many processes share the host: nothing is pinned."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    setup_environment(load_config(None, ["train.device=cpu"]))
+    assert pinnable_eight_cores["cpus"] == set(range(8))
