@@ -17,7 +17,11 @@ main threads copy the data themselves:
   its own count, which frees the slot; each rings the other's doorbell;
 * ``all_to_all`` queues the pieces and moves whatever fits at once (the
   send side of a small message completes there); ``wait()`` moves the rest,
-  sleeping on its doorbell (a futex) while nothing can move.
+  sleeping on its doorbell (a futex) while nothing can move;
+* a receiver may do more than copy a piece out: scale it on the way
+  (``scale``), or add it to its own block (``sum_blocks``, the reduce of
+  row-wise shards' partial sums), reading the slot in place: a large
+  message is then read once, where a copy and a separate pass read it twice.
 
 Pieces of one pair travel in the order the collectives were issued, which
 every rank issues in the same order (as for any process group), so no
@@ -63,14 +67,45 @@ class _Collective:
         self.pending = 0
 
 
-class ShmWork:
-    """The handle ``all_to_all`` returns: ``wait()`` completes the collective."""
+class _Scale:
+    """Fills a received piece with its slot times a factor."""
 
-    def __init__(self, transport: "ShmAllToAll", collective: _Collective) -> None:
-        self._transport, self._collective = transport, collective
+    __slots__ = ("factor",)
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, piece: torch.Tensor, slot: torch.Tensor, offset: int) -> None:
+        torch.mul(slot, self.factor, out=piece)
+
+
+class _AddTo:
+    """Fills a received piece with its slot plus the same elements of this
+    rank's own block; then hands it, as rows, to ``then`` (if any)."""
+
+    __slots__ = ("own", "then", "row_width")
+
+    def __init__(self, own: torch.Tensor, then=None, row_width: int = 1) -> None:
+        self.own, self.then, self.row_width = own, then, row_width
+
+    def __call__(self, piece: torch.Tensor, slot: torch.Tensor, offset: int) -> None:
+        torch.add(self.own[offset : offset + piece.numel()], slot, out=piece)
+        if self.then is not None:
+            self.then(piece.view(-1, self.row_width), offset // self.row_width)
+
+
+class ShmWork:
+    """The handle ``all_to_all`` returns: ``wait()`` completes the collective
+    (then runs ``after``, once, if given)."""
+
+    def __init__(self, transport: "ShmAllToAll", collective: _Collective, after=None) -> None:
+        self._transport, self._collective, self._after = transport, collective, after
 
     def wait(self) -> bool:
         self._transport.complete(self._collective)
+        if self._after is not None:
+            after, self._after = self._after, None
+            after()
         return True
 
 
@@ -84,6 +119,9 @@ class ShmAllToAll:
     def __init__(
         self, group, slot_bytes: int = SLOT_BYTES, slots: int = SLOTS, timeout: float = DEFAULT_TIMEOUT_S, token: str = ""
     ) -> None:
+        if int(slot_bytes) <= 0 or int(slot_bytes) % 8:
+            # Slots start at multiples of it: a piece is read in place as its dtype.
+            raise ValueError(f"Invalid slot_bytes={slot_bytes}: must be a positive multiple of 8.")
         self.group = group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.slot_bytes, self.slots, self.timeout = int(slot_bytes), int(slots), float(timeout)
@@ -157,33 +195,92 @@ class ShmAllToAll:
 
     # -- the collective -------------------------------------------------------
 
-    def all_to_all(self, tensor: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]):
+    def all_to_all(
+        self, tensor: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], scale: Optional[float] = None
+    ):
         """``(output, work)``: as ``dist.all_to_all_single`` of a 1-D tensor
-        with ``async_op=True``; the output must not be read before
-        ``work.wait()``. ``tensor`` must not change until then."""
-        element = tensor.element_size()
-        output = tensor.new_empty(sum(recv_splits))
-        source = tensor.contiguous().view(torch.uint8)
-        target = output.view(torch.uint8)
+        with ``async_op=True``, the output multiplied by ``scale`` (if given)
+        as it arrives; the output must not be read before ``work.wait()``.
+        ``tensor`` must not change until then."""
+        return self.all_to_all_blocks(torch.split(tensor.reshape(-1).contiguous(), list(send_splits)), recv_splits, scale)
+
+    def all_to_all_blocks(
+        self, blocks: Sequence[torch.Tensor], recv_splits: Sequence[int], scale: Optional[float] = None,
+        output: Optional[torch.Tensor] = None,
+    ):
+        """``all_to_all`` with rank r's message given as ``blocks[r]``
+        (tensors of one dtype, anywhere: the same tensor may go to every
+        rank, without a joined copy of them), received into ``output`` if
+        given; this rank's own block is not copied where it already lies
+        in its place in ``output`` (nor scaled: it is taken as it is)."""
+        if output is None:
+            output = blocks[0].new_empty(sum(recv_splits))
         collective = _Collective()
-        send_at = recv_at = 0
-        for peer in range(self.size):
-            send = source[send_at * element : (send_at + send_splits[peer]) * element]
-            receive = target[recv_at * element : (recv_at + recv_splits[peer]) * element]
-            send_at += send_splits[peer]
-            recv_at += recv_splits[peer]
+        for peer, (send, receive) in enumerate(zip(blocks, torch.split(output, list(recv_splits)))):
+            send = send.reshape(-1).contiguous()  # an expanded gradient has stride 0
             if peer == self.rank:
-                receive.copy_(send)
+                if send.data_ptr() == receive.data_ptr() and send.numel() == receive.numel():
+                    pass  # already in place
+                elif scale is None:
+                    receive.copy_(send)
+                else:
+                    torch.mul(send, scale, out=receive)
                 continue
-            # An empty message has no pieces on either side.
-            for piece in torch.split(send, self.slot_bytes) if send.numel() else ():
-                self._sends[peer].append((collective, piece))
-                collective.pending += 1
-            for piece in torch.split(receive, self.slot_bytes) if receive.numel() else ():
-                self._receives[peer].append((collective, piece))
-                collective.pending += 1
+            self._queue(peer, collective, send, receive, None if scale is None else _Scale(scale))
         self._progress()
         return output, ShmWork(self, collective)
+
+    def sum_blocks(self, tensor: torch.Tensor, splits: Sequence[int], row_width: int = 1, then=None):
+        """``(output, work)``: a reduce-scatter (sum) of a 1-D tensor over a
+        group of two ranks: block r of ``tensor`` (``splits[r]`` elements)
+        goes to rank r, and ``output`` (this rank's ``splits[rank]``
+        elements, the same on both ranks) is the sum of the two ranks'
+        blocks. The peer's block is added to this rank's straight out of
+        the slots, so no copy of either is made (two ranks: the order of
+        the sum does not change its bits).
+
+        ``then(rows, first_row)``, if given, runs on the output viewed as
+        rows of ``row_width`` elements: on each piece of whole rows as soon
+        as it is summed (while it is in cache), or on all of it at
+        ``wait()`` where a row does not fit a slot. Both ranks must pass
+        the same ``row_width``."""
+        if self.size != 2:
+            raise ValueError(f"sum_blocks adds two ranks' blocks; this group has {self.size} ranks.")
+        tensor = tensor.reshape(-1).contiguous()
+        blocks = torch.split(tensor, list(splits))
+        peer, own = 1 - self.rank, blocks[self.rank]
+        output = tensor.new_empty(own.numel())
+        rows_per_piece = self.slot_bytes // (row_width * tensor.element_size())
+        in_pieces = then is not None and rows_per_piece > 0
+        after = None
+        if then is not None and not in_pieces:
+            def after():
+                then(output.view(-1, row_width), 0)
+        collective = _Collective()
+        per_piece = rows_per_piece * row_width if in_pieces else None
+        self._queue(peer, collective, blocks[peer], output, _AddTo(own, then if in_pieces else None, row_width), per_piece)
+        self._progress()
+        return output, ShmWork(self, collective, after)
+
+    def _queue(
+        self, peer: int, collective: _Collective, send: torch.Tensor, receive: torch.Tensor, apply,
+        per_piece: Optional[int] = None,
+    ) -> None:
+        """Queues ``send`` (1-D) to ``peer`` and ``receive`` (1-D, same dtype)
+        from it, cut into pieces of whole elements (``per_piece``, at most
+        a slot's worth; both ranks cut a message alike); ``apply(piece,
+        slot, offset)`` fills a received piece from its slot (a copy if
+        None). An empty message has no pieces on either side."""
+        if per_piece is None:
+            per_piece = self.slot_bytes // send.element_size()
+        for piece in torch.split(send, per_piece) if send.numel() else ():
+            self._sends[peer].append((collective, piece.view(torch.uint8), None, 0))
+            collective.pending += 1
+        offset = 0
+        for piece in torch.split(receive, per_piece) if receive.numel() else ():
+            self._receives[peer].append((collective, piece, apply, offset))
+            collective.pending += 1
+            offset += piece.numel()
 
     def _progress(self) -> bool:
         """Moves every piece that can move now; whether any did."""
@@ -196,7 +293,7 @@ class ShmAllToAll:
                 consumed = shm_load(self.flags[peer], self._consumed_word(me))
                 if (posted - consumed) & _MASK >= self.slots:
                     break  # every slot to this peer still holds an unread piece
-                collective, piece = queue.popleft()
+                collective, piece, _, _ = queue.popleft()
                 self._outbox(me, peer, posted % self.slots)[: piece.numel()].copy_(piece)
                 self._posted[peer] = posted + 1
                 shm_store(my_flags, self._posted_word(peer), (posted + 1) & _MASK)
@@ -210,8 +307,12 @@ class ShmAllToAll:
                 available = shm_load(self.flags[peer], self._posted_word(me))
                 if (available - got) & _MASK == 0:
                     break
-                collective, piece = queue.popleft()
-                piece.copy_(self._outbox(peer, me, got % self.slots)[: piece.numel()])
+                collective, piece, apply, offset = queue.popleft()
+                slot = self._outbox(peer, me, got % self.slots)[: piece.numel() * piece.element_size()].view(piece.dtype)
+                if apply is None:
+                    piece.copy_(slot)
+                else:
+                    apply(piece, slot, offset)
                 self._consumed[peer] = got + 1
                 shm_store(my_flags, self._consumed_word(peer), (got + 1) & _MASK)
                 shm_ring(self.flags[peer], 0)

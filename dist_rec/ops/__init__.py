@@ -12,6 +12,7 @@ from dist_rec.ops.embedding_bag import (
     supported_cpu_isas,
 )
 from dist_rec.ops.fused_lookup import fused_lookup
+from dist_rec.ops.id_range import first_id_out_of_range
 
 __all__ = [
     "PoolingMode",
@@ -20,6 +21,7 @@ __all__ = [
     "embedding_bag_backward_row_grad",
     "embedding_bag_forward",
     "empty_hugepage",
+    "first_id_out_of_range",
     "fused_lookup",
     "set_cpu_isa",
     "set_index_checks",

@@ -30,7 +30,7 @@ from torch import nn
 
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
 from dist_rec.planner.plan import ShardingType
-from dist_rec.sharding.comm import COMM_STATS, feature_major_order
+from dist_rec.sharding.comm import COMM_STATS, feature_major
 from dist_rec.sharding.lookup import UpdateRule
 from dist_rec.sharding.scheme import ShardingScheme
 
@@ -108,11 +108,10 @@ class DataParallelUpdateExchange:
         # Feature-major order of the global batch: feature f's bags of rank 0,
         # then of rank 1, ...; values regrouped to match.
         global_lengths = torch.cat(rank_lengths, dim=1)  # [F, sum B]
-        order = feature_major_order(rank_lengths, value_counts)
-        global_values = torch.cat(rank_values)[order].to(values.dtype)
+        global_values = feature_major(rank_lengths, rank_values).to(values.dtype)
         global_offsets = torch.zeros(global_lengths.numel() + 1, dtype=offsets.dtype, device=offsets.device)
         torch.cumsum(global_lengths.reshape(-1), 0, out=global_offsets[1:])
-        global_weights = torch.cat(rank_weights)[order] if weighted else None
+        global_weights = feature_major(rank_lengths, rank_weights) if weighted else None
         global_grad = torch.cat(rank_grads).div_(world).contiguous()
         return global_values, global_offsets, global_weights, global_grad
 

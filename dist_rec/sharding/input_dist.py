@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from dist_rec.modules.embedding_modules import check_feature_keys, warn_ignored_weights
 from dist_rec.ops.embedding_bag import check_finite_per_sample_weights
+from dist_rec.ops.id_range import first_id_out_of_range
 from dist_rec.sharding.comm import all_to_all
 from dist_rec.sharding.router import Routed, Router
 from dist_rec.sharding.router import payload as routed_payload
@@ -386,12 +387,10 @@ class SparseFeaturesDist:
             rows = [layout.configs[layout.feature_table[k]].num_embeddings for k in keys]
             limits = torch.tensor(rows, dtype=torch.int64, device=self._table_device)
             self._row_limits[tuple(keys)] = limits
-        # One vectorised pass over all ids against their feature's limit, one
-        # sync; the per-feature search runs only on failure.
-        per_id_limit = limits.repeat_interleave(per_feature, output_size=values.numel())
-        bad = (values < 0) | (values >= per_id_limit)
-        if bool(bad.any()):
-            position = int(bad.nonzero()[0])
+        # One pass over all ids against their feature's limit (one sync);
+        # the per-feature search runs only on failure.
+        position = first_id_out_of_range(values, per_feature, limits)
+        if position >= 0:
             position_t = torch.tensor(position, device=per_feature.device)
             f = int(torch.searchsorted(per_feature.cumsum(0), position_t, right=True))
             value = int(values[position])

@@ -9,9 +9,11 @@ dense layers compute meanwhile). The owner then assembles each feature's
 columns from the pieces, by the types' rules (``scheme.py``): column
 blocks side by side, row shards' partial sums added (mean pooling divided
 after). Two layouts skip the general assembly: row-wise sharding of every
-table (the output is the sum of the ranks' blocks) and whole features
-from one rank each (the received buffer is handed over as it is, as
-``FeatureBlocks``, for an interaction that reads blocks).
+table (the output is the sum of the ranks' blocks: a reduce-scatter,
+``start_row_sums``, whose sum and mean division happen as the blocks
+arrive) and whole features from one rank each (the received buffer is
+handed over as it is, as ``FeatureBlocks``, for an interaction that reads
+blocks).
 
 The autograd functions split the all-to-all's backward in two the same
 way (see ``start_output_dist``).
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from dist_rec.modules.embedding_configs import PoolingType
-from dist_rec.sharding.comm import all_to_all
+from dist_rec.sharding.comm import all_to_all, all_to_all_blocks, sum_row_shards
 from dist_rec.sharding.slots import SlotLayout
 from dist_rec.sparse.jagged_tensor import FeatureBlocks, KeyedTensor
 
@@ -108,10 +110,16 @@ class PooledEmbeddingsDist:
 
     # -- one batch -------------------------------------------------------------
 
-    def start(self, pooled: torch.Tensor, batch_sizes: List[int]):
-        """Starts the all-to-all of this rank's ``pooled`` ``[sum_q B_q, W_me]``:
-        ``(buffer, box)`` for ``output``."""
+    def start(self, pooled: torch.Tensor, batch_sizes: List[int], mean_counts: Optional[Dict[int, torch.Tensor]] = None):
+        """Starts the all-to-all of this rank's ``pooled`` ``[sum_q B_q, W_me]``
+        (for row-wise sharding of every table, the reduce-scatter of its
+        partial sums, whose mean-pooled features are divided by
+        ``mean_counts`` as they are summed): ``(buffer, box)`` for ``output``."""
         group = self.process_groups.sharding_group
+        if self.row_sums:
+            me = dist.get_rank(group)
+            divisor = self._mean_divisor(batch_sizes[me], mean_counts) if mean_counts else None
+            return start_row_sums(pooled, batch_sizes, group, divisor)
         return start_output_dist(pooled, batch_sizes, self.widths, group, 1.0 / dist.get_world_size(group))
 
     def output(
@@ -125,20 +133,16 @@ class PooledEmbeddingsDist:
         """The collection's output for a batch of ``batch`` samples, whose
         pooled rows are still on their way: a ``KeyedTensor`` that waits for
         them when read. ``mean_counts`` holds, per mean-pooled row-split
-        feature, its bag sizes (at least 1)."""
+        feature, its bag sizes (at least 1), as given to ``start``."""
+        if self.row_sums:
+            mean_counts = {}  # divided as they were summed
         return _PendingKeyedTensor(self, received, box, batch, data_parallel_pooled, mean_counts)
 
     def assemble(self, joined: Optional[torch.Tensor], batch: int, data_parallel_pooled, mean_counts) -> torch.Tensor:
         """``[B, sum of dims]`` in config feature order from the received
         pieces (``joined``, flat, rank-major) and the data-parallel pooled."""
         if joined is not None and self.row_sums:
-            # Row-wise everywhere: one add per extra rank, in rank order
-            # as the general path sums each feature's row shards.
-            blocks = torch.split(joined, [batch * w for w in self.widths])
-            total = blocks[0].view(batch, self.widths[0])
-            for block, width in zip(blocks[1:], self.widths[1:]):
-                total = total + block.view(batch, width)
-            return self._divide_means(total, mean_counts) if mean_counts else total
+            return joined  # summed (and divided) on arrival: ``RowSums``
         pieces: List[torch.Tensor] = []
         if joined is not None:
             blocks = torch.split(joined, [batch * w for w in self.widths])
@@ -160,17 +164,42 @@ class PooledEmbeddingsDist:
     def blocks(self, joined: torch.Tensor) -> FeatureBlocks:
         return FeatureBlocks(list(self.feature_names), joined, list(self.widths), *self.block_layout)
 
-    def _divide_means(self, total: torch.Tensor, mean_counts: Dict[int, torch.Tensor]) -> torch.Tensor:
-        """The summed ``[B, width]`` output with each mean-pooled feature's
-        columns divided by its bag sizes: one division for all features,
-        where one per feature cost a small op each way."""
-        batch, dims = total.shape[0], self.feature_dims
-        per_feature = torch.ones(batch, len(dims), dtype=total.dtype, device=total.device)
+    def _mean_divisor(self, batch: int, mean_counts: Dict[int, torch.Tensor]) -> "_MeanDivisor":
+        """What divides the summed ``[B, width]`` output's mean-pooled
+        features by their bag sizes: one division for all features, where
+        one per feature cost a small op each way."""
+        dims = self.feature_dims
+        per_feature = torch.ones(batch, len(dims), device=next(iter(mean_counts.values())).device)
         for f, counts in mean_counts.items():
             per_feature[:, f] = counts
-        if len(set(dims)) == 1:  # equal widths: broadcast over [B, F, D]
-            return (total.view(batch, len(dims), dims[0]) / per_feature[:, :, None]).view(batch, -1)
-        return total / per_feature.repeat_interleave(torch.tensor(dims, device=total.device), dim=1)
+        return _MeanDivisor(per_feature, dims)
+
+
+class _MeanDivisor:
+    """Per-sample, per-feature bag sizes spread over the features' columns
+    (``[B, F]``, broadcast over ``[B, F, D]`` where the widths are equal)."""
+
+    def __init__(self, per_feature: torch.Tensor, dims: List[int]) -> None:
+        self.per_feature, self.dims = per_feature, dims
+        self._equal = len(set(dims)) == 1
+
+    def _spread(self, per_feature: torch.Tensor) -> torch.Tensor:
+        if self._equal:
+            return per_feature[:, :, None]
+        return per_feature.repeat_interleave(torch.tensor(self.dims, device=per_feature.device), dim=1)
+
+    def _shaped(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.view(rows.shape[0], len(self.dims), self.dims[0]) if self._equal else rows
+
+    def divide_rows_(self, rows: torch.Tensor, first: int) -> None:
+        """Divides ``rows`` ``[n, width]``, rows ``first..first + n`` of the output, in place."""
+        part = self.per_feature[first : first + rows.shape[0]].to(rows.dtype)
+        self._shaped(rows).div_(self._spread(part))
+
+    def divide_into(self, grad: torch.Tensor, ranks: int, out: torch.Tensor) -> None:
+        """``out = grad / (ranks * bag sizes)``, one rounding for both divisions."""
+        divisor = self._spread(self.per_feature.to(grad.dtype) * ranks)
+        torch.div(self._shaped(grad.reshape(out.shape)), divisor, out=self._shaped(out))
 
 
 class _PendingKeyedTensor(KeyedTensor):
@@ -190,7 +219,8 @@ class _PendingKeyedTensor(KeyedTensor):
         # The rows were sent before the caller's dense layers ran; the node
         # made here (after them) runs early in the backward.
         if self._joined is None and self._received is not None:
-            self._joined = finish_output_dist(self._received, self._box)
+            finish = finish_row_sums if isinstance(self._box, _RowSumsBox) else finish_output_dist
+            self._joined = finish(self._received, self._box)
             self._received = self._box = None
         return self._joined
 
@@ -237,10 +267,10 @@ def start_output_dist(pooled: torch.Tensor, batch_sizes: List[int], widths: List
     all-to-all; ``_WaitGradient``'s, older than the dense layers', waits for
     it just before the local lookup's backward. The dense layers' backward
     (and DDP's all-reduce launch) runs while the gradients travel. The
-    gradients are multiplied by ``grad_scale`` (on arrival, in the received
-    buffer, so that no scaled copy is made): 1 / ranks, so that a step of
-    the group trains like one process on the group's whole batch with the
-    mean of the ranks' losses, as DDP averages dense gradients.
+    gradients are multiplied by ``grad_scale`` on arrival (as they are
+    copied out of shared memory: no pass of its own): 1 / ranks, so that a
+    step of the group trains like one process on the group's whole batch
+    with the mean of the ranks' losses, as DDP averages dense gradients.
     """
     box = _OutputBox(batch_sizes, widths, group, grad_scale)
     box.pooled = _WaitGradient.apply(pooled, box)
@@ -270,10 +300,8 @@ class _WaitGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         box = ctx.box
-        box.work.wait()
+        box.work.wait()  # the gradients arrive scaled
         box.work = None
-        if box.grad_scale != 1.0:
-            grad.mul_(box.grad_scale)  # the all-to-all's own buffer: scaled in place
         return grad, None
 
 
@@ -301,12 +329,91 @@ class OutputDist(torch.autograd.Function):
         batch_sizes, widths = box.batch_sizes, box.widths
         pending: List = []
         received = all_to_all(
-            grad.reshape(-1),  # unscaled: _WaitGradient scales what arrives, in place
+            grad.reshape(-1),
             [batch_sizes[me] * w for w in widths],
             [b * widths[me] for b in batch_sizes],
             box.group,
             "output_dist_backward",
             pending,
+            scale=None if box.grad_scale == 1.0 else box.grad_scale,
         )
         box.work = pending[0]
         return received.view(sum(batch_sizes), widths[me]), None, None
+
+
+# -- row-wise sharding of every table: a reduce-scatter ------------------------
+
+
+class _RowSumsBox(_OutputBox):
+    """An ``_OutputBox`` whose forward sums the ranks' blocks; ``divisor``
+    (a ``_MeanDivisor``, if any feature is mean-pooled) divides the sum."""
+
+    def __init__(self, batch_sizes: List[int], width: int, group, divisor) -> None:
+        super().__init__(batch_sizes, [width] * len(batch_sizes), group, 1.0 / len(batch_sizes))
+        self.divisor: Optional[_MeanDivisor] = divisor
+
+
+def start_row_sums(pooled: torch.Tensor, batch_sizes: List[int], group, divisor=None):
+    """``start_output_dist`` for a layout of whole-width row shards of every
+    feature on every rank: the output is the sum of the ranks' partial
+    sums, so their blocks are added as they arrive (``sum_row_shards``:
+    two ranks of one host add the peer's block straight out of shared
+    memory and divide the mean-pooled features by ``divisor`` piece by
+    piece, while in cache), not received side by side and added after.
+    The backward writes the gradient, divided by the ranks (the
+    ``grad_scale`` of ``start_output_dist``), into its own place in the
+    gradient buffer and sends that block to every rank (no joined copy,
+    no pass of its own for the scale). Returns ``(buffer, box)`` for
+    ``finish_row_sums``."""
+    width = pooled.shape[1]
+    box = _RowSumsBox(batch_sizes, width, group, divisor)
+    box.pooled = _WaitGradient.apply(pooled, box)
+    pending: List = []
+    summed = sum_row_shards(
+        box.pooled.detach().reshape(-1), [b * width for b in batch_sizes], group, "output_dist", pending,
+        row_width=width, then=divisor.divide_rows_ if divisor is not None else None,
+    )  # fmt: skip
+    box.work = pending[0]
+    return summed, box
+
+
+def finish_row_sums(summed: torch.Tensor, box: _RowSumsBox) -> torch.Tensor:
+    """The buffer of ``start_row_sums``, filled, ``[B, width]``, on the autograd graph."""
+    return RowSums.apply(box.pooled, summed, box)
+
+
+class RowSums(torch.autograd.Function):
+    """The ranks' partial sums, summed (waits for them); its backward
+    starts the gradient's all-to-all, as ``OutputDist``'s."""
+
+    @staticmethod
+    def forward(ctx, pooled, summed, box):
+        ctx.box = box
+        box.work.wait()
+        box.work = None
+        me = dist.get_rank(box.group)
+        return summed.view(box.batch_sizes[me], box.widths[me])
+
+    @staticmethod
+    def backward(ctx, grad):
+        box = ctx.box
+        me = dist.get_rank(box.group)
+        batch_sizes, width = box.batch_sizes, box.widths[me]
+        # d(sum) / d(each rank's part) is the sum's gradient, the same for
+        # every rank: scaled (grad_scale is 1 / ranks; divided, rounded
+        # once) into this rank's own place, and sent from there.
+        ranks = len(batch_sizes)
+        received = grad.new_empty(sum(batch_sizes) * width)
+        first = sum(batch_sizes[:me]) * width
+        own = received[first : first + batch_sizes[me] * width].view(batch_sizes[me], width)
+        if box.divisor is not None:
+            box.divisor.divide_into(grad, ranks, own)
+        else:
+            torch.div(grad, ranks, out=own)
+        pending: List = []
+        all_to_all_blocks(
+            [own] * len(batch_sizes), [b * width for b in batch_sizes], box.group, "output_dist_backward", pending,
+            output=received,
+        )  # fmt: skip
+        box.work = pending[0]
+        return received.view(sum(batch_sizes), width), None, None

@@ -47,7 +47,7 @@ from dist_rec.optim.fused import FusedOptimizer, MomentumScaledRowWiseAdagrad
 from dist_rec.placement import EmbeddingLocation, EmbeddingStorage, TableSpec, create_storage
 from dist_rec.placement.tiered import TieredStorage
 from dist_rec.planner.plan import Shard, ShardingPlan, ShardingType
-from dist_rec.sharding.comm import COMM_STATS, all_reduce_mean_, feature_major_order
+from dist_rec.sharding.comm import COMM_STATS, all_reduce_mean_, feature_major
 from dist_rec.sharding.cw import ColumnBlockUpdate, column_block_group_key
 from dist_rec.sharding.dp import DataParallelUpdate, DataParallelUpdateExchange
 from dist_rec.sharding.input_dist import InputDistState, SparseFeaturesDist
@@ -437,11 +437,12 @@ class ShardedEmbeddingBagCollection(nn.Module):
             if not state.ids_started:
                 input_dist.exchange_ids(state)
             input_dist.finish(state)
-            received, box = self._output_dist.start(self._lookup(state), state.batch_sizes)
-        data_parallel_pooled = self._lookup_data_parallel(state)
         by_name = {k: i for i, k in enumerate(state.keys)}
         names = self.layout.feature_names
         mean_counts = {f: state.lengths[by_name[names[f]]].clamp(min=1) for f in self._output_dist.mean_features}
+        if input_dist.has_shards:
+            received, box = self._output_dist.start(self._lookup(state), state.batch_sizes, mean_counts)
+        data_parallel_pooled = self._lookup_data_parallel(state)
         return self._output_dist.output(received, box, state.batch, data_parallel_pooled, mean_counts)
 
     def _lookup(self, state: InputDistState) -> torch.Tensor:
@@ -457,9 +458,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
             bags = my_slots * batch_sizes[q]
             rank_lengths.append(part[:bags].view(my_slots, batch_sizes[q]))
             rank_ids.append(part[bags:])
-        order = feature_major_order(rank_lengths, [t.numel() for t in rank_ids])
-        values = torch.cat(rank_ids).index_select(0, order)
-        weights = state.received_weights.index_select(0, order) if self._is_weighted else None
+        values = feature_major(rank_lengths, rank_ids)
+        weights = None
+        if self._is_weighted:
+            weights = feature_major(rank_lengths, list(torch.split(state.received_weights, [t.numel() for t in rank_ids])))
         lengths = torch.cat(rank_lengths, dim=1)  # [slots, group batch]
         per_slot = lengths.sum(dim=1).tolist()
         parts, first, start = [], 0, 0
