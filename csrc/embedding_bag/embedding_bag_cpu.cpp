@@ -518,7 +518,12 @@ Segments group_by_row(
   // Segment entries are written at every position, to the next segment's
   // slot when the position starts one and to a slot of the chunk's own past
   // the end otherwise (no branch; chunks never write each other's slots).
-  const int64_t slots = num_segments + 1 + chunks;
+  // The chunks' discard slots lie a cache line apart (16 entries: 64 bytes
+  // of int32, 128 of int64), and a line past the segments: adjacent, they
+  // shared lines that two threads wrote at most positions, and the step
+  // took up to ten times longer on some batches (measured).
+  constexpr int64_t kDiscardStride = 16;
+  const int64_t slots = num_segments + 1 + kDiscardStride * (chunks + 1);
   int64_t* occ_begin = ws.take<int64_t>(Scratch::kOccBegin, slots);
   int64_t* occ_grad_offset = ws.take<int64_t>(Scratch::kOccGradOffset, n);
   float* occ_scale = scale != nullptr ? ws.take<float>(Scratch::kOccScale, n) : nullptr;
@@ -530,7 +535,7 @@ Segments group_by_row(
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t s = chunk_segments[c];
-      const int64_t discard = num_segments + 1 + c;
+      const int64_t discard = num_segments + 1 + kDiscardStride * (c + 1);
       const int64_t end = std::min(n, (c + 1) * chunk_size);
       for (int64_t i = c * chunk_size, t = 0; i < end; ++i) {
         // The kernels walk occurrences in sorted order: lay their gradient
