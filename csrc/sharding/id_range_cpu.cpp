@@ -68,6 +68,10 @@ int64_t first_id_out_of_range(const Tensor& ids, const Tensor& counts, const Ten
       kOp, counts.numel() == limits.numel(), "counts (", counts.numel(), ") and limits (", limits.numel(),
       ") must hold one value per feature");
   const int64_t* count = counts.const_data_ptr<int64_t>();
+  const int64_t* limit = limits.const_data_ptr<int64_t>();
+  for (int64_t f = 0; f < limits.numel(); ++f) {
+    DIST_REC_CHECK_VALUE(kOp, limit[f] >= 0, "feature ", f, " has a negative row count ", limit[f]);
+  }
   int64_t total = 0;
   for (int64_t f = 0; f < counts.numel(); ++f) {
     DIST_REC_CHECK_VALUE(kOp, count[f] >= 0, "feature ", f, " has a negative id count ", count[f]);
@@ -75,9 +79,9 @@ int64_t first_id_out_of_range(const Tensor& ids, const Tensor& counts, const Ten
   }
   DIST_REC_CHECK_VALUE(kOp, total == ids.numel(), "the counts sum to ", total, " but there are ", ids.numel(), " ids");
   if (ids.scalar_type() == at::kLong) {
-    return first_bad(ids.const_data_ptr<int64_t>(), count, limits.const_data_ptr<int64_t>(), counts.numel());
+    return first_bad(ids.const_data_ptr<int64_t>(), count, limit, counts.numel());
   }
-  return first_bad(ids.const_data_ptr<int32_t>(), count, limits.const_data_ptr<int64_t>(), counts.numel());
+  return first_bad(ids.const_data_ptr<int32_t>(), count, limit, counts.numel());
 }
 
 } // namespace

@@ -95,8 +95,9 @@ class _AddTo:
 
 
 class ShmWork:
-    """The handle ``all_to_all`` returns: ``wait()`` completes the collective
-    (then runs ``after``, once, if given)."""
+    """The handle ``all_to_all``, ``all_to_all_blocks`` and ``sum_blocks``
+    return: ``wait()`` completes the collective (then runs ``after``, once,
+    if given)."""
 
     def __init__(self, transport: "ShmAllToAll", collective: _Collective, after=None) -> None:
         self._transport, self._collective, self._after = transport, collective, after
@@ -139,8 +140,9 @@ class ShmAllToAll:
         self.flags: List[torch.Tensor] = []
         self._posted = [0] * self.size  # pieces this rank posted to each destination
         self._consumed = [0] * self.size  # pieces this rank consumed from each source
-        self._sends: List[Deque[Tuple[_Collective, torch.Tensor]]] = [deque() for _ in range(self.size)]
-        self._receives: List[Deque[Tuple[_Collective, torch.Tensor]]] = [deque() for _ in range(self.size)]
+        # (collective, piece, how a received piece is filled or None for a copy, its offset in the message)
+        self._sends: List[Deque[Tuple[_Collective, torch.Tensor, object, int]]] = [deque() for _ in range(self.size)]
+        self._receives: List[Deque[Tuple[_Collective, torch.Tensor, object, int]]] = [deque() for _ in range(self.size)]
         self._peers = [r for r in range(self.size) if r != self.rank]
         self._pids: List[int] = []
         self._aborted: Optional[str] = None
@@ -213,6 +215,11 @@ class ShmAllToAll:
         rank, without a joined copy of them), received into ``output`` if
         given; this rank's own block is not copied where it already lies
         in its place in ``output`` (nor scaled: it is taken as it is)."""
+        if len(blocks) != self.size or len(recv_splits) != self.size:
+            raise ValueError(
+                f"all_to_all_blocks needs one block and one receive count per rank ({self.size}); "
+                f"got {len(blocks)} blocks and {len(recv_splits)} counts."
+            )
         if output is None:
             output = blocks[0].new_empty(sum(recv_splits))
         collective = _Collective()
@@ -250,8 +257,12 @@ class ShmAllToAll:
         blocks = torch.split(tensor, list(splits))
         peer, own = 1 - self.rank, blocks[self.rank]
         output = tensor.new_empty(own.numel())
+        if row_width < 1:
+            raise ValueError(f"Invalid row_width={row_width}: must be >= 1.")
+        # Pieces of whole rows where a row fits a slot, whether or not
+        # ``then`` is given: both ranks cut the message alike.
         rows_per_piece = self.slot_bytes // (row_width * tensor.element_size())
-        in_pieces = then is not None and rows_per_piece > 0
+        in_pieces = rows_per_piece > 0
         after = None
         if then is not None and not in_pieces:
             def after():
@@ -312,7 +323,11 @@ class ShmAllToAll:
                 if apply is None:
                     piece.copy_(slot)
                 else:
-                    apply(piece, slot, offset)
+                    try:
+                        apply(piece, slot, offset)
+                    except Exception as error:  # the peers must not wait for a count never published
+                        self.abort(f"a received piece could not be processed: {error}")
+                        raise
                 self._consumed[peer] = got + 1
                 shm_store(my_flags, self._consumed_word(peer), (got + 1) & _MASK)
                 shm_ring(self.flags[peer], 0)

@@ -18,7 +18,9 @@ def first_id_out_of_range(ids_N: torch.Tensor, counts_F: torch.Tensor, limits_F:
     of feature f) outside ``[0, limits_F[f])``, or -1 if every id is in range."""
     if ids_N.device.type != "cpu" or ids_N.dtype not in (torch.int64, torch.int32):
         return first_id_out_of_range_reference(ids_N, counts_F, limits_F)
-    return torch.ops.dist_rec.first_id_out_of_range(ids_N.contiguous(), counts_F.to(torch.int64).contiguous(), limits_F)
+    return torch.ops.dist_rec.first_id_out_of_range(
+        ids_N.contiguous(), counts_F.to(torch.int64).contiguous(), limits_F.to(torch.int64).contiguous()
+    )
 
 
 def first_id_out_of_range_reference(ids_N: torch.Tensor, counts_F: torch.Tensor, limits_F: torch.Tensor) -> int:

@@ -89,9 +89,9 @@ def sum_row_shards(
     tensor: torch.Tensor, splits: Sequence[int], group, kind: str, pending=None, row_width: int = 1, then=None
 ) -> torch.Tensor:
     """A reduce-scatter (sum) of a 1-D tensor: block r (``splits[r]``
-    elements) goes to rank r of ``group``, and the output (``splits[me]``
-    elements, the same count on every rank) is the sum of every rank's
-    block for this rank, added in rank order (the same bits on every run).
+    elements; every rank passes the same ``splits``) goes to rank r of
+    ``group``, and the output (``splits[me]`` elements) is the sum of every
+    rank's block for this rank, added in rank order (the same bits on every run).
     Two ranks of one host add the peer's block straight out of shared
     memory; otherwise the blocks arrive by ``all_to_all`` and are added on
     ``wait()``. ``then(rows, first_row)``, if given, runs on the summed

@@ -117,6 +117,11 @@ class PooledEmbeddingsDist:
         ``mean_counts`` as they are summed): ``(buffer, box)`` for ``output``."""
         group = self.process_groups.sharding_group
         if self.row_sums:
+            if self.mean_features and not mean_counts:
+                raise ValueError(
+                    f"PooledEmbeddingsDist.start: the mean-pooled features {sorted(self.mean_features)} need "
+                    "their bag sizes (mean_counts) to be divided as they are summed."
+                )
             me = dist.get_rank(group)
             divisor = self._mean_divisor(batch_sizes[me], mean_counts) if mean_counts else None
             return start_row_sums(pooled, batch_sizes, group, divisor)
@@ -197,8 +202,9 @@ class _MeanDivisor:
         self._shaped(rows).div_(self._spread(part))
 
     def divide_into(self, grad: torch.Tensor, ranks: int, out: torch.Tensor) -> None:
-        """``out = grad / (ranks * bag sizes)``, one rounding for both divisions."""
-        divisor = self._spread(self.per_feature.to(grad.dtype) * ranks)
+        """``out = grad / (ranks * bag sizes)``, one rounding for both
+        divisions (the product is exact in float32, then cast)."""
+        divisor = self._spread((self.per_feature * ranks).to(grad.dtype))
         torch.div(self._shaped(grad.reshape(out.shape)), divisor, out=self._shaped(out))
 
 
@@ -351,6 +357,7 @@ class _RowSumsBox(_OutputBox):
     def __init__(self, batch_sizes: List[int], width: int, group, divisor) -> None:
         super().__init__(batch_sizes, [width] * len(batch_sizes), group, 1.0 / len(batch_sizes))
         self.divisor: Optional[_MeanDivisor] = divisor
+        self.summed: Optional[torch.Tensor] = None  # the flat buffer being summed into
 
 
 def start_row_sums(pooled: torch.Tensor, batch_sizes: List[int], group, divisor=None):
@@ -374,25 +381,30 @@ def start_row_sums(pooled: torch.Tensor, batch_sizes: List[int], group, divisor=
         row_width=width, then=divisor.divide_rows_ if divisor is not None else None,
     )  # fmt: skip
     box.work = pending[0]
+    box.summed = summed
     return summed, box
 
 
 def finish_row_sums(summed: torch.Tensor, box: _RowSumsBox) -> torch.Tensor:
     """The buffer of ``start_row_sums``, filled, ``[B, width]``, on the autograd graph."""
-    return RowSums.apply(box.pooled, summed, box)
+    return RowSums.apply(box.pooled, box)
 
 
 class RowSums(torch.autograd.Function):
     """The ranks' partial sums, summed (waits for them); its backward
-    starts the gradient's all-to-all, as ``OutputDist``'s."""
+    starts the gradient's all-to-all, as ``OutputDist``'s. The buffer is
+    not an input of the function, so that its output is a tensor of its
+    own (not a view of an input: those refuse in-place changes), as the
+    sum of the blocks was before."""
 
     @staticmethod
-    def forward(ctx, pooled, summed, box):
+    def forward(ctx, pooled, box):
         ctx.box = box
         box.work.wait()
         box.work = None
         me = dist.get_rank(box.group)
-        return summed.view(box.batch_sizes[me], box.widths[me])
+        total, box.summed = box.summed, None
+        return total.resize_(box.batch_sizes[me], box.widths[me])  # same elements: no copy, no view
 
     @staticmethod
     def backward(ctx, grad):
@@ -416,4 +428,4 @@ class RowSums(torch.autograd.Function):
             output=received,
         )  # fmt: skip
         box.work = pending[0]
-        return received.view(sum(batch_sizes), width), None, None
+        return received.view(sum(batch_sizes), width), None

@@ -49,6 +49,14 @@ def test_edges_of_the_range_and_huge_tables():
     assert first_id_out_of_range(torch.tensor([1, 2, 3, 2**31 - 1], dtype=torch.int32), torch.tensor([0, 4]), limits) == -1
     assert first_id_out_of_range(torch.tensor([1, 2, 3, -7], dtype=torch.int32), torch.tensor([0, 4]), limits) == 3
     assert first_id_out_of_range(torch.zeros(0, dtype=torch.int64), torch.tensor([0, 0]), limits) == -1
+    # int32 ids at int32's edge: a table of 2^31 - 1 rows refuses id 2^31 - 1, one of 2^31 rows takes it.
+    edge = torch.tensor([2**31 - 1], dtype=torch.int32)
+    assert first_id_out_of_range(edge, torch.tensor([1]), torch.tensor([2**31 - 1])) == 0
+    assert first_id_out_of_range(edge, torch.tensor([1]), torch.tensor([2**31])) == -1
+    assert first_id_out_of_range(torch.tensor([0]), torch.tensor([1]), torch.tensor([0])) == 0  # an empty table
+    # int32 limits and other devices' path (the reference) give the same answers.
+    assert first_id_out_of_range(torch.tensor([0, 5, 1]), torch.tensor([3]), torch.tensor([5], dtype=torch.int32)) == 1
+    assert first_id_out_of_range_reference(torch.tensor([0, 5, 1]), torch.tensor([3]), torch.tensor([5])) == 1
 
 
 def test_inconsistent_arguments_are_refused_by_name():
@@ -58,5 +66,7 @@ def test_inconsistent_arguments_are_refused_by_name():
         torch.ops.dist_rec.first_id_out_of_range(torch.arange(4), torch.tensor([4]), torch.tensor([10, 3]))
     with pytest.raises(ValueError, match="negative id count"):
         torch.ops.dist_rec.first_id_out_of_range(torch.arange(4), torch.tensor([5, -1]), torch.tensor([10, 3]))
+    with pytest.raises(ValueError, match="negative row count -1"):
+        torch.ops.dist_rec.first_id_out_of_range(torch.arange(4), torch.tensor([4]), torch.tensor([-1]))
     with pytest.raises(TypeError, match="int64 or int32"):
         torch.ops.dist_rec.first_id_out_of_range(torch.arange(4.0), torch.tensor([4]), torch.tensor([10]))

@@ -192,7 +192,9 @@ class _Model(torch.nn.Module):
         self.top = torch.nn.Linear(24, 1)
 
     def forward(self, kjt):
-        return self.top(self.sparse_arch(kjt).values())
+        # In place on the pooled output, as a user may: it must be a tensor
+        # of its own (a view of a custom function's input refuses this).
+        return self.top(self.sparse_arch(kjt).values().mul_(1.0))
 
 
 def _train(dmp, rank):
