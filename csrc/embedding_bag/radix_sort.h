@@ -39,7 +39,10 @@ void radix_sort_pairs(K* keys, uint32_t* values, K* tmp_keys, uint32_t* tmp_valu
   const int passes = (key_bits + kRadixMaxDigitBits - 1) / kRadixMaxDigitBits;
   const int digit_bits = (key_bits + passes - 1) / passes;
   const int64_t buckets = int64_t{1} << digit_bits;
-  const int64_t chunks = n < kRadixParallelMin ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  // Inside a parallel region (one table per thread) the passes run on this
+  // thread alone.
+  const int64_t chunks =
+      n < kRadixParallelMin || at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk_size = (n + chunks - 1) / chunks;
   std::vector<int64_t> counts(chunks * buckets);
 

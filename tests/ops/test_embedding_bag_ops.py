@@ -296,13 +296,16 @@ def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
         assert torch.equal(a, b)
 
 
-# Tables whose occurrences span several sort chunks (over 2^15 each): the
-# backward sorts those over every thread, the small ones side by side.
+# Tables of over 2^15 occurrences each. Three of about equal size: the
+# backward sorts them one per thread. One alone: its sort is split over
+# every thread.
 LARGE_CASE = dict(seed=32, batch=2500, max_bag=40, max_rows=4000, dims=[8, 16, 4])
+ONE_LARGE_CASE = dict(seed=33, num_tables=1, batch=2500, max_bag=40, max_rows=4000, dims=[16])
 
 
-def test_fused_backward_matches_reference_on_large_tables():
-    weights, states, ref_weights, ref_states = _run_steps("rowwise_adagrad", LARGE_CASE, DECAYS[1], steps=2)
+@pytest.mark.parametrize("case", [LARGE_CASE, ONE_LARGE_CASE], ids=["three", "one"])
+def test_fused_backward_matches_reference_on_large_tables(case):
+    weights, states, ref_weights, ref_states = _run_steps("rowwise_adagrad", case, DECAYS[1], steps=2)
     for w, rw in zip(weights, ref_weights):
         torch.testing.assert_close(w.double(), rw, **FP64_TOL)
     for table_states, ref_table_states in zip(states, ref_states):
@@ -310,7 +313,11 @@ def test_fused_backward_matches_reference_on_large_tables():
             torch.testing.assert_close(s.double(), rs, **FP64_TOL)
 
 
-@pytest.mark.parametrize("case", [dict(seed=31, batch=300, max_bag=30, max_rows=500, dims=[16, 64, 128]), LARGE_CASE], ids=["small", "large"])
+@pytest.mark.parametrize(
+    "case",
+    [dict(seed=31, batch=300, max_bag=30, max_rows=500, dims=[16, 64, 128]), LARGE_CASE, ONE_LARGE_CASE],
+    ids=["small", "large", "one_large"],
+)
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_results_do_not_depend_on_thread_count(optimizer, case):
     threads = torch.get_num_threads()
