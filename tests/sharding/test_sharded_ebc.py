@@ -305,3 +305,34 @@ def test_comm_stats_count_bytes_sent_to_other_ranks():
     assert stats[0]["output_dist_backward"] == batches[0] * 8 * 4
     assert stats[1]["output_dist_backward"] == batches[1] * (6 + 6 + 5) * 4
     assert stats[0]["input_dist"] > 0 and stats[1]["input_dist"] > 0
+
+
+def _no_cycles_rank(rank, world_size):
+    import gc
+
+    plans = [(name, TABLES, plan) for name, plan in _plans(world_size).items()]
+    plans.append(("row_wise, all sum-pooled", SUM_TABLES, uniform_plan(SUM_TABLES, "row_wise", world_size)))
+    for name, tables, plan in plans:
+        sharded = ShardedEmbeddingBagCollection(tables, plan, _optimizer("rowwise_adagrad"))
+        width = sum(c.embedding_dim * len(c.feature_names) for c in tables)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for step in range(2):
+                kjt, grad = _rank_batch(rank, step, False, width)
+                sharded(kjt).values().backward(grad)
+            gc.collect()
+            cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, torch.Tensor) or type(o).__name__.endswith("Box")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert not cyclic, f"{name}: a step left these in reference cycles (freed only by the garbage collector): {cyclic}"
+
+
+def test_a_step_frees_its_buffers_without_the_garbage_collector():
+    """The lookup's output goes back to its pool (or the allocator) when the
+    step is done with it: held in a reference cycle, it waited for the
+    garbage collector, and every step mapped and faulted in a fresh buffer."""
+    run_multi_process(_no_cycles_rank, world_size=2, timeout=120)
