@@ -319,11 +319,11 @@ Tensor embedding_bag_forward_cpu(
 // loop does not fault in fresh pages for its sort buffers at every step.
 enum class Scratch : int {
   kKeys,
-  kPos,
+  kPayload,
   kGradOffset,
   kScale,
   kTmpKeys,
-  kTmpPos,
+  kTmpPayload,
   kOccBegin,
   kOccGradOffset,
   kOccScale,
@@ -455,9 +455,16 @@ Segments group_by_row(
   const I* off = offsets.const_data_ptr<I>();
   const TableRegions regions = table_regions(p, off);
   K* keys = ws.take<K>(Scratch::kKeys, n);
-  uint32_t* pos = ws.take<uint32_t>(Scratch::kPos, n);
-  int64_t* grad_offset = ws.take<int64_t>(Scratch::kGradOffset, n);
   float* scale = (psw != nullptr || p.any_mean) ? ws.take<float>(Scratch::kScale, n) : nullptr;
+  // What each slot carries through the sort. The sort is stable and a
+  // table's slots start in position order, so the payload need not be the
+  // position: without weights it is the bag's gradient offset itself, and
+  // the segment pass below copies it in order, where it gathered it by
+  // position (a random read per occurrence) otherwise.
+  const bool carry_grad_offset =
+      scale == nullptr && static_cast<uint64_t>(p.batch) * static_cast<uint64_t>(p.out_dim) <= UINT32_MAX;
+  uint32_t* payload = ws.take<uint32_t>(Scratch::kPayload, n);
+  int64_t* grad_offset = carry_grad_offset ? nullptr : ws.take<int64_t>(Scratch::kGradOffset, n);
 
   // 1. Per position: its row and position in its table's slots, and (by
   //    position) where its bag's gradient sits in grad_output and its
@@ -482,10 +489,14 @@ Segments group_by_row(
           return;
         }
         keys[slot + i] = static_cast<K>(id);
-        pos[slot + i] = static_cast<uint32_t>(i);
-        grad_offset[i] = gofs;
-        if (scale != nullptr) {
-          scale[i] = psw != nullptr ? psw[i] * bag_scale : bag_scale;
+        if (carry_grad_offset) {
+          payload[slot + i] = static_cast<uint32_t>(gofs);
+        } else {
+          payload[slot + i] = static_cast<uint32_t>(i);
+          grad_offset[i] = gofs;
+          if (scale != nullptr) {
+            scale[i] = psw != nullptr ? psw[i] * bag_scale : bag_scale;
+          }
         }
       }
     }
@@ -498,8 +509,8 @@ Segments group_by_row(
   //    adjacent, in position order, so each row's gradient is summed in a
   //    fixed order.
   K* tmp_keys = ws.take<K>(Scratch::kTmpKeys, n);
-  uint32_t* tmp_pos = ws.take<uint32_t>(Scratch::kTmpPos, n);
-  sort_each_table<K>(p, regions, keys, pos, tmp_keys, tmp_pos);
+  uint32_t* tmp_payload = ws.take<uint32_t>(Scratch::kTmpPayload, n);
+  sort_each_table<K>(p, regions, keys, payload, tmp_keys, tmp_payload);
 
   // 3. Segment boundaries (one segment per unique row of a table), counted
   //    per chunk so the writes can run in parallel.
@@ -561,15 +572,19 @@ Segments group_by_row(
         // The kernels walk occurrences in sorted order: lay their gradient
         // offsets and weights out that way (one gather here instead of a
         // dependent random load per occurrence there).
-        if (i + kGatherAhead < end) {
-          __builtin_prefetch(grad_offset + pos[i + kGatherAhead]);
-          if (occ_scale != nullptr) {
-            __builtin_prefetch(scale + pos[i + kGatherAhead]);
+        if (carry_grad_offset) {
+          occ_grad_offset[i] = payload[i];
+        } else {
+          if (i + kGatherAhead < end) {
+            __builtin_prefetch(grad_offset + payload[i + kGatherAhead]);
+            if (occ_scale != nullptr) {
+              __builtin_prefetch(scale + payload[i + kGatherAhead]);
+            }
           }
-        }
-        occ_grad_offset[i] = grad_offset[pos[i]];
-        if (occ_scale != nullptr) {
-          occ_scale[i] = scale[pos[i]];
+          occ_grad_offset[i] = grad_offset[payload[i]];
+          if (occ_scale != nullptr) {
+            occ_scale[i] = scale[payload[i]];
+          }
         }
         t = table_of(i, t);
         const int64_t start = starts_segment(i, t);

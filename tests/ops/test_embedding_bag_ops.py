@@ -243,6 +243,9 @@ STEP_CASES = [
     dict(seed=2, pooling="mean", weighted=True),
     dict(seed=3, max_rows=3, max_bag=10),  # hot rows: long segments
     dict(seed=4, index_dtype=torch.int32, dims=[5, 16, 33]),
+    # Unweighted sum pooling: the sort carries the gradient offsets, not the positions.
+    dict(seed=5, pooling="sum"),
+    dict(seed=6, pooling="sum", max_rows=3, max_bag=10),
 ]
 
 
@@ -297,10 +300,10 @@ def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
 
 
 # Tables of over 2^15 occurrences each. Three of about equal size: the
-# backward sorts them one per thread. One alone: its sort is split over
-# every thread.
+# backward sorts them one per thread. One alone (sum-pooled: its sort
+# carries gradient offsets): its sort is split over every thread.
 LARGE_CASE = dict(seed=32, batch=2500, max_bag=40, max_rows=4000, dims=[8, 16, 4])
-ONE_LARGE_CASE = dict(seed=33, num_tables=1, batch=2500, max_bag=40, max_rows=4000, dims=[16])
+ONE_LARGE_CASE = dict(seed=33, num_tables=1, batch=2500, max_bag=40, max_rows=4000, dims=[16], pooling="sum")
 
 
 @pytest.mark.parametrize("case", [LARGE_CASE, ONE_LARGE_CASE], ids=["three", "one"])
