@@ -333,9 +333,11 @@ class OutputDist(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pooled, received, box):
         ctx.box = box
-        box.work.wait()
+        try:
+            box.work.wait()
+        finally:
+            box.release_pooled()
         box.work = None
-        box.release_pooled()
         return received
 
     @staticmethod
@@ -410,9 +412,11 @@ class RowSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pooled, box):
         ctx.box = box
-        box.work.wait()
+        try:
+            box.work.wait()
+        finally:
+            box.release_pooled()
         box.work = None
-        box.release_pooled()
         me = dist.get_rank(box.group)
         total, box.summed = box.summed, None
         return total.resize_(box.batch_sizes[me], box.widths[me])  # same elements: no copy, no view

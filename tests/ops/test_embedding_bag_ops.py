@@ -51,6 +51,9 @@ def _problem_cases():
         dict(seed=15, max_rows=2, max_bag=12),  # many repeated ids
         dict(seed=16, dims=[200, 3, 2050]),  # wide row (heap scratch) and odd tails
         dict(seed=17, num_tables=1),
+        # Unweighted sum pooling: the backward's sort carries gradient offsets.
+        dict(seed=18, pooling="sum"),
+        dict(seed=19, pooling="sum", max_rows=3, max_bag=10),
     ]
     return cases
 
@@ -299,16 +302,22 @@ def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
         assert torch.equal(a, b)
 
 
-# Tables of over 2^15 occurrences each. Three of about equal size: the
-# backward sorts them one per thread. One alone (sum-pooled: its sort
-# carries gradient offsets): its sort is split over every thread.
+# Tables of over 2^15 occurrences each. On 2 threads, three of about equal
+# size are sorted one per thread (mixed pooling: the sort carries
+# positions; sum pooling: gradient offsets); one alone is split over both.
 LARGE_CASE = dict(seed=32, batch=2500, max_bag=40, max_rows=4000, dims=[8, 16, 4])
+LARGE_SUM_CASE = dict(LARGE_CASE, seed=34, pooling="sum")
 ONE_LARGE_CASE = dict(seed=33, num_tables=1, batch=2500, max_bag=40, max_rows=4000, dims=[16], pooling="sum")
 
 
-@pytest.mark.parametrize("case", [LARGE_CASE, ONE_LARGE_CASE], ids=["three", "one"])
+@pytest.mark.parametrize("case", [LARGE_CASE, LARGE_SUM_CASE, ONE_LARGE_CASE], ids=["three", "three_sum", "one"])
 def test_fused_backward_matches_reference_on_large_tables(case):
-    weights, states, ref_weights, ref_states = _run_steps("rowwise_adagrad", case, DECAYS[1], steps=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weights, states, ref_weights, ref_states = _run_steps("rowwise_adagrad", case, DECAYS[1], steps=2)
+    finally:
+        torch.set_num_threads(threads)
     for w, rw in zip(weights, ref_weights):
         torch.testing.assert_close(w.double(), rw, **FP64_TOL)
     for table_states, ref_table_states in zip(states, ref_states):
@@ -318,8 +327,8 @@ def test_fused_backward_matches_reference_on_large_tables(case):
 
 @pytest.mark.parametrize(
     "case",
-    [dict(seed=31, batch=300, max_bag=30, max_rows=500, dims=[16, 64, 128]), LARGE_CASE, ONE_LARGE_CASE],
-    ids=["small", "large", "one_large"],
+    [dict(seed=31, batch=300, max_bag=30, max_rows=500, dims=[16, 64, 128]), LARGE_CASE, LARGE_SUM_CASE, ONE_LARGE_CASE],
+    ids=["small", "large", "large_sum", "one_large"],
 )
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_results_do_not_depend_on_thread_count(optimizer, case):
@@ -334,6 +343,9 @@ def test_results_do_not_depend_on_thread_count(optimizer, case):
         results.append((weights, states))
     for a, b in zip(results[0][0], results[1][0]):
         assert torch.equal(a, b)
+    for table_states, other in zip(results[0][1], results[1][1]):
+        for a, b in zip(table_states, other):
+            assert torch.equal(a, b)
 
 
 def test_functional_forward_autograd_matches_reference():
