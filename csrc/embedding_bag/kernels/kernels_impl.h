@@ -16,10 +16,16 @@
 
 #include "scalar_convert.h"
 
-// How many index positions ahead the forward loop prefetches rows, and how
-// many segments ahead the backward loop prefetches the rows it will update.
+// How many index positions ahead the forward loop prefetches rows, how
+// many segments ahead the backward loop prefetches the rows it will update
+// and, further, their optimizer state (one line each, a miss of its own:
+// cheap to ask for early). 32 and 64 segments against 16 and 16: the
+// backward 2-9% shorter on every standard config (Intel Xeon, 2 threads,
+// same-process A/B); 8 or 32 occurrences ahead for the gradient rows made
+// no difference.
 constexpr int64_t kForwardPrefetchPositions = 16;
-constexpr int64_t kBackwardPrefetchSegments = 16;
+constexpr int64_t kBackwardPrefetchSegments = 32;
+constexpr int64_t kBackwardPrefetchStateSegments = 64;
 constexpr int64_t kBackwardPrefetchOccurrences = 16;
 // Gradient rows up to this many floats are summed on the stack; wider rows
 // (rare) use the heap.
@@ -440,11 +446,15 @@ static void update_segments(const SegmentArgs& a, int64_t seg_begin, int64_t seg
     if (ahead < seg_end) {
       const TableView& tv = a.tables[a.seg_table[ahead]];
       prefetch_row(static_cast<const T*>(tv.weights) + a.seg_row[ahead] * tv.dim, tv.dim);
+    }
+    const int64_t state_ahead = s + kBackwardPrefetchStateSegments;
+    if (state_ahead < seg_end) {
+      const TableView& tv = a.tables[a.seg_table[state_ahead]];
       if (tv.state0 != nullptr) {
-        prefetch_line(tv.state0 + a.seg_row[ahead]);
+        prefetch_line(tv.state0 + a.seg_row[state_ahead]);
       }
       if (tv.state1 != nullptr) {
-        prefetch_line(tv.state1 + a.seg_row[ahead]);
+        prefetch_line(tv.state1 + a.seg_row[state_ahead]);
       }
     }
     const TableView& tv = a.tables[a.seg_table[s]];
