@@ -255,14 +255,19 @@ class _OutputBox:
         self.work = None
         self.pooled = None  # this rank's pooled rows, as the graph knows them
 
-    def release_pooled(self) -> None:
-        """Drops the pooled rows once sent. Held here they form a cycle
+    def wait_forward(self) -> None:
+        """Waits for the forward collective, then drops the pooled rows
+        (sent by then, or never to be). Held here they form a cycle
         (rows -> their autograd node -> its context -> this box -> rows)
         that only the garbage collector breaks, long after the step: the
         lookup's output buffer then went back to its pool late, and every
         step mapped and faulted in a fresh one (1-12 ms of system time a
         step on the main job's row-wise shards, measured)."""
-        self.pooled = None
+        try:
+            self.work.wait()
+        finally:
+            self.pooled = None
+        self.work = None
 
 
 def start_output_dist(pooled: torch.Tensor, batch_sizes: List[int], widths: List[int], group, grad_scale: float):
@@ -333,11 +338,7 @@ class OutputDist(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pooled, received, box):
         ctx.box = box
-        try:
-            box.work.wait()
-        finally:
-            box.release_pooled()
-        box.work = None
+        box.wait_forward()
         return received
 
     @staticmethod
@@ -412,11 +413,7 @@ class RowSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pooled, box):
         ctx.box = box
-        try:
-            box.work.wait()
-        finally:
-            box.release_pooled()
-        box.work = None
+        box.wait_forward()
         me = dist.get_rank(box.group)
         total, box.summed = box.summed, None
         return total.resize_(box.batch_sizes[me], box.widths[me])  # same elements: no copy, no view
