@@ -12,6 +12,7 @@ recovery, are survived too.
 """
 
 import json
+import math
 import random
 
 import pytest
@@ -23,6 +24,16 @@ BASE = ["train.eval_every=0", "train.log_every=10", "fault.heartbeat_s=0.5", "tr
 
 def _checkpointed(every: int, root):
     return [f"train.checkpoint_dir={root / 'ckpt'}", f"train.checkpoint_every={every}"]
+
+
+def assert_fresh_rows(shards, what: str) -> None:
+    """Rows drawn from their table's default init range (table-wise: a shard
+    is the whole table), with a zero optimizer state."""
+    for key, (weight, state) in shards.items():
+        bound = math.sqrt(1.0 / weight.shape[0])
+        assert weight.abs().max() <= bound and weight.std() > 0, f"{what}: {key} is not freshly initialised"
+        for name, tensor in state.items():
+            assert not tensor.any(), f"{what}: {key}'s {name} is not zero"
 
 
 def test_1d_partial_recovery_keeps_survivors_and_restores_only_the_lost_shard(tmp_path):
@@ -40,16 +51,22 @@ def test_1d_partial_recovery_keeps_survivors_and_restores_only_the_lost_shard(tm
     # Rank 1's replacement holds exactly its shards of the last checkpoint.
     replacement = job.dump(1, 1, "restored-1")
     assert replacement["role"] == "replacement" and replacement["step"] == kill
-    checkpoint = replacement["checkpoint"]
     # The newest checkpoint published at the failure: the save at the last multiple of ``every`` is written in
-    # the background, and when the kill came while it was in flight the one before is the last good one.
+    # the background, and when the kill came while it was in flight the one before is the last good one (before
+    # step 40 that is none: the lost shards then start over from fresh initial rows, step 0).
+    checkpoint = replacement["checkpoint"] or {"step": 0, "shards": None}
     assert checkpoint["step"] in (kill // every * every, kill // every * every - every), kill
-    assert_shards_equal(replacement["shards"], checkpoint["shards"], "rank 1's replacement vs the checkpoint")
+    if checkpoint["shards"] is None:
+        assert "no checkpoint yet: the lost shards restart from fresh initial rows" in job.log, kill
+        assert_fresh_rows(replacement["shards"], f"rank 1's replacement (kill at {kill}, no checkpoint yet)")
+    else:
+        assert_shards_equal(replacement["shards"], checkpoint["shards"], "rank 1's replacement vs the checkpoint")
     # The portion of lost samples: the steps since that checkpoint, on the lost shards.
     summary = job.summary()
     assert summary["steps"] == 80
     (failure_record,) = summary["failures"]
     assert failure_record["recovery"] == "partial recovery"
+    assert failure_record["checkpoint_step"] == checkpoint["step"], kill
     assert failure_record["lost_samples"] == (kill - checkpoint["step"]) * 128
     assert 0 < failure_record["lost_fraction"] < 1
     expected = failure_record["lost_samples"] * failure_record["lost_fraction"] / summary["examples"]
@@ -112,11 +129,14 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint_for_recovery(tmp_pat
 def test_the_job_recovers_when_the_replacement_dies_during_its_own_recovery(tmp_path):
     job = run_job(tmp_path, 2, [*BASE, *_checkpointed(20, tmp_path), "sharding.type=table_wise", "train.steps=60",
                                 "fault.timeout_s=20",
-                                'fault.inject=["rank=1 step=30", "rank=1 at=restore incarnation=1"]'])  # fmt: skip
+                                'fault.inject=["rank=1 step=50", "rank=1 at=restore incarnation=1"]'])  # fmt: skip
     assert job.proc.returncode == 0, job.log[-6000:]
     assert [e["incarnation"] for e in job.events("injected")] == [0, 1]
     final = job.dump(1, 2, [n for n in job.dump_names() if n.startswith("rank1.2.restored")][0].split(".", 2)[2][:-3])
-    assert final["role"] == "replacement" and final["step"] == 30
+    assert final["role"] == "replacement" and final["step"] == 50
+    # (a kill at step 50 finds the step-20 checkpoint published, or the step-40 one: the background write of the
+    # step-40 save waited for the step-20 one)
+    assert final["checkpoint"] is not None and final["checkpoint"]["step"] in (20, 40)
     assert_shards_equal(final["shards"], final["checkpoint"]["shards"], "the second replacement vs the checkpoint")
     assert job.summary()["steps"] == 60
 
