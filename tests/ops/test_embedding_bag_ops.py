@@ -249,6 +249,9 @@ STEP_CASES = [
     # Unweighted sum pooling: the sort carries the gradient offsets, not the positions.
     dict(seed=5, pooling="sum"),
     dict(seed=6, pooling="sum", max_rows=3, max_bag=10),
+    # The update sums a chunk of rows' gradients into a 4096-float buffer: a row wider than it is a chunk of its own,
+    # two 2050-float rows do not fit one chunk, narrow rows share one.
+    dict(seed=8, dims=[24, 4100, 2050, 7], max_rows=6),
 ]
 
 
@@ -256,7 +259,11 @@ STEP_CASES = [
 @pytest.mark.parametrize("case", STEP_CASES, ids=_case_id)
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_fused_backward_matches_reference_over_steps(isa, optimizer, case, decay):
-    for ref_dtype, tol in ((torch.float32, FP32_TOL), (torch.float64, FP64_TOL)):
+    # A row's state adds up the squares of its D gradients in float32, in another order than the reference:
+    # the rounding grows with D (the scalar kernel sums in one sequence).
+    widest = max(case.get("dims", [64]))
+    fp32_tol = dict(FP32_TOL, rtol=FP32_TOL["rtol"] * max(1.0, widest / 1024))
+    for ref_dtype, tol in ((torch.float32, fp32_tol), (torch.float64, FP64_TOL)):
         weights, states, ref_weights, ref_states = _run_steps(optimizer, case, decay, ref_dtype=ref_dtype)
         for w, rw in zip(weights, ref_weights):
             torch.testing.assert_close(w.to(ref_dtype), rw, **tol)

@@ -440,31 +440,71 @@ struct MomentumScaledRowwiseAdagradUpdate {
   }
 };
 
+// The rows whose weights and optimizer state the backward asks for `ahead`
+// and `state_ahead` segments before updating them.
+template <typename T>
+static inline void prefetch_update_rows(const SegmentArgs& a, int64_t s, int64_t seg_end) {
+  const int64_t ahead = s + kBackwardPrefetchSegments;
+  if (ahead < seg_end) {
+    const TableView& tv = a.tables[a.seg_table[ahead]];
+    prefetch_row(static_cast<const T*>(tv.weights) + a.seg_row[ahead] * tv.dim, tv.dim);
+  }
+  const int64_t state_ahead = s + kBackwardPrefetchStateSegments;
+  if (state_ahead < seg_end) {
+    const TableView& tv = a.tables[a.seg_table[state_ahead]];
+    if (tv.state0 != nullptr) {
+      prefetch_line(tv.state0 + a.seg_row[state_ahead]);
+    }
+    if (tv.state1 != nullptr) {
+      prefetch_line(tv.state1 + a.seg_row[state_ahead]);
+    }
+  }
+}
+
+// The update walks the segments in chunks of up to kUpdateChunkRows rows:
+// first the chunk's gradient sums (their gradient rows mostly cache hits,
+// many in flight at once) into a buffer that stays in L1, then the chunk's
+// row updates (rows and state asked for a chunk or more before), so that
+// the gradient reads and the row misses do not take turns row by row.
+// Same-process A/B on an Intel Xeon, 2 threads, against summing and
+// updating row by row, alternated in rounds: the backward took 0.92x the
+// time at 8x1Mx128 B=2048 uniform (37.6 -> 34.7 ms), 0.96x at dim 64
+// (19.9 -> 19.1 ms) and at 8x1Mx128 B=8192 Zipf (78.8 -> 75.7 ms), and
+// the same at dim 64 B=8192 uniform and B=2048 Zipf. Chunks of 8 to 64 rows
+// of dim 64 were within noise of each other; prefetching the chunk's rows
+// into L1 before its updates changed nothing. Segments are distinct rows,
+// so the order of the work changes no result.
+constexpr int64_t kUpdateChunkRows = 32;
+constexpr int64_t kUpdateChunkFloats = 4096;
+
 template <typename T, typename Update>
 static void update_segments(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
-  RowScratch scratch;
-  for (int64_t s = seg_begin; s < seg_end; ++s) {
-    const int64_t ahead = s + kBackwardPrefetchSegments;
-    if (ahead < seg_end) {
-      const TableView& tv = a.tables[a.seg_table[ahead]];
-      prefetch_row(static_cast<const T*>(tv.weights) + a.seg_row[ahead] * tv.dim, tv.dim);
-    }
-    const int64_t state_ahead = s + kBackwardPrefetchStateSegments;
-    if (state_ahead < seg_end) {
-      const TableView& tv = a.tables[a.seg_table[state_ahead]];
-      if (tv.state0 != nullptr) {
-        prefetch_line(tv.state0 + a.seg_row[state_ahead]);
+  float sums[kUpdateChunkFloats] __attribute__((aligned(64)));
+  float* sum_of[kUpdateChunkRows];
+  RowScratch wide; // a row wider than the buffer is a chunk of its own
+  for (int64_t chunk = seg_begin; chunk < seg_end;) {
+    int64_t end = chunk;
+    int64_t used = 0;
+    while (end < seg_end && end - chunk < kUpdateChunkRows) {
+      const int64_t dim = a.tables[a.seg_table[end]].dim;
+      const int64_t floats = (dim + kLanes - 1) / kLanes * kLanes; // each sum starts on a vector
+      const bool alone = floats > kUpdateChunkFloats;
+      if (end > chunk && (alone || used + floats > kUpdateChunkFloats)) {
+        break;
       }
-      if (tv.state1 != nullptr) {
-        prefetch_line(tv.state1 + a.seg_row[state_ahead]);
-      }
+      prefetch_update_rows<T>(a, end, seg_end);
+      float* g = alone ? wide.get(dim) : sums + used;
+      sum_segment_grad(a, end, g, dim);
+      sum_of[end - chunk] = g;
+      used += floats;
+      ++end;
     }
-    const TableView& tv = a.tables[a.seg_table[s]];
-    const int64_t dim = tv.dim;
-    const int64_t row = a.seg_row[s];
-    float* g = scratch.get(dim);
-    sum_segment_grad(a, s, g, dim);
-    Update::apply(a, tv, static_cast<T*>(tv.weights) + row * dim, row, g, dim);
+    for (int64_t s = chunk; s < end; ++s) {
+      const TableView& tv = a.tables[a.seg_table[s]];
+      const int64_t row = a.seg_row[s];
+      Update::apply(a, tv, static_cast<T*>(tv.weights) + row * tv.dim, row, sum_of[s - chunk], tv.dim);
+    }
+    chunk = end;
   }
 }
 
