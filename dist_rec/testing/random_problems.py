@@ -65,6 +65,8 @@ def random_problem(
 
     if dims is None:
         dims = [[1, 3, 4, 8, 13, 16, 24, 32, 64, 128][randint(0, 10)] for _ in range(num_tables)]
+    if len(dims) != num_tables:
+        raise ValueError(f"random_problem: {len(dims)} dims {dims} for num_tables={num_tables}")
     rows = [randint(1, max_rows + 1) for _ in range(num_tables)]
     weights = [
         (torch.rand(r, d, generator=g, dtype=torch.float64) * 2 - 1).to(weight_dtype) for r, d in zip(rows, dims)

@@ -249,9 +249,10 @@ STEP_CASES = [
     # Unweighted sum pooling: the sort carries the gradient offsets, not the positions.
     dict(seed=5, pooling="sum"),
     dict(seed=6, pooling="sum", max_rows=3, max_bag=10),
-    # The update sums a chunk of rows' gradients into a 4096-float buffer: a row wider than it is a chunk of its own,
-    # two 2050-float rows do not fit one chunk, narrow rows share one.
-    dict(seed=8, dims=[24, 4100, 2050, 7], max_rows=6),
+    # The update sums a chunk of rows' gradients into a 4096-float buffer: a row wider than it is a chunk of its own
+    # (on the heap, grown when a wider one follows), two 2050-float rows do not fit one chunk, narrow rows share one.
+    dict(seed=8, num_tables=4, dims=[24, 4100, 2050, 7], max_rows=6),
+    dict(seed=9, num_tables=2, dims=[4100, 5000], max_rows=4),
 ]
 
 

@@ -29,10 +29,6 @@ constexpr int64_t kForwardPrefetchPositions = 48;
 constexpr int64_t kBackwardPrefetchSegments = 32;
 constexpr int64_t kBackwardPrefetchStateSegments = 64;
 constexpr int64_t kBackwardPrefetchOccurrences = 16;
-// Gradient rows up to this many floats are summed on the stack; wider rows
-// (rare) use the heap.
-constexpr int64_t kStackRowFloats = 2048;
-
 // One cache line towards L2, not L1: a row 16 or more positions ahead is 4-8 lines,
 // and at that depth prefetches into L1 queue behind its few miss buffers
 // while L2 keeps more in flight. Measured on an AVX-512 EPYC, one thread,
@@ -63,20 +59,21 @@ struct IntConstant {
   static constexpr int value = N;
 };
 
-// Stack scratch for one row of floats, heap for unusually wide rows.
-struct RowScratch {
-  float stack[kStackRowFloats] __attribute__((aligned(64)));
+// Heap scratch for the sum of one row wider than the update's chunk buffer
+// (rare): grown to the widest row asked for, since one worker's segments
+// can span tables of several widths.
+struct WideRowScratch {
   float* heap = nullptr;
+  int64_t capacity = 0;
   float* get(int64_t dim) {
-    if (dim <= kStackRowFloats) {
-      return stack;
-    }
-    if (heap == nullptr) {
+    if (dim > capacity) {
+      __builtin_free(heap);
       heap = static_cast<float*>(__builtin_malloc(sizeof(float) * dim));
+      capacity = dim;
     }
     return heap;
   }
-  ~RowScratch() {
+  ~WideRowScratch() {
     __builtin_free(heap);
   }
 };
@@ -481,7 +478,7 @@ template <typename T, typename Update>
 static void update_segments(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
   float sums[kUpdateChunkFloats] __attribute__((aligned(64)));
   float* sum_of[kUpdateChunkRows];
-  RowScratch wide; // a row wider than the buffer is a chunk of its own
+  WideRowScratch wide; // a row wider than the buffer is a chunk of its own
   for (int64_t chunk = seg_begin; chunk < seg_end;) {
     int64_t end = chunk;
     int64_t used = 0;
