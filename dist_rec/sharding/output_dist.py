@@ -368,6 +368,7 @@ class _RowSumsBox(_OutputBox):
     (a ``_MeanDivisor``, if any feature is mean-pooled) divides the sum."""
 
     def __init__(self, batch_sizes: List[int], width: int, group, divisor) -> None:
+        # (grad_scale is unused here: RowSums.backward divides by the ranks itself, with the mean divisor if any)
         super().__init__(batch_sizes, [width] * len(batch_sizes), group, 1.0 / len(batch_sizes))
         self.divisor: Optional[_MeanDivisor] = divisor
         self.summed: Optional[torch.Tensor] = None  # the flat buffer being summed into
@@ -399,7 +400,11 @@ def start_row_sums(pooled: torch.Tensor, batch_sizes: List[int], group, divisor=
 
 
 def finish_row_sums(summed: torch.Tensor, box: _RowSumsBox) -> torch.Tensor:
-    """The buffer of ``start_row_sums``, filled, ``[B, width]``, on the autograd graph."""
+    """The buffer of ``start_row_sums``, filled, ``[B, width]``, on the autograd graph.
+
+    ``summed`` is that buffer, which ``box`` holds too (``RowSums`` takes
+    it from there: see its docstring); the argument keeps the signature of
+    ``finish_output_dist``, which ``_PendingKeyedTensor`` calls alike."""
     return RowSums.apply(box.pooled, box)
 
 
