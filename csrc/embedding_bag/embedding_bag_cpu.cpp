@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -329,6 +330,7 @@ enum class Scratch : int {
   kOccScale,
   kSegTable,
   kSegRow,
+  kGradBlocks,
   kCount
 };
 
@@ -339,15 +341,20 @@ class Workspace {
     auto& buffer = buffers_[static_cast<int>(slot)];
     const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
     if (buffer.size < bytes) {
-      buffer.data.reset(new uint8_t[bytes + bytes / 4]);
+      buffer.data = empty_hugepage({static_cast<int64_t>(bytes + bytes / 4)}, at::kByte);
       buffer.size = bytes + bytes / 4;
     }
-    return reinterpret_cast<T*>(buffer.data.get());
+    return static_cast<T*>(buffer.data.mutable_data_ptr());
   }
 
  private:
+  // On huge pages (above 2 MiB): the sort and the segment pass read and
+  // write them at random. Same-process A/B against plain pages (Intel Xeon,
+  // 2 threads): the backward took 0.955x the time at 8x1Mx64 B=8192
+  // uniform, 0.98x at B=2048 and 8x1Mx128 B=8192 Zipf, the same at 8x1Mx64
+  // B=2048 Zipf.
   struct Buffer {
-    std::unique_ptr<uint8_t[]> data;
+    Tensor data;
     size_t size = 0;
   };
   Buffer buffers_[static_cast<int>(Scratch::kCount)];
@@ -479,7 +486,8 @@ Segments group_by_row(
       const int64_t start = static_cast<int64_t>(off[bag]);
       const int64_t end = static_cast<int64_t>(off[bag + 1]);
       const int64_t slot = regions.feature_slot[feature] - static_cast<int64_t>(off[feature * p.batch]);
-      const int64_t gofs = sample * p.out_dim + fv.out_col;
+      // In grad_output's feature blocks (block_grad_by_feature).
+      const int64_t gofs = fv.out_col * p.batch + sample * p.tables[fv.table].dim;
       const float bag_scale =
           (fv.pooling == static_cast<int32_t>(cpu::PoolingMode::kMean) && end > start) ? 1.0f / (end - start) : 1.0f;
       for (int64_t i = start; i < end; ++i) {
@@ -634,7 +642,35 @@ Segments group_by_row_any(
                      : group_by_row<int64_t, uint64_t>(op, p, indices, offsets, psw, ws);
 }
 
-cpu::SegmentArgs segment_args(const Problem& p, const Segments& s, const Tensor& grad_output) {
+// grad_output [B, out_dim] copied feature by feature: feature f's columns
+// become a [B, D_f] block starting at B x f's first column. A segment reads
+// its occurrences' gradient rows at random samples. In place, one
+// feature's rows lie out_dim floats apart, a stride that maps them onto a
+// fraction of the cache's sets (an eighth at 8 features of 64 floats), so
+// they came from L3 however often they were read again; a block is
+// contiguous and stays in L2. Same-process A/B on an Intel Xeon, 2 threads,
+// row-wise AdaGrad, the 8 standard configs (8 tables of 1M rows, dims 64
+// and 128, B 2048 and 8192, uniform and Zipf ids), alternated in rounds:
+// the backward took 0.85-0.92x the time of reading grad_output in place,
+// the copy included.
+const float* block_grad_by_feature(const Problem& p, const Tensor& grad_output, Workspace& ws) {
+  const float* in_place = grad_output.const_data_ptr<float>();
+  if (p.features.size() == 1) {
+    return in_place; // one feature: the blocks are grad_output
+  }
+  float* blocks = ws.take<float>(Scratch::kGradBlocks, p.batch * p.out_dim);
+  at::parallel_for(0, p.batch, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (const cpu::FeatureView& fv : p.features) {
+        const int64_t dim = p.tables[fv.table].dim;
+        std::memcpy(blocks + fv.out_col * p.batch + b * dim, in_place + b * p.out_dim + fv.out_col, dim * sizeof(float));
+      }
+    }
+  });
+  return blocks;
+}
+
+cpu::SegmentArgs segment_args(const Problem& p, const Segments& s, const Tensor& grad_output, Workspace& ws) {
   cpu::SegmentArgs a{};
   a.tables = p.tables.data();
   a.seg_table = s.seg_table;
@@ -643,7 +679,7 @@ cpu::SegmentArgs segment_args(const Problem& p, const Segments& s, const Tensor&
   a.num_occurrences = p.num_indices;
   a.occ_grad_offset = s.occ_grad_offset;
   a.occ_scale = s.occ_scale;
-  a.grad_output = grad_output.const_data_ptr<float>();
+  a.grad_output = block_grad_by_feature(p, grad_output, ws);
   a.weight_type = p.weight_type;
   return a;
 }
@@ -687,7 +723,7 @@ void fused_backward(
   check_grad_output(op, p, grad_output);
   Workspace& ws = t_workspace;
   const Segments segs = group_by_row_any(op, p, indices, offsets, per_sample_weights, ws);
-  cpu::SegmentArgs a = segment_args(p, segs, grad_output);
+  cpu::SegmentArgs a = segment_args(p, segs, grad_output, ws);
   a.learning_rate = hyper.learning_rate;
   a.eps = hyper.eps;
   a.weight_decay = hyper.weight_decay;
@@ -828,7 +864,7 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> embedding_bag_backward_row_
     row_ids.push_back(std::move(ids));
     row_grads.push_back(std::move(grads));
   }
-  cpu::SegmentArgs a = segment_args(p, segs, grad_output);
+  cpu::SegmentArgs a = segment_args(p, segs, grad_output, ws);
   a.row_grad_out = slots.data();
   const auto& k = kernels();
   for_each_segment_chunk(segs, p.num_indices, [&](int64_t s0, int64_t s1) { k.sum_row_grads(a, s0, s1); });

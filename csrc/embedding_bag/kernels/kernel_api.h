@@ -56,7 +56,9 @@ struct SegmentArgs {
   int64_t num_occurrences; // N
   const int64_t* occ_grad_offset; // [N] where the occurrence's bag gradient starts in grad_output
   const float* occ_scale; // [N] per-sample weight x 1/L, or null (all ones)
-  const float* grad_output; // [B, out_dim] float32
+  // float32 grad_output [B, out_dim] laid out feature by feature: feature
+  // f's columns as a [B, D_f] block from B x its first column.
+  const float* grad_output;
   WeightType weight_type;
   // Optimizer hyper-parameters (unused ones ignored).
   float learning_rate;
