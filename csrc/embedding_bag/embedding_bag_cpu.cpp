@@ -474,8 +474,8 @@ Segments group_by_row(
   int64_t* grad_offset = carry_grad_offset ? nullptr : ws.take<int64_t>(Scratch::kGradOffset, n);
 
   // 1. Per position: its row and position in its table's slots, and (by
-  //    position) where its bag's gradient sits in grad_output and its
-  //    weight (per-sample x 1/L).
+  //    position) where its bag's gradient sits in grad_output's feature
+  //    blocks and its weight (per-sample x 1/L).
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   for_each_chunk(bag_chunks(off, num_bags, n), [&](int64_t b0, int64_t b1) {
     for (int64_t bag = b0; bag < b1; ++bag) {
@@ -655,8 +655,11 @@ Segments group_by_row_any(
 // the copy included.
 const float* block_grad_by_feature(const Problem& p, const Tensor& grad_output, Workspace& ws) {
   const float* in_place = grad_output.const_data_ptr<float>();
-  if (p.features.size() == 1) {
-    return in_place; // one feature: the blocks are grad_output
+  if (p.features.size() == 1 || p.batch == 1) {
+    return in_place; // the blocks are grad_output itself
+  }
+  if (p.num_indices == 0) {
+    return in_place; // nothing reads it
   }
   float* blocks = ws.take<float>(Scratch::kGradBlocks, p.batch * p.out_dim);
   at::parallel_for(0, p.batch, 256, [&](int64_t b0, int64_t b1) {
