@@ -400,29 +400,53 @@ TableRegions table_regions(const Problem& p, const I* off) {
   return r;
 }
 
-// Sorts each table's slots by row. A table's sort needs only the bits of
-// its own row count and stays in cache, where one sort of all tables by
-// (table, row) needed a pass more over the whole batch and scattered it
-// across memory (half the backward's time at dim 16, measured). Tables are
-// sorted one per thread, largest first, each by whichever thread is free;
-// only a table too large for that to balance (more than a thread's share of
-// what is left) is split over threads, since a split sort synchronises
-// twice per pass: 8 tables of 41K ids took 4.1 ms split, 1.7 ms one per
-// thread (2 threads, measured).
-template <typename K>
-void sort_each_table(const Problem& p, const TableRegions& r, K* keys, uint32_t* pos, K* tmp_keys, uint32_t* tmp_pos) {
+// Fills and sorts each table's slots by row. A table's sort needs only the
+// bits of its own row count and stays in cache, where one sort of all
+// tables by (table, row) needed a pass more over the whole batch and
+// scattered it across memory (half the backward's time at dim 16,
+// measured). Tables are filled and sorted one per thread, largest first,
+// each by whichever thread is free, so that a table's slots are sorted
+// just after they are written, while they are still in cache; only a
+// table too large for that to balance (more than a thread's share of what
+// is left) is filled and sorted over all threads, since a split sort
+// synchronises twice per pass: 8 tables of 41K ids took 4.1 ms split, 1.7
+// ms one per thread (2 threads, measured).
+template <typename K, typename FillBags>
+void fill_and_sort_each_table(
+    const Problem& p,
+    const TableRegions& r,
+    const FillBags& fill_bags,
+    const std::atomic<int64_t>& first_bad,
+    K* keys,
+    uint32_t* pos,
+    K* tmp_keys,
+    uint32_t* tmp_pos) {
   const int64_t num_tables = static_cast<int64_t>(p.tables.size());
+  const int64_t num_features = static_cast<int64_t>(p.features.size());
   const auto size_of = [&](int64_t t) { return r.begin[t + 1] - r.begin[t]; };
   const auto sort_table = [&](int64_t t) {
+    if (size_of(t) <= 1 || first_bad.load(std::memory_order_relaxed) != std::numeric_limits<int64_t>::max()) {
+      return; // nothing to order, or an error is thrown after the fill
+    }
     const int64_t b = r.begin[t];
     const uint64_t max_row = static_cast<uint64_t>(std::max<int64_t>(p.tables[t].rows - 1, 0));
     cpu::radix_sort_pairs<K>(keys + b, pos + b, tmp_keys + b, tmp_pos + b, size_of(t), cpu::bits_needed(max_row));
   };
-  std::vector<int64_t> order;
-  for (int64_t t = 0; t < num_tables; ++t) {
-    if (size_of(t) > 1) {
-      order.push_back(t);
+  const auto fill_table = [&](int64_t t, bool split) {
+    for (int64_t f = 0; f < num_features; ++f) {
+      if (p.features[f].table != t) {
+        continue;
+      }
+      if (split) {
+        at::parallel_for(f * p.batch, (f + 1) * p.batch, 256, fill_bags);
+      } else {
+        fill_bags(f * p.batch, (f + 1) * p.batch);
+      }
     }
+  };
+  std::vector<int64_t> order(num_tables);
+  for (int64_t t = 0; t < num_tables; ++t) {
+    order[t] = t;
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return size_of(x) > size_of(y); });
   const int64_t threads = at::get_num_threads();
@@ -433,6 +457,7 @@ void sort_each_table(const Problem& p, const TableRegions& r, K* keys, uint32_t*
     if (threads == 1 || size < cpu::kRadixParallelMin || size * threads <= rest) {
       break;
     }
+    fill_table(order[first_whole], true);
     sort_table(order[first_whole]); // split over threads inside
     rest -= size;
   }
@@ -443,6 +468,7 @@ void sort_each_table(const Problem& p, const TableRegions& r, K* keys, uint32_t*
   for_each_chunk(bounds, [&](int64_t i0, int64_t i1) {
     // One thread per table: a nested radix sort runs on this thread only.
     for (int64_t i = i0; i < i1; ++i) {
+      fill_table(order[i], false);
       sort_table(order[i]);
     }
   });
@@ -457,7 +483,6 @@ Segments group_by_row(
     const float* psw,
     Workspace& ws) {
   const int64_t n = p.num_indices;
-  const int64_t num_bags = offsets.numel() - 1;
   const I* idx = indices.const_data_ptr<I>();
   const I* off = offsets.const_data_ptr<I>();
   const TableRegions regions = table_regions(p, off);
@@ -477,7 +502,7 @@ Segments group_by_row(
   //    position) where its bag's gradient sits in grad_output's feature
   //    blocks and its weight (per-sample x 1/L).
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  for_each_chunk(bag_chunks(off, num_bags, n), [&](int64_t b0, int64_t b1) {
+  const auto fill_bags = [&](int64_t b0, int64_t b1) {
     for (int64_t bag = b0; bag < b1; ++bag) {
       const int64_t feature = bag / p.batch;
       const int64_t sample = bag - feature * p.batch;
@@ -508,17 +533,16 @@ Segments group_by_row(
         }
       }
     }
-  });
+  };
+  // 2. Stable sort of each table's slots by row, just after 1. fills them:
+  //    occurrences of a row become adjacent, in position order, so each
+  //    row's gradient is summed in a fixed order.
+  K* tmp_keys = ws.take<K>(Scratch::kTmpKeys, n);
+  uint32_t* tmp_payload = ws.take<uint32_t>(Scratch::kTmpPayload, n);
+  fill_and_sort_each_table<K>(p, regions, fill_bags, first_bad, keys, payload, tmp_keys, tmp_payload);
   if (first_bad.load() != std::numeric_limits<int64_t>::max()) {
     throw_bad_index_any(op, p, indices, offsets, first_bad.load());
   }
-
-  // 2. Stable sort of each table's slots by row: occurrences of a row become
-  //    adjacent, in position order, so each row's gradient is summed in a
-  //    fixed order.
-  K* tmp_keys = ws.take<K>(Scratch::kTmpKeys, n);
-  uint32_t* tmp_payload = ws.take<uint32_t>(Scratch::kTmpPayload, n);
-  sort_each_table<K>(p, regions, keys, payload, tmp_keys, tmp_payload);
 
   // 3. Segment boundaries (one segment per unique row of a table), counted
   //    per chunk so the writes can run in parallel.
@@ -655,11 +679,8 @@ Segments group_by_row_any(
 // the copy included.
 const float* block_grad_by_feature(const Problem& p, const Tensor& grad_output, Workspace& ws) {
   const float* in_place = grad_output.const_data_ptr<float>();
-  if (p.features.size() == 1 || p.batch == 1) {
-    return in_place; // the blocks are grad_output itself
-  }
-  if (p.num_indices == 0) {
-    return in_place; // nothing reads it
+  if (p.features.size() == 1 || p.batch == 1 || p.num_indices == 0) {
+    return in_place; // the blocks are grad_output itself, or nothing reads them
   }
   float* blocks = ws.take<float>(Scratch::kGradBlocks, p.batch * p.out_dim);
   at::parallel_for(0, p.batch, 256, [&](int64_t b0, int64_t b1) {

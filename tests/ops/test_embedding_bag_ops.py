@@ -4,6 +4,7 @@ Every CPU inner-loop build this machine runs (AVX-512, AVX2, scalar) is
 checked; references compute in float64 from the same inputs.
 """
 
+import dataclasses
 import re
 
 import pytest
@@ -331,6 +332,38 @@ def test_fused_backward_matches_reference_on_large_tables(case):
     for table_states, ref_table_states in zip(states, ref_states):
         for s, rs in zip(table_states, ref_table_states):
             torch.testing.assert_close(s.double(), rs, **FP64_TOL)
+
+
+@pytest.mark.parametrize("case", [LARGE_CASE, ONE_LARGE_CASE], ids=["three", "one"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_fused_backward_names_the_first_bad_id_and_changes_nothing(optimizer, case):
+    # Each table is filled and sorted by whichever thread takes it (a table
+    # alone, over both): bad ids in a late and an early table, or two in one,
+    # still name the batch's first, and no row or state moves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        p = random_problem(**case)
+        n = len(p.indices)
+        hyper = {**OPTIMIZERS[optimizer]["hyper"], **DECAYS[1]}
+        for positions in ([n - 1, n // 3], [n // 3 + 1, n - 2], [0, n // 2]):
+            indices = p.indices.clone()
+            indices[positions[0]] = -1
+            indices[positions[1]] = 2**40
+            first = min(positions)
+            weights = p.clone_weights()
+            states = [[torch.rand(w.shape[0]) for w in weights] for _ in range(OPTIMIZERS[optimizer]["states"])]
+            saved_states = [[s.clone() for s in table_states] for table_states in states]
+            bad = dataclasses.replace(p, indices=indices)
+            with pytest.raises(IndexError, match=re.escape(f"id {int(indices[first])} at indices[{first}]")):
+                _fused_step(optimizer, weights, states, bad, torch.randn(p.batch, p.out_dim), hyper)
+            for w, w0 in zip(weights, p.weights):
+                assert torch.equal(w, w0)
+            for table_states, saved in zip(states, saved_states):
+                for s, s0 in zip(table_states, saved):
+                    assert torch.equal(s, s0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
