@@ -12,7 +12,7 @@ import torch
 
 from dist_rec.ops import embedding_bag as eb
 from dist_rec.ops import reference as ref
-from dist_rec.testing.random_problems import random_problem, redraw_batch
+from dist_rec.testing.random_problems import LookupProblem, random_problem, redraw_batch
 
 ops = torch.ops.dist_rec
 
@@ -334,36 +334,111 @@ def test_fused_backward_matches_reference_on_large_tables(case):
             torch.testing.assert_close(s.double(), rs, **FP64_TOL)
 
 
-@pytest.mark.parametrize("case", [LARGE_CASE, ONE_LARGE_CASE], ids=["three", "one"])
+def _mixed_problem(seed: int, batch: int = 2000):
+    """One table of about 40K ids, filled and sorted over both threads (of
+    2), beside small ones filled and sorted one per thread: a table two
+    features share, a table of one id, and a table no feature reads (2)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, dims = [4000, 50, 30, 20], [16, 8, 4, 8]
+    feature_table, feature_pooling, max_bag = [3, 0, 1, 1], [0, 0, 1, 0], [0, 40, 3, 2]
+    lengths = torch.cat([torch.randint(0, m + 1, (batch,), generator=g) for m in max_bag])
+    lengths[batch // 2] = 1  # table 3's one id
+    ids = [torch.randint(0, rows[t], (int(lengths[f * batch : (f + 1) * batch].sum()),), generator=g) for f, t in enumerate(feature_table)]
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return LookupProblem(
+        weights=[torch.rand(r, d, generator=g) * 2 - 1 for r, d in zip(rows, dims)],
+        feature_table=feature_table,
+        feature_pooling=feature_pooling,
+        feature_column=[0, 8, 24, 32],
+        indices=torch.cat(ids),
+        offsets=offsets,
+        per_sample_weights=None,
+        batch=batch,
+    )
+
+
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_fused_backward_names_the_first_bad_id_and_changes_nothing(optimizer, case):
-    # Each table is filled and sorted by whichever thread takes it (a table
-    # alone, over both): bad ids in a late and an early table, or two in one,
-    # still name the batch's first, and no row or state moves.
+def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimizer):
+    hyper = {**OPTIMIZERS[optimizer]["hyper"], **DECAYS[1]}
+    tables = _mixed_problem(60).weights
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            weights = [w.clone() for w in tables]
+            g = torch.Generator().manual_seed(61)
+            states = [[torch.rand(w.shape[0], generator=g) for w in weights] for _ in range(OPTIMIZERS[optimizer]["states"])]
+            ref_weights = [w.double() for w in weights]
+            ref_states = [[s.double() for s in table_states] for table_states in states]
+            for step in range(2):  # the second finds the first's scratch
+                p = dataclasses.replace(_mixed_problem(62 + step), weights=weights)
+                grad = torch.randn(p.batch, p.out_dim, generator=g)
+                _fused_step(optimizer, weights, states, p, grad, hyper)
+                ref.fused_backward_ref(
+                    optimizer, ref_weights, ref_states, p.layout, p.indices, p.offsets, None, grad, dtype=torch.float64, **hyper
+                )
+        finally:
+            torch.set_num_threads(threads)
+        for w, rw in zip(weights, ref_weights):
+            torch.testing.assert_close(w.double(), rw, **FP64_TOL)
+        for table_states, ref_table_states in zip(states, ref_states):
+            for s, rs in zip(table_states, ref_table_states):
+                torch.testing.assert_close(s.double(), rs, **FP64_TOL)
+        assert torch.equal(weights[2], tables[2])  # no feature reads it
+        results.append((weights, states))
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+    for table_states, other in zip(results[0][1], results[1][1]):
+        for a, b in zip(table_states, other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", [LARGE_CASE, ONE_LARGE_CASE, "mixed"], ids=["three", "one", "mixed"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_fused_backward_names_the_first_bad_id_and_changes_nothing(optimizer, case, threads):
+    # Each table is filled and sorted by whichever thread takes it (largest
+    # first; a table too large to balance, over both): bad ids in a late and
+    # an early table, or two in one, still name the batch's first, no row or
+    # state moves, and a good step after them matches the reference.
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        p = random_problem(**case)
+        p = _mixed_problem(70) if case == "mixed" else random_problem(**case)
         n = len(p.indices)
         hyper = {**OPTIMIZERS[optimizer]["hyper"], **DECAYS[1]}
+        weights = p.clone_weights()
+        states = [[torch.rand(w.shape[0]) for w in weights] for _ in range(OPTIMIZERS[optimizer]["states"])]
+        saved_states = [[s.clone() for s in table_states] for table_states in states]
+        grad = torch.randn(p.batch, p.out_dim)
         for positions in ([n - 1, n // 3], [n // 3 + 1, n - 2], [0, n // 2]):
             indices = p.indices.clone()
             indices[positions[0]] = -1
             indices[positions[1]] = 2**40
             first = min(positions)
-            weights = p.clone_weights()
-            states = [[torch.rand(w.shape[0]) for w in weights] for _ in range(OPTIMIZERS[optimizer]["states"])]
-            saved_states = [[s.clone() for s in table_states] for table_states in states]
-            bad = dataclasses.replace(p, indices=indices)
-            with pytest.raises(IndexError, match=re.escape(f"id {int(indices[first])} at indices[{first}]")):
-                _fused_step(optimizer, weights, states, bad, torch.randn(p.batch, p.out_dim), hyper)
+            bad = dataclasses.replace(p, weights=weights, indices=indices)
+            message = re.escape(f"id {int(indices[first])} at indices[{first}]")
+            with pytest.raises(IndexError, match=message):
+                _fused_step(optimizer, weights, states, bad, grad, hyper)
+            with pytest.raises(IndexError, match=message):
+                ops.embedding_bag_backward_row_grad(weights, *p.layout, indices, p.offsets, p.per_sample_weights, grad)
             for w, w0 in zip(weights, p.weights):
                 assert torch.equal(w, w0)
             for table_states, saved in zip(states, saved_states):
                 for s, s0 in zip(table_states, saved):
                     assert torch.equal(s, s0)
+        ref_weights = [w.double() for w in weights]
+        ref_states = [[s.double() for s in table_states] for table_states in states]
+        _fused_step(optimizer, weights, states, dataclasses.replace(p, weights=weights), grad, hyper)
+        ref.fused_backward_ref(
+            optimizer, ref_weights, ref_states, p.layout, p.indices, p.offsets, p.per_sample_weights, grad, dtype=torch.float64, **hyper
+        )
+        for w, rw in zip(weights, ref_weights):
+            torch.testing.assert_close(w.double(), rw, **FP64_TOL)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved_threads)
 
 
 @pytest.mark.parametrize(

@@ -16,17 +16,18 @@
 
 #include "scalar_convert.h"
 
-// How many index positions ahead the forward loop prefetches rows, how
-// many segments ahead the backward loop prefetches the rows it will update
-// and, further, their optimizer state (one line each, a miss of its own:
-// cheap to ask for early). Same-process A/B on an Intel Xeon, 2 threads,
-// the standard configs: the forward 48 positions ahead against 16 took
-// 0.7-0.8x the time on uniform ids (15.6 -> 11.4 ms at 8x1Mx128 B=2048,
-// 57 -> 39 ms at B=8192) and 0.95-1.0x on Zipf ids; the backward 32 and
-// 64 segments ahead against 16 and 16, 2-9% shorter on every config; 8 or
-// 32 occurrences ahead for the gradient rows made no difference. Since the
-// rows are asked for from the update loop (update_segments), 64 segments
-// ahead against 32: within noise of each other, as were 48, 80 and 96.
+// How many index positions ahead the forward loop prefetches rows, and how
+// many segments ahead the backward prefetches the rows it will update
+// (from its update loop) and their optimizer state (from its summing loop;
+// one line each, a miss of its own: cheap to ask for early). Same-process
+// A/B on an Intel Xeon, 2 threads, the standard configs: the forward 48
+// positions ahead against 16 took 0.7-0.8x the time on uniform ids
+// (15.6 -> 11.4 ms at 8x1Mx128 B=2048, 57 -> 39 ms at B=8192) and
+// 0.95-1.0x on Zipf ids; the backward 32 and 64 segments ahead against 16
+// and 16, 2-9% shorter on every config; 8 or 32 occurrences ahead for the
+// gradient rows made no difference. Since the rows are asked for from the
+// update loop (update_segments), 64 segments ahead against 32, 48, 80 and
+// 96: within noise of each other.
 constexpr int64_t kForwardPrefetchPositions = 48;
 constexpr int64_t kBackwardPrefetchSegments = 64;
 constexpr int64_t kBackwardPrefetchStateSegments = 64;
