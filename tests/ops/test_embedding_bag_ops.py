@@ -241,6 +241,25 @@ def _run_steps(optimizer, case, decay, steps=6, weight_dtype=torch.float32, ref_
     return weights, states, ref_weights, ref_states
 
 
+def _assert_steps_match(weights, states, ref_weights, ref_states, ref_dtype=torch.float64, **tol):
+    """Weights and optimizer states against the reference's, in ref_dtype."""
+    tol = tol or FP64_TOL
+    for w, rw in zip(weights, ref_weights):
+        torch.testing.assert_close(w.to(ref_dtype), rw, **tol)
+    for table_states, ref_table_states in zip(states, ref_states):
+        for s, rs in zip(table_states, ref_table_states):
+            torch.testing.assert_close(s.to(ref_dtype), rs, **tol)
+
+
+def _assert_identical(result, other):
+    """(weights, states) pairs equal bit for bit."""
+    for a, b in zip(result[0], other[0]):
+        assert torch.equal(a, b)
+    for table_states, other_states in zip(result[1], other[1]):
+        for a, b in zip(table_states, other_states):
+            assert torch.equal(a, b)
+
+
 STEP_CASES = [
     dict(seed=0),
     dict(seed=1, weighted=True),
@@ -266,12 +285,7 @@ def test_fused_backward_matches_reference_over_steps(isa, optimizer, case, decay
     widest = max(case.get("dims", [64]))
     fp32_tol = dict(FP32_TOL, rtol=FP32_TOL["rtol"] * max(1.0, widest / 1024))
     for ref_dtype, tol in ((torch.float32, fp32_tol), (torch.float64, FP64_TOL)):
-        weights, states, ref_weights, ref_states = _run_steps(optimizer, case, decay, ref_dtype=ref_dtype)
-        for w, rw in zip(weights, ref_weights):
-            torch.testing.assert_close(w.to(ref_dtype), rw, **tol)
-        for table_states, ref_table_states in zip(states, ref_states):
-            for s, rs in zip(table_states, ref_table_states):
-                torch.testing.assert_close(s.to(ref_dtype), rs, **tol)
+        _assert_steps_match(*_run_steps(optimizer, case, decay, ref_dtype=ref_dtype), ref_dtype=ref_dtype, **tol)
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
@@ -305,10 +319,7 @@ def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
         for s, d in zip(m_sync, m_local):  # the sync of a single replica
             s.add_(d)
             d.zero_()
-    for a, b in zip(adagrad_weights, msrw_weights):
-        assert torch.equal(a, b)
-    for a, b in zip(momentum1, m_sync):
-        assert torch.equal(a, b)
+    _assert_identical((adagrad_weights, [momentum1]), (msrw_weights, [m_sync]))
 
 
 # Tables of over 2^15 occurrences each. On 2 threads, three of about equal
@@ -324,14 +335,10 @@ def test_fused_backward_matches_reference_on_large_tables(case):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        weights, states, ref_weights, ref_states = _run_steps("rowwise_adagrad", case, DECAYS[1], steps=2)
+        result = _run_steps("rowwise_adagrad", case, DECAYS[1], steps=2)
     finally:
         torch.set_num_threads(threads)
-    for w, rw in zip(weights, ref_weights):
-        torch.testing.assert_close(w.double(), rw, **FP64_TOL)
-    for table_states, ref_table_states in zip(states, ref_states):
-        for s, rs in zip(table_states, ref_table_states):
-            torch.testing.assert_close(s.double(), rs, **FP64_TOL)
+    _assert_steps_match(*result)
 
 
 def _mixed_problem(seed: int, batch: int = 2000):
@@ -343,7 +350,8 @@ def _mixed_problem(seed: int, batch: int = 2000):
     feature_table, feature_pooling, max_bag = [3, 0, 1, 1], [0, 0, 1, 0], [0, 40, 3, 2]
     lengths = torch.cat([torch.randint(0, m + 1, (batch,), generator=g) for m in max_bag])
     lengths[batch // 2] = 1  # table 3's one id
-    ids = [torch.randint(0, rows[t], (int(lengths[f * batch : (f + 1) * batch].sum()),), generator=g) for f, t in enumerate(feature_table)]
+    counts = lengths.view(len(feature_table), batch).sum(1).tolist()
+    ids = [torch.randint(0, rows[t], (n,), generator=g) for t, n in zip(feature_table, counts)]
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
     return LookupProblem(
@@ -361,6 +369,7 @@ def _mixed_problem(seed: int, batch: int = 2000):
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimizer):
     hyper = {**OPTIMIZERS[optimizer]["hyper"], **DECAYS[1]}
+    num_states = OPTIMIZERS[optimizer]["states"]
     tables = _mixed_problem(60).weights
     threads = torch.get_num_threads()
     results = []
@@ -369,30 +378,21 @@ def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimiz
         try:
             weights = [w.clone() for w in tables]
             g = torch.Generator().manual_seed(61)
-            states = [[torch.rand(w.shape[0], generator=g) for w in weights] for _ in range(OPTIMIZERS[optimizer]["states"])]
+            states = [[torch.rand(len(w), generator=g) for w in weights] for _ in range(num_states)]
             ref_weights = [w.double() for w in weights]
             ref_states = [[s.double() for s in table_states] for table_states in states]
             for step in range(2):  # the second finds the first's scratch
                 p = dataclasses.replace(_mixed_problem(62 + step), weights=weights)
                 grad = torch.randn(p.batch, p.out_dim, generator=g)
                 _fused_step(optimizer, weights, states, p, grad, hyper)
-                ref.fused_backward_ref(
-                    optimizer, ref_weights, ref_states, p.layout, p.indices, p.offsets, None, grad, dtype=torch.float64, **hyper
-                )
+                ref_args = (p.layout, p.indices, p.offsets, None, grad)
+                ref.fused_backward_ref(optimizer, ref_weights, ref_states, *ref_args, dtype=torch.float64, **hyper)
         finally:
             torch.set_num_threads(threads)
-        for w, rw in zip(weights, ref_weights):
-            torch.testing.assert_close(w.double(), rw, **FP64_TOL)
-        for table_states, ref_table_states in zip(states, ref_states):
-            for s, rs in zip(table_states, ref_table_states):
-                torch.testing.assert_close(s.double(), rs, **FP64_TOL)
+        _assert_steps_match(weights, states, ref_weights, ref_states)
         assert torch.equal(weights[2], tables[2])  # no feature reads it
         results.append((weights, states))
-    for a, b in zip(results[0][0], results[1][0]):
-        assert torch.equal(a, b)
-    for table_states, other in zip(results[0][1], results[1][1]):
-        for a, b in zip(table_states, other):
-            assert torch.equal(a, b)
+    _assert_identical(*results)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -432,11 +432,9 @@ def test_fused_backward_names_the_first_bad_id_and_changes_nothing(optimizer, ca
         ref_weights = [w.double() for w in weights]
         ref_states = [[s.double() for s in table_states] for table_states in states]
         _fused_step(optimizer, weights, states, dataclasses.replace(p, weights=weights), grad, hyper)
-        ref.fused_backward_ref(
-            optimizer, ref_weights, ref_states, p.layout, p.indices, p.offsets, p.per_sample_weights, grad, dtype=torch.float64, **hyper
-        )
-        for w, rw in zip(weights, ref_weights):
-            torch.testing.assert_close(w.double(), rw, **FP64_TOL)
+        ref_args = (p.layout, p.indices, p.offsets, p.per_sample_weights, grad)
+        ref.fused_backward_ref(optimizer, ref_weights, ref_states, *ref_args, dtype=torch.float64, **hyper)
+        _assert_steps_match(weights, states, ref_weights, ref_states)
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -457,11 +455,7 @@ def test_results_do_not_depend_on_thread_count(optimizer, case):
         finally:
             torch.set_num_threads(threads)
         results.append((weights, states))
-    for a, b in zip(results[0][0], results[1][0]):
-        assert torch.equal(a, b)
-    for table_states, other in zip(results[0][1], results[1][1]):
-        for a, b in zip(table_states, other):
-            assert torch.equal(a, b)
+    _assert_identical(*results)
 
 
 def test_functional_forward_autograd_matches_reference():
