@@ -222,14 +222,20 @@ std::vector<int64_t> bag_chunks(const I* offsets, int64_t num_bags, int64_t num_
 // with its last (not a fixed share each): on a shared machine one core is
 // often slower for a while, and a fixed split waits for it.
 template <typename Fn>
-void for_each_chunk(const std::vector<int64_t>& bounds, const Fn& fn) {
-  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+void for_each_task(int64_t tasks, const Fn& fn) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next++; c < chunks; c = next++) {
-      if (bounds[c] < bounds[c + 1]) {
-        fn(bounds[c], bounds[c + 1]);
-      }
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < tasks; c = next++) {
+      fn(c);
+    }
+  });
+}
+
+template <typename Fn>
+void for_each_chunk(const std::vector<int64_t>& bounds, const Fn& fn) {
+  for_each_task(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
+    if (bounds[c] < bounds[c + 1]) {
+      fn(bounds[c], bounds[c + 1]);
     }
   });
 }
@@ -316,8 +322,10 @@ Tensor embedding_bag_forward_cpu(
 // Backward: group each row's occurrences (sort), then one update per row
 // ---------------------------------------------------------------------------
 
-// Grow-only scratch buffers, one set per calling thread, so that a training
-// loop does not fault in fresh pages for its sort buffers at every step.
+// Grow-only scratch buffers, one set per thread, so that a training loop
+// does not fault in fresh pages for its sort buffers at every step: the
+// calling thread's holds the batch's arrays, and each thread's (the
+// caller's too) the table it is sorting (kTable*).
 enum class Scratch : int {
   kKeys,
   kPayload,
@@ -325,6 +333,10 @@ enum class Scratch : int {
   kScale,
   kTmpKeys,
   kTmpPayload,
+  kTableKeys,
+  kTablePayload,
+  kTableTmpKeys,
+  kTableTmpPayload,
   kOccBegin,
   kOccGradOffset,
   kOccScale,
@@ -360,11 +372,21 @@ class Workspace {
   Buffer buffers_[static_cast<int>(Scratch::kCount)];
 };
 
+thread_local Workspace t_workspace;
+
+// Table t's segments (one per unique row, in row order) are [first[t],
+// end[t]): they start at the table's first slot, so that each table writes
+// its own as soon as it is sorted, without waiting for the counts of the
+// tables before it. The indices from end[t] to first[t + 1] are unused,
+// except that occ_begin[end[t]] is always first[t + 1], where table t's
+// occurrences end.
 struct Segments {
-  int64_t num_segments = 0; // U
-  const int64_t* occ_begin = nullptr; // [U+1]
-  const int32_t* seg_table = nullptr; // [U]
-  const int64_t* seg_row = nullptr; // [U]
+  std::vector<int64_t> first; // [T+1], first[T] = N
+  std::vector<int64_t> end; // [T]
+  int64_t num_segments = 0; // U, all tables
+  const int64_t* occ_begin = nullptr; // by segment index; occ_begin[N] = N
+  const int32_t* seg_table = nullptr; // by segment index
+  const int64_t* seg_row = nullptr; // by segment index
   const int64_t* occ_grad_offset = nullptr; // [N], in sorted order
   const float* occ_scale = nullptr; // [N] in sorted order, or null
 };
@@ -376,6 +398,7 @@ struct Segments {
 struct TableRegions {
   std::vector<int64_t> begin; // [T+1]
   std::vector<int64_t> feature_slot; // [F] first slot of each feature
+  std::vector<std::vector<int64_t>> features; // [T] the features reading each table, in order
 };
 
 template <typename I>
@@ -384,8 +407,10 @@ TableRegions table_regions(const Problem& p, const I* off) {
   const int64_t num_features = static_cast<int64_t>(p.features.size());
   TableRegions r;
   r.begin.assign(num_tables + 1, 0);
+  r.features.resize(num_tables);
   for (int64_t f = 0; f < num_features; ++f) {
     r.begin[p.features[f].table + 1] += static_cast<int64_t>(off[(f + 1) * p.batch] - off[f * p.batch]);
+    r.features[p.features[f].table].push_back(f);
   }
   for (int64_t t = 0; t < num_tables; ++t) {
     r.begin[t + 1] += r.begin[t];
@@ -400,93 +425,206 @@ TableRegions table_regions(const Problem& p, const I* off) {
   return r;
 }
 
-// Fills and sorts each table's slots by row. A table's sort needs only the
-// bits of its own row count and stays in cache, where one sort of all
-// tables by (table, row) needed a pass more over the whole batch and
-// scattered it across memory (half the backward's time at dim 16,
-// measured). Tables are filled and sorted one per thread, largest first,
-// each by whichever thread is free, so that a table's slots are sorted
-// just after they are written, while they are still in cache; only a
-// table too large for that to balance (more than a thread's share of what
-// is left) is filled and sorted over all threads, since a split sort
+// What the segment pass writes, and (when the sort carried positions rather
+// than gradient offsets) what it gathers by position.
+struct SegmentSink {
+  int64_t* occ_begin;
+  int32_t* seg_table;
+  int64_t* seg_row;
+  int64_t* occ_grad_offset;
+  float* occ_scale; // or null
+  const int64_t* grad_offset; // by position, or null: the payload is the gradient offset
+  const float* scale; // by position, or null
+  // Entries of positions that start no segment go to a discard slot, one per
+  // writer (no branch): the w-th at discard + kDiscardStride * w. They lie a
+  // cache line apart (16 entries: 64 bytes of int32, 128 of int64) and past
+  // every segment: adjacent, they shared lines that two threads wrote at
+  // most positions, and the step took up to ten times longer on some
+  // batches (measured).
+  int64_t discard;
+};
+constexpr int64_t kDiscardStride = 16;
+
+// Whether sorted slot i of a table (its keys k) starts a segment.
+// Branch-free: whether a row repeats is data (a third of the positions
+// start a segment at Zipf ids), and a branch on it mispredicted often.
+template <typename K>
+inline int64_t starts_segment(const K* k, int64_t i) {
+  return static_cast<int64_t>((i == 0) | (k[i] != k[i > 0 ? i - 1 : 0]));
+}
+
+// Writes sorted slots [i0, i1) of table t (its keys k and payloads pay,
+// indexed from the table's first slot `first`): each occurrence's gradient
+// offset and weight, in sorted order (the kernels then read them in order,
+// where they would gather them by position), and a segment at index s, s +
+// 1, ... for each slot that starts one. Returns the next segment index.
+template <typename K>
+int64_t write_segments(
+    const SegmentSink& o,
+    int32_t t,
+    int64_t first,
+    const K* k,
+    const uint32_t* pay,
+    int64_t i0,
+    int64_t i1,
+    int64_t s,
+    int64_t writer) {
+  // The gathers by position miss the cache: fetched this many slots ahead.
+  constexpr int64_t kGatherAhead = 16;
+  const int64_t discard = o.discard + kDiscardStride * writer;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t slot = first + i;
+    if (o.grad_offset == nullptr) {
+      o.occ_grad_offset[slot] = pay[i];
+    } else {
+      if (i + kGatherAhead < i1) {
+        __builtin_prefetch(o.grad_offset + pay[i + kGatherAhead]);
+        if (o.occ_scale != nullptr) {
+          __builtin_prefetch(o.scale + pay[i + kGatherAhead]);
+        }
+      }
+      o.occ_grad_offset[slot] = o.grad_offset[pay[i]];
+      if (o.occ_scale != nullptr) {
+        o.occ_scale[slot] = o.scale[pay[i]];
+      }
+    }
+    const int64_t start = starts_segment(k, i);
+    const int64_t at = start != 0 ? s : discard;
+    o.occ_begin[at] = slot;
+    o.seg_table[at] = t;
+    o.seg_row[at] = static_cast<int64_t>(k[i]);
+    s += start;
+  }
+  return s;
+}
+
+// Fills, sorts and writes the segments of each table (fill_bags(b0, b1, k,
+// pay, first) writes bags [b0, b1) into the keys and payloads of the table
+// starting at slot `first`); sets seg_end.
+//
+// A table's sort needs only the bits of its own row count and stays in
+// cache, where one sort of all tables by (table, row) needed a pass more
+// over the whole batch and scattered it across memory (half the backward's
+// time at dim 16, measured). Tables go one per thread, largest first, each
+// to whichever thread is free, in that thread's own scratch: filled,
+// sorted, and its segments written while its slots are in L2, the scratch
+// reused from table to table. In buffers of the batch, each table's
+// scratch was cold, and the sort and the segment pass read from L3 or DRAM
+// (same-process A/B, Intel Xeon, 2 threads, row-wise AdaGrad, 8 tables of
+// 1M rows: see docs/kernels.md). Only a table too large for that to
+// balance (more than a thread's share of what is left) is filled, sorted
+// and segmented over all threads in the batch's buffers, since a split sort
 // synchronises twice per pass: 8 tables of 41K ids took 4.1 ms split, 1.7
-// ms one per thread (2 threads, measured). Filling each table just before
-// its sort rather than all tables first: the backward took 0.96-0.99x the
-// time at B=2048 (a table's slots and the sort's scratch, 0.3-0.6 MB, stay
-// in L2) and within 1% either way at B=8192 (2.6 MB) (same-process A/B,
-// Intel Xeon, 2 threads, 8 tables of 1M rows). Once a bad id is seen no
-// table is sorted; every table is still filled, so the batch's first bad
-// position is found.
+// ms one per thread (2 threads, measured).
+//
+// Once a bad id is seen nothing more is sorted or written; every table is
+// still filled, so that the batch's first bad position is found.
 template <typename K, typename FillBags>
-void fill_and_sort_each_table(
+void group_each_table(
     const Problem& p,
     const TableRegions& r,
     const FillBags& fill_bags,
     const std::atomic<int64_t>& first_bad,
-    K* keys,
-    uint32_t* pos,
-    K* tmp_keys,
-    uint32_t* tmp_pos) {
+    const SegmentSink& sink,
+    Workspace& ws,
+    std::vector<int64_t>& seg_end) {
   const int64_t num_tables = static_cast<int64_t>(p.tables.size());
+  const int64_t n = r.begin[num_tables];
   const auto size_of = [&](int64_t t) { return r.begin[t + 1] - r.begin[t]; };
-  std::vector<std::vector<int64_t>> features_of(num_tables);
-  for (size_t f = 0; f < p.features.size(); ++f) {
-    features_of[p.features[f].table].push_back(static_cast<int64_t>(f));
-  }
-  const auto sort_table = [&](int64_t t) {
-    if (size_of(t) <= 1 || first_bad.load(std::memory_order_relaxed) != std::numeric_limits<int64_t>::max()) {
-      return; // nothing to order, or an error is thrown once every table is filled
-    }
-    const int64_t b = r.begin[t];
-    const uint64_t max_row = static_cast<uint64_t>(std::max<int64_t>(p.tables[t].rows - 1, 0));
-    cpu::radix_sort_pairs<K>(keys + b, pos + b, tmp_keys + b, tmp_pos + b, size_of(t), cpu::bits_needed(max_row));
+  const auto failed = [&] { return first_bad.load(std::memory_order_relaxed) != std::numeric_limits<int64_t>::max(); };
+  const auto key_bits = [&](int64_t t) {
+    return cpu::bits_needed(static_cast<uint64_t>(std::max<int64_t>(p.tables[t].rows - 1, 0)));
   };
-  // Table t's bags: B per feature of t, the k-th of them at bag
-  // features_of[t][k / B] * B + k % B.
-  const auto fill_table_bags = [&](int64_t t, int64_t k0, int64_t k1) {
-    while (k0 < k1) {
-      const int64_t j = k0 / p.batch;
-      const int64_t end = std::min(k1, (j + 1) * p.batch);
-      const int64_t first_bag = features_of[t][j] * p.batch - j * p.batch;
-      fill_bags(first_bag + k0, first_bag + end);
-      k0 = end;
+  // Table t's bags: B per feature of t, the j-th of them at bag
+  // features[t][j / B] * B + j % B.
+  const auto fill_table_bags = [&](int64_t t, int64_t j0, int64_t j1, K* k, uint32_t* pay) {
+    while (j0 < j1) {
+      const int64_t f = j0 / p.batch;
+      const int64_t end = std::min(j1, (f + 1) * p.batch);
+      const int64_t first_bag = r.features[t][f] * p.batch - f * p.batch;
+      fill_bags(first_bag + j0, first_bag + end, k, pay, r.begin[t]);
+      j0 = end;
     }
   };
-  const auto fill_table = [&](int64_t t, bool split) {
-    const int64_t bags = static_cast<int64_t>(features_of[t].size()) * p.batch;
-    if (split) {
-      at::parallel_for(0, bags, 256, [&](int64_t k0, int64_t k1) { fill_table_bags(t, k0, k1); });
-    } else {
-      fill_table_bags(t, 0, bags);
+  // Table t's segments are written; its occurrences end at first[t + 1].
+  const auto close_table = [&](int64_t t, int64_t end) {
+    seg_end[t] = end;
+    if (end < r.begin[t + 1]) {
+      sink.occ_begin[end] = r.begin[t + 1];
     }
   };
+
   std::vector<int64_t> order(num_tables);
   for (int64_t t = 0; t < num_tables; ++t) {
     order[t] = t;
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return size_of(x) > size_of(y); });
   const int64_t threads = at::get_num_threads();
-  int64_t rest = r.begin[num_tables] - r.begin[0];
+  int64_t rest = n;
   size_t first_whole = 0;
   for (; first_whole < order.size(); ++first_whole) {
-    const int64_t size = size_of(order[first_whole]);
+    const int64_t t = order[first_whole];
+    const int64_t size = size_of(t);
     if (threads == 1 || size < cpu::kRadixParallelMin || size * threads <= rest) {
       break;
     }
-    fill_table(order[first_whole], true);
-    sort_table(order[first_whole]); // split over threads inside
     rest -= size;
-  }
-  std::vector<int64_t> bounds;
-  for (size_t i = first_whole; i <= order.size(); ++i) {
-    bounds.push_back(static_cast<int64_t>(i));
-  }
-  for_each_chunk(bounds, [&](int64_t i0, int64_t i1) {
-    // One thread per table: each is filled and radix-sorted on this thread only.
-    for (int64_t i = i0; i < i1; ++i) {
-      fill_table(order[i], false);
-      sort_table(order[i]);
+    K* k = ws.take<K>(Scratch::kKeys, n) + r.begin[t];
+    uint32_t* pay = ws.take<uint32_t>(Scratch::kPayload, n) + r.begin[t];
+    const int64_t bags = static_cast<int64_t>(r.features[t].size()) * p.batch;
+    at::parallel_for(0, bags, 256, [&](int64_t j0, int64_t j1) { fill_table_bags(t, j0, j1, k, pay); });
+    if (failed()) {
+      continue;
     }
+    cpu::radix_sort_pairs<K>(
+        k,
+        pay,
+        ws.take<K>(Scratch::kTmpKeys, n) + r.begin[t],
+        ws.take<uint32_t>(Scratch::kTmpPayload, n) + r.begin[t],
+        size,
+        key_bits(t));
+    // Segments counted per chunk, then written from each chunk's first.
+    const int64_t chunks = size < (1 << 16) ? 1 : threads;
+    const int64_t chunk_size = (size + chunks - 1) / chunks;
+    std::vector<int64_t> chunk_first(chunks + 1, 0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int64_t count = 0;
+        for (int64_t i = c * chunk_size, end = std::min(size, (c + 1) * chunk_size); i < end; ++i) {
+          count += starts_segment(k, i);
+        }
+        chunk_first[c + 1] = count;
+      }
+    });
+    chunk_first[0] = r.begin[t];
+    for (int64_t c = 0; c < chunks; ++c) {
+      chunk_first[c + 1] += chunk_first[c];
+    }
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t end = std::min(size, (c + 1) * chunk_size);
+        write_segments(sink, static_cast<int32_t>(t), r.begin[t], k, pay, c * chunk_size, end, chunk_first[c], c);
+      }
+    });
+    close_table(t, chunk_first[chunks]);
+  }
+
+  for_each_task(static_cast<int64_t>(order.size() - first_whole), [&](int64_t i) {
+    const int64_t t = order[first_whole + i];
+    const int64_t size = size_of(t);
+    Workspace& own = t_workspace; // this thread's
+    K* k = own.take<K>(Scratch::kTableKeys, size);
+    uint32_t* pay = own.take<uint32_t>(Scratch::kTablePayload, size);
+    fill_table_bags(t, 0, static_cast<int64_t>(r.features[t].size()) * p.batch, k, pay);
+    if (failed()) {
+      return;
+    }
+    if (size > 1) {
+      K* tmp_k = own.take<K>(Scratch::kTableTmpKeys, size);
+      uint32_t* tmp_pay = own.take<uint32_t>(Scratch::kTableTmpPayload, size);
+      cpu::radix_sort_pairs<K>(k, pay, tmp_k, tmp_pay, size, key_bits(t)); // on this thread only
+    }
+    close_table(t, write_segments(sink, static_cast<int32_t>(t), r.begin[t], k, pay, 0, size, r.begin[t], at::get_thread_num()));
   });
 }
 
@@ -499,29 +637,29 @@ Segments group_by_row(
     const float* psw,
     Workspace& ws) {
   const int64_t n = p.num_indices;
+  const int64_t num_tables = static_cast<int64_t>(p.tables.size());
   const I* idx = indices.const_data_ptr<I>();
   const I* off = offsets.const_data_ptr<I>();
   const TableRegions regions = table_regions(p, off);
-  K* keys = ws.take<K>(Scratch::kKeys, n);
   float* scale = (psw != nullptr || p.any_mean) ? ws.take<float>(Scratch::kScale, n) : nullptr;
   // What each slot carries through the sort. The sort is stable and a
   // table's slots start in position order, so the payload need not be the
   // position: without weights it is the bag's gradient offset itself, and
-  // the segment pass below copies it in order, where it gathered it by
-  // position (a random read per occurrence) otherwise.
+  // the segment pass copies it in order, where it gathered it by position
+  // (a random read per occurrence) otherwise.
   const bool carry_grad_offset =
       scale == nullptr && static_cast<uint64_t>(p.batch) * static_cast<uint64_t>(p.out_dim) <= UINT32_MAX;
-  uint32_t* payload = ws.take<uint32_t>(Scratch::kPayload, n);
   int64_t* grad_offset = carry_grad_offset ? nullptr : ws.take<int64_t>(Scratch::kGradOffset, n);
 
-  // 1. Per position of bags [b0, b1) (fill_and_sort_each_table calls this
-  //    table by table): its row and position in its table's slots, and (by
-  //    position) where its bag's gradient sits in grad_output's feature
-  //    blocks and its weight (per-sample x 1/L). A range stops at its first
-  //    bad id; first_bad keeps the smallest, thrown below once every table
-  //    is filled and before anything is updated.
+  // 1. Per position of bags [b0, b1) (group_each_table calls this table by
+  //    table): its row and payload in its table's slots k and pay (which
+  //    start at slot `first`), and (by position) where its bag's gradient
+  //    sits in grad_output's feature blocks and its weight (per-sample x
+  //    1/L). A range stops at its first bad id; first_bad keeps the
+  //    smallest, thrown below once every table is filled and before
+  //    anything is updated.
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  const auto fill_bags = [&](int64_t b0, int64_t b1) {
+  const auto fill_bags = [&](int64_t b0, int64_t b1, K* k, uint32_t* pay, int64_t first) {
     for (int64_t bag = b0; bag < b1; ++bag) {
       const int64_t feature = bag / p.batch;
       const int64_t sample = bag - feature * p.batch;
@@ -529,7 +667,7 @@ Segments group_by_row(
       const int64_t rows = p.tables[fv.table].rows;
       const int64_t start = static_cast<int64_t>(off[bag]);
       const int64_t end = static_cast<int64_t>(off[bag + 1]);
-      const int64_t slot = regions.feature_slot[feature] - static_cast<int64_t>(off[feature * p.batch]);
+      const int64_t slot = regions.feature_slot[feature] - static_cast<int64_t>(off[feature * p.batch]) - first;
       // In grad_output's feature blocks (block_grad_by_feature).
       const int64_t gofs = fv.out_col * p.batch + sample * p.tables[fv.table].dim;
       const float bag_scale =
@@ -540,11 +678,11 @@ Segments group_by_row(
           atomic_min(first_bad, i);
           return;
         }
-        keys[slot + i] = static_cast<K>(id);
+        k[slot + i] = static_cast<K>(id);
         if (carry_grad_offset) {
-          payload[slot + i] = static_cast<uint32_t>(gofs);
+          pay[slot + i] = static_cast<uint32_t>(gofs);
         } else {
-          payload[slot + i] = static_cast<uint32_t>(i);
+          pay[slot + i] = static_cast<uint32_t>(i);
           grad_offset[i] = gofs;
           if (scale != nullptr) {
             scale[i] = psw != nullptr ? psw[i] * bag_scale : bag_scale;
@@ -553,109 +691,38 @@ Segments group_by_row(
       }
     }
   };
-  // 2. Stable sort of each table's slots by row, just after 1. fills them:
+
+  // 2. Each table sorted by row, stably, just after 1. fills it:
   //    occurrences of a row become adjacent, in position order, so each
-  //    row's gradient is summed in a fixed order.
-  K* tmp_keys = ws.take<K>(Scratch::kTmpKeys, n);
-  uint32_t* tmp_payload = ws.take<uint32_t>(Scratch::kTmpPayload, n);
-  fill_and_sort_each_table<K>(p, regions, fill_bags, first_bad, keys, payload, tmp_keys, tmp_payload);
+  //    row's gradient is summed in a fixed order. 3. Its segments (one per
+  //    unique row) written from its first slot on.
+  const int64_t slots = n + 1 + kDiscardStride * (at::get_num_threads() + 1);
+  SegmentSink sink{};
+  sink.occ_begin = ws.take<int64_t>(Scratch::kOccBegin, slots);
+  sink.seg_table = ws.take<int32_t>(Scratch::kSegTable, slots);
+  sink.seg_row = ws.take<int64_t>(Scratch::kSegRow, slots);
+  sink.occ_grad_offset = ws.take<int64_t>(Scratch::kOccGradOffset, n);
+  sink.occ_scale = scale != nullptr ? ws.take<float>(Scratch::kOccScale, n) : nullptr;
+  sink.grad_offset = grad_offset;
+  sink.scale = scale;
+  sink.discard = n + 1 + kDiscardStride;
+  Segments segs;
+  segs.end.assign(num_tables, 0);
+  group_each_table<K>(p, regions, fill_bags, first_bad, sink, ws, segs.end);
   if (first_bad.load() != std::numeric_limits<int64_t>::max()) {
     throw_bad_index_any(op, p, indices, offsets, first_bad.load());
   }
+  sink.occ_begin[n] = n;
 
-  // 3. Segment boundaries (one segment per unique row of a table), counted
-  //    per chunk so the writes can run in parallel.
-  const std::vector<int64_t>& region = regions.begin;
-  // Branch-free: whether a row repeats is data (a third of the positions
-  // start a segment at Zipf ids), and a branch on it mispredicted often.
-  const auto starts_segment = [&](int64_t i, int64_t t) {
-    return static_cast<int64_t>((i == region[t]) | (keys[i] != keys[i > 0 ? i - 1 : 0]));
-  };
-  // The table whose slots hold i, searching on from table t.
-  const auto table_of = [&](int64_t i, int64_t t) {
-    while (region[t + 1] <= i) {
-      ++t;
-    }
-    return t;
-  };
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunks = n < (1 << 16) ? 1 : threads;
-  const int64_t chunk_size = chunks > 0 ? (n + chunks - 1) / chunks : 0;
-  std::vector<int64_t> chunk_segments(chunks + 1, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t count = 0;
-      const int64_t end = std::min(n, (c + 1) * chunk_size);
-      for (int64_t i = c * chunk_size, t = 0; i < end; ++i) {
-        t = table_of(i, t);
-        count += starts_segment(i, t);
-      }
-      chunk_segments[c + 1] = count;
-    }
-  });
-  for (int64_t c = 0; c < chunks; ++c) {
-    chunk_segments[c + 1] += chunk_segments[c];
+  segs.first = regions.begin;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    segs.num_segments += segs.end[t] - segs.first[t];
   }
-  const int64_t num_segments = chunk_segments[chunks];
-  // Segment entries are written at every position, to the next segment's
-  // slot when the position starts one and to a slot of the chunk's own past
-  // the end otherwise (no branch; chunks never write each other's slots).
-  // The chunks' discard slots lie a cache line apart (16 entries: 64 bytes
-  // of int32, 128 of int64), and a line past the segments: adjacent, they
-  // shared lines that two threads wrote at most positions, and the step
-  // took up to ten times longer on some batches (measured).
-  constexpr int64_t kDiscardStride = 16;
-  const int64_t slots = num_segments + 1 + kDiscardStride * (chunks + 1);
-  int64_t* occ_begin = ws.take<int64_t>(Scratch::kOccBegin, slots);
-  int64_t* occ_grad_offset = ws.take<int64_t>(Scratch::kOccGradOffset, n);
-  float* occ_scale = scale != nullptr ? ws.take<float>(Scratch::kOccScale, n) : nullptr;
-  int32_t* seg_table = ws.take<int32_t>(Scratch::kSegTable, slots);
-  int64_t* seg_row = ws.take<int64_t>(Scratch::kSegRow, slots);
-  // The gathers below read by sorted position, which left the cache while
-  // the other tables were sorted: fetched this many positions ahead.
-  constexpr int64_t kGatherAhead = 16;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t s = chunk_segments[c];
-      const int64_t discard = num_segments + 1 + kDiscardStride * (c + 1);
-      const int64_t end = std::min(n, (c + 1) * chunk_size);
-      for (int64_t i = c * chunk_size, t = 0; i < end; ++i) {
-        // The kernels walk occurrences in sorted order: lay their gradient
-        // offsets and weights out that way (one gather here instead of a
-        // dependent random load per occurrence there).
-        if (carry_grad_offset) {
-          occ_grad_offset[i] = payload[i];
-        } else {
-          if (i + kGatherAhead < end) {
-            __builtin_prefetch(grad_offset + payload[i + kGatherAhead]);
-            if (occ_scale != nullptr) {
-              __builtin_prefetch(scale + payload[i + kGatherAhead]);
-            }
-          }
-          occ_grad_offset[i] = grad_offset[payload[i]];
-          if (occ_scale != nullptr) {
-            occ_scale[i] = scale[payload[i]];
-          }
-        }
-        t = table_of(i, t);
-        const int64_t start = starts_segment(i, t);
-        const int64_t slot = start != 0 ? s : discard;
-        occ_begin[slot] = i;
-        seg_table[slot] = static_cast<int32_t>(t);
-        seg_row[slot] = static_cast<int64_t>(keys[i]);
-        s += start;
-      }
-    }
-  });
-  occ_begin[num_segments] = n;
-
-  Segments segs;
-  segs.num_segments = num_segments;
-  segs.occ_begin = occ_begin;
-  segs.seg_table = seg_table;
-  segs.seg_row = seg_row;
-  segs.occ_grad_offset = occ_grad_offset;
-  segs.occ_scale = occ_scale;
+  segs.occ_begin = sink.occ_begin;
+  segs.seg_table = sink.seg_table;
+  segs.seg_row = sink.seg_row;
+  segs.occ_grad_offset = sink.occ_grad_offset;
+  segs.occ_scale = sink.occ_scale;
   return segs;
 }
 
@@ -727,31 +794,47 @@ cpu::SegmentArgs segment_args(const Problem& p, const Segments& s, const Tensor&
   return a;
 }
 
-// Runs fn(seg_begin, seg_end) over all segments, split so that each chunk
-// sums about the same number of occurrences (hot rows make segments uneven).
+// Runs fn(seg_begin, seg_end) over every table's segments, in chunks that
+// each sum about the same number of occurrences plus segments (hot rows
+// make segments uneven); a chunk never spans two tables.
 template <typename Fn>
-void for_each_segment_chunk(const Segments& s, int64_t num_occurrences, const Fn& fn) {
+void for_each_segment_chunk(const Segments& s, const Fn& fn) {
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads * 4, s.num_segments / 256));
-  std::vector<int64_t> bounds{0};
-  for (int64_t c = 1; c < chunks; ++c) {
-    const int64_t target = (num_occurrences + s.num_segments) * c / chunks;
-    int64_t lo = bounds.back(), hi = s.num_segments;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (s.occ_begin[mid] + mid < target) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
+  const int64_t num_tables = static_cast<int64_t>(s.end.size());
+  const int64_t work = s.first[num_tables] + s.num_segments;
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  int64_t done = 0; // the work of the tables before t
+  int64_t c = 1; // the next chunk boundary, at work * c / chunks
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const int64_t first = s.first[t];
+    const int64_t end = s.end[t];
+    // The work before segment x of table t (x in [first, end]).
+    const auto work_before = [&](int64_t x) { return done + (s.occ_begin[x] - first) + (x - first); };
+    int64_t lo = first;
+    for (; c < chunks && work * c / chunks < work_before(end); ++c) {
+      const int64_t target = work * c / chunks;
+      int64_t x = lo, hi = end; // the first segment whose work before reaches the target
+      while (x < hi) {
+        const int64_t mid = (x + hi) / 2;
+        if (work_before(mid) < target) {
+          x = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      if (x > lo) {
+        ranges.emplace_back(lo, x);
+        lo = x;
       }
     }
-    bounds.push_back(lo);
+    if (lo < end) {
+      ranges.emplace_back(lo, end);
+    }
+    done = work_before(end);
   }
-  bounds.push_back(s.num_segments);
-  for_each_chunk(bounds, fn);
+  for_each_task(static_cast<int64_t>(ranges.size()), [&](int64_t i) { fn(ranges[i].first, ranges[i].second); });
 }
-
-thread_local Workspace t_workspace;
 
 template <typename Update>
 void fused_backward(
@@ -772,7 +855,7 @@ void fused_backward(
   a.weight_decay = hyper.weight_decay;
   a.weight_decay_mode = hyper.weight_decay_mode;
   a.momentum_scale = hyper.momentum_scale;
-  for_each_segment_chunk(segs, p.num_indices, [&](int64_t s0, int64_t s1) { update(a, s0, s1); });
+  for_each_segment_chunk(segs, [&](int64_t s0, int64_t s1) { update(a, s0, s1); });
 }
 
 void mark_weights_mutable(Problem& p, TensorList weights) {
@@ -886,20 +969,16 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> embedding_bag_backward_row_
   Workspace& ws = t_workspace;
   const Segments segs = group_by_row_any(op, p, indices, offsets, per_sample_weights, ws);
 
-  // Segments are sorted by linear row, hence grouped by table.
+  // Each table's segments, in row order, from its first slot on.
   std::vector<Tensor> row_ids, row_grads;
-  std::vector<float*> slots(segs.num_segments);
-  int64_t s = 0;
+  std::vector<float*> slots(std::max<int64_t>(p.num_indices, 1));
   for (int64_t t = 0; t < static_cast<int64_t>(p.tables.size()); ++t) {
-    const int64_t begin = s;
-    while (s < segs.num_segments && segs.seg_table[s] == t) {
-      ++s;
-    }
-    const int64_t count = s - begin;
+    const int64_t begin = segs.first[t];
+    const int64_t count = segs.end[t] - begin;
     const int64_t dim = p.tables[t].dim;
     Tensor ids = at::empty({count}, indices.options().dtype(at::kLong));
     Tensor grads = at::empty({count, dim}, grad_output.options());
-    std::copy(segs.seg_row + begin, segs.seg_row + s, ids.mutable_data_ptr<int64_t>());
+    std::copy(segs.seg_row + begin, segs.seg_row + begin + count, ids.mutable_data_ptr<int64_t>());
     float* g = grads.mutable_data_ptr<float>();
     for (int64_t i = 0; i < count; ++i) {
       slots[begin + i] = g + i * dim;
@@ -910,7 +989,7 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> embedding_bag_backward_row_
   cpu::SegmentArgs a = segment_args(p, segs, grad_output, ws);
   a.row_grad_out = slots.data();
   const auto& k = kernels();
-  for_each_segment_chunk(segs, p.num_indices, [&](int64_t s0, int64_t s1) { k.sum_row_grads(a, s0, s1); });
+  for_each_segment_chunk(segs, [&](int64_t s0, int64_t s1) { k.sum_row_grads(a, s0, s1); });
   return {std::move(row_ids), std::move(row_grads)};
 }
 

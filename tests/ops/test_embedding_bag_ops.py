@@ -341,13 +341,15 @@ def test_fused_backward_matches_reference_on_large_tables(case):
     _assert_steps_match(*result)
 
 
-def _mixed_problem(seed: int, batch: int = 2000):
-    """One table of about 40K ids, filled and sorted over both threads (of
-    2), beside small ones filled and sorted one per thread: a table two
-    features share, a table of one id, and a table no feature reads (2)."""
+def _mixed_problem(seed: int, batch: int = 2000, big_bag: int = 40):
+    """One table of about big_bag / 2 x 2000 ids, filled, sorted and
+    segmented over both threads (of 2; in two chunks above 65536 ids),
+    beside small ones done one per thread in each thread's own scratch: a
+    table two features share, a table of one id, and a table no feature
+    reads (2)."""
     g = torch.Generator().manual_seed(seed)
     rows, dims = [4000, 50, 30, 20], [16, 8, 4, 8]
-    feature_table, feature_pooling, max_bag = [3, 0, 1, 1], [0, 0, 1, 0], [0, 40, 3, 2]
+    feature_table, feature_pooling, max_bag = [3, 0, 1, 1], [0, 0, 1, 0], [0, big_bag, 3, 2]
     lengths = torch.cat([torch.randint(0, m + 1, (batch,), generator=g) for m in max_bag])
     lengths[batch // 2] = 1  # table 3's one id
     counts = lengths.view(len(feature_table), batch).sum(1).tolist()
@@ -366,11 +368,12 @@ def _mixed_problem(seed: int, batch: int = 2000):
     )
 
 
+@pytest.mark.parametrize("big_bag", [40, 80], ids=["40K", "80K"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimizer):
+def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimizer, big_bag):
     hyper = {**OPTIMIZERS[optimizer]["hyper"], **DECAYS[1]}
     num_states = OPTIMIZERS[optimizer]["states"]
-    tables = _mixed_problem(60).weights
+    tables = _mixed_problem(60, big_bag=big_bag).weights
     threads = torch.get_num_threads()
     results = []
     for n in (1, 2):
@@ -382,7 +385,7 @@ def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimiz
             ref_weights = [w.double() for w in weights]
             ref_states = [[s.double() for s in table_states] for table_states in states]
             for step in range(2):  # the second finds the first's scratch
-                p = dataclasses.replace(_mixed_problem(62 + step), weights=weights)
+                p = dataclasses.replace(_mixed_problem(62 + step, big_bag=big_bag), weights=weights)
                 grad = torch.randn(p.batch, p.out_dim, generator=g)
                 _fused_step(optimizer, weights, states, p, grad, hyper)
                 ref_args = (p.layout, p.indices, p.offsets, None, grad)
@@ -393,6 +396,28 @@ def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimiz
         assert torch.equal(weights[2], tables[2])  # no feature reads it
         results.append((weights, states))
     _assert_identical(*results)
+
+
+@pytest.mark.parametrize("big_bag", [40, 80], ids=["40K", "80K"])
+def test_row_grad_on_mixed_tables_matches_reference_at_any_thread_count(big_bag):
+    p = _mixed_problem(63, big_bag=big_bag)
+    grad = torch.randn(p.batch, p.out_dim, generator=torch.Generator().manual_seed(64))
+    ref_ids, ref_grads = ref.embedding_bag_backward_row_grad_ref(*p.op_args(), grad, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            row_ids, row_grads = ops.embedding_bag_backward_row_grad(*p.op_args(), grad)
+        finally:
+            torch.set_num_threads(threads)
+        assert [len(i) for i in row_ids] == [len(i) for i in ref_ids] and len(row_ids[2]) == 0
+        for t in range(len(p.weights)):
+            assert torch.equal(row_ids[t], ref_ids[t])
+            torch.testing.assert_close(row_grads[t].double(), ref_grads[t], atol=1e-5, rtol=1e-5)  # float32 sums of ~20
+        results.append(row_grads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
