@@ -221,19 +221,20 @@ std::vector<int64_t> bag_chunks(const I* offsets, int64_t num_bags, int64_t num_
 // Threads take the chunks in order, each the next one free when it is done
 // with its last (not a fixed share each): on a shared machine one core is
 // often slower for a while, and a fixed split waits for it.
+// fn(task, worker): worker < min(tasks, threads), one per thread at a time.
 template <typename Fn>
 void for_each_task(int64_t tasks, const Fn& fn) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t worker, int64_t) {
     for (int64_t c = next++; c < tasks; c = next++) {
-      fn(c);
+      fn(c, worker);
     }
   });
 }
 
 template <typename Fn>
 void for_each_chunk(const std::vector<int64_t>& bounds, const Fn& fn) {
-  for_each_task(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
+  for_each_task(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c, int64_t) {
     if (bounds[c] < bounds[c + 1]) {
       fn(bounds[c], bounds[c + 1]);
     }
@@ -325,7 +326,8 @@ Tensor embedding_bag_forward_cpu(
 // Grow-only scratch buffers, one set per thread, so that a training loop
 // does not fault in fresh pages for its sort buffers at every step: the
 // calling thread's holds the batch's arrays, and each thread's (the
-// caller's too) the table it is sorting (kTable*).
+// caller's too) the table it is sorting (kTable*: 16 bytes a slot of the
+// largest table that thread has sorted, kept for the thread's life).
 enum class Scratch : int {
   kKeys,
   kPayload,
@@ -516,11 +518,12 @@ int64_t write_segments(
 // uniform). Only a table too large for that to
 // balance (more than a thread's share of what is left) is filled, sorted
 // and segmented over all threads in the batch's buffers, since a split sort
-// synchronises twice per pass: 8 tables of 41K ids took 4.1 ms split, 1.7
+// synchronises twice per pass: 8 tables of 41K ids took 4.1 ms split, 1.6
 // ms one per thread (2 threads, measured).
 //
-// Once a bad id is seen nothing more is sorted or written; every table is
-// still filled, so that the batch's first bad position is found.
+// Once a bad id is seen, no table whose fill ends after that is sorted or
+// written; every table is still filled, so that the batch's first bad
+// position is found.
 template <typename K, typename FillBags>
 void group_each_table(
     const Problem& p,
@@ -611,7 +614,7 @@ void group_each_table(
     close_table(t, chunk_first[chunks]);
   }
 
-  for_each_task(static_cast<int64_t>(order.size() - first_whole), [&](int64_t i) {
+  for_each_task(static_cast<int64_t>(order.size() - first_whole), [&](int64_t i, int64_t worker) {
     const int64_t t = order[first_whole + i];
     const int64_t size = size_of(t);
     Workspace& own = t_workspace; // this thread's
@@ -626,7 +629,7 @@ void group_each_table(
       uint32_t* tmp_pay = own.take<uint32_t>(Scratch::kTableTmpPayload, size);
       cpu::radix_sort_pairs<K>(k, pay, tmp_k, tmp_pay, size, key_bits(t)); // on this thread only
     }
-    close_table(t, write_segments(sink, static_cast<int32_t>(t), r.begin[t], k, pay, 0, size, r.begin[t], at::get_thread_num()));
+    close_table(t, write_segments(sink, static_cast<int32_t>(t), r.begin[t], k, pay, 0, size, r.begin[t], worker));
   });
 }
 
@@ -653,8 +656,8 @@ Segments group_by_row(
       scale == nullptr && static_cast<uint64_t>(p.batch) * static_cast<uint64_t>(p.out_dim) <= UINT32_MAX;
   int64_t* grad_offset = carry_grad_offset ? nullptr : ws.take<int64_t>(Scratch::kGradOffset, n);
 
-  // 1. Per position of bags [b0, b1) (group_each_table calls this table by
-  //    table): its row and payload in its table's slots k and pay (which
+  // 1. Per position of bags [b0, b1) (group_each_table calls this with a
+  //    table's bags, or a piece of them): its row and payload in its table's slots k and pay (which
   //    start at slot `first`), and (by position) where its bag's gradient
   //    sits in grad_output's feature blocks and its weight (per-sample x
   //    1/L). A range stops at its first bad id; first_bad keeps the
@@ -835,7 +838,7 @@ void for_each_segment_chunk(const Segments& s, const Fn& fn) {
     }
     done = work_before(end);
   }
-  for_each_task(static_cast<int64_t>(ranges.size()), [&](int64_t i) { fn(ranges[i].first, ranges[i].second); });
+  for_each_task(static_cast<int64_t>(ranges.size()), [&](int64_t i, int64_t) { fn(ranges[i].first, ranges[i].second); });
 }
 
 template <typename Update>

@@ -50,9 +50,12 @@ struct ForwardArgs {
 // the occurrence arrays (in index-position order within the segment).
 struct SegmentArgs {
   const TableView* tables;
-  const int32_t* seg_table; // [U]
-  const int64_t* seg_row; // [U]
-  const int64_t* occ_begin; // [U+1]
+  // By segment index: a table's segments run from its first occurrence's
+  // index on (gaps between tables), and occ_begin of the index after a
+  // table's last segment is where its occurrences end.
+  const int32_t* seg_table;
+  const int64_t* seg_row;
+  const int64_t* occ_begin;
   int64_t num_occurrences; // N
   const int64_t* occ_grad_offset; // [N] where the occurrence's bag gradient starts in grad_output
   const float* occ_scale; // [N] per-sample weight x 1/L, or null (all ones)
@@ -67,7 +70,7 @@ struct SegmentArgs {
   WeightDecayMode weight_decay_mode;
   float momentum_scale; // s of momentum-scaled row-wise AdaGrad
   // Row-gradient output: segment s writes its summed gradient to
-  // row_grad_out[s] (an array of U pointers, one [D] slot each).
+  // row_grad_out[s] (a pointer to a [D] slot per segment index).
   float* const* row_grad_out;
 };
 
