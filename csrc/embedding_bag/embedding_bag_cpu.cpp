@@ -510,16 +510,16 @@ int64_t write_segments(
 // time at dim 16, measured). Tables go one per thread, largest first, each
 // to whichever thread is free, in that thread's own scratch: filled,
 // sorted, and its segments written while its slots are in L2, the scratch
-// reused from table to table. In buffers of the batch, each table's part
-// was cold, and the segments a pass of their own over the batch: the
-// backward took 0.89-0.97x the time this way (Intel Xeon, 2 threads,
-// row-wise AdaGrad, 8 tables of 1M rows, dims 64 and 128, B 2048 and
-// 8192, uniform and Zipf ids; 17.25 -> 16.35 ms at dim 64, B=2048,
-// uniform). Only a table too large for that to
-// balance (more than a thread's share of what is left) is filled, sorted
-// and segmented over all threads in the batch's buffers, since a split sort
-// synchronises twice per pass: 8 tables of 41K ids took 4.1 ms split, 1.6
-// ms one per thread (2 threads, measured).
+// reused from table to table. Against doing it in buffers of the batch
+// (each table's part of them cold, and the segments a pass of their own
+// over the batch), the backward took 0.89-0.97x the time (Intel Xeon, 2
+// threads, row-wise AdaGrad, 8 tables of 1M rows, dims 64 and 128, B 2048
+// and 8192, uniform and Zipf ids; 17.25 -> 16.35 ms at dim 64, B=2048,
+// uniform). Only a table too large for that to balance (more than a
+// thread's share of what is left) is filled, sorted and segmented over all
+// threads in the batch's buffers, since a split sort synchronises twice
+// per pass: 8 tables of 41K ids took 4.1 ms split, 1.6 ms one per thread
+// (2 threads, measured).
 //
 // Once a bad id is seen, no table whose fill ends after that is sorted or
 // written; every table is still filled, so that the batch's first bad
@@ -657,12 +657,12 @@ Segments group_by_row(
   int64_t* grad_offset = carry_grad_offset ? nullptr : ws.take<int64_t>(Scratch::kGradOffset, n);
 
   // 1. Per position of bags [b0, b1) (group_each_table calls this with a
-  //    table's bags, or a piece of them): its row and payload in its table's slots k and pay (which
-  //    start at slot `first`), and (by position) where its bag's gradient
-  //    sits in grad_output's feature blocks and its weight (per-sample x
-  //    1/L). A range stops at its first bad id; first_bad keeps the
-  //    smallest, thrown below once every table is filled and before
-  //    anything is updated.
+  //    table's bags, or a piece of them): its row and payload in its
+  //    table's slots k and pay (which start at slot `first`), and (by
+  //    position) where its bag's gradient sits in grad_output's feature
+  //    blocks and its weight (per-sample x 1/L). A range stops at its first
+  //    bad id; first_bad keeps the smallest, thrown below once every table
+  //    is filled and before anything is updated.
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   const auto fill_bags = [&](int64_t b0, int64_t b1, K* k, uint32_t* pay, int64_t first) {
     for (int64_t bag = b0; bag < b1; ++bag) {
@@ -838,7 +838,9 @@ void for_each_segment_chunk(const Segments& s, const Fn& fn) {
     }
     done = work_before(end);
   }
-  for_each_task(static_cast<int64_t>(ranges.size()), [&](int64_t i, int64_t) { fn(ranges[i].first, ranges[i].second); });
+  for_each_task(static_cast<int64_t>(ranges.size()), [&](int64_t i, int64_t) {
+    fn(ranges[i].first, ranges[i].second);
+  });
 }
 
 template <typename Update>
