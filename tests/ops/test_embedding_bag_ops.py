@@ -4,6 +4,7 @@ Every CPU inner-loop build this machine runs (AVX-512, AVX2, scalar) is
 checked; references compute in float64 from the same inputs.
 """
 
+import contextlib
 import dataclasses
 import re
 
@@ -325,6 +326,17 @@ def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
 # Tables of over 2^15 occurrences each. On 2 threads, three of about equal
 # size are sorted one per thread (mixed pooling: the sort carries
 # positions; sum pooling: gradient offsets); one alone is split over both.
+@contextlib.contextmanager
+def _num_threads(n: int):
+    """torch's intra-op thread count set to n, and restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 LARGE_CASE = dict(seed=32, batch=2500, max_bag=40, max_rows=4000, dims=[8, 16, 4])
 LARGE_SUM_CASE = dict(LARGE_CASE, seed=34, pooling="sum")
 ONE_LARGE_CASE = dict(seed=33, num_tables=1, batch=2500, max_bag=40, max_rows=4000, dims=[16], pooling="sum")
@@ -332,12 +344,8 @@ ONE_LARGE_CASE = dict(seed=33, num_tables=1, batch=2500, max_bag=40, max_rows=40
 
 @pytest.mark.parametrize("case", [LARGE_CASE, LARGE_SUM_CASE, ONE_LARGE_CASE], ids=["three", "three_sum", "one"])
 def test_fused_backward_matches_reference_on_large_tables(case):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _num_threads(2):
         result = _run_steps("rowwise_adagrad", case, DECAYS[1], steps=2)
-    finally:
-        torch.set_num_threads(threads)
     _assert_steps_match(*result)
 
 
@@ -374,11 +382,9 @@ def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimiz
     hyper = {**OPTIMIZERS[optimizer]["hyper"], **DECAYS[1]}
     num_states = OPTIMIZERS[optimizer]["states"]
     tables = _mixed_problem(60, big_bag=big_bag).weights
-    threads = torch.get_num_threads()
     results = []
     for n in (1, 2):
-        torch.set_num_threads(n)
-        try:
+        with _num_threads(n):
             weights = [w.clone() for w in tables]
             g = torch.Generator().manual_seed(61)
             states = [[torch.rand(len(w), generator=g) for w in weights] for _ in range(num_states)]
@@ -390,8 +396,6 @@ def test_fused_steps_on_mixed_tables_match_reference_at_any_thread_count(optimiz
                 _fused_step(optimizer, weights, states, p, grad, hyper)
                 ref_args = (p.layout, p.indices, p.offsets, None, grad)
                 ref.fused_backward_ref(optimizer, ref_weights, ref_states, *ref_args, dtype=torch.float64, **hyper)
-        finally:
-            torch.set_num_threads(threads)
         _assert_steps_match(weights, states, ref_weights, ref_states)
         assert torch.equal(weights[2], tables[2])  # no feature reads it
         results.append((weights, states))
@@ -403,14 +407,10 @@ def test_row_grad_on_mixed_tables_matches_reference_at_any_thread_count(big_bag)
     p = _mixed_problem(63, big_bag=big_bag)
     grad = torch.randn(p.batch, p.out_dim, generator=torch.Generator().manual_seed(64))
     ref_ids, ref_grads = ref.embedding_bag_backward_row_grad_ref(*p.op_args(), grad, dtype=torch.float64)
-    threads = torch.get_num_threads()
     results = []
     for n in (1, 2):
-        torch.set_num_threads(n)
-        try:
+        with _num_threads(n):
             row_ids, row_grads = ops.embedding_bag_backward_row_grad(*p.op_args(), grad)
-        finally:
-            torch.set_num_threads(threads)
         assert [len(i) for i in row_ids] == [len(i) for i in ref_ids] and len(row_ids[2]) == 0
         for t in range(len(p.weights)):
             assert torch.equal(row_ids[t], ref_ids[t])
@@ -428,9 +428,7 @@ def test_fused_backward_names_the_first_bad_id_and_changes_nothing(optimizer, ca
     # first; a table too large to balance, over both): bad ids in a late and
     # an early table, or two in one, still name the batch's first, no row or
     # state moves, and a good step after them matches the reference.
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         p = _mixed_problem(70) if case == "mixed" else random_problem(**case)
         n = len(p.indices)
         hyper = {**OPTIMIZERS[optimizer]["hyper"], **DECAYS[1]}
@@ -460,8 +458,6 @@ def test_fused_backward_names_the_first_bad_id_and_changes_nothing(optimizer, ca
         ref_args = (p.layout, p.indices, p.offsets, p.per_sample_weights, grad)
         ref.fused_backward_ref(optimizer, ref_weights, ref_states, *ref_args, dtype=torch.float64, **hyper)
         _assert_steps_match(weights, states, ref_weights, ref_states)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 @pytest.mark.parametrize(
@@ -471,14 +467,10 @@ def test_fused_backward_names_the_first_bad_id_and_changes_nothing(optimizer, ca
 )
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_results_do_not_depend_on_thread_count(optimizer, case):
-    threads = torch.get_num_threads()
     results = []
-    for n in (1, max(2, threads)):
-        torch.set_num_threads(n)
-        try:
+    for n in (1, max(2, torch.get_num_threads())):
+        with _num_threads(n):
             weights, states, _, _ = _run_steps(optimizer, case, DECAYS[1], steps=2, reference=False)
-        finally:
-            torch.set_num_threads(threads)
         results.append((weights, states))
     _assert_identical(*results)
 
