@@ -10,8 +10,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -757,6 +757,40 @@ Segments group_by_row_any(
                      : group_by_row<int64_t, uint64_t>(op, p, indices, offsets, psw, ws);
 }
 
+// The first NaN or inf of grad_output, by sample, column, feature and
+// table. Python's fused update turns it into a FloatingPointError naming
+// the tables (it keys on "holds NaN or inf").
+[[noreturn]] void throw_non_finite_gradient(const char* op, const Problem& p, const float* grad_output) {
+  const int64_t n = p.batch * p.out_dim;
+  int64_t pos = 0;
+  while (pos < n && std::isfinite(grad_output[pos])) {
+    ++pos;
+  }
+  const int64_t sample = pos / std::max<int64_t>(p.out_dim, 1);
+  const int64_t column = pos - sample * p.out_dim;
+  int64_t feature = 0;
+  for (int64_t f = 0; f < static_cast<int64_t>(p.features.size()); ++f) {
+    const cpu::FeatureView& fv = p.features[f];
+    if (column >= fv.out_col && column < fv.out_col + p.tables[fv.table].dim) {
+      feature = f;
+    }
+  }
+  TORCH_CHECK(
+      false,
+      op,
+      ": grad_output holds NaN or inf (",
+      pos < n ? grad_output[pos] : 0.0f,
+      " at sample ",
+      sample,
+      ", column ",
+      column,
+      ": feature ",
+      feature,
+      ", table ",
+      p.features.empty() ? 0 : p.features[feature].table,
+      "); no row was updated");
+}
+
 // grad_output [B, out_dim] copied feature by feature: feature f's columns
 // become a [B, D_f] block starting at B x f's first column. A segment reads
 // its occurrences' gradient rows at random samples. In place, one
@@ -768,24 +802,45 @@ Segments group_by_row_any(
 // and 128, B 2048 and 8192, uniform and Zipf ids), alternated in rounds:
 // the backward took 0.85-0.92x the time of reading grad_output in place,
 // the copy included.
-const float* block_grad_by_feature(const Problem& p, const Tensor& grad_output, Workspace& ws) {
+//
+// With refusing_op set, the same pass refuses a NaN or inf gradient: it
+// throws, naming the op and the first such value, before any row is read
+// or stepped (a fused update would poison the row and its state for good).
+const float* block_grad_by_feature(const Problem& p, const Tensor& grad_output, Workspace& ws, const char* refusing_op) {
   const float* in_place = grad_output.const_data_ptr<float>();
-  if (p.features.size() == 1 || p.batch == 1 || p.num_indices == 0) {
-    return in_place; // the blocks are grad_output itself, or nothing reads them
+  // One feature's block, or one sample's, is grad_output itself; with no
+  // occurrences nothing reads the blocks.
+  const bool copy = p.features.size() > 1 && p.batch > 1 && p.num_indices > 0;
+  if (!copy && refusing_op == nullptr) {
+    return in_place;
   }
-  float* blocks = ws.take<float>(Scratch::kGradBlocks, p.batch * p.out_dim);
+  cpu::GradBlockArgs g{};
+  g.tables = p.tables.data();
+  g.features = p.features.data();
+  g.num_features = static_cast<int64_t>(p.features.size());
+  g.batch = p.batch;
+  g.grad_output = in_place;
+  g.out_dim = p.out_dim;
+  g.blocks = copy ? ws.take<float>(Scratch::kGradBlocks, p.batch * p.out_dim) : nullptr;
+  const auto& k = kernels();
+  std::atomic<bool> finite{true};
   at::parallel_for(0, p.batch, 256, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (const cpu::FeatureView& fv : p.features) {
-        const int64_t dim = p.tables[fv.table].dim;
-        std::memcpy(blocks + fv.out_col * p.batch + b * dim, in_place + b * p.out_dim + fv.out_col, dim * sizeof(float));
-      }
+    if (!k.block_grad_by_feature(g, b0, b1)) {
+      finite.store(false, std::memory_order_relaxed);
     }
   });
-  return blocks;
+  if (refusing_op != nullptr && !finite.load()) {
+    throw_non_finite_gradient(refusing_op, p, in_place);
+  }
+  return copy ? g.blocks : in_place;
 }
 
-cpu::SegmentArgs segment_args(const Problem& p, const Segments& s, const Tensor& grad_output, Workspace& ws) {
+cpu::SegmentArgs segment_args(
+    const Problem& p,
+    const Segments& s,
+    const Tensor& grad_output,
+    Workspace& ws,
+    const char* refusing_op = nullptr) {
   cpu::SegmentArgs a{};
   a.tables = p.tables.data();
   a.seg_table = s.seg_table;
@@ -794,7 +849,7 @@ cpu::SegmentArgs segment_args(const Problem& p, const Segments& s, const Tensor&
   a.num_occurrences = p.num_indices;
   a.occ_grad_offset = s.occ_grad_offset;
   a.occ_scale = s.occ_scale;
-  a.grad_output = block_grad_by_feature(p, grad_output, ws);
+  a.grad_output = block_grad_by_feature(p, grad_output, ws, refusing_op);
   a.weight_type = p.weight_type;
   return a;
 }
@@ -856,7 +911,7 @@ void fused_backward(
   check_grad_output(op, p, grad_output);
   Workspace& ws = t_workspace;
   const Segments segs = group_by_row_any(op, p, indices, offsets, per_sample_weights, ws);
-  cpu::SegmentArgs a = segment_args(p, segs, grad_output, ws);
+  cpu::SegmentArgs a = segment_args(p, segs, grad_output, ws, op);
   a.learning_rate = hyper.learning_rate;
   a.eps = hyper.eps;
   a.weight_decay = hyper.weight_decay;

@@ -18,6 +18,7 @@ through it, as they do for the shards of a sharded collection.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import warnings
@@ -284,8 +285,9 @@ class EmbeddingBagCollection(nn.Module):
 
     def _apply_fused_update(self, layout, values, offsets, per_sample_weights, grad_output: torch.Tensor) -> None:
         """The backward of a fused lookup: one optimizer step on the touched rows."""
-        check_finite_gradient(grad_output, [c.name for c in self._configs])
-        self._storage.fused_update(self._optimizer, layout, values, offsets, per_sample_weights, grad_output)
+        checked_in_update = self._storage.fused_update_refuses_non_finite(self._optimizer, grad_output)
+        with refusing_non_finite_gradient(grad_output, [c.name for c in self._configs], checked_in_update):
+            self._storage.fused_update(self._optimizer, layout, values, offsets, per_sample_weights, grad_output)
 
     def _layout(self, keys: List[str]) -> Tuple[List[int], List[int], List[int]]:
         """(table, pooling, output column) of each input key, cached per key order."""
@@ -361,10 +363,39 @@ def check_finite_gradient(grad_output: torch.Tensor, tables) -> None:
     # A sum is ~30x cheaper than an element-wise test and not finite whenever an element is not (or when finite
     # elements overflow it: then the element-wise test decides).
     if not bool(torch.isfinite(grad_output.sum())) and not bool(torch.isfinite(grad_output).all()):
-        raise FloatingPointError(
-            f"The gradient of the pooled embeddings of tables {list(tables)} holds NaN or inf; the rows were not "
-            "updated. The loss diverged or an input is not finite: lower the learning rates or check the data."
-        )
+        raise _non_finite_gradient_error(tables)
+
+
+@contextlib.contextmanager
+def refusing_non_finite_gradient(grad_output: torch.Tensor, tables, checked_in_update: bool):
+    """Runs an update of rows that must not see a NaN or inf gradient (see
+    ``check_finite_gradient``). The CPU kernels test the gradient in the copy
+    they make of it anyway and raise before they step a row: where the update
+    is theirs alone (``checked_in_update``, from the storage's
+    ``fused_update_refuses_non_finite``), the separate pass over it (0.4-2.8
+    ms a step at the standard configs) is skipped and their error becomes the
+    same FloatingPointError."""
+    if not checked_in_update:
+        check_finite_gradient(grad_output, tables)
+        yield
+        return
+    try:
+        yield
+    except RuntimeError as error:
+        if _KERNEL_NON_FINITE not in str(error):
+            raise
+        raise _non_finite_gradient_error(tables, str(error).splitlines()[0]) from None
+
+
+_KERNEL_NON_FINITE = "grad_output holds NaN or inf"
+
+
+def _non_finite_gradient_error(tables, detail: str = "") -> FloatingPointError:
+    return FloatingPointError(
+        f"The gradient of the pooled embeddings of tables {list(tables)} holds NaN or inf; the rows were not "
+        "updated. The loss diverged or an input is not finite: lower the learning rates or check the data."
+        + (f" ({detail})" if detail else "")
+    )
 
 
 def warn_ignored_weights(collection: str, features_and_tables: str) -> None:

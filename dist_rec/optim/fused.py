@@ -59,8 +59,18 @@ class FusedOptimizer:
     weight_decay_mode: str = "none"
 
     state_names: ClassVar[Tuple[str, ...]] = ()
+    # Whether ``backward_`` on CPU tensors raises before it steps a row when
+    # the gradient holds NaN or inf (the built-in kernels test it in the copy
+    # of the gradient they make anyway); callers otherwise test it first. A
+    # subclass with its own ``backward_`` must say so again.
+    backward_refuses_non_finite: ClassVar[bool] = False
     # name -> (minimum, minimum excluded, note): checked at every assignment.
     _ranges: ClassVar[Dict[str, Tuple[float, bool, str]]] = {"lr": (0.0, False, ""), "weight_decay": (0.0, False, "")}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "backward_" in cls.__dict__ and "backward_refuses_non_finite" not in cls.__dict__:
+            cls.backward_refuses_non_finite = False
 
     def __setattr__(self, name: str, value) -> None:
         """Checks numeric hyper-parameters when set, in the constructor and
@@ -99,6 +109,8 @@ class FusedOptimizer:
 class SGD(FusedOptimizer):
     """Sparse SGD: ``w -= lr * (g + weight_decay * w)`` on touched rows."""
 
+    backward_refuses_non_finite: ClassVar[bool] = True
+
     def backward_(self, weights, states, layout, indices, offsets, per_sample_weights, grad_output) -> None:
         _ops.embedding_bag_backward_sgd_(
             list(weights), *layout, indices, offsets, per_sample_weights, grad_output, float(self.lr), *self._decay()
@@ -124,6 +136,7 @@ class RowWiseAdagrad(FusedOptimizer):
 
     eps: float = 1e-8
     state_names: ClassVar[Tuple[str, ...]] = ("momentum1",)
+    backward_refuses_non_finite: ClassVar[bool] = True
     _ranges: ClassVar[Dict[str, Tuple[float, bool, str]]] = {**FusedOptimizer._ranges, "eps": (0.0, True, "")}
 
     # -- row blocks stepped outside the fused kernel (column-wise blocks that
@@ -191,6 +204,7 @@ class MomentumScaledRowWiseAdagrad(RowWiseAdagrad):
 
     momentum_scale: float = 1.0
     state_names: ClassVar[Tuple[str, ...]] = ("momentum1", "momentum1_increment")
+    backward_refuses_non_finite: ClassVar[bool] = True
     _ranges: ClassVar[Dict[str, Tuple[float, bool, str]]] = {
         **RowWiseAdagrad._ranges,
         "momentum_scale": (1.0, False, " (and at most the replica count)"),

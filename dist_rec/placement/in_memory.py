@@ -92,6 +92,10 @@ class InMemoryStorage(EmbeddingStorage):
     def fused_update(self, optimizer, layout: Layout, indices_N, offsets, per_sample_weights_N, grad_output_BD) -> None:
         optimizer.backward_(self._weights, self._states, layout, indices_N, offsets, per_sample_weights_N, grad_output_BD)
 
+    def fused_update_refuses_non_finite(self, optimizer, grad_output_BD: torch.Tensor) -> bool:
+        # The gradient goes straight to the optimizer's kernel.
+        return grad_output_BD.device.type == "cpu" and optimizer.backward_refuses_non_finite
+
     def row_grads(self, layout: Layout, indices_N, offsets, per_sample_weights_N, grad_output_BD):
         return _ops.embedding_bag_backward_row_grad(
             self._weights, *layout, indices_N, offsets, per_sample_weights_N, grad_output_BD.contiguous()

@@ -89,6 +89,12 @@ class EmbeddingStorage(abc.ABC):
     def fused_update(self, optimizer, layout: Layout, indices_N, offsets, per_sample_weights_N, grad_output_BD) -> None:
         """One step of the fused ``optimizer`` on every row the batch touched, in place."""
 
+    def fused_update_refuses_non_finite(self, optimizer, grad_output_BD: torch.Tensor) -> bool:
+        """Whether ``fused_update`` itself raises, before it changes a row or
+        any state, when the gradient holds NaN or inf (then callers need not
+        test it first)."""
+        return False
+
     @abc.abstractmethod
     def row_grads(
         self, layout: Layout, indices_N, offsets, per_sample_weights_N, grad_output_BD

@@ -23,7 +23,7 @@ import torch
 from dist_rec.ops.embedding_bag import PoolingMode
 from dist_rec.ops.fused_lookup import fused_lookup
 from dist_rec.modules.embedding_configs import PoolingType
-from dist_rec.modules.embedding_modules import check_finite_gradient
+from dist_rec.modules.embedding_modules import refusing_non_finite_gradient
 from dist_rec.placement import EmbeddingStorage
 
 _POOLING_MODE = {PoolingType.SUM: int(PoolingMode.SUM), PoolingType.MEAN: int(PoolingMode.MEAN)}
@@ -91,8 +91,11 @@ class LocalLookup:
         return fused_lookup(self._grad_anchor, self.storage, self.layout, values_N, offsets, weights_N, apply_grad)
 
     def _update(self, values_N, offsets, weights_N, grad_output: torch.Tensor) -> None:
-        check_finite_gradient(grad_output, self.tables())
-        with self.update_lock if self.update_lock is not None else contextlib.nullcontext():
+        checked_in_update = type(self.update) is FusedUpdate and self.storage.fused_update_refuses_non_finite(
+            self.optimizer, grad_output
+        )
+        lock = self.update_lock if self.update_lock is not None else contextlib.nullcontext()
+        with refusing_non_finite_gradient(grad_output, self.tables(), checked_in_update), lock:
             self.update(self.storage, self.optimizer, self.layout, values_N, offsets, weights_N, grad_output)
             if self.sync_tracker is not None:  # with the update, under the lock a round swaps the marks under
                 self.sync_tracker.record(self.layout, values_N, offsets)

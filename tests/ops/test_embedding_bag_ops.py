@@ -303,6 +303,46 @@ def test_fused_backward_16bit_weights(isa, optimizer, weight_dtype):
         torch.testing.assert_close(w.double(), rw, atol=ulp, rtol=ulp)
 
 
+NON_FINITE_CASES = [
+    dict(seed=20),  # several features: tested in the copy into feature blocks
+    dict(seed=21, num_tables=1, dims=[20]),  # one feature: grad_output read in place
+    dict(seed=22, batch=1),  # one sample: read in place
+    dict(seed=23, dims=[200, 3, 2050]),  # tails past the last vector
+    dict(seed=24, batch=3, empty_bag_fraction=1.0),  # no occurrence: nothing reads the blocks
+]
+
+
+@pytest.mark.parametrize("case", NON_FINITE_CASES, ids=_case_id)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_fused_backward_refuses_a_non_finite_gradient_before_any_row(isa, optimizer, case):
+    spec = OPTIMIZERS[optimizer]
+    hyper = {**spec["hyper"], **DECAYS[1]}
+    p = random_problem(**case)
+    g = torch.Generator().manual_seed(case["seed"])
+    states = [[torch.rand(w.shape[0], generator=g) for w in p.weights] for _ in range(spec["states"])]
+    size = p.batch * p.out_dim
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for position in {0, size - 1, int(torch.randint(size, (1,), generator=g))}:
+            grad = torch.randn(p.batch, p.out_dim, generator=g)
+            grad.view(-1)[position] = bad
+            weights = p.clone_weights()
+            stepped_states = [[s.clone() for s in table_states] for table_states in states]
+            with pytest.raises(RuntimeError) as caught:
+                _fused_step(optimizer, weights, stepped_states, p, grad, hyper)
+            sample, column = divmod(position, p.out_dim)
+            assert (
+                f"grad_output holds NaN or inf ({bad} at sample {sample}, column {column}: feature "
+            ) in str(caught.value)
+            assert "no row was updated" in str(caught.value)
+            for got, before in zip(weights, p.weights):
+                assert torch.equal(got, before)
+            for got_states, before_states in zip(stepped_states, states):
+                for got, before in zip(got_states, before_states):
+                    assert torch.equal(got, before)
+    # Finite values whose sum overflows pass.
+    _fused_step(optimizer, p.clone_weights(), states, p, torch.full((p.batch, p.out_dim), 3e38), hyper)
+
+
 def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
     """s = 1 and a sync after every step is exactly row-wise AdaGrad."""
     p0 = random_problem(21, weighted=True, max_rows=20)

@@ -87,6 +87,18 @@ struct PerSampleWeightGradArgs {
   WeightType weight_type;
 };
 
+// grad_output [B, out_dim] copied into its feature blocks (see
+// SegmentArgs::grad_output), or only read when blocks is null.
+struct GradBlockArgs {
+  const TableView* tables;
+  const FeatureView* features;
+  int64_t num_features;
+  int64_t batch;
+  const float* grad_output;
+  int64_t out_dim;
+  float* blocks; // [B * out_dim], or null
+};
+
 struct KernelTable {
   const char* isa_name;
   int64_t (*forward_i32)(const ForwardArgs&, int64_t bag_begin, int64_t bag_end);
@@ -109,6 +121,9 @@ struct KernelTable {
       const PerSampleWeightGradArgs&,
       int64_t bag_begin,
       int64_t bag_end);
+  // Samples [sample_begin, sample_end) of GradBlockArgs; returns false when
+  // a value read is NaN or inf.
+  bool (*block_grad_by_feature)(const GradBlockArgs&, int64_t sample_begin, int64_t sample_end);
 };
 
 // Each is defined in its own translation unit, compiled for that ISA.
