@@ -775,16 +775,17 @@ Segments group_by_row_any(
       feature = f;
     }
   }
+  const float bad = pos < n ? grad_output[pos] : 0.0f;
   TORCH_CHECK(
       false,
       op,
       ": grad_output holds NaN or inf (",
-      pos < n ? grad_output[pos] : 0.0f,
+      std::isnan(bad) ? std::string("nan") : c10::str(bad), // whatever its sign bit
       " at sample ",
       sample,
       ", column ",
       column,
-      ": feature ",
+      ": feature slot ",
       feature,
       ", table ",
       p.features.empty() ? 0 : p.features[feature].table,

@@ -373,12 +373,10 @@ def refusing_non_finite_gradient(grad_output: torch.Tensor, tables, checked_in_u
     they make of it anyway and raise before they step a row: where the update
     is theirs alone (``checked_in_update``, from the storage's
     ``fused_update_refuses_non_finite``), the separate pass over it (0.4-2.8
-    ms a step at the standard configs) is skipped and their error becomes the
-    same FloatingPointError."""
+    ms a step at the standard configs) is skipped. Their error becomes the
+    same FloatingPointError on every path."""
     if not checked_in_update:
         check_finite_gradient(grad_output, tables)
-        yield
-        return
     try:
         yield
     except RuntimeError as error:

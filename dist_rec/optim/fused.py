@@ -59,18 +59,13 @@ class FusedOptimizer:
     weight_decay_mode: str = "none"
 
     state_names: ClassVar[Tuple[str, ...]] = ()
-    # Whether ``backward_`` on CPU tensors raises before it steps a row when
-    # the gradient holds NaN or inf (the built-in kernels test it in the copy
-    # of the gradient they make anyway); callers otherwise test it first. A
-    # subclass with its own ``backward_`` must say so again.
+    # Declared by a class next to its ``backward_``: whether that backward,
+    # on CPU tensors, raises before it steps a row when the gradient holds
+    # NaN or inf (the built-in kernels test it in the copy of the gradient
+    # they make anyway). See ``refuses_non_finite_gradient``.
     backward_refuses_non_finite: ClassVar[bool] = False
     # name -> (minimum, minimum excluded, note): checked at every assignment.
     _ranges: ClassVar[Dict[str, Tuple[float, bool, str]]] = {"lr": (0.0, False, ""), "weight_decay": (0.0, False, "")}
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if "backward_" in cls.__dict__ and "backward_refuses_non_finite" not in cls.__dict__:
-            cls.backward_refuses_non_finite = False
 
     def __setattr__(self, name: str, value) -> None:
         """Checks numeric hyper-parameters when set, in the constructor and
@@ -100,6 +95,18 @@ class FusedOptimizer:
     ) -> None:
         """Applies one step to every row the batch touched, in place."""
         raise NotImplementedError
+
+    def refuses_non_finite_gradient(self) -> bool:
+        """Whether the ``backward_`` this optimizer runs refuses a NaN or inf
+        gradient itself (callers then need not test it first): as declared
+        by the class that defines that ``backward_``, so a subclass or mixin
+        with a backward of its own, or one set on the instance, is tested."""
+        if "backward_" in vars(self):
+            return False
+        for cls in type(self).__mro__:
+            if "backward_" in vars(cls):
+                return bool(vars(cls).get("backward_refuses_non_finite", False))
+        return False
 
     def _decay(self) -> Tuple[float, int]:
         return float(self.weight_decay), int(_weight_decay_mode(self.weight_decay_mode))

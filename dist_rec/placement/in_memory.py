@@ -94,7 +94,7 @@ class InMemoryStorage(EmbeddingStorage):
 
     def fused_update_refuses_non_finite(self, optimizer, grad_output_BD: torch.Tensor) -> bool:
         # The gradient goes straight to the optimizer's kernel.
-        return grad_output_BD.device.type == "cpu" and optimizer.backward_refuses_non_finite
+        return grad_output_BD.device.type == "cpu" and optimizer.refuses_non_finite_gradient()
 
     def row_grads(self, layout: Layout, indices_N, offsets, per_sample_weights_N, grad_output_BD):
         return _ops.embedding_bag_backward_row_grad(

@@ -114,20 +114,38 @@ def test_a_collection_refuses_a_non_finite_gradient_naming_the_first_value(optim
     grad[1, 6] = float("inf")  # sample 1, feature f1's third column
     with pytest.raises(FloatingPointError, match=r"tables \['t0', 't1'\]") as caught:
         out.backward(grad)
-    assert "(inf at sample 1, column 6: feature 1, table 1)" in str(caught.value)
+    assert "(inf at sample 1, column 6: feature slot 1, table 1)" in str(caught.value)
     after = _blocks(ebc.storage)
     for (w0, s0), (w1, s1) in zip(before, after):
         assert torch.equal(w0, w1) and all(torch.equal(s0[n], s1[n]) for n in s0)
 
 
+class _PythonBackward:
+    def backward_(self, *args) -> None:
+        raise AssertionError("stepped")
+
+
 def test_without_the_kernels_the_gradient_is_tested_before_the_update_runs():
     class PythonSGD(SGD):  # its own backward_: the kernels' test does not apply
-        def backward_(self, *args) -> None:
-            raise AssertionError("stepped")
+        backward_ = _PythonBackward.backward_
+
+    class MixedSGD(_PythonBackward, SGD):  # a backward_ from a mixin
+        pass
+
+    class DeclaredSGD(SGD):  # one that says its backward_ refuses them too
+        backward_ = _PythonBackward.backward_
+        backward_refuses_non_finite = True
 
     storage = InMemoryStorage(TABLES, (), torch.device("cpu"))
-    assert storage.fused_update_refuses_non_finite(SGD(lr=0.1), torch.zeros(1))
-    assert not storage.fused_update_refuses_non_finite(PythonSGD(lr=0.1), torch.zeros(1))
+    cpu = torch.zeros(1)
+    assert storage.fused_update_refuses_non_finite(SGD(lr=0.1), cpu)
+    assert storage.fused_update_refuses_non_finite(MomentumScaledRowWiseAdagrad(lr=0.1), cpu)
+    assert storage.fused_update_refuses_non_finite(DeclaredSGD(lr=0.1), cpu)
+    assert not storage.fused_update_refuses_non_finite(PythonSGD(lr=0.1), cpu)
+    assert not storage.fused_update_refuses_non_finite(MixedSGD(lr=0.1), cpu)
+    patched = SGD(lr=0.1)
+    object.__setattr__(patched, "backward_", lambda *args: None)
+    assert not storage.fused_update_refuses_non_finite(patched, cpu)
     assert not storage.fused_update_refuses_non_finite(SGD(lr=0.1), torch.zeros(1, device="meta"))
     grad = torch.randn(4, 4)
     grad[2, 1] = float("nan")
@@ -140,3 +158,7 @@ def test_without_the_kernels_the_gradient_is_tested_before_the_update_runs():
     with pytest.raises(RuntimeError, match="unrelated"):
         with refusing_non_finite_gradient(grad, ["t0"], checked_in_update=True):
             raise RuntimeError("unrelated")
+    # A kernel's refusal is named by table on a path tested first too (a gradient changed on the way).
+    with pytest.raises(FloatingPointError, match=r"tables \['t0'\].*\(op: grad_output holds NaN or inf \(nan"):
+        with refusing_non_finite_gradient(torch.zeros(4, 4), ["t0"], checked_in_update=False):
+            raise RuntimeError("op: grad_output holds NaN or inf (nan at sample 0, column 0: feature slot 0, table 0)")

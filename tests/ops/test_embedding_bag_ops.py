@@ -309,6 +309,7 @@ NON_FINITE_CASES = [
     dict(seed=22, batch=1),  # one sample: read in place
     dict(seed=23, dims=[200, 3, 2050]),  # tails past the last vector
     dict(seed=24, batch=3, empty_bag_fraction=1.0),  # no occurrence: nothing reads the blocks
+    dict(seed=25, batch=700),  # blocks of samples on both threads
 ]
 
 
@@ -318,6 +319,8 @@ def test_fused_backward_refuses_a_non_finite_gradient_before_any_row(isa, optimi
     spec = OPTIMIZERS[optimizer]
     hyper = {**spec["hyper"], **DECAYS[1]}
     p = random_problem(**case)
+    if case.get("num_tables") == 1:
+        assert len(p.feature_table) == 1  # the case's premise
     g = torch.Generator().manual_seed(case["seed"])
     states = [[torch.rand(w.shape[0], generator=g) for w in p.weights] for _ in range(spec["states"])]
     size = p.batch * p.out_dim
@@ -327,11 +330,11 @@ def test_fused_backward_refuses_a_non_finite_gradient_before_any_row(isa, optimi
             grad.view(-1)[position] = bad
             weights = p.clone_weights()
             stepped_states = [[s.clone() for s in table_states] for table_states in states]
-            with pytest.raises(RuntimeError) as caught:
+            with pytest.raises(RuntimeError) as caught, _num_threads(2):
                 _fused_step(optimizer, weights, stepped_states, p, grad, hyper)
             sample, column = divmod(position, p.out_dim)
             assert (
-                f"grad_output holds NaN or inf ({bad} at sample {sample}, column {column}: feature "
+                f"grad_output holds NaN or inf ({bad} at sample {sample}, column {column}: feature slot "
             ) in str(caught.value)
             assert "no row was updated" in str(caught.value)
             for got, before in zip(weights, p.weights):

@@ -619,9 +619,10 @@ static void per_sample_weight_grad_i64(const PerSampleWeightGradArgs& a, int64_t
 
 // The fused backward refuses a NaN or inf gradient before it steps a row.
 // The test rides on the copy that reads every value anyway: x * 0 is 0 for
-// a finite x and NaN otherwise, so one FMA per vector keeps a sum that
-// stays 0 until a value is not finite (a separate sum over grad_output
-// cost 0.4-2.8 ms a step at the standard configs).
+// a finite x and NaN otherwise, so a sum of them stays 0 until a value is
+// not finite (a separate sum over grad_output cost 0.4-2.8 ms a step at the
+// standard configs). Multiply and add, not an FMA: the scalar build would
+// call libm's fmaf per value.
 static bool block_grad_by_feature(const GradBlockArgs& a, int64_t sample_begin, int64_t sample_end) {
   const vec zero = v_zero();
   vec poison = v_zero();
@@ -638,17 +639,17 @@ static bool block_grad_by_feature(const GradBlockArgs& a, int64_t sample_begin, 
         if (dst != nullptr) {
           v_store(dst + d, x);
         }
-        poison = v_fma(x, zero, poison);
+        poison = v_add(poison, v_mul(x, zero));
       }
       for (; d < dim; ++d) {
         if (dst != nullptr) {
           dst[d] = src[d];
         }
-        poison_tail = fused_multiply_add(src[d], 0.0f, poison_tail);
+        poison_tail += src[d] * 0.0f;
       }
     }
   }
-  float lanes[kLanes];
+  float lanes[kLanes]; // not v_hsum: GCC 12 warns of an uninitialised lane in its reduction here
   v_store(lanes, poison);
   for (int64_t i = 0; i < kLanes; ++i) {
     poison_tail += lanes[i];
