@@ -14,7 +14,7 @@ tables, every core.
   them), as an update does;
 
 each at prefetch distances 0, 8, 16, 32 and 64 ids and with each
-prefetch hint (into L1, into L2, for writing), keeping the best. For the
+prefetch hint (into L1, into L2, prefetcht2, for writing), keeping the best. For the
 benchmark's standard configs (bench_embedding.py's batches: Poisson(20) ids
 per bag, Zipf 1.05 or uniform) the ceiling of a forward is the read time of
 its N ids, and of a step the read time plus the read-modify-write time of
@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 SOURCE = Path(__file__).resolve().parent / "native" / "row_ceiling.cpp"
 DISTANCES = (0, 8, 16, 32, 64)
-HINTS = {"t0": 0, "t1": 1, "w": 2}  # prefetch into L1, into L2, for writing
+HINTS = {"t0": 0, "t1": 1, "w": 2, "t2": 3}  # prefetch into L1, into L2, for writing; prefetcht2
 
 
 def load_native() -> ctypes.CDLL:
@@ -121,12 +121,12 @@ def measure_ceiling(native, config, tables, batches, steps: int, warmup: int) ->
     unique = [_unique_per_table(config, b) for b in batches]
     read, rmw = {}, {}
     for distance in DISTANCES:
-        for hint in ("t0", "t1") if distance else ("t0",):
+        for hint in ("t0", "t1", "t2") if distance else ("t0",):
             read[(distance, hint)] = _median_seconds(
                 lambda i: pooled_read(native, tables, batches[i % NUM_BATCHES]["indices"],
                                       batches[i % NUM_BATCHES]["offsets"], config.batch_size, distance, out, hint),
                 steps, warmup)  # fmt: skip
-        for hint in ("w", "t0", "t1") if distance else ("w",):
+        for hint in ("w", "t0", "t1", "t2") if distance else ("w",):
             # r * 1 + 0: the rows keep their values (bit for bit), so every round reads the same tables.
             rmw[(distance, hint)] = _median_seconds(
                 lambda i: update_rows(native, tables, *unique[i % NUM_BATCHES], 1.0, 0.0, distance, hint), steps, warmup)
@@ -194,7 +194,8 @@ def markdown(results: List[Dict], argv, load) -> str:
         f"`{command_line(__file__, argv)}`", "", f"{machine_summary()}.{busy_note(load)}", "",
         "Native loops (benchmarks/native/row_ceiling.cpp, `g++ -O3 -march=native -fopenmp`, "
         f"{results[0]['threads'] if results else '?'} threads): AVX-512 sums in registers, rows prefetched ahead "
-        "(the best of 0, 8, 16, 32 and 64 ids ahead, into L1, into L2 or for writing), huge-page tables. Read: every id's row of a batch pooled into its bag. "
+        "(the best of 0, 8, 16, 32 and 64 ids ahead, into L1, into L2, prefetcht2 or for writing), huge-page tables. "
+        "Read: every id's row of a batch pooled into its bag. "
         "Read-modify-write: every unique row of each table read, changed and written once, in sorted order. The "
         "ceiling of a forward is the read time of its N ids; of a step, that plus the read-modify-write time of its U "
         "unique rows. dist_rec's share = ceiling time / dist_rec's time (medians of the rounds; ceiling and dist_rec "

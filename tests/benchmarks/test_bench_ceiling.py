@@ -41,7 +41,7 @@ def _bags(seed: int, tables: int, rows: int, batch: int):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dim", [16, 64, 128])
-@pytest.mark.parametrize("distance,hint", [(0, "t0"), (8, "t1"), (32, "t0")])
+@pytest.mark.parametrize("distance,hint", [(0, "t0"), (8, "t1"), (16, "t2"), (32, "t0")])
 def test_pooled_read_sums_each_bag(native, seed, dim, distance, hint):
     tables, rows, batch = 3, 50, 40
     weights = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed + t)) for t in range(tables)]
@@ -57,7 +57,7 @@ def test_pooled_read_sums_each_bag(native, seed, dim, distance, hint):
         torch.testing.assert_close(out[t * batch : (t + 1) * batch], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("hint", ["w", "t1"])
+@pytest.mark.parametrize("hint", ["w", "t1", "t2"])
 def test_update_rows_changes_each_listed_row_once(native, hint):
     tables, rows, dim = 2, 300, 64
     weights = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(t)) for t in range(tables)]
