@@ -37,12 +37,13 @@ constexpr int64_t kBackwardPrefetchOccurrences = 16;
 // buffers while the outer caches keep more in flight. Measured on an
 // AVX-512 EPYC, one thread, row-wise AdaGrad steps at 20 ids per bag:
 // prefetcht1 15-20% shorter than prefetcht0 (dim 64 and 128, Zipf and
-// uniform ids). prefetcht2 (the same as t1 on AMD's cores) was shorter
-// again on an Intel Xeon, 2 threads, the standard configs, against t1 in
-// the same process, alternated in rounds (2026-12-06): the step 0.85-0.95x
-// the time on all 6 configs measured, the forward 0.81-0.92x (0.89x at
-// 8x1Mx128 B=8192 uniform, 66.8 -> 59.1 ms) and the backward 0.95-0.98x.
-// The prefetcht0 forward and prefetchw backward were longer (1.03-1.30x).
+// uniform ids). prefetcht2 (into L2 like t1 on Zen 4, as AMD documents
+// it) was shorter again on an Intel Xeon, 2 threads, the standard configs,
+// against t1 in the same process, alternated in rounds (2026-12-06): the
+// step 0.85-0.95x the time on all 6 configs measured, the forward
+// 0.81-0.92x (0.89x at 8x1Mx128 B=8192 uniform, 66.8 -> 59.1 ms) and the
+// backward 0.88-0.98x. The forward with prefetcht0 took 1.07-1.10x the
+// time, the backward with prefetchw 1.20-1.30x.
 // GCC may delete a loop whose body is only __builtin_prefetch (no side
 // effects, and C++ loops must make progress): it silently did so in the
 // forward pass. A volatile asm cannot be deleted.
