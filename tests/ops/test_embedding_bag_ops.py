@@ -366,9 +366,6 @@ def test_momentum_scaled_equals_rowwise_adagrad_with_one_replica():
     _assert_identical((adagrad_weights, [momentum1]), (msrw_weights, [m_sync]))
 
 
-# Tables of over 2^15 occurrences each. On 2 threads, three of about equal
-# size are sorted one per thread (mixed pooling: the sort carries
-# positions; sum pooling: gradient offsets); one alone is split over both.
 @contextlib.contextmanager
 def _num_threads(n: int):
     """torch's intra-op thread count set to n, and restored after."""
@@ -380,6 +377,9 @@ def _num_threads(n: int):
         torch.set_num_threads(saved)
 
 
+# Tables of over 2^15 occurrences each. On 2 threads, three of about equal
+# size are sorted one per thread (mixed pooling: the sort carries
+# positions; sum pooling: gradient offsets); one alone is split over both.
 LARGE_CASE = dict(seed=32, batch=2500, max_bag=40, max_rows=4000, dims=[8, 16, 4])
 LARGE_SUM_CASE = dict(LARGE_CASE, seed=34, pooling="sum")
 ONE_LARGE_CASE = dict(seed=33, num_tables=1, batch=2500, max_bag=40, max_rows=4000, dims=[16], pooling="sum")
