@@ -4,8 +4,8 @@ share of it.
 PyTorch's own gathers are not a ceiling: dist_rec's step already "reached"
 109% of them. This measures the machine itself with native loops
 (``native/row_ceiling.cpp``, built here with ``g++ -O3 -march=native
--fopenmp``): AVX-512 sums kept in registers, rows prefetched ahead, huge-page
-tables, every core.
+-fopenmp``): sums kept in registers as wide as the CPU's vectors (AVX-512,
+else AVX2), rows prefetched ahead, huge-page tables, every core.
 
 * **read**: pool every bag of a batch (each id's row read once), as a
   forward does;
@@ -68,6 +68,7 @@ def load_native() -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     native.pooled_read.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int]
     native.update_rows.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, i64, ctypes.c_int]
+    native.ceiling_isa.restype = ctypes.c_char_p
     return native
 
 
@@ -173,6 +174,7 @@ def run(args) -> List[Dict]:
                 u = statistics.mean(unique_rows(config, b) for b in batches)
                 med = {k: statistics.median(r[k] for r in rounds) for k in ("read_s", "rmw_s", "forward_s", "step_s")}
                 results.append(dict(config=config.label(), ids=n, unique=u, row_bytes=dim * 4, threads=native.ceiling_threads(),
+                                    isa=native.ceiling_isa().decode(),
                                     read_distance=rounds[0]["read_distance"], rmw_distance=rounds[0]["rmw_distance"],
                                     rounds=rounds, **med))  # fmt: skip
                 del tables
@@ -193,7 +195,8 @@ def markdown(results: List[Dict], argv, load) -> str:
         "## The true ceiling of the embedding step (CPU, bench_ceiling.py)", "",
         f"`{command_line(__file__, argv)}`", "", f"{machine_summary()}.{busy_note(load)}", "",
         "Native loops (benchmarks/native/row_ceiling.cpp, `g++ -O3 -march=native -fopenmp`, "
-        f"{results[0]['threads'] if results else '?'} threads): AVX-512 sums in registers, rows prefetched ahead "
+        f"{results[0]['threads'] if results else '?'} threads): {results[0]['isa'] if results else '?'} sums in registers, "
+        "rows prefetched ahead "
         "(the best of 0, 8, 16, 32 and 64 ids ahead, into L1, into L2, prefetcht2 or for writing), huge-page tables. "
         "Read: every id's row of a batch pooled into its bag. "
         "Read-modify-write: every unique row of each table read, changed and written once, in sorted order. The "

@@ -3,20 +3,47 @@
 //
 // pooled_read:  out[bag] = sum of its rows (one row read per id), the row
 //               `distance` ids ahead prefetched (`hint`: into L1, into L2,
-//               or for writing), bags split over every core;
-//               the sums stay in registers (a row of D floats is D / 16
-//               AVX-512 registers).
+//               prefetcht2 or for writing), bags split over every core;
+//               the sums stay in registers (a row of D floats is D / lanes
+//               vector registers).
 // update_rows:  each listed row r := r * a + b in place (one read and one
-//               write per row), rows `distance` ahead prefetched for writing.
+//               write per row), rows `distance` ahead prefetched.
 //
-// Built by bench_ceiling.py with g++ -O3 -march=native -fopenmp.
-#include <immintrin.h>
+// Built by bench_ceiling.py with g++ -O3 -march=native -fopenmp: the vectors
+// are as wide as that CPU's widest (AVX-512, else AVX2 or AVX, else 16 bytes), so
+// that the ceiling of an AVX2 machine is measured with AVX2 rather than not
+// at all.
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <type_traits>
 
 namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr const char* kIsa = "AVX-512";
+#elif defined(__AVX2__)
+constexpr int kVectorBytes = 32;
+constexpr const char* kIsa = "AVX2";
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+constexpr const char* kIsa = "AVX";
+#else
+constexpr int kVectorBytes = 16;
+constexpr const char* kIsa = "SSE";
+#endif
+constexpr int kLanes = kVectorBytes / 4;
+typedef float vec __attribute__((vector_size(kVectorBytes)));
+
+inline vec load(const float* p) {
+  vec v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, vec v) { memcpy(p, &v, sizeof v); }
 
 // hint 0: into L1 (prefetcht0); 1: into L2 (prefetcht1); 2: for writing
 // (prefetchw); 3: prefetcht2 (what dist_rec's kernels use: shorter than t1
@@ -25,18 +52,18 @@ inline void prefetch_row(const float* row, int64_t dim, int hint) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t off = 0; off < dim * 4; off += 64) {
     if (hint == 3) {
-      _mm_prefetch(p + off, _MM_HINT_T2);
+      __builtin_prefetch(p + off, 0, 1);
     } else if (hint == 2) {
-      _m_prefetchw(const_cast<char*>(p + off));
+      __builtin_prefetch(p + off, 1, 3);
     } else if (hint == 1) {
-      _mm_prefetch(p + off, _MM_HINT_T1);
+      __builtin_prefetch(p + off, 0, 2);
     } else {
-      _mm_prefetch(p + off, _MM_HINT_T0);
+      __builtin_prefetch(p + off, 0, 3);
     }
   }
 }
 
-template <int V>  // V = dim / 16 registers
+template <int V>  // V = dim / kLanes registers
 void pooled_read_v(const float* const* tables, int64_t dim, const int64_t* ids, const int64_t* offsets, int64_t num_bags,
                    int64_t bags_per_table, float* out, int64_t distance, int hint) {
 #pragma omp parallel for schedule(dynamic, 256)
@@ -45,21 +72,21 @@ void pooled_read_v(const float* const* tables, int64_t dim, const int64_t* ids, 
     const float* w = tables[table];
     const int64_t start = offsets[bag], end = offsets[bag + 1];
     const int64_t table_end = offsets[(table + 1) * bags_per_table];
-    __m512 acc[V];
-    for (int k = 0; k < V; ++k) acc[k] = _mm512_setzero_ps();
+    vec acc[V];
+    for (int k = 0; k < V; ++k) acc[k] = vec{};
     for (int64_t p = start; p < end; ++p) {
       if (distance > 0 && p + distance < table_end) prefetch_row(w + ids[p + distance] * dim, dim, hint);
       const float* row = w + ids[p] * dim;
-      for (int k = 0; k < V; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_loadu_ps(row + 16 * k));
+      for (int k = 0; k < V; ++k) acc[k] += load(row + kLanes * k);
     }
-    for (int k = 0; k < V; ++k) _mm512_storeu_ps(out + bag * dim + 16 * k, acc[k]);
+    for (int k = 0; k < V; ++k) store(out + bag * dim + kLanes * k, acc[k]);
   }
 }
 
 template <int V>
 void update_rows_v(float* const* tables, int64_t dim, const int64_t* rows, const int64_t* table_starts, int64_t num_tables,
                    float a, float b, int64_t distance, int hint) {
-  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  const vec va = vec{} + a, vb = vec{} + b;
   for (int64_t t = 0; t < num_tables; ++t) {
     float* w = tables[t];
     const int64_t start = table_starts[t], end = table_starts[t + 1];
@@ -67,23 +94,23 @@ void update_rows_v(float* const* tables, int64_t dim, const int64_t* rows, const
     for (int64_t i = start; i < end; ++i) {
       if (distance > 0 && i + distance < end) prefetch_row(w + rows[i + distance] * dim, dim, hint);
       float* row = w + rows[i] * dim;
-      for (int k = 0; k < V; ++k) _mm512_storeu_ps(row + 16 * k, _mm512_fmadd_ps(_mm512_loadu_ps(row + 16 * k), va, vb));
+      for (int k = 0; k < V; ++k) store(row + kLanes * k, load(row + kLanes * k) * va + vb);
     }
   }
 }
 
 }  // namespace
 
-// Calls fn with the number of AVX-512 registers a row of `dim` floats fills
+// Calls fn with the number of vector registers a row of `dim` floats fills
 // (as a compile-time constant); -1 for a dim this build has no loop for.
 template <typename Fn>
 int with_registers(int64_t dim, Fn&& fn) {
   switch (dim) {
-    case 16: fn(std::integral_constant<int, 1>{}); return 0;
-    case 32: fn(std::integral_constant<int, 2>{}); return 0;
-    case 64: fn(std::integral_constant<int, 4>{}); return 0;
-    case 128: fn(std::integral_constant<int, 8>{}); return 0;
-    case 256: fn(std::integral_constant<int, 16>{}); return 0;
+    case 16: fn(std::integral_constant<int, 16 / kLanes>{}); return 0;
+    case 32: fn(std::integral_constant<int, 32 / kLanes>{}); return 0;
+    case 64: fn(std::integral_constant<int, 64 / kLanes>{}); return 0;
+    case 128: fn(std::integral_constant<int, 128 / kLanes>{}); return 0;
+    case 256: fn(std::integral_constant<int, 256 / kLanes>{}); return 0;
   }
   return -1;
 }
@@ -91,6 +118,8 @@ int with_registers(int64_t dim, Fn&& fn) {
 extern "C" {
 
 int ceiling_threads() { return omp_get_max_threads(); }
+
+const char* ceiling_isa() { return kIsa; }
 
 int pooled_read(const float* const* tables, int64_t dim, const int64_t* ids, const int64_t* offsets, int64_t num_bags,
                 int64_t bags_per_table, float* out, int64_t distance, int hint) {
