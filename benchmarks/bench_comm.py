@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from harness import command_line, machine_summary, markdown_table, run_ranks, update_section
+from harness import command_line, machine_summary, markdown_table, run_ranks, update_section, write_json
 
 KINDS = ("input_dist", "output_dist", "output_dist_backward", "replica_sync")
 A2A_KINDS = KINDS[:3]
@@ -721,15 +720,14 @@ def main(argv=None) -> None:
     if args.plot:
         plot(ext, args.plot, args.ext_batch, args.ext_dim)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                dict(
-                    command=command,
-                    measured=rows,
-                    extrapolation={name: {f"{T}x{G}": v for (T, G), v in t.items()} for name, t in ext.items()},
-                ),
-                indent=1,
-            )
+        write_json(
+            args.json,
+            dict(
+                command=command,
+                measured=rows,
+                extrapolation={name: {f"{T}x{G}": v for (T, G), v in t.items()} for name, t in ext.items()},
+            ),
+            indent=1,
         )
     if args.markdown and rows:
         update_section(args.markdown, "comm", measured_text(rows, args, command))

@@ -48,7 +48,9 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from harness import REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy
+from harness import (
+    REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy, write_json,
+)  # fmt: skip
 
 sys.path.insert(0, str(REPO))
 
@@ -313,7 +315,7 @@ def main(argv=None) -> None:
     text = _markdown(studies, args, shown, load)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"studies": studies, "argv": shown, "load": load}, indent=1, default=float))
+        write_json(args.json, {"studies": studies, "argv": shown, "load": load}, indent=1, default=float)
     if args.markdown:
         update_section(args.markdown, "bench_cpr", text)
 

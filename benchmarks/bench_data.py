@@ -54,6 +54,7 @@ from harness import (
     run_worker_process,
     update_section,
     warn_if_busy,
+    write_json,
     write_worker_result,
 )
 
@@ -331,8 +332,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 def publish(text: str, readers, trainer, args) -> None:
     print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"readers": readers, "trainer": trainer}, indent=1))
+        write_json(args.json, {"readers": readers, "trainer": trainer}, indent=1)
     if args.markdown:
         update_section(args.markdown, "data", text)
 

@@ -47,7 +47,7 @@ import torch
 
 from harness import (
     command_line, machine_summary, markdown_table, median_fields, run_rounds, run_worker_process, update_section,
-    write_worker_result,
+    write_json, write_worker_result,
 )  # fmt: skip
 
 PRESETS = {
@@ -476,7 +476,7 @@ def main(argv=None) -> None:
     print(table)
     command = command_line(__file__, argv)
     if args.json:
-        args.json.write_text(json.dumps(dict(machine=machine_summary(), command=command, rows=rows), indent=2))
+        write_json(args.json, dict(machine=machine_summary(), command=command, rows=rows), indent=2)
     if args.markdown:
         write_markdown(args.markdown, table, command, rows)
 
@@ -585,7 +585,7 @@ def run_cuda(args) -> None:
     print(table)
     command = command_line(__file__)
     if args.json:
-        args.json.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_gbps=copy_gbps, command=command, rows=rows), indent=2))
+        write_json(args.json, dict(device=torch.cuda.get_device_name(), copy_gbps=copy_gbps, command=command, rows=rows), indent=2)
     if args.markdown:
         text = f"""## Embedding training step (GPU)
 

@@ -37,7 +37,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from harness import REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy
+from harness import (
+    REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy, write_json,
+)  # fmt: skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_rec.checkpoint import CheckpointReader  # noqa: E402
@@ -234,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 print(json.dumps({k: v for k, v in result.items() if k != "timeline"}), flush=True)
                 results.append(result)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, indent=1)
     plot(results, args.png)
     text = report(results, args, load, argv)
     print(text)

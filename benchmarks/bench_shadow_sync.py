@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from harness import REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy
+from harness import (
+    REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy, write_json,
+)  # fmt: skip
 
 sys.path.insert(0, str(REPO))
 from dist_rec.fault.netns import Hosts  # noqa: E402
@@ -247,8 +249,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                     print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
                     results.append(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, indent=1)
     plot(results, args.png)
     text = report(results, args, load, argv)
     print(text)

@@ -98,7 +98,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from harness import REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy
+from harness import (
+    REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy, write_json,
+)  # fmt: skip
 
 sys.path.insert(0, str(REPO))
 
@@ -1121,8 +1123,7 @@ def main(argv=None) -> None:
     text = _markdown(data)
     print("\n" + text)
     if args.json and not args.from_json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=1, default=float))
+        write_json(args.json, data, indent=1, default=float)
     if args.markdown:
         update_section(args.markdown, "bench_tiered", text)
 

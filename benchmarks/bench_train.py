@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from harness import (
     REPO, busy_note, command_line, machine_summary, markdown_table, median_fields, per_round_ratios, ratio_cell,
-    run_rounds, run_worker_process, update_section, warn_if_busy, write_worker_result,
+    run_rounds, run_worker_process, update_section, warn_if_busy, write_json, write_worker_result,
 )  # fmt: skip
 
 # Criteo Kaggle (Display Advertising Challenge) cardinalities of C1..C26, as
@@ -565,9 +565,7 @@ def report(script, argv, args, rows, load, format_table, format_phases, write_ma
     print(phases)
     command = command_line(script, argv)
     if args.json:
-        args.json.write_text(
-            json.dumps(dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)
-        )
+        write_json(args.json, dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)
     if args.markdown:
         write_markdown(args.markdown, table, phases, command, args, rows, load)
 

@@ -61,6 +61,18 @@ def run_worker_process(script: Path | str, args: Sequence[str], *, label: str, t
         return json.loads(Path(result.name).read_text())
 
 
+def write_json(path: Path | str, data: Any, **dumps_kwargs) -> None:
+    """``data`` as JSON at ``path``, its folder created (``runs/`` is not in a
+    fresh clone: a run of half an hour once lost its figures to that) and the
+    file renamed into place, so that an earlier file is never half
+    overwritten."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(data, **dumps_kwargs))
+    partial.replace(path)
+
+
 def write_worker_result(path: Path | str, result: dict) -> None:
     """The worker's side of ``run_worker_process``: its result, as JSON."""
     Path(path).write_text(json.dumps(result))

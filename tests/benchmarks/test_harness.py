@@ -3,6 +3,7 @@ benchmark page's section writer, the Markdown table."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from harness import (  # noqa: E402
     run_rounds,
     spread,
     update_section,
+    write_json,
 )
 
 # ---------------------------------------------------------------------------
@@ -186,3 +188,13 @@ def test_update_section_creates_the_page(tmp_path, capsys):
     update_section(page, "cpu", "text")
     assert page.read_text() == "# Benchmarks\n\n<!-- cpu:begin -->\ntext\n<!-- cpu:end -->\n"
     assert f"wrote the cpu section of {page}" in capsys.readouterr().out
+
+
+def test_write_json_creates_its_folder_and_replaces_a_file_whole(tmp_path):
+    path = tmp_path / "runs" / "nested" / "bench.json"  # runs/ is not in a fresh clone
+    write_json(path, {"rows": [1, 2]}, indent=1)
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    write_json(path, {"rows": [3]})
+    assert json.loads(path.read_text()) == {"rows": [3]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["bench.json"]  # no partial file left
+
