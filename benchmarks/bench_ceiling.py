@@ -5,7 +5,8 @@ PyTorch's own gathers are not a ceiling: dist_rec's step already "reached"
 109% of them. This measures the machine itself with native loops
 (``native/row_ceiling.cpp``, built here with ``g++ -O3 -march=native
 -fopenmp``): sums kept in registers as wide as the CPU's vectors (AVX-512,
-else AVX2), rows prefetched ahead, huge-page tables, every core.
+else AVX2 or AVX, else 16 bytes), rows prefetched ahead, huge-page tables,
+every core.
 
 * **read**: pool every bag of a batch (each id's row read once), as a
   forward does;
@@ -51,9 +52,20 @@ DISTANCES = (0, 8, 16, 32, 64)
 HINTS = {"t0": 0, "t1": 1, "w": 2, "t2": 3}  # prefetch into L1, into L2, for writing; prefetcht2
 
 
+def _build_host() -> str:
+    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{compiler}\n{flags}\n{os.uname().machine}"
+
+
 def load_native() -> ctypes.CDLL:
-    """``row_ceiling.cpp`` built for this machine (cached by the source's hash)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """``row_ceiling.cpp`` built for this machine, cached by the hash of the
+    source, the compiler and the CPU's flags (``-march=native``: a cache
+    shared with another machine must not hand over its build)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + _build_host().encode()).hexdigest()[:16]
     cache = Path.home() / ".cache" / "dist_rec"
     cache.mkdir(parents=True, exist_ok=True)
     library = cache / f"row_ceiling-{digest}.so"

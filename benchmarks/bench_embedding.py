@@ -475,10 +475,10 @@ def main(argv=None) -> None:
     print()
     print(table)
     command = command_line(__file__, argv)
-    if args.json:
-        write_json(args.json, dict(machine=machine_summary(), command=command, rows=rows), indent=2)
     if args.markdown:
         write_markdown(args.markdown, table, command, rows)
+    if args.json:
+        write_json(args.json, dict(machine=machine_summary(), command=command, rows=rows), indent=2)
 
 
 def write_markdown(path: Path, table: str, command: str, rows: List[dict]) -> None:

@@ -1116,7 +1116,7 @@ def main(argv=None) -> None:
             for key in ("milp_tables", "milp_world_sizes", "milp_time_limit", "milp_fast_share", "milp_grid", "seed"):
                 data["args"][key] = getattr(args, key)
             data["milp"], data["milp_argv"] = milp_timings(args, tiers), shown
-            args.from_json.write_text(json.dumps(data, indent=1, default=float))
+            write_json(args.from_json, data, indent=1, default=float)
     else:
         load = warn_if_busy()
         data = run(args, shown, load)

@@ -564,10 +564,10 @@ def report(script, argv, args, rows, load, format_table, format_phases, write_ma
     print()
     print(phases)
     command = command_line(script, argv)
-    if args.json:
-        write_json(args.json, dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)
     if args.markdown:
         write_markdown(args.markdown, table, phases, command, args, rows, load)
+    if args.json:
+        write_json(args.json, dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,13 @@ def write_json(path: Path | str, data: Any, **dumps_kwargs) -> None:
     overwritten."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, **dumps_kwargs)
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(data, **dumps_kwargs))
-    partial.replace(path)
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def write_worker_result(path: Path | str, result: dict) -> None:

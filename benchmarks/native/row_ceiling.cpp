@@ -5,7 +5,7 @@
 //               `distance` ids ahead prefetched (`hint`: into L1, into L2,
 //               prefetcht2 or for writing), bags split over every core;
 //               the sums stay in registers (a row of D floats is D / lanes
-//               vector registers).
+//               vector registers, in blocks of at most 16).
 // update_rows:  each listed row r := r * a + b in place (one read and one
 //               write per row), rows `distance` ahead prefetched.
 //
@@ -30,9 +30,12 @@ constexpr const char* kIsa = "AVX2";
 #elif defined(__AVX__)
 constexpr int kVectorBytes = 32;
 constexpr const char* kIsa = "AVX";
-#else
+#elif defined(__x86_64__)
 constexpr int kVectorBytes = 16;
 constexpr const char* kIsa = "SSE";
+#else
+constexpr int kVectorBytes = 16;
+constexpr const char* kIsa = "16-byte vectors";
 #endif
 constexpr int kLanes = kVectorBytes / 4;
 typedef float vec __attribute__((vector_size(kVectorBytes)));
@@ -63,23 +66,36 @@ inline void prefetch_row(const float* row, int64_t dim, int hint) {
   }
 }
 
-template <int V>  // V = dim / kLanes registers
+// A row of V vectors is pooled in column blocks of at most kMaxRegisters
+// accumulators (16 vector registers: AVX2 has no more), the ids' rows
+// prefetched by the first block only.
+constexpr int kMaxRegisters = 16;
+
+template <int V>  // V = dim / kLanes vectors
 void pooled_read_v(const float* const* tables, int64_t dim, const int64_t* ids, const int64_t* offsets, int64_t num_bags,
                    int64_t bags_per_table, float* out, int64_t distance, int hint) {
+  constexpr int kBlock = V < kMaxRegisters ? V : kMaxRegisters;
+  static_assert(V % kBlock == 0, "a row is whole blocks");
 #pragma omp parallel for schedule(dynamic, 256)
   for (int64_t bag = 0; bag < num_bags; ++bag) {
     const int64_t table = bag / bags_per_table;
     const float* w = tables[table];
     const int64_t start = offsets[bag], end = offsets[bag + 1];
     const int64_t table_end = offsets[(table + 1) * bags_per_table];
-    vec acc[V];
-    for (int k = 0; k < V; ++k) acc[k] = vec{};
-    for (int64_t p = start; p < end; ++p) {
-      if (distance > 0 && p + distance < table_end) prefetch_row(w + ids[p + distance] * dim, dim, hint);
-      const float* row = w + ids[p] * dim;
-      for (int k = 0; k < V; ++k) acc[k] += load(row + kLanes * k);
+    for (int block = 0; block < V / kBlock; ++block) {
+      const int64_t col = int64_t{block} * kBlock * kLanes;
+      vec acc[kBlock];
+#pragma GCC unroll 16
+      for (int k = 0; k < kBlock; ++k) acc[k] = vec{};
+      for (int64_t p = start; p < end; ++p) {
+        if (block == 0 && distance > 0 && p + distance < table_end) prefetch_row(w + ids[p + distance] * dim, dim, hint);
+        const float* row = w + ids[p] * dim + col;
+#pragma GCC unroll 16
+        for (int k = 0; k < kBlock; ++k) acc[k] += load(row + kLanes * k);
+      }
+#pragma GCC unroll 16
+      for (int k = 0; k < kBlock; ++k) store(out + bag * dim + col + kLanes * k, acc[k]);
     }
-    for (int k = 0; k < V; ++k) store(out + bag * dim + kLanes * k, acc[k]);
   }
 }
 
@@ -94,6 +110,7 @@ void update_rows_v(float* const* tables, int64_t dim, const int64_t* rows, const
     for (int64_t i = start; i < end; ++i) {
       if (distance > 0 && i + distance < end) prefetch_row(w + rows[i + distance] * dim, dim, hint);
       float* row = w + rows[i] * dim;
+#pragma GCC unroll 32
       for (int k = 0; k < V; ++k) store(row + kLanes * k, load(row + kLanes * k) * va + vb);
     }
   }

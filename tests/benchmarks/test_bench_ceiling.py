@@ -3,6 +3,10 @@ PyTorch: a ceiling that computed something else would measure nothing."""
 
 from __future__ import annotations
 
+import platform
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,7 +74,7 @@ def test_the_loops_are_as_wide_as_the_cpus_vectors(native):
             flags = set(line.split(":", 1)[1].split())
             break
     widest = [isa for flag, isa in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags]
-    expected = widest[0] if widest else "SSE"
+    expected = widest[0] if widest else "SSE" if platform.machine() == "x86_64" else "16-byte vectors"
     assert native.ceiling_isa().decode() == expected
 
 
@@ -79,3 +83,25 @@ def test_a_dim_without_a_loop_is_refused(native):
     with pytest.raises(ValueError, match="no loop for dim 24"):
         bench_ceiling.pooled_read(native, weights, torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1]), 1, 0,
                                   torch.empty(1, 24))  # fmt: skip
+
+
+def test_the_sums_stay_in_registers(native):
+    """No loop zeroes an accumulator array on the stack (a row wider than 16
+    vector registers once did: memset, then a load and a store per vector)."""
+    objdump = shutil.which("objdump")
+    if objdump is None:  # binutils comes with the g++ that built the loops
+        pytest.skip("objdump (binutils) is not installed")
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", native._name], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    loops, name = {}, None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1) if re.search(r"(pooled_read|update_rows)_v<", header.group(1)) else None
+            if name is not None:
+                loops[name] = []
+        elif name is not None:
+            loops[name].append(line)
+    assert len(loops) >= 10, sorted(loops)  # 5 dims x 2 loops (unless inlined into the dispatch)
+    fills = {n: l for n, body in loops.items() for l in body if re.search(r"\brep stos|\b(call|jmp)q?\s.*<memset", l)}
+    assert not fills, fills
