@@ -24,12 +24,13 @@ namespace {
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
 constexpr const char* kIsa = "AVX-512";
-#elif defined(__AVX2__)
-constexpr int kVectorBytes = 32;
-constexpr const char* kIsa = "AVX2";
 #elif defined(__AVX__)
 constexpr int kVectorBytes = 32;
+#if defined(__AVX2__)
+constexpr const char* kIsa = "AVX2";
+#else
 constexpr const char* kIsa = "AVX";
+#endif
 #elif defined(__x86_64__)
 constexpr int kVectorBytes = 16;
 constexpr const char* kIsa = "SSE";
