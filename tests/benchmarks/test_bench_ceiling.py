@@ -4,9 +4,6 @@ PyTorch: a ceiling that computed something else would measure nothing."""
 from __future__ import annotations
 
 import platform
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -85,23 +82,10 @@ def test_a_dim_without_a_loop_is_refused(native):
                                   torch.empty(1, 24))  # fmt: skip
 
 
-def test_the_sums_stay_in_registers(native):
+def test_the_sums_stay_in_registers(native, machine_code, stack_fill):
     """No loop zeroes an accumulator array on the stack (a row wider than 16
     vector registers once did: memset, then a load and a store per vector)."""
-    objdump = shutil.which("objdump")
-    if objdump is None:  # binutils comes with the g++ that built the loops
-        pytest.skip("objdump (binutils) is not installed")
-    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", native._name], capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
-    loops, name = {}, None
-    for line in listing.splitlines():
-        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
-        if header:
-            name = header.group(1) if re.search(r"(pooled_read|update_rows)_v<", header.group(1)) else None
-            if name is not None:
-                loops[name] = []
-        elif name is not None:
-            loops[name].append(line)
+    loops = machine_code(native._name, r"(pooled_read|update_rows)_v<")
     assert len(loops) >= 10, sorted(loops)  # 5 dims x 2 loops (unless inlined into the dispatch)
-    fills = {n: l for n, body in loops.items() for l in body if re.search(r"\brep stos|\b(call|jmp)q?\s.*<memset", l)}
+    fills = {n: line for n, body in loops.items() for line in body if stack_fill.search(line)}
     assert not fills, fills
