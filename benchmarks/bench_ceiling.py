@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -79,7 +79,7 @@ def load_native() -> ctypes.CDLL:
     native = ctypes.CDLL(str(library))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     native.pooled_read.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int]
-    native.update_rows.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, i64, ctypes.c_int]
+    native.update_rows.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ctypes.c_float, ctypes.c_float, i64, ctypes.c_int]
     native.ceiling_isa.restype = ctypes.c_char_p
     return native
 
@@ -99,9 +99,19 @@ def pooled_read(native, tables: List[torch.Tensor], ids: torch.Tensor, offsets: 
 
 
 def update_rows(native, tables: List[torch.Tensor], rows: torch.Tensor, starts: torch.Tensor, a: float, b: float,
-                distance: int, hint: str = "w") -> None:  # fmt: skip
-    """Rows ``rows[starts[t]:starts[t + 1]]`` of table t (each once): ``r = r * a + b``."""
-    code = native.update_rows(_pointers(tables), tables[0].shape[1], rows.data_ptr(), starts.data_ptr(), len(tables),
+                distance: int, hint: str = "w", states: Optional[List[torch.Tensor]] = None) -> None:  # fmt: skip
+    """Rows ``rows[starts[t]:starts[t + 1]]`` of table t (each once): ``r = r * a + b``;
+    with ``states`` (a float per row of each table), also ``states[t][r] = s * a + b``."""
+    if states is not None and (
+        [s.shape for s in states] != [t.shape[:1] for t in tables]
+        or any(s.dtype != torch.float32 or not s.is_contiguous() for s in states)
+    ):
+        raise ValueError(
+            "states must hold one contiguous float32 per row of each table; got "
+            f"{[(tuple(s.shape), s.dtype) for s in states]} for tables of {[t.shape[0] for t in tables]} rows"
+        )
+    code = native.update_rows(_pointers(tables), _pointers(states) if states is not None else None,
+                              tables[0].shape[1], rows.data_ptr(), starts.data_ptr(), len(tables),
                               a, b, distance, HINTS[hint])  # fmt: skip
     if code:
         raise ValueError(f"row_ceiling.cpp has no loop for dim {tables[0].shape[1]} (16, 32, 64, 128, 256)")
@@ -125,14 +135,16 @@ def _median_seconds(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def measure_ceiling(native, config, tables, batches, steps: int, warmup: int) -> Dict:
-    """Best-of-distances median seconds per batch: reading its ids, and
-    read-modify-writing its unique rows."""
+def measure_ceiling(native, config, tables, states, batches, steps: int, warmup: int) -> Dict:
+    """Best-of-distances median seconds per batch: reading its ids,
+    read-modify-writing its unique rows, and the same with each row's
+    optimizer state (``states``: a float per row, as row-wise AdaGrad
+    keeps)."""
     from bench_embedding import NUM_BATCHES
 
     out = torch.empty(config.tables * config.batch_size, config.dim)
     unique = [_unique_per_table(config, b) for b in batches]
-    read, rmw = {}, {}
+    read, rmw, rmw_state = {}, {}, {}
     for distance in DISTANCES:
         for hint in ("t0", "t1", "t2") if distance else ("t0",):
             read[(distance, hint)] = _median_seconds(
@@ -143,8 +155,12 @@ def measure_ceiling(native, config, tables, batches, steps: int, warmup: int) ->
             # r * 1 + 0: the rows keep their values (bit for bit), so every round reads the same tables.
             rmw[(distance, hint)] = _median_seconds(
                 lambda i: update_rows(native, tables, *unique[i % NUM_BATCHES], 1.0, 0.0, distance, hint), steps, warmup)
-    best_read, best_rmw = min(read, key=read.get), min(rmw, key=rmw.get)
-    return {"read_s": read[best_read], "rmw_s": rmw[best_rmw], "read_distance": best_read, "rmw_distance": best_rmw}
+            rmw_state[(distance, hint)] = _median_seconds(
+                lambda i: update_rows(native, tables, *unique[i % NUM_BATCHES], 1.0, 0.0, distance, hint, states),
+                steps, warmup)  # fmt: skip
+    best_read, best_rmw, best_state = min(read, key=read.get), min(rmw, key=rmw.get), min(rmw_state, key=rmw_state.get)
+    return {"read_s": read[best_read], "rmw_s": rmw[best_rmw], "rmw_state_s": rmw_state[best_state],
+            "read_distance": best_read, "rmw_distance": best_rmw, "rmw_state_distance": best_state}  # fmt: skip
 
 
 def measure_dist_rec(config, batches, steps: int, warmup: int) -> Dict:
@@ -169,27 +185,29 @@ def run(args) -> List[Dict]:
                 batches = make_batches(config)
                 tables = [empty_hugepage((config.rows, dim), torch.float32).copy_(init_weight(config, t))
                           for t in range(config.tables)]  # fmt: skip
+                states = [empty_hugepage((config.rows,), torch.float32).fill_(1.0) for _ in range(config.tables)]
                 rounds = []
                 for r in range(args.rounds):
                     order = ["ceiling", "dist_rec"] if r % 2 == 0 else ["dist_rec", "ceiling"]
                     figures = {}
                     for name in order:
                         if name == "ceiling":
-                            figures.update(measure_ceiling(native, config, tables, batches, args.steps, args.warmup))
+                            figures.update(measure_ceiling(native, config, tables, states, batches, args.steps, args.warmup))
                         else:
                             figures.update(measure_dist_rec(config, batches, args.steps, args.warmup))
                     rounds.append(figures)
                     print(f"[{config.label()} round {r + 1}] ceiling read {1e3 * figures['read_s']:.1f} ms "
-                          f"{figures['read_distance']} + rmw {1e3 * figures['rmw_s']:.1f} ms {figures['rmw_distance']}; dist_rec forward {1e3 * figures['forward_s']:.1f} ms, "
+                          f"{figures['read_distance']} + rmw {1e3 * figures['rmw_s']:.1f} ms {figures['rmw_distance']} "
+                          f"(with state {1e3 * figures['rmw_state_s']:.1f} ms {figures['rmw_state_distance']}); dist_rec forward {1e3 * figures['forward_s']:.1f} ms, "
                           f"step {1e3 * figures['step_s']:.1f} ms", flush=True)  # fmt: skip
                 n = statistics.mean(int(b["indices"].numel()) for b in batches)
                 u = statistics.mean(unique_rows(config, b) for b in batches)
-                med = {k: statistics.median(r[k] for r in rounds) for k in ("read_s", "rmw_s", "forward_s", "step_s")}
+                med = {k: statistics.median(r[k] for r in rounds) for k in ("read_s", "rmw_s", "rmw_state_s", "forward_s", "step_s")}
                 results.append(dict(config=config.label(), ids=n, unique=u, row_bytes=dim * 4, threads=native.ceiling_threads(),
                                     isa=native.ceiling_isa().decode(),
                                     read_distance=rounds[0]["read_distance"], rmw_distance=rounds[0]["rmw_distance"],
                                     rounds=rounds, **med))  # fmt: skip
-                del tables
+                del tables, states
     return results
 
 
@@ -200,9 +218,10 @@ def markdown(results: List[Dict], argv, load) -> str:
         rmw_gbps = 2 * r["unique"] * r["row_bytes"] / r["rmw_s"] / 1e9
         ceiling_step = r["read_s"] + r["rmw_s"]
         rows.append([r["config"], f"{r['ids'] / 1e6:.2f}M / {r['unique'] / 1e6:.2f}M", f"{1e3 * r['read_s']:.1f}",
-                     f"{read_gbps:.1f}", f"{1e3 * r['rmw_s']:.1f}", f"{rmw_gbps:.1f}", f"{1e3 * r['forward_s']:.1f}",
-                     f"**{r['read_s'] / r['forward_s']:.0%}**", f"{1e3 * r['step_s']:.1f}",
-                     f"**{ceiling_step / r['step_s']:.0%}**"])  # fmt: skip
+                     f"{read_gbps:.1f}", f"{1e3 * r['rmw_s']:.1f}", f"{rmw_gbps:.1f}", f"{1e3 * r['rmw_state_s']:.1f}",
+                     f"{1e3 * r['forward_s']:.1f}", f"**{r['read_s'] / r['forward_s']:.0%}**", f"{1e3 * r['step_s']:.1f}",
+                     f"**{ceiling_step / r['step_s']:.0%}**",
+                     f"{(r['read_s'] + r['rmw_state_s']) / r['step_s']:.0%}"])  # fmt: skip
     return "\n".join([
         "## The true ceiling of the embedding step (CPU, bench_ceiling.py)", "",
         f"`{command_line(__file__, argv)}`", "", f"{machine_summary()}.{busy_note(load)}", "",
@@ -214,9 +233,13 @@ def markdown(results: List[Dict], argv, load) -> str:
         "Read-modify-write: every unique row of each table read, changed and written once, in sorted order. The "
         "ceiling of a forward is the read time of its N ids; of a step, that plus the read-modify-write time of its U "
         "unique rows. dist_rec's share = ceiling time / dist_rec's time (medians of the rounds; ceiling and dist_rec "
-        "alternated in one process). GB/s: rows read (read), rows read and written (read-modify-write).", "",
-        markdown_table(["config", "ids N / unique U", "read ms", "read GB/s", "rmw ms", "rmw GB/s",
-                        "dist_rec forward ms", "forward / ceiling", "dist_rec step ms", "step / ceiling"], rows),  # fmt: skip
+        "alternated in one process). GB/s: rows read (read), rows read and written (read-modify-write). "
+        "\"rmw + state\": the same read-modify-write that also reads and writes each row's float of optimizer state "
+        "(row-wise AdaGrad's, which the fused step must update: one more cache line per row, at random), and the "
+        "step's share of the ceiling built on it.", "",
+        markdown_table(["config", "ids N / unique U", "read ms", "read GB/s", "rmw ms", "rmw GB/s", "rmw + state ms",
+                        "dist_rec forward ms", "forward / ceiling", "dist_rec step ms", "step / ceiling",
+                        "step / ceiling with state"], rows),  # fmt: skip
     ])
 
 

@@ -584,8 +584,6 @@ def run_cuda(args) -> None:
     print()
     print(table)
     command = command_line(__file__)
-    if args.json:
-        write_json(args.json, dict(device=torch.cuda.get_device_name(), copy_gbps=copy_gbps, command=command, rows=rows), indent=2)
     if args.markdown:
         text = f"""## Embedding training step (GPU)
 
@@ -601,6 +599,8 @@ AdaGrad. Forward GB/s counts the looked-up rows read and the output written.
 {table}
 """
         update_section(args.markdown, "gpu", text)
+    if args.json:
+        write_json(args.json, dict(device=torch.cuda.get_device_name(), copy_gbps=copy_gbps, command=command, rows=rows), indent=2)
 
 
 def format_cuda_table(rows: List[dict], copy_gbps: float) -> str:

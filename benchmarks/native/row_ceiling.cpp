@@ -7,7 +7,9 @@
 //               the sums stay in registers (a row of D floats is D / lanes
 //               vector registers, in blocks of at most 16).
 // update_rows:  each listed row r := r * a + b in place (one read and one
-//               write per row), rows `distance` ahead prefetched.
+//               write per row), rows `distance` ahead prefetched; with
+//               `states`, also the row's one float of optimizer state
+//               (row-wise AdaGrad's), s := s * a + b, prefetched alike.
 //
 // Built by bench_ceiling.py with g++ -O3 -march=native -fopenmp: the vectors
 // are as wide as that CPU's widest (AVX-512, else AVX2 or AVX, else 16 bytes), so
@@ -101,15 +103,20 @@ void pooled_read_v(const float* const* tables, int64_t dim, const int64_t* ids, 
 }
 
 template <int V>
-void update_rows_v(float* const* tables, int64_t dim, const int64_t* rows, const int64_t* table_starts, int64_t num_tables,
-                   float a, float b, int64_t distance, int hint) {
+void update_rows_v(float* const* tables, float* const* states, int64_t dim, const int64_t* rows,
+                   const int64_t* table_starts, int64_t num_tables, float a, float b, int64_t distance, int hint) {
   const vec va = vec{} + a, vb = vec{} + b;
   for (int64_t t = 0; t < num_tables; ++t) {
     float* w = tables[t];
+    float* state = states != nullptr ? states[t] : nullptr;
     const int64_t start = table_starts[t], end = table_starts[t + 1];
 #pragma omp parallel for schedule(dynamic, 1024)
     for (int64_t i = start; i < end; ++i) {
-      if (distance > 0 && i + distance < end) prefetch_row(w + rows[i + distance] * dim, dim, hint);
+      if (distance > 0 && i + distance < end) {
+        prefetch_row(w + rows[i + distance] * dim, dim, hint);
+        if (state != nullptr) prefetch_row(state + rows[i + distance], 1, hint);
+      }
+      if (state != nullptr) state[rows[i]] = state[rows[i]] * a + b;
       float* row = w + rows[i] * dim;
 #pragma GCC unroll 32
       for (int k = 0; k < V; ++k) store(row + kLanes * k, load(row + kLanes * k) * va + vb);
@@ -146,10 +153,10 @@ int pooled_read(const float* const* tables, int64_t dim, const int64_t* ids, con
   });
 }
 
-int update_rows(float* const* tables, int64_t dim, const int64_t* rows, const int64_t* table_starts, int64_t num_tables,
-                float a, float b, int64_t distance, int hint) {
+int update_rows(float* const* tables, float* const* states, int64_t dim, const int64_t* rows, const int64_t* table_starts,
+                int64_t num_tables, float a, float b, int64_t distance, int hint) {
   return with_registers(dim, [&](auto v) {
-    update_rows_v<decltype(v)::value>(tables, dim, rows, table_starts, num_tables, a, b, distance, hint);
+    update_rows_v<decltype(v)::value>(tables, states, dim, rows, table_starts, num_tables, a, b, distance, hint);
   });
 }
 

@@ -49,19 +49,35 @@ def test_pooled_read_sums_each_bag(native, seed, dim, distance, hint):
         torch.testing.assert_close(out[t * batch : (t + 1) * batch], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_state", [False, True], ids=["rows", "rows_and_state"])
 @pytest.mark.parametrize("dim", [16, 64, 256])
 @pytest.mark.parametrize("hint", ["w", "t1", "t2"])
-def test_update_rows_changes_each_listed_row_once(native, hint, dim):
+def test_update_rows_changes_each_listed_row_once(native, hint, dim, with_state):
     tables, rows = 2, 300
     weights = [torch.randn(rows, dim, generator=torch.Generator().manual_seed(t)) for t in range(tables)]
-    before = [w.clone() for w in weights]
+    states = [torch.randn(rows, generator=torch.Generator().manual_seed(10 + t)) for t in range(tables)]
+    before, states_before = [w.clone() for w in weights], [s.clone() for s in states]
     listed = [torch.tensor([0, 5, 6, 299]), torch.arange(0, 300, 3)]
     starts = torch.tensor([0, 4, 4 + listed[1].numel()])
-    bench_ceiling.update_rows(native, weights, torch.cat(listed), starts, 2.0, 1.0, 16, hint)
+    bench_ceiling.update_rows(native, weights, torch.cat(listed), starts, 2.0, 1.0, 16, hint,
+                              states if with_state else None)  # fmt: skip
     for t in range(tables):
         expected = before[t].clone()
         expected[listed[t]] = expected[listed[t]] * 2.0 + 1.0
         torch.testing.assert_close(weights[t], expected, rtol=0, atol=1e-6)
+        expected_state = states_before[t].clone()
+        if with_state:
+            expected_state[listed[t]] = expected_state[listed[t]] * 2.0 + 1.0
+        torch.testing.assert_close(states[t], expected_state, rtol=0, atol=1e-6)
+
+
+def test_states_of_the_wrong_shape_or_type_are_refused(native):
+    weights = [torch.zeros(10, 16), torch.zeros(20, 16)]
+    rows, starts = torch.tensor([1, 2]), torch.tensor([0, 1, 2])
+    for states in ([torch.zeros(10), torch.zeros(10)], [torch.zeros(10), torch.zeros(20, dtype=torch.float64)]):
+        with pytest.raises(ValueError, match="one contiguous float32 per row"):
+            bench_ceiling.update_rows(native, weights, rows, starts, 1.0, 0.0, 8, "t1", states)
+    assert all(bool((w == 0).all()) for w in weights)
 
 
 def test_the_loops_are_as_wide_as_the_cpus_vectors(native):
@@ -89,3 +105,18 @@ def test_the_sums_stay_in_registers(native, machine_code, stack_fill):
     assert len(loops) >= 10, sorted(loops)  # 5 dims x 2 loops (unless inlined into the dispatch)
     fills = {n: line for n, body in loops.items() for line in body if stack_fill.search(line)}
     assert not fills, fills
+
+
+def test_the_table_reports_both_ceilings():
+    """The step's share of the rows-only ceiling (the issue's measure) and of
+    the one that also steps each row's optimizer state, from the same medians."""
+    result = dict(config="8x1,000x64 B=4 uniform", ids=80.0, unique=64.0, row_bytes=256, threads=2, isa="AVX2",
+                  read_s=0.002, rmw_s=0.003, rmw_state_s=0.004, forward_s=0.004, step_s=0.010)  # fmt: skip
+    text = bench_ceiling.markdown([result], ["--dims", "64"], [0.0, 0.0, 0.0])
+    header = next(line for line in text.splitlines() if line.startswith("| config"))
+    row = next(line for line in text.splitlines() if line.startswith("| 8x1,000x64"))
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    assert cells["rmw ms"] == "3.0" and cells["rmw + state ms"] == "4.0"
+    assert cells["forward / ceiling"] == "**50%**"
+    assert cells["step / ceiling"] == "**50%**"  # (2 + 3) / 10
+    assert cells["step / ceiling with state"] == "60%"  # (2 + 4) / 10
