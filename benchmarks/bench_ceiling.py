@@ -13,6 +13,10 @@ every core.
 * **read-modify-write**: each of the batch's unique rows of each table
   read, changed and written back once (sorted, as the fused update walks
   them), as an update does;
+* **read-modify-write with state**: the same, each row's float of
+  optimizer state too (row-wise AdaGrad's: the fused step must read and
+  write it, one more cache line per row at random), so that the table
+  says how much of the gap to the step is the state's;
 
 each at prefetch distances 0, 8, 16, 32 and 64 ids and with each
 prefetch hint (into L1, into L2, prefetcht2, for writing), keeping the best. For the
@@ -139,7 +143,7 @@ def measure_ceiling(native, config, tables, states, batches, steps: int, warmup:
     """Best-of-distances median seconds per batch: reading its ids,
     read-modify-writing its unique rows, and the same with each row's
     optimizer state (``states``: a float per row, as row-wise AdaGrad
-    keeps)."""
+    keeps; each swept over distances and hints on its own)."""
     from bench_embedding import NUM_BATCHES
 
     out = torch.empty(config.tables * config.batch_size, config.dim)
@@ -153,11 +157,10 @@ def measure_ceiling(native, config, tables, states, batches, steps: int, warmup:
                 steps, warmup)  # fmt: skip
         for hint in ("w", "t0", "t1", "t2") if distance else ("w",):
             # r * 1 + 0: the rows keep their values (bit for bit), so every round reads the same tables.
-            rmw[(distance, hint)] = _median_seconds(
-                lambda i: update_rows(native, tables, *unique[i % NUM_BATCHES], 1.0, 0.0, distance, hint), steps, warmup)
-            rmw_state[(distance, hint)] = _median_seconds(
-                lambda i: update_rows(native, tables, *unique[i % NUM_BATCHES], 1.0, 0.0, distance, hint, states),
-                steps, warmup)  # fmt: skip
+            for times, with_states in ((rmw, None), (rmw_state, states)):
+                times[(distance, hint)] = _median_seconds(
+                    lambda i: update_rows(native, tables, *unique[i % NUM_BATCHES], 1.0, 0.0, distance, hint, with_states),
+                    steps, warmup)  # fmt: skip
     best_read, best_rmw, best_state = min(read, key=read.get), min(rmw, key=rmw.get), min(rmw_state, key=rmw_state.get)
     return {"read_s": read[best_read], "rmw_s": rmw[best_rmw], "rmw_state_s": rmw_state[best_state],
             "read_distance": best_read, "rmw_distance": best_rmw, "rmw_state_distance": best_state}  # fmt: skip
@@ -206,6 +209,7 @@ def run(args) -> List[Dict]:
                 results.append(dict(config=config.label(), ids=n, unique=u, row_bytes=dim * 4, threads=native.ceiling_threads(),
                                     isa=native.ceiling_isa().decode(),
                                     read_distance=rounds[0]["read_distance"], rmw_distance=rounds[0]["rmw_distance"],
+                                    rmw_state_distance=rounds[0]["rmw_state_distance"],
                                     rounds=rounds, **med))  # fmt: skip
                 del tables, states
     return results

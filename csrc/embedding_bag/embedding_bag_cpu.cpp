@@ -427,16 +427,16 @@ TableRegions table_regions(const Problem& p, const I* off) {
   return r;
 }
 
-// What the segment pass writes, and (when the sort carried positions rather
-// than gradient offsets) what it gathers by position.
+// What the segment pass writes, and (when the sort carried positions or
+// bags rather than gradient offsets) what it gathers by them.
 struct SegmentSink {
   int64_t* occ_begin;
   int32_t* seg_table;
   int64_t* seg_row;
   int64_t* occ_grad_offset;
   float* occ_scale; // or null
-  const int64_t* grad_offset; // by position, or null: the payload is the gradient offset
-  const float* scale; // by position, or null
+  const int64_t* grad_offset; // by payload (position or bag), or null: the payload is the gradient offset
+  const float* scale; // by payload, or null
   // Entries of positions that start no segment go to a discard slot, one per
   // writer (no branch): the w-th at discard + kDiscardStride * w. They lie a
   // cache line apart (16 entries: 64 bytes of int32, 128 of int64) and past
@@ -471,7 +471,8 @@ int64_t write_segments(
     int64_t i1,
     int64_t s,
     int64_t writer) {
-  // The gathers by position miss the cache: fetched this many slots ahead.
+  // The gathers by position miss the cache (by bag, less often): fetched
+  // this many slots ahead.
   constexpr int64_t kGatherAhead = 16;
   const int64_t discard = o.discard + kDiscardStride * writer;
   for (int64_t i = i0; i < i1; ++i) {
@@ -646,21 +647,31 @@ Segments group_by_row(
   const I* idx = indices.const_data_ptr<I>();
   const I* off = offsets.const_data_ptr<I>();
   const TableRegions regions = table_regions(p, off);
-  float* scale = (psw != nullptr || p.any_mean) ? ws.take<float>(Scratch::kScale, n) : nullptr;
   // What each slot carries through the sort. The sort is stable and a
   // table's slots start in position order, so the payload need not be the
-  // position: without weights it is the bag's gradient offset itself, and
-  // the segment pass copies it in order, where it gathered it by position
-  // (a random read per occurrence) otherwise.
-  const bool carry_grad_offset =
-      scale == nullptr && static_cast<uint64_t>(p.batch) * static_cast<uint64_t>(p.out_dim) <= UINT32_MAX;
-  int64_t* grad_offset = carry_grad_offset ? nullptr : ws.take<int64_t>(Scratch::kGradOffset, n);
+  // position (which the segment pass would use to gather the gradient
+  // offset and weight of each occurrence: 12 bytes an id, read at random):
+  // - without weights, the bag's gradient offset itself, which the segment
+  //   pass copies in order;
+  // - with mean pooling but no per-sample weights, the bag, whose gradient
+  //   offset and 1/L it reads from arrays by bag (12 bytes a bag: in cache);
+  // - with per-sample weights, the position.
+  enum class Payload { kGradOffset, kBag, kPosition };
+  const int64_t num_bags = static_cast<int64_t>(p.features.size()) * p.batch;
+  const bool weighted = psw != nullptr || p.any_mean;
+  const Payload payload =
+      !weighted && static_cast<uint64_t>(p.batch) * static_cast<uint64_t>(p.out_dim) <= UINT32_MAX ? Payload::kGradOffset
+      : psw == nullptr && static_cast<uint64_t>(num_bags) <= UINT32_MAX                            ? Payload::kBag
+                                                                                                   : Payload::kPosition;
+  const int64_t entries = payload == Payload::kBag ? num_bags : n; // of grad_offset and scale
+  float* scale = weighted ? ws.take<float>(Scratch::kScale, entries) : nullptr;
+  int64_t* grad_offset = payload == Payload::kGradOffset ? nullptr : ws.take<int64_t>(Scratch::kGradOffset, entries);
 
   // 1. Per position of bags [b0, b1) (group_each_table calls this with a
   //    table's bags, or a piece of them): its row and payload in its
   //    table's slots k and pay (which start at slot `first`), and (by
-  //    position) where its bag's gradient sits in grad_output's feature
-  //    blocks and its weight (per-sample x 1/L). A range stops at its first
+  //    position, or by bag) where its bag's gradient sits in grad_output's
+  //    feature blocks and its weight (per-sample x 1/L). A range stops at its first
   //    bad id; first_bad keeps the smallest, thrown below once every table
   //    is filled and before anything is updated.
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
@@ -677,6 +688,12 @@ Segments group_by_row(
       const int64_t gofs = fv.out_col * p.batch + sample * p.tables[fv.table].dim;
       const float bag_scale =
           (fv.pooling == static_cast<int32_t>(cpu::PoolingMode::kMean) && end > start) ? 1.0f / (end - start) : 1.0f;
+      if (payload == Payload::kBag) {
+        grad_offset[bag] = gofs;
+        if (scale != nullptr) {
+          scale[bag] = bag_scale;
+        }
+      }
       for (int64_t i = start; i < end; ++i) {
         const int64_t id = static_cast<int64_t>(idx[i]);
         if (id < 0 || id >= rows) {
@@ -684,8 +701,10 @@ Segments group_by_row(
           return;
         }
         k[slot + i] = static_cast<K>(id);
-        if (carry_grad_offset) {
+        if (payload == Payload::kGradOffset) {
           pay[slot + i] = static_cast<uint32_t>(gofs);
+        } else if (payload == Payload::kBag) {
+          pay[slot + i] = static_cast<uint32_t>(bag);
         } else {
           pay[slot + i] = static_cast<uint32_t>(i);
           grad_offset[i] = gofs;

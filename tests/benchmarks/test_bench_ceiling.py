@@ -74,7 +74,12 @@ def test_update_rows_changes_each_listed_row_once(native, hint, dim, with_state)
 def test_states_of_the_wrong_shape_or_type_are_refused(native):
     weights = [torch.zeros(10, 16), torch.zeros(20, 16)]
     rows, starts = torch.tensor([1, 2]), torch.tensor([0, 1, 2])
-    for states in ([torch.zeros(10), torch.zeros(10)], [torch.zeros(10), torch.zeros(20, dtype=torch.float64)]):
+    wrong = (
+        [torch.zeros(10), torch.zeros(10)],  # the second table has 20 rows
+        [torch.zeros(10), torch.zeros(20, dtype=torch.float64)],
+        [torch.zeros(10), torch.zeros(40)[::2]],  # not contiguous
+    )
+    for states in wrong:
         with pytest.raises(ValueError, match="one contiguous float32 per row"):
             bench_ceiling.update_rows(native, weights, rows, starts, 1.0, 0.0, 8, "t1", states)
     assert all(bool((w == 0).all()) for w in weights)

@@ -267,7 +267,8 @@ STEP_CASES = [
     dict(seed=2, pooling="mean", weighted=True),
     dict(seed=3, max_rows=3, max_bag=10),  # hot rows: long segments
     dict(seed=4, index_dtype=torch.int32, dims=[5, 16, 33]),
-    # Unweighted sum pooling: the sort carries the gradient offsets, not the positions.
+    # Unweighted sum pooling: the sort carries the gradient offsets; mixed pooling (the default) carries the bags,
+    # per-sample weights the positions.
     dict(seed=5, pooling="sum"),
     dict(seed=6, pooling="sum", max_rows=3, max_bag=10),
     # The update sums a chunk of rows' gradients into a 4096-float buffer: a row wider than it is a chunk of its own
@@ -378,14 +379,22 @@ def _num_threads(n: int):
 
 
 # Tables of over 2^15 occurrences each. On 2 threads, three of about equal
-# size are sorted one per thread (mixed pooling: the sort carries
-# positions; sum pooling: gradient offsets); one alone is split over both.
+# size are sorted one per thread (mixed pooling: the sort carries bags; sum
+# pooling: gradient offsets; per-sample weights: positions); one alone is
+# split over both.
 LARGE_CASE = dict(seed=32, batch=2500, max_bag=40, max_rows=4000, dims=[8, 16, 4])
 LARGE_SUM_CASE = dict(LARGE_CASE, seed=34, pooling="sum")
+LARGE_WEIGHTED_CASE = dict(LARGE_CASE, seed=35, weighted=True)
 ONE_LARGE_CASE = dict(seed=33, num_tables=1, batch=2500, max_bag=40, max_rows=4000, dims=[16], pooling="sum")
+ONE_LARGE_MEAN_CASE = dict(ONE_LARGE_CASE, seed=36, pooling="mean")
+ONE_LARGE_WEIGHTED_CASE = dict(ONE_LARGE_CASE, seed=37, weighted=True)
 
 
-@pytest.mark.parametrize("case", [LARGE_CASE, LARGE_SUM_CASE, ONE_LARGE_CASE], ids=["three", "three_sum", "one"])
+@pytest.mark.parametrize(
+    "case",
+    [LARGE_CASE, LARGE_SUM_CASE, LARGE_WEIGHTED_CASE, ONE_LARGE_CASE, ONE_LARGE_MEAN_CASE, ONE_LARGE_WEIGHTED_CASE],
+    ids=["three", "three_sum", "three_weighted", "one", "one_mean", "one_weighted"],
+)
 def test_fused_backward_matches_reference_on_large_tables(case):
     with _num_threads(2):
         result = _run_steps("rowwise_adagrad", case, DECAYS[1], steps=2)
