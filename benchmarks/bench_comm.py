@@ -136,6 +136,25 @@ def rows_per_rank(rows: int, group_size: int) -> np.ndarray:
     return base + (np.arange(group_size) < extra).astype(np.int64)
 
 
+def table_wise_ranks(workload: Workload, group_size: int) -> np.ndarray:
+    """The rank of its sharding group each table is on under table-wise
+    sharding: the placement of ``dist_rec.planner.table_wise_plan``, which
+    ``DistributedModelParallel(sharding_type="table_wise")`` shards by
+    (tables ``t0``, ``t1``, ... as ``_build_model`` names them)."""
+    from types import SimpleNamespace
+
+    from dist_rec import EmbeddingBagConfig
+    from dist_rec.planner import table_wise_plan
+
+    configs = [
+        EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=r, feature_names=[f"f{t}"])
+        for t, (r, d) in enumerate(zip(workload.rows, workload.dims))
+    ]
+    state = SimpleNamespace(state_names=("state",) * workload.state_floats)  # bytes per row, as the fused optimizer's
+    plan = table_wise_plan(configs, group_size, optimizer=state)
+    return np.array([plan.tables[c.name].ranks[0] for c in configs])
+
+
 def predict(
     workload: Workload, world_size: int, replicas: int, sharding_type: str, sync_every: int = 1
 ) -> Dict[str, np.ndarray]:
@@ -155,7 +174,8 @@ def predict(
         out fwd = 4 B (L - 1) W_r
         out bwd = 4 B sum_{q != r} W_q
         sync    = 2 (G - 1) / G * sum_{t held} 4 R_tr (D_t + S) / N
-    table-wise (table t on rank t mod L):
+    table-wise (table t on rank p_t, where ``DistributedModelParallel
+    (sharding_type="table_wise")`` puts it: ``table_wise_ranks``):
         input   = 16 (L - 1) + sum_{t not on r} 8 B (1 + P_t)
         out fwd, out bwd as row-wise, with W_r = sum_{t on r} D_t
         sync    = 2 (G - 1) / G * sum_{t on r} 4 R_t (D_t + S) / N
@@ -173,6 +193,7 @@ def predict(
     ids = np.zeros(L)
     width = np.zeros(L)  # pooled floats per sample this rank returns
     shard_floats = np.zeros(L)  # floats of rows + state this rank holds
+    placed = table_wise_ranks(workload, L) if sharding_type == "table_wise" else None
     for t, (rows, dim, p) in enumerate(zip(workload.rows, workload.dims, workload.ids_per_bag)):
         if sharding_type == "row_wise":
             local_rows = rows_per_rank(rows, L)
@@ -180,7 +201,7 @@ def predict(
             lengths += LENGTH_BYTES * B * (int(holds.sum()) - holds)
             ids += ID_BYTES * B * p * (1.0 - local_rows / rows)
         elif sharding_type == "table_wise":
-            holds = ranks == t % L  # uniform_plan: tables round-robin over the group
+            holds = ranks == placed[t]
             local_rows = np.where(holds, rows, 0)
             lengths += LENGTH_BYTES * B * ~holds
             ids += ID_BYTES * B * p * ~holds
@@ -263,14 +284,16 @@ def _rank_batch(rows: Sequence[int], batch: int, min_ids: int, max_ids: int, see
 
 
 def _ids_sent(
-    ids: Sequence[torch.Tensor], rows: Sequence[int], sharding_type: str, group_rank: int, group_size: int
+    ids: Sequence[torch.Tensor], rows: Sequence[int], table_ranks: Optional[Sequence[int]], group_rank: int, group_size: int
 ) -> int:
     """Ids of this rank's batch that belong to shards on other ranks of its
-    group, worked out from the plan's geometry alone (not from dist_rec)."""
+    group, worked out from the plan's geometry alone (not from dist_rec's
+    routing): ``table_ranks`` is each table's rank when table-wise, None
+    when row-wise."""
     sent = 0
     for t, (table_ids, r) in enumerate(zip(ids, rows)):
-        if sharding_type == "table_wise":
-            sent += 0 if t % group_size == group_rank else table_ids.numel()
+        if table_ranks is not None:
+            sent += 0 if table_ranks[t] == group_rank else table_ids.numel()
         else:
             local = rows_per_rank(r, group_size)
             start = int(local[:group_rank].sum())
@@ -297,12 +320,16 @@ def _measure_rank(
             model, sharding_type=config["sharding_type"], replicas=config["replicas"], sync_every=config["sync_every"]
         )
         dense_optimizer = torch.optim.SGD(dmp.unwrapped.head.parameters(), lr=0.01)
-        group_rank, group_size = dist.get_rank(dmp.grid.sharding_group), dmp.grid.group_size
+        group_rank, group_size = dist.get_rank(dmp.process_groups.sharding_group), dmp.grid.group_size
+        plan = next(iter(dmp.plans.values()))
+        table_ranks = None  # row-wise
+        if config["sharding_type"] == "table_wise":
+            table_ranks = [plan.tables[f"t{t}"].ranks[0] for t in range(len(rows))]
         COMM_STATS.reset()
         ids_sent, ids_total = 0, 0
         for step in range(steps):
             kjt, labels, ids = _rank_batch(rows, batch, min_ids, max_ids, seed, rank, step)
-            ids_sent += _ids_sent(ids, rows, config["sharding_type"], group_rank, group_size)
+            ids_sent += _ids_sent(ids, rows, table_ranks, group_rank, group_size)
             ids_total += sum(t.numel() for t in ids)
             loss = F.binary_cross_entropy_with_logits(dmp(kjt), labels)
             dense_optimizer.zero_grad()
@@ -562,7 +589,7 @@ def extrapolation_tables(ext: Dict[str, Dict[Tuple[int, int], dict]], workloads:
         ),
         grid("Replica-sync bytes per rank per sync (divide by N for per step)", value("one-hot", "sync", human_bytes)),
         grid(
-            "For comparison, table-wise (tables round-robin over the group): "
+            "For comparison, table-wise (each table on one rank of the group, placed by table_wise_plan): "
             "all-to-all bytes per step of the busiest rank, one-hot",
             value("one-hot", "tw_a2a_max", human_bytes),
         ),

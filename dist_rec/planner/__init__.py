@@ -5,7 +5,8 @@
 * ``Topology``: the ranks of one sharding group and their memory budgets.
 * ``plan_sharding``: a greedy planner that balances expected lookups under
   the memory budgets and returns a ``ShardingPlan``;
-  ``PlanningError`` when the tables do not fit.
+  ``PlanningError`` when the tables do not fit. ``table_wise_plan``: its
+  placement with every table table-wise.
 * ``plan_summary`` / ``rank_stats``: each rank's memory and expected
   lookups under a plan, for logs.
 
@@ -19,6 +20,7 @@ from dist_rec.planner.greedy import (
     DEFAULT_DATA_PARALLEL_MAX_BYTES,
     PlanningError,
     plan_sharding,
+    table_wise_plan,
 )
 from dist_rec.planner.plan import (
     SHARDING_TYPES,
@@ -51,5 +53,6 @@ __all__ = [
     "rank_stats",
     "table_bytes",
     "table_sharding",
+    "table_wise_plan",
     "uniform_plan",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 
 from dist_rec.distributed import ProcessGroups, ShardingGrid
 from dist_rec.modules.embedding_modules import EmbeddingBagCollection
+from dist_rec.planner import Topology, plan_sharding, table_wise_plan
 from dist_rec.planner.plan import ShardingPlan, ShardingType, uniform_plan
 from dist_rec.sharding.sharded_ebc import ShardedEmbeddingBagCollection
 
@@ -36,8 +37,11 @@ class DistributedModelParallel(nn.Module):
         plan: a ``ShardingPlan`` for every collection, or one per collection
             by module path (e.g. ``{"sparse_arch": plan}``), or None.
         sharding_type (Optional[ShardingType | str]): with no plan, shard
-            every table this way (``uniform_plan``); with neither, the greedy
-            planner decides.
+            every table this way (table-wise: ``table_wise_plan``, each table
+            on one rank, the ranks balanced as the greedy planner balances
+            them; the other types: ``uniform_plan``); with neither, the
+            greedy planner decides. ``memory_per_rank`` bounds table-wise
+            placement too.
         replicas (int): G, the number of replica groups (2D parallelism).
             (Default: 1)
         sync_every (int): replicas are synchronised every this many calls of
@@ -170,9 +174,10 @@ class DistributedModelParallel(nn.Module):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", size))
         host = local_world if size % local_world == 0 and local_world <= size else size
         if sharding_type is not None:
-            return uniform_plan(configs, ShardingType.from_str(sharding_type), size, local_world_size=host)
-        from dist_rec.planner import Topology, plan_sharding
-
+            sharding_type = ShardingType.from_str(sharding_type)
+            if sharding_type == ShardingType.TABLE_WISE:
+                return table_wise_plan(configs, size, collection.optimizer, memory_per_rank, local_world_size=host)
+            return uniform_plan(configs, sharding_type, size, local_world_size=host)
         budget = memory_per_rank if memory_per_rank is not None else _default_memory_budget(size)
         topology = Topology(world_size=size, memory_per_rank_bytes=budget, local_world_size=host)
         return plan_sharding(configs, topology, optimizer=collection.optimizer)

@@ -9,7 +9,16 @@ import pytest
 
 from dist_rec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from dist_rec.optim.fused import SGD, RowWiseAdagrad
-from dist_rec.planner import PlanningError, Topology, lookup_cost, plan_sharding, plan_summary, rank_stats, table_bytes
+from dist_rec.planner import (
+    PlanningError,
+    Topology,
+    lookup_cost,
+    plan_sharding,
+    plan_summary,
+    rank_stats,
+    table_bytes,
+    table_wise_plan,
+)
 from dist_rec.planner.plan import ShardingPlan, uniform_plan
 
 MiB = 1 << 20
@@ -233,6 +242,46 @@ def test_small_table_that_cannot_be_replicated_is_placed_table_wise():
     tables = [table("small", 1000), table("fill", 14_000)]  # 62.5 KiB, 875 KiB
     plan = plan_sharding(tables, Topology(2, [MiB, 50_000]), allowed_types=["data_parallel", "table_wise"])
     assert types_of(plan) == {"small": "table_wise", "fill": "table_wise"}
+
+
+# -- every table table-wise (DistributedModelParallel(sharding_type="table_wise")) --
+
+
+def test_table_wise_plan_balances_tables_and_rows_where_round_robin_piles_them_up():
+    rows = [20_000, 10, 20_000, 10, 300, 70]
+    tables = [table(f"t{i}", n) for i, n in enumerate(rows)]
+    dealt = uniform_plan(tables, "table_wise", 2)
+    assert dealt.tables["t0"].ranks == dealt.tables["t2"].ranks == [0]  # both large tables on rank 0
+    plan = table_wise_plan(tables, 2, optimizer=RowWiseAdagrad())
+    assert set(types_of(plan).values()) == {"table_wise"} and all(len(t.ranks) == 1 for t in plan.tables.values())
+    rank_of = {name: t.ranks[0] for name, t in plan.tables.items()}
+    held = [sum(n for i, n in enumerate(rows) if rank_of[f"t{i}"] == r) for r in range(2)]
+    assert rank_of["t0"] != rank_of["t2"] and max(held) - min(held) <= 300, (rank_of, held)
+    assert sorted(rank_of.values()) == [0, 0, 0, 1, 1, 1]  # equal lookups: three tables each
+    assert plan.to_dict() == table_wise_plan(tables, 2, optimizer=RowWiseAdagrad()).to_dict()
+
+
+def test_table_wise_plan_puts_the_busier_table_on_its_own_rank():
+    # Lookups count first: a 64-wide table costs as much as four 16-wide ones.
+    tables = [table("wide", 100, dim=64)] + [table(f"n{i}", 100_000) for i in range(4)]
+    plan = table_wise_plan(tables, 2)
+    rank_of = {name: t.ranks[0] for name, t in plan.tables.items()}
+    assert [name for name, r in rank_of.items() if r == rank_of["wide"]] == ["wide"], rank_of
+
+
+def test_table_wise_plan_more_ranks_than_tables_and_no_tables():
+    plan = table_wise_plan([table("a", 50), table("b", 40)], 4)
+    assert sorted(t.ranks[0] for t in plan.tables.values()) == [0, 1]
+    assert table_wise_plan([], 3).tables == {}
+
+
+def test_table_wise_plan_within_a_memory_bound_or_a_clear_error():
+    tables = [table("big", 10_000), table("small", 100)]  # 625 KiB, 6.25 KiB
+    plan = table_wise_plan(tables, 2, memory_per_rank_bytes=700_000)
+    assert {t.ranks[0] for t in plan.tables.values()} == {0, 1}
+    with pytest.raises(PlanningError, match=r"big needs 625\.0 KiB \(table_wise: 625\.0 KiB on one rank\)") as error:
+        table_wise_plan(tables, 2, memory_per_rank_bytes=600_000)
+    assert error.value.unplaced == ["big"]
 
 
 def test_torchrec_style_configs_are_accepted():

@@ -111,6 +111,28 @@ def test_sharded_dlrm_trains_as_one_process_on_the_global_batch(sharding_type, b
     run_multi_process(_equal_to_global_rank, world_size=2, sharding_type=sharding_type, blocks_expected=blocks_expected)
 
 
+def _table_wise_placement_rank(rank, world_size):
+    # Round-robin by table order would put both large tables on rank 0.
+    rows = [20000, 10, 20000, 10, 300, 70]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
+        for i, n in enumerate(rows)
+    ]
+    ebc = EmbeddingBagCollection(tables, optimizer=RowWiseAdagrad(lr=0.05))
+    model = DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
+    plan = DistributedModelParallel(model, sharding_type="table_wise").plans["sparse_arch"]
+    placed = {t.table: t.ranks for t in plan.tables.values()}
+    assert all(t.sharding_type == "table_wise" and len(t.ranks) == 1 for t in plan.tables.values()), str(plan)
+    assert placed["t0"] != placed["t2"], placed
+    held = [sum(n for i, n in enumerate(rows) if placed[f"t{i}"] == [r]) for r in range(world_size)]
+    assert max(held) - min(held) <= 300, held
+    assert [sum(ranks == [r] for ranks in placed.values()) for r in range(world_size)] == [3, 3], placed
+
+
+def test_table_wise_balances_the_ranks_rather_than_dealing_tables_round_robin():
+    run_multi_process(_table_wise_placement_rank, world_size=2)
+
+
 def _meta_rank(rank, world_size):
     # The tables exist only as shards: each rank allocates its half of the rows.
     model = _model(device="meta")
