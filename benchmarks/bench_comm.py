@@ -284,7 +284,11 @@ def _rank_batch(rows: Sequence[int], batch: int, min_ids: int, max_ids: int, see
 
 
 def _ids_sent(
-    ids: Sequence[torch.Tensor], rows: Sequence[int], table_ranks: Optional[Sequence[int]], group_rank: int, group_size: int
+    ids: Sequence[torch.Tensor],
+    rows: Sequence[int],
+    table_ranks: Optional[Sequence[int]],
+    group_rank: int,
+    group_size: int,
 ) -> int:
     """Ids of this rank's batch that belong to shards on other ranks of its
     group, worked out from the plan's geometry alone (not from dist_rec's

@@ -431,7 +431,8 @@ class ShardingConfig:
         sync_every: replicas are synchronised every this many steps.
         layout: "shards_on_host" (a sharding group is consecutive ranks)
             or "replicas_on_host".
-        memory_per_rank_mb: the planner's budget per rank (0: automatic).
+        memory_per_rank_mb: the planner's budget per rank (0: automatic);
+            with ``type: table_wise``, the bound of each rank's tables (0: none).
     """
 
     type: str = "data_parallel"

@@ -274,7 +274,6 @@ def plan_sharding(
     raise PlanningError(message, [c.name for c in best.unplaced])
 
 
-
 def table_wise_plan(
     tables: Sequence,
     world_size: int,
@@ -283,10 +282,13 @@ def table_wise_plan(
     local_world_size: Optional[int] = None,
 ) -> ShardingPlan:
     """Every table whole on one rank, placed as the greedy planner places
-    table-wise tables: largest expected lookups first, each on the rank with
-    the fewest so far, ties to the one with the least memory used. This is
-    what ``DistributedModelParallel(sharding_type="table_wise")`` shards
-    by. Round-robin by table order can pile the large tables on one rank:
+    table-wise tables: largest expected lookups first (then largest bytes),
+    each on the rank with the fewest so far, ties to the smaller share of
+    its budget used. This is what
+    ``DistributedModelParallel(sharding_type="table_wise")`` shards by.
+    Without ``expected_ids_per_batch`` every table of one width costs the
+    same, so the tables are dealt out largest first by count and then by
+    memory. Round-robin by table order can pile the large tables on one rank:
     with the multihot benchmark's 26 tables (bench_sharded.py) on 2 ranks
     it put 2.0M rows on rank 1 against 1.0M, and the ranks' embedding work
     took 24.2 against 19.9 ms a step, one rank waiting for the other at
@@ -297,7 +299,9 @@ def table_wise_plan(
     configs = as_configs(tables)
     if memory_per_rank_bytes is None:
         memory_per_rank_bytes = max(1, sum(table_bytes(c, optimizer) for c in configs))
-    topology = Topology(world_size=world_size, memory_per_rank_bytes=memory_per_rank_bytes, local_world_size=local_world_size)
+    topology = Topology(
+        world_size=world_size, memory_per_rank_bytes=memory_per_rank_bytes, local_world_size=local_world_size
+    )
     return plan_sharding(
         configs, topology, optimizer=optimizer, allowed_types=[ShardingType.TABLE_WISE.value], data_parallel_max_bytes=0
     )

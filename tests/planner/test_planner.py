@@ -258,7 +258,6 @@ def test_table_wise_plan_balances_tables_and_rows_where_round_robin_piles_them_u
     held = [sum(n for i, n in enumerate(rows) if rank_of[f"t{i}"] == r) for r in range(2)]
     assert rank_of["t0"] != rank_of["t2"] and max(held) - min(held) <= 300, (rank_of, held)
     assert sorted(rank_of.values()) == [0, 0, 0, 1, 1, 1]  # equal lookups: three tables each
-    assert plan.to_dict() == table_wise_plan(tables, 2, optimizer=RowWiseAdagrad()).to_dict()
 
 
 def test_table_wise_plan_puts_the_busier_table_on_its_own_rank():

@@ -13,6 +13,7 @@ import dist_rec.models.dlrm as dlrm_module
 from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from dist_rec.models import DLRM
 from dist_rec.optim import RowWiseAdagrad
+from dist_rec.planner import PlanningError
 from dist_rec.sharding import DistributedModelParallel, ShardedEmbeddingBagCollection
 from dist_rec.testing.multi_process import run_multi_process
 
@@ -118,15 +119,24 @@ def _table_wise_placement_rank(rank, world_size):
         EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
         for i, n in enumerate(rows)
     ]
-    ebc = EmbeddingBagCollection(tables, optimizer=RowWiseAdagrad(lr=0.05))
-    model = DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
-    plan = DistributedModelParallel(model, sharding_type="table_wise").plans["sparse_arch"]
+
+    def model():
+        ebc = EmbeddingBagCollection(tables, optimizer=RowWiseAdagrad(lr=0.05))
+        return DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
+
+    plan = DistributedModelParallel(model(), sharding_type="table_wise").plans["sparse_arch"]
+    plans = [None] * world_size
+    dist.all_gather_object(plans, plan.to_dict())
+    assert plans[0] == plans[1]  # every rank plans alone: the same plan
     placed = {t.table: t.ranks for t in plan.tables.values()}
     assert all(t.sharding_type == "table_wise" and len(t.ranks) == 1 for t in plan.tables.values()), str(plan)
     assert placed["t0"] != placed["t2"], placed
     held = [sum(n for i, n in enumerate(rows) if placed[f"t{i}"] == [r]) for r in range(world_size)]
     assert max(held) - min(held) <= 300, held
     assert [sum(ranks == [r] for ranks in placed.values()) for r in range(world_size)] == [3, 3], placed
+    # memory_per_rank bounds the placement: 20000 rows x (8 x 4 B + 4 B of state) = 703 KiB fit no rank of 600 KB.
+    with pytest.raises(PlanningError, match="t0 needs 703.1 KiB"):
+        DistributedModelParallel(model(), sharding_type="table_wise", memory_per_rank=600_000)
 
 
 def test_table_wise_balances_the_ranks_rather_than_dealing_tables_round_robin():
