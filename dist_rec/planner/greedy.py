@@ -306,6 +306,7 @@ def table_wise_plan(
         configs, topology, optimizer=optimizer, allowed_types=[ShardingType.TABLE_WISE.value], data_parallel_max_bytes=0
     )
 
+
 # -- the error ------------------------------------------------------------------
 
 _MAX_RANKS_LISTED = 8
