@@ -136,20 +136,27 @@ def rows_per_rank(rows: int, group_size: int) -> np.ndarray:
     return base + (np.arange(group_size) < extra).astype(np.int64)
 
 
+def table_configs(rows: Sequence[int], dims: Sequence[int]) -> list:
+    """The workload's tables as ``EmbeddingBagConfig``s: table ``t{t}`` of
+    ``rows[t]`` rows and ``dims[t]`` columns, read by feature ``f{t}``."""
+    from dist_rec import EmbeddingBagConfig
+
+    return [
+        EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=r, feature_names=[f"f{t}"])
+        for t, (r, d) in enumerate(zip(rows, dims))
+    ]
+
+
 def table_wise_ranks(workload: Workload, group_size: int) -> np.ndarray:
     """The rank of its sharding group each table is on under table-wise
     sharding: the placement of ``dist_rec.planner.table_wise_plan``, which
     ``DistributedModelParallel(sharding_type="table_wise")`` shards by
-    (tables ``t0``, ``t1``, ... as ``_build_model`` names them)."""
+    (the tables of ``table_configs``)."""
     from types import SimpleNamespace
 
-    from dist_rec import EmbeddingBagConfig
     from dist_rec.planner import table_wise_plan
 
-    configs = [
-        EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=r, feature_names=[f"f{t}"])
-        for t, (r, d) in enumerate(zip(workload.rows, workload.dims))
-    ]
+    configs = table_configs(workload.rows, workload.dims)
     state = SimpleNamespace(state_names=("state",) * workload.state_floats)  # bytes per row, as the fused optimizer's
     plan = table_wise_plan(configs, group_size, optimizer=state)
     return np.array([plan.tables[c.name].ranks[0] for c in configs])
@@ -258,15 +265,11 @@ class _SparseModel(torch.nn.Module):
 
 
 def _build_model(rows: Sequence[int], dims: Sequence[int], seed: int) -> _SparseModel:
-    from dist_rec import EmbeddingBagCollection, EmbeddingBagConfig
+    from dist_rec import EmbeddingBagCollection
     from dist_rec.optim import RowWiseAdagrad
 
     torch.manual_seed(seed)  # every rank builds the same tables; each copies its shards
-    configs = [
-        EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=r, feature_names=[f"f{t}"])
-        for t, (r, d) in enumerate(zip(rows, dims))
-    ]
-    collection = EmbeddingBagCollection(configs, optimizer=RowWiseAdagrad(lr=0.05, eps=1e-8))
+    collection = EmbeddingBagCollection(table_configs(rows, dims), optimizer=RowWiseAdagrad(lr=0.05, eps=1e-8))
     return _SparseModel(collection, sum(dims))
 
 

@@ -376,7 +376,10 @@ def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, s
 
     dist.barrier()
     step_ms, phases, losses = [], {"forward": [], "backward": [], "optimizer": []}, []
+    usage = None
     for i in range(warmup + steps):
+        if i == warmup:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         if loop == "pipeline":
             loss, split = pipeline_loss(library, pipeline.progress(feed)), None
@@ -388,10 +391,14 @@ def rank_time(rank: int, world_size: int, variant: str, spec: dict, data: str, s
             step_ms.append((t1 - t0) * 1e3)
             for key, seconds in zip(phases, split or ()):
                 phases[key].append(seconds * 1e3)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     dist.barrier()
     return dict(
         rank=rank,
         step_ms=statistics.median(step_ms),
+        # Page faults and system time (the kernel's: faults, unmaps, socket calls) per timed step.
+        faults_per_step=(after.ru_minflt - usage.ru_minflt) / steps,
+        system_ms_per_step=(after.ru_stime - usage.ru_stime) / steps * 1e3,
         phases_ms={k: statistics.median(v) for k, v in phases.items() if v},
         first_losses=losses[:5],
         last_loss=losses[-1],
@@ -506,6 +513,7 @@ def run_variant(variant: str, world_size: int, spec: dict, data: Path, args, loo
         rank_time, world_size, args.timeout, label=f"rank_time ({variant})", variant=variant, spec=spec,
         data=str(data), steps=args.steps, warmup=args.warmup,
         threads=args.threads or default_threads(world_size), loop=loop, pin=args.pin,
+        keep_freed_memory=args.keep_freed_memory,
     )  # fmt: skip
     slowest = max(ranks, key=lambda r: r["step_ms"])
     return dict(
@@ -518,6 +526,8 @@ def run_variant(variant: str, world_size: int, spec: dict, data: Path, args, loo
         build_s=max(r["build_s"] for r in ranks),
         threads=ranks[0]["threads"],
         max_rss_mb=max(r["max_rss_mb"] for r in ranks),
+        rank_faults_per_step=[r["faults_per_step"] for r in ranks],
+        rank_system_ms_per_step=[r["system_ms_per_step"] for r in ranks],
         info=ranks[0]["info"],
     )
 
@@ -602,7 +612,9 @@ def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]
                 f"[{name} x{world_size} round {r + 1}/{args.rounds} {time.time() - started:5.0f}s] {variant:<12} "
                 f"{loop:<8} step {result['step_ms']:8.2f} ms (ranks "
                 f"{', '.join(f'{x:.1f}' for x in result['rank_step_ms'])}{split})  "
-                f"{result['examples_per_s']:9.0f} ex/s  rss {result['max_rss_mb']:.0f} MB",
+                f"{result['examples_per_s']:9.0f} ex/s  rss {result['max_rss_mb']:.0f} MB  page faults/step "
+                f"{', '.join(f'{x:.0f}' for x in result['rank_faults_per_step'])}  sys ms/step "
+                f"{', '.join(f'{x:.1f}' for x in result['rank_system_ms_per_step'])}",
                 flush=True,
             )
             return result
@@ -615,6 +627,9 @@ def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]
             step_ms=step_ms,
             examples_per_s=world_size * spec["batch"] / step_ms * 1e3,
             phases_ms=median_fields([x["phases_ms"] for x in results]),
+            # The busiest process's, medians over rounds.
+            faults_per_step=statistics.median(max(x["rank_faults_per_step"]) for x in results),
+            system_ms_per_step=statistics.median(max(x["rank_system_ms_per_step"]) for x in results),
             rounds=results,
         )
     for row in rows.values():
@@ -648,6 +663,10 @@ def format_phases(rows: List[dict]) -> str:
             cells = [r["preset"], str(r["world_size"]), r["sharding_type"], phase]
             cells += [f"{r[lib]['phases_ms'][phase]:.1f}" if lib in r else "-" for lib in LIBRARIES]
             lines.append(cells)
+        for label, key, digits in (("(page faults)", "faults_per_step", 0), ("(system time)", "system_ms_per_step", 1)):
+            cells = [r["preset"], str(r["world_size"]), r["sharding_type"], label]
+            cells += [f"{r[lib][key]:,.{digits}f}" if lib in r else "-" for lib in LIBRARIES]
+            lines.append(cells)
     return markdown_table(header, lines)
 
 
@@ -667,6 +686,9 @@ def write_markdown(
     threads = args.threads or "cores / processes"
     pinned = ("; every library's processes pinned to their own block of the cores (`--pin`, as dist_rec's "
               "trainer pins a torchrun process: `train.pin_cores`)") if args.pin else ""  # fmt: skip
+    if args.keep_freed_memory:
+        pinned += ("; every library's processes keep the memory a step frees (`--keep-freed-memory`: glibc "
+                   "malloc set up as dist_rec's trainer sets it, `train.keep_freed_memory`)")  # fmt: skip
     text = f"""## Sharded DLRM training, end to end (CPU, gloo processes)
 
 Machine: {machine_summary(torchrec=True)}; threads per process: {threads}{pinned}.{busy_note(load)}
@@ -719,7 +741,9 @@ steps; max differences of the mean loss and of the weights): {checks or "skipped
 
 {table}
 
-Where a step's time goes (slowest process, medians over rounds):
+Where a step's time goes (slowest process, medians over rounds; page
+faults and system time, the kernel's share of the step, are the busiest
+process's):
 
 {phases}
 """
@@ -751,6 +775,9 @@ def main(argv=None) -> None:
     parser.add_argument("--pin", action="store_true",
                         help="pin every library's processes to their own block of the cores, as dist_rec's trainer "
                              "pins a torchrun process (train.pin_cores)")  # fmt: skip
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="every library's processes keep the memory a step frees (glibc malloc set up as "
+                             "dist_rec's trainer sets it: train.keep_freed_memory)")  # fmt: skip
     parser.add_argument("--check-steps", type=int, default=4, help="steps of the correctness pass")
     parser.add_argument("--loss-tolerance", type=float, default=1e-4)
     parser.add_argument("--weight-tolerance", type=float, default=1e-3)

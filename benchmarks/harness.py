@@ -84,13 +84,15 @@ def write_worker_result(path: Path | str, result: dict) -> None:
 
 def run_ranks(
     fn: Callable[..., Any], world_size: int, timeout: float, *, label: Optional[str] = None, pin: bool = False,
-    **kwargs: Any,
+    keep_freed_memory: bool = False, **kwargs: Any,
 ) -> List[Any]:
     """Runs ``fn(rank, world_size, **kwargs)`` on ``world_size`` spawned gloo
     ranks (``dist_rec.testing.multi_process``) and returns what each rank
     returned (JSON-able values, None where a rank returned nothing), in rank
     order. ``pin``: each rank first pinned to its own block of the cores, as
-    the trainer pins a torchrun process (``train.pin_cores``).
+    the trainer pins a torchrun process (``train.pin_cores``);
+    ``keep_freed_memory``: its allocator set up as the trainer sets it
+    (``train.keep_freed_memory``).
 
     A spawned rank cannot hand a value back to the driver: each writes its
     result as JSON into a temporary directory, read here once all are done.
@@ -102,7 +104,7 @@ def run_ranks(
         try:
             run_multi_process(
                 _rank_entry, world_size=world_size, timeout=timeout, rank_fn=fn, result_dir=result_dir,
-                rank_kwargs=kwargs, pin=pin,
+                rank_kwargs=kwargs, pin=pin, keep_memory=keep_freed_memory,
             )  # fmt: skip
         except AssertionError as error:
             raise WorkerFailed(f"{label or fn.__name__} on {world_size} processes failed:\n{error}") from None
@@ -110,11 +112,16 @@ def run_ranks(
         return [json.loads(path.read_text()) if path.exists() else None for path in paths]
 
 
-def _rank_entry(rank: int, world_size: int, rank_fn: Callable, result_dir: str, rank_kwargs: dict, pin: bool = False) -> None:
-    if pin:
-        from dist_rec.trainer.environment import pin_to_cores
+def _rank_entry(
+    rank: int, world_size: int, rank_fn: Callable, result_dir: str, rank_kwargs: dict, pin: bool = False,
+    keep_memory: bool = False,
+) -> None:
+    from dist_rec.trainer.environment import keep_freed_memory, pin_to_cores
 
+    if pin:
         pin_to_cores(rank, world_size)
+    if keep_memory:
+        keep_freed_memory()
     result = rank_fn(rank, world_size, **rank_kwargs)
     if result is not None:
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(result))

@@ -353,6 +353,11 @@ class RunConfig:
             worker too. Off where other jobs share the cores or where the
             launcher already binds each rank (``srun --cpu-bind``,
             ``numactl``). Not under the fault-tolerant launcher.
+        keep_freed_memory: have glibc's malloc keep what a step frees for
+            the next step instead of unmapping it, which spares the kernel
+            faulting in and zeroing the same pages every step
+            (``dist_rec.trainer.environment.keep_freed_memory``); the
+            process's resident memory then stays at its peak.
         checkpoint_dir: where sharded checkpoints go ("" : none). A run
             whose checkpoint_dir holds a checkpoint resumes from it (any
             world size or sharding with the same global batch).
@@ -377,6 +382,7 @@ class RunConfig:
     device: str = "auto"
     threads: int = 0
     pin_cores: bool = True
+    keep_freed_memory: bool = True
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
     dense_engine: str = "ddp"

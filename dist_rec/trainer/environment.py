@@ -12,6 +12,7 @@ the job as launched) decide which samples it reads, and never change.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from dataclasses import dataclass, field
@@ -131,12 +132,53 @@ def pin_to_cores(local_rank: int, local_world_size: int) -> Optional[List[int]]:
     return block
 
 
+# mallopt parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# The largest mmap threshold every glibc accepts (older ones refuse more).
+_PORTABLE_MMAP_THRESHOLD = 32 << 20
+
+
+def keep_freed_memory(mmap_threshold_bytes: int = 64 << 20, trim_threshold_bytes: int = 1 << 30) -> bool:
+    """Makes glibc's malloc keep the memory a training step frees for the
+    next step, instead of handing it back to the kernel.
+
+    A step allocates and frees the same large tensors every time
+    (activations, gradients, the all-to-alls' buffers). By default glibc
+    maps a block above its mmap threshold (adaptive, 128 KiB up to 32 MiB)
+    afresh and unmaps it when freed, and gives the top of its heap back
+    beyond the trim threshold, so each step writes into pages the kernel
+    must fault in and zero again: on the sharded multihot step of
+    benchmarks/bench_sharded.py that was 1,000-2,000 page faults a step per
+    process (several ms of system time). With this, blocks up to
+    ``mmap_threshold_bytes`` come from the heap (larger ones, such as
+    tables, are still mapped on their own) and up to
+    ``trim_threshold_bytes`` of it stay free in the process: its resident
+    memory stays near its peak, as under tcmalloc or jemalloc.
+
+    Process-wide, for what is allocated from then on. Returns False (and
+    changes nothing) where the C library is not glibc."""
+    for name, value in (("mmap_threshold_bytes", mmap_threshold_bytes), ("trim_threshold_bytes", trim_threshold_bytes)):
+        if not 0 < value < 2**31:
+            raise ValueError(f"Invalid {name}={value}. Must be in [1, 2**31 - 1] (mallopt takes an int).")
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, ValueError, OSError):  # not glibc (musl, macOS, Windows)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes):
+        mallopt(_M_MMAP_THRESHOLD, min(mmap_threshold_bytes, _PORTABLE_MMAP_THRESHOLD))
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes))
+
+
 def setup_environment(config: TrainConfig) -> Environment:
     """Joins the job's default process group when launched by torchrun
     (``dist_rec.distributed.init_process_group``, every collective bounded
     by ``fault.timeout_s``), or becomes a member of a fault-tolerant job
     (joined later: ``join_first_epoch``); picks the device, the backend and
-    the thread count."""
+    the thread count, pins the process and sets up its allocator
+    (``train.pin_cores``, ``train.keep_freed_memory``)."""
     run = config.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -153,6 +195,8 @@ def setup_environment(config: TrainConfig) -> Environment:
         raise ConfigError("Invalid train.backend='nccl'. Must be 'gloo' or 'auto' when training on the CPU.")
     from dist_rec.fault.member import ENV_STORE, FaultMember
 
+    if run.keep_freed_memory:
+        keep_freed_memory()
     threads = run.threads or default_threads(local_world_size)  # of the host's share, before pinning
     # Only where torchrun says where this process stands among the host's; not under the
     # fault-tolerant launcher, whose spares take the place of a rank of any local rank.

@@ -28,16 +28,11 @@ def test_the_byte_model_matches_what_four_processes_send(tmp_path):
 
 
 def test_the_table_wise_model_places_tables_as_table_wise_plan():
-    from dist_rec import EmbeddingBagConfig
     from dist_rec.optim import RowWiseAdagrad
     from dist_rec.planner import table_wise_plan
 
     rows, dims, batch = (50, 4000, 60, 4000, 70, 4000), (16, 16, 64, 16, 16, 16), 8
-    configs = [
-        EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=r, feature_names=[f"f{t}"])
-        for t, (r, d) in enumerate(zip(rows, dims))
-    ]
-    plan = table_wise_plan(configs, 2, optimizer=RowWiseAdagrad(lr=0.1))
+    plan = table_wise_plan(bench_comm.table_configs(rows, dims), 2, optimizer=RowWiseAdagrad(lr=0.1))
     expected = [plan.tables[f"t{t}"].ranks[0] for t in range(len(rows))]
     assert expected != [t % 2 for t in range(len(rows))]  # the case round-robin would get wrong
     workload = bench_comm.Workload("w", rows, dims, batch, (1.0,) * len(rows))

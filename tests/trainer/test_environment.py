@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from dist_rec.config import load_config
-from dist_rec.trainer.environment import available_cores, core_block, default_threads, setup_environment
+from dist_rec.trainer.environment import (
+    available_cores, core_block, default_threads, keep_freed_memory, setup_environment,
+)
 
 
 @pytest.fixture
@@ -168,3 +170,47 @@ def test_no_pinning_without_the_local_world_size(pinnable_eight_cores, single_pr
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     setup_environment(load_config(None, ["train.device=cpu"]))
     assert pinnable_eight_cores["cpus"] == set(range(8))
+
+
+# -- the allocator (train.keep_freed_memory) ----------------------------------------------------
+
+_FAULTS = """
+import resource, sys, torch
+from dist_rec.config import load_config
+from dist_rec.trainer.environment import setup_environment
+
+def faults_per_step():
+    # A step's tensor above glibc's largest adaptive mmap threshold (32 MiB): by default
+    # mapped afresh and unmapped every time.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        torch.empty(40 << 20, dtype=torch.uint8).fill_(1)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+
+faults_per_step()
+default = faults_per_step()
+setup_environment(load_config(None, ["train.device=cpu", *sys.argv[1:]]))
+faults_per_step()  # the first step after still grows the heap
+print(default, faults_per_step())
+"""
+
+
+@pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc's allocator only")
+@pytest.mark.parametrize("overrides, kept", [([], True), (["train.keep_freed_memory=false"], False)])
+def test_a_training_process_keeps_the_memory_a_step_frees(overrides, kept):
+    """A 40 MiB tensor made and freed every step is faulted in (10,240
+    pages) every step by default; after setup_environment it comes back
+    from the heap without a fault, unless keep_freed_memory is off. In a
+    process of its own: the setting is process-wide."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DIST_REC_FT_STORE")}
+    out = subprocess.run([sys.executable, "-c", _FAULTS, *overrides], capture_output=True, text=True, timeout=120,
+                         env=env, check=True).stdout.split()  # fmt: skip
+    default, after = float(out[-2]), float(out[-1])
+    assert default > 10_000, out
+    assert (after < 100) if kept else (after > 10_000), out
+
+
+@pytest.mark.parametrize("kwargs", [dict(mmap_threshold_bytes=0), dict(trim_threshold_bytes=2**31)])
+def test_keep_freed_memory_refuses_what_mallopt_cannot_take(kwargs):
+    with pytest.raises(ValueError, match=r"Invalid (mmap|trim)_threshold_bytes=\d+\. Must be in \[1, 2\*\*31 - 1\]"):
+        keep_freed_memory(**kwargs)
