@@ -627,7 +627,7 @@ def bench_preset(name: str, world_size: int, args, started: float) -> List[dict]
             step_ms=step_ms,
             examples_per_s=world_size * spec["batch"] / step_ms * 1e3,
             phases_ms=median_fields([x["phases_ms"] for x in results]),
-            # The busiest process's, medians over rounds.
+            # The highest of any process, medians over rounds.
             faults_per_step=statistics.median(max(x["rank_faults_per_step"]) for x in results),
             system_ms_per_step=statistics.median(max(x["rank_system_ms_per_step"]) for x in results),
             rounds=results,
@@ -663,7 +663,9 @@ def format_phases(rows: List[dict]) -> str:
             cells = [r["preset"], str(r["world_size"]), r["sharding_type"], phase]
             cells += [f"{r[lib]['phases_ms'][phase]:.1f}" if lib in r else "-" for lib in LIBRARIES]
             lines.append(cells)
-        for label, key, digits in (("(page faults)", "faults_per_step", 0), ("(system time)", "system_ms_per_step", 1)):
+        for label, key, digits in (
+            ("(minor page faults / step)", "faults_per_step", 0), ("(system ms / step)", "system_ms_per_step", 1),
+        ):
             cells = [r["preset"], str(r["world_size"]), r["sharding_type"], label]
             cells += [f"{r[lib][key]:,.{digits}f}" if lib in r else "-" for lib in LIBRARIES]
             lines.append(cells)
@@ -741,9 +743,9 @@ steps; max differences of the mean loss and of the weights): {checks or "skipped
 
 {table}
 
-Where a step's time goes (slowest process, medians over rounds; page
-faults and system time, the kernel's share of the step, are the busiest
-process's):
+Where a step's time goes (slowest process, medians over rounds; minor
+page faults and system time, the kernel's share of a step, the highest of
+any process):
 
 {phases}
 """
@@ -788,6 +790,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.batches < 1 or args.steps < 1 or args.rounds < 1 or args.check_steps < 1:
         parser.error("--batches, --steps, --rounds and --check-steps must be >= 1")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0; it is {args.warmup}")
     if any(w < 1 for w in args.world):
         parser.error("--world: numbers of processes must be >= 1")
     if any(v.startswith("dist_rec") for v in args.variants):

@@ -104,7 +104,7 @@ def run_ranks(
         try:
             run_multi_process(
                 _rank_entry, world_size=world_size, timeout=timeout, rank_fn=fn, result_dir=result_dir,
-                rank_kwargs=kwargs, pin=pin, keep_memory=keep_freed_memory,
+                rank_kwargs=kwargs, pin=pin, keep_freed_memory=keep_freed_memory,
             )  # fmt: skip
         except AssertionError as error:
             raise WorkerFailed(f"{label or fn.__name__} on {world_size} processes failed:\n{error}") from None
@@ -114,14 +114,17 @@ def run_ranks(
 
 def _rank_entry(
     rank: int, world_size: int, rank_fn: Callable, result_dir: str, rank_kwargs: dict, pin: bool = False,
-    keep_memory: bool = False,
+    keep_freed_memory: bool = False,
 ) -> None:
-    from dist_rec.trainer.environment import keep_freed_memory, pin_to_cores
-
     if pin:
+        from dist_rec.trainer.environment import pin_to_cores
+
         pin_to_cores(rank, world_size)
-    if keep_memory:
-        keep_freed_memory()
+    if keep_freed_memory:
+        from dist_rec.trainer import environment
+
+        if not environment.keep_freed_memory():
+            raise RuntimeError("keep_freed_memory changed nothing here (not glibc, or allocator settings of your own)")
     result = rank_fn(rank, world_size, **rank_kwargs)
     if result is not None:
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(result))

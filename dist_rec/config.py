@@ -357,7 +357,10 @@ class RunConfig:
             the next step instead of unmapping it, which spares the kernel
             faulting in and zeroing the same pages every step
             (``dist_rec.trainer.environment.keep_freed_memory``); the
-            process's resident memory then stays at its peak.
+            process's resident memory then stays near its peak (up to 1 GiB
+            of free heap is kept). Leaves malloc settings of your own
+            (``MALLOC_*_``, ``GLIBC_TUNABLES``, a preloaded jemalloc or
+            tcmalloc) alone.
         checkpoint_dir: where sharded checkpoints go ("" : none). A run
             whose checkpoint_dir holds a checkpoint resumes from it (any
             world size or sharding with the same global batch).

@@ -10,6 +10,19 @@ from typing import Callable, Dict, List
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_test_process_allocator(monkeypatch):
+    """``setup_environment`` sets glibc's malloc up for training
+    (``train.keep_freed_memory``), process-wide and for good: tests that
+    call it in the pytest process record the call instead, so that the
+    rest of the session keeps glibc's defaults. Tests of the setting itself
+    run it in processes of their own."""
+    import dist_rec.trainer.environment as environment
+
+    calls = []
+    monkeypatch.setattr(environment, "keep_freed_memory", lambda *args, **kwargs: calls.append((args, kwargs)) or 0)
+    return calls
+
 
 @pytest.fixture(scope="session")
 def machine_code() -> Callable[[str, str], Dict[str, List[str]]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -134,11 +135,14 @@ def pin_to_cores(local_rank: int, local_world_size: int) -> Optional[List[int]]:
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-# The largest mmap threshold every glibc accepts (older ones refuse more).
-_PORTABLE_MMAP_THRESHOLD = 32 << 20
+# The largest mmap threshold 64-bit glibc accepted before 2.35 (HEAP_MAX_SIZE / 2).
+_OLD_GLIBC_MMAP_THRESHOLD = 32 << 20
+# Settings of the user's own that keep_freed_memory leaves alone: glibc's
+# tunables, or another allocator preloaded in its place.
+_ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
 
 
-def keep_freed_memory(mmap_threshold_bytes: int = 64 << 20, trim_threshold_bytes: int = 1 << 30) -> bool:
+def keep_freed_memory(mmap_threshold_bytes: int = 64 << 20, trim_threshold_bytes: int = 1 << 30) -> int:
     """Makes glibc's malloc keep the memory a training step frees for the
     next step, instead of handing it back to the kernel.
 
@@ -148,28 +152,44 @@ def keep_freed_memory(mmap_threshold_bytes: int = 64 << 20, trim_threshold_bytes
     afresh and unmaps it when freed, and gives the top of its heap back
     beyond the trim threshold, so each step writes into pages the kernel
     must fault in and zero again: on the sharded multihot step of
-    benchmarks/bench_sharded.py that was 1,000-2,000 page faults a step per
-    process (several ms of system time). With this, blocks up to
-    ``mmap_threshold_bytes`` come from the heap (larger ones, such as
-    tables, are still mapped on their own) and up to
-    ``trim_threshold_bytes`` of it stay free in the process: its resident
-    memory stays near its peak, as under tcmalloc or jemalloc.
+    benchmarks/bench_sharded.py, 1,000-2,700 page faults and 6-10 ms of
+    system time a step per process. With this, the main heap serves blocks
+    up to ``mmap_threshold_bytes`` (larger ones, such as tables, are still
+    mapped on their own) and keeps up to ``trim_threshold_bytes`` of free
+    memory: the process's resident memory stays near its peak. (Other
+    threads' arenas, 64 MiB heaps, still unmap a heap that empties.)
 
-    Process-wide, for what is allocated from then on. Returns False (and
-    changes nothing) where the C library is not glibc."""
+    Process-wide, for what is allocated from then on. Returns the mmap
+    threshold it set: ``mmap_threshold_bytes``, or 32 MiB where glibc
+    refuses more (before 2.35); 0, changing nothing, where the C library is
+    not glibc, where the user set glibc's malloc tunables
+    (``MALLOC_*_``, ``GLIBC_TUNABLES``) or preloaded another allocator
+    (``LD_PRELOAD``: jemalloc, tcmalloc), or where glibc refuses both."""
     for name, value in (("mmap_threshold_bytes", mmap_threshold_bytes), ("trim_threshold_bytes", trim_threshold_bytes)):
         if not 0 < value < 2**31:
             raise ValueError(f"Invalid {name}={value}. Must be in [1, 2**31 - 1] (mallopt takes an int).")
+    if _allocator_set_up_by_user():
+        return 0
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
+            return 0
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, ValueError, OSError):  # not glibc (musl, macOS, Windows)
-        return False
+        return 0
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes):
-        mallopt(_M_MMAP_THRESHOLD, min(mmap_threshold_bytes, _PORTABLE_MMAP_THRESHOLD))
-    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes))
+    for threshold in dict.fromkeys((mmap_threshold_bytes, min(mmap_threshold_bytes, _OLD_GLIBC_MMAP_THRESHOLD))):
+        if mallopt(_M_MMAP_THRESHOLD, threshold):
+            mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes)
+            return threshold
+    return 0
+
+
+def _allocator_set_up_by_user() -> bool:
+    return (
+        any(os.environ.get(name) for name in _ALLOCATOR_SETTINGS)
+        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+        or re.search(r"jemalloc|tcmalloc|mimalloc", os.environ.get("LD_PRELOAD", "")) is not None
+    )
 
 
 def setup_environment(config: TrainConfig) -> Environment:
