@@ -1,6 +1,8 @@
-"""The default thread count (train.threads: 0): the cores this process may
-run on (its CPU affinity, a container's cpuset) divided among the processes
-on the host."""
+"""Where a training process runs: the default thread count (train.threads:
+0, the cores this process may run on, its CPU affinity or a container's
+cpuset, divided among the processes on the host), pinning to a block of
+cores (train.pin_cores) and the allocator kept for training steps
+(train.keep_freed_memory)."""
 
 import json
 import os
