@@ -13,15 +13,13 @@ import pytest
 @pytest.fixture(autouse=True)
 def _keep_the_test_process_allocator(monkeypatch):
     """``setup_environment`` sets glibc's malloc up for training
-    (``train.keep_freed_memory``), process-wide and for good: tests that
-    call it in the pytest process record the call instead, so that the
+    (``train.keep_freed_memory``), process-wide and for good: in the pytest
+    process a stand-in that changes nothing takes its place, so that the
     rest of the session keeps glibc's defaults. Tests of the setting itself
     run it in processes of their own."""
     import dist_rec.trainer.environment as environment
 
-    calls = []
-    monkeypatch.setattr(environment, "keep_freed_memory", lambda *args, **kwargs: calls.append((args, kwargs)) or 0)
-    return calls
+    monkeypatch.setattr(environment, "keep_freed_memory", lambda *args, **kwargs: 0)
 
 
 @pytest.fixture(scope="session")

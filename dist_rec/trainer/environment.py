@@ -170,18 +170,23 @@ def keep_freed_memory(mmap_threshold_bytes: int = 64 << 20, trim_threshold_bytes
             raise ValueError(f"Invalid {name}={value}. Must be in [1, 2**31 - 1] (mallopt takes an int).")
     if _allocator_set_up_by_user():
         return 0
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return 0
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, ValueError, OSError):  # not glibc (musl, macOS, Windows)
+    if not is_glibc():
         return 0
+    mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     for threshold in dict.fromkeys((mmap_threshold_bytes, min(mmap_threshold_bytes, _OLD_GLIBC_MMAP_THRESHOLD))):
         if mallopt(_M_MMAP_THRESHOLD, threshold):
             mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes)
             return threshold
     return 0
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (not musl, macOS or Windows)."""
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _allocator_set_up_by_user() -> bool:

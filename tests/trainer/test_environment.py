@@ -14,7 +14,7 @@ import torch
 
 from dist_rec.config import load_config
 from dist_rec.trainer.environment import (
-    available_cores, core_block, default_threads, keep_freed_memory, setup_environment,
+    available_cores, core_block, default_threads, is_glibc, keep_freed_memory, setup_environment,
 )
 
 
@@ -201,14 +201,7 @@ print(json.dumps(dict(default=default, after=faults_per_step(), applied=applied)
 """
 
 
-def _glibc() -> bool:
-    try:
-        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-@pytest.mark.skipif(not _glibc(), reason="glibc's allocator only")
+@pytest.mark.skipif(not is_glibc(), reason="glibc's allocator only")
 @pytest.mark.parametrize("overrides, kept", [([], True), (["train.keep_freed_memory=false"], False)])
 def test_a_training_process_keeps_the_memory_a_step_frees(overrides, kept):
     """A 40 MiB tensor made and freed every step is faulted in every step by
