@@ -119,8 +119,9 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint_for_recovery(tmp_pat
                                 "fault.timeout_s=20", 'fault.inject=["rank=1 step=40 at=checkpoint"]'])  # fmt: skip
     assert job.proc.returncode == 0, job.log[-6000:]
     replacement = job.dump(1, 1, "restored-1")
-    # The save of step 40 is written in the background: training may have gone a step on when the kill came.
-    assert 40 <= replacement["step"] <= 42 and replacement["checkpoint"]["step"] == 20, replacement["step"]
+    # The save of step 40 is written in the background: training may have gone on when the kill came (a step or
+    # so, more when the writer thread waits for the interpreter), never past the next save, which waits for it.
+    assert 40 <= replacement["step"] <= 60 and replacement["checkpoint"]["step"] == 20, replacement["step"]
     assert_shards_equal(replacement["shards"], replacement["checkpoint"]["shards"], "restored from the step-20 checkpoint")
     assert job.summary()["failures"][0]["lost_samples"] == (replacement["step"] - 20) * 128
     assert not list((tmp_path).glob("ckpt.tmp-*")) and not list(tmp_path.glob("ckpt.old-*"))

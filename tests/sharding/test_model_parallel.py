@@ -1,7 +1,8 @@
 """``DistributedModelParallel`` on a DLRM: sharded training equals one
 process on the global batch (the table-wise path hands the interaction the
 received blocks as they are), tables that never exist whole (meta device),
-plans from the planner, and 2D replicas kept equal."""
+plans from the planner, table-wise placement (balanced, and alike in every
+sharding group of a 2D grid), and 2D replicas kept equal."""
 
 from unittest import mock
 
@@ -112,18 +113,22 @@ def test_sharded_dlrm_trains_as_one_process_on_the_global_batch(sharding_type, b
     run_multi_process(_equal_to_global_rank, world_size=2, sharding_type=sharding_type, blocks_expected=blocks_expected)
 
 
+# Round-robin by table order would put both large tables on the same rank.
+PLACEMENT_ROWS = [20000, 10, 20000, 10, 300, 70]
+PLACEMENT_TABLES = [
+    EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
+    for i, n in enumerate(PLACEMENT_ROWS)
+]
+
+
+def _placement_model():
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(PLACEMENT_TABLES, optimizer=RowWiseAdagrad(lr=0.05))
+    return DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
+
+
 def _table_wise_placement_rank(rank, world_size):
-    # Round-robin by table order would put both large tables on rank 0.
-    rows = [20000, 10, 20000, 10, 300, 70]
-    tables = [
-        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
-        for i, n in enumerate(rows)
-    ]
-
-    def model():
-        ebc = EmbeddingBagCollection(tables, optimizer=RowWiseAdagrad(lr=0.05))
-        return DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
-
+    rows, model = PLACEMENT_ROWS, _placement_model
     plan = DistributedModelParallel(model(), sharding_type="table_wise").plans["sparse_arch"]
     plans = [None] * world_size
     dist.all_gather_object(plans, plan.to_dict())
@@ -141,6 +146,50 @@ def _table_wise_placement_rank(rank, world_size):
 
 def test_table_wise_balances_the_ranks_rather_than_dealing_tables_round_robin():
     run_multi_process(_table_wise_placement_rank, world_size=2)
+
+
+def _table_wise_two_d_rank(rank, world_size):
+    # 2 sharding groups of 2 ranks: each group places the tables over its own ranks, every group the same way.
+    dmp = DistributedModelParallel(_placement_model(), sharding_type="table_wise", replicas=2)
+    plan = dmp.plans["sparse_arch"]
+    assert plan.world_size == 2, str(plan)
+    plans = [None] * world_size
+    dist.all_gather_object(plans, plan)
+    assert all(p == plans[0] for p in plans), "the ranks planned differently"
+    placed = {t.table: t.ranks for t in plan.tables.values()}
+    assert placed["t0"] != placed["t2"], placed  # the two large tables on different ranks of a group
+    # A rank holds the tables its position in its group was given, and its replica (the same position in
+    # the other group) holds the same ones.
+    grid = dmp.grid
+    position = grid.my_sharding_group.index(rank)
+    held = sorted(local.table for local in dmp.sharded["sparse_arch"].local_shards())
+    assert held == sorted(t for t, ranks in placed.items() if ranks == [position]), (rank, held, placed)
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, (grid.replica_index, position, held))
+    assert {p: h for i, p, h in everyone if i == 0} == {p: h for i, p, h in everyone if i == 1}, everyone
+    # Training steps every replica of a table the same way.
+    optimizer = torch.optim.Adagrad([p for p in dmp.parameters() if p.requires_grad], lr=0.05)
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        lengths = torch.randint(0, 3, (len(PLACEMENT_ROWS), 8), generator=g)
+        values = torch.cat([torch.randint(0, n, (int(k),), generator=g) for n, k in zip(PLACEMENT_ROWS, lengths.sum(1))])
+        kjt = KeyedJaggedTensor([t.feature_names[0] for t in PLACEMENT_TABLES], values, lengths=lengths.reshape(-1))
+        dense, labels = torch.randn(8, 4, generator=g), torch.rand(8, generator=g).round()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(dense, kjt).reshape(-1), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        dmp.sync()
+    for local in dmp.sharded["sparse_arch"].local_shards():
+        weight, state = local.read()
+        for tensor in [weight, *state.values()]:
+            copies = [torch.empty_like(tensor) for _ in range(2)]
+            dist.all_gather(copies, tensor, group=dmp.process_groups.replica_group)
+            torch.testing.assert_close(copies[0], copies[1], rtol=0, atol=0, msg=local.table)
+
+
+def test_table_wise_two_d_places_each_group_alike_and_keeps_replicas_equal():
+    run_multi_process(_table_wise_two_d_rank, world_size=4, timeout=180)
 
 
 def _meta_rank(rank, world_size):
