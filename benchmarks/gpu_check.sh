@@ -3,24 +3,30 @@
 #   build the extension for the GPU, run the CUDA tests, benchmark, and print
 #   a short table. Logs and results go to $OUT (default /tmp/gpu_check).
 #
-#   benchmarks/gpu_check.sh            build + tests + benchmark
+#   benchmarks/gpu_check.sh            build + tests + benchmark + training run
 #   benchmarks/gpu_check.sh build test build + tests only
 #   benchmarks/gpu_check.sh bench      benchmark only (extension already built)
+#   benchmarks/gpu_check.sh train      a one-GPU DLRM training run (examples/s, AUC)
 #
 # Uses whatever python3 holds a CUDA build of torch; installs nothing else.
+# TRAIN_DEVICE=cpu runs the "train" stage on the CPU (to try the script
+# without a GPU); TRAIN_STEPS and TRAIN_BATCH size it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-STAGES=${*:-build test bench}
+STAGES=${*:-build test bench train}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, also for "bench" alone
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+TRAIN_DEVICE=${TRAIN_DEVICE:-cuda}
+if [[ "$STAGES" != "train" || "$TRAIN_DEVICE" == cuda ]]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+fi
 
 if has build; then
   # Build with the system compiler: a toolchain that links libstdc++
@@ -40,10 +46,23 @@ if has build; then
 fi
 
 if has test; then
-  "$PY" -m pytest tests/ops/test_cuda_ops.py -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  "$PY" -m pytest tests/ops/test_cuda_ops.py tests/optim/shampoo/test_shampoo_cuda.py -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tests.log" | tail -25
 fi
 
 if has bench; then
   "$PY" benchmarks/bench_embedding.py --device cuda --markdown docs/benchmarks.md --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -14
   cp docs/benchmarks.md "$OUT/benchmarks.md"
+fi
+
+if has train; then
+  # The README's model and bundled synthetic data on one GPU (NCCL), a few
+  # hundred steps without evaluation until the end: the summary's examples/s
+  # and AUC. Bounded, so that a hang cannot eat the device budget.
+  steps=${TRAIN_STEPS:-600}
+  batch=${TRAIN_BATCH:-8192}
+  NPROC_PER_NODE=1 RDZV_ENDPOINT=127.0.0.1:${TRAIN_PORT:-29517} PYTHON="$PY" timeout 420 \
+    launch/train.sh --config launch/configs/default.yaml "train.device=$TRAIN_DEVICE" "train.batch_size=$batch" \
+    "train.steps=$steps" train.eval_every=0 train.log_every=100 "train.output_dir=$OUT/train" 2>&1 \
+    | tee "$OUT/train.log" | tail -16
 fi
