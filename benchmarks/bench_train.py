@@ -17,9 +17,15 @@ collection differs:
                 permutes and output splits on top of the same TBE kernel).
                 Note that ``optimizer_type=torch.optim.Adagrad`` would map to
                 FBGEMM's element-wise ``EXACT_ADAGRAD``, not the row-wise one;
-* ``torchrec_thp`` (optional) the same with ``THP_MEM_ALLOC_ENABLE=1``.
+* ``torchrec_thp`` (optional) the same with ``THP_MEM_ALLOC_ENABLE=1``;
+* ``torchrec_dlrm`` (optional) TorchRec's own model,
+                ``torchrec.models.dlrm.DLRM`` (the same architecture: bmm
+                interaction over the upper triangle), around the same
+                ``FusedEmbeddingBagCollection``: what a TorchRec user runs
+                end to end. Its MLPs start from dist_rec's weights, so the
+                correctness pass checks that the two models compute the same.
 
-Both wrap in ``dist_rec.models.DLRM`` (dot interaction). The tables start
+The others wrap in ``dist_rec.models.DLRM`` (dot interaction). The tables start
 from the same weights (per-table seeded uniform in +-sqrt(1/rows), written
 into each collection), the MLPs from the same seed; the sparse optimizer is
 exact row-wise AdaGrad with the same lr/eps, the dense optimizer
@@ -102,7 +108,7 @@ PRESETS = {
         batch=512, zipf=1.05, bag=1.0, missing=0.0, dense=13,
     ),
 }
-VARIANTS = ["dist_rec", "torchrec", "torchrec_thp"]
+VARIANTS = ["dist_rec", "torchrec", "torchrec_thp", "torchrec_dlrm"]
 DEFAULT_VARIANTS = ["dist_rec", "torchrec"]
 SPARSE_LR, DENSE_LR, EPS = 0.05, 0.02, 1e-8
 SEED = 0
@@ -244,8 +250,44 @@ def build(variant: str, spec: dict, keys: List[str]):
     init_tables(ebc, names, spec["rows"], spec["dim"])
     torch.manual_seed(SEED)  # the MLPs: same init on both sides
     model = DLRM(ebc, spec["dense"], spec["bottom"], spec["top"])
+    if variant == "torchrec_dlrm":
+        from torchrec.models.dlrm import DLRM as TorchRecDLRM
+
+        ours, model = model, TorchRecDLRM(ebc, spec["dense"], spec["bottom"], spec["top"])
+        with torch.no_grad():
+            for mine, theirs in zip(linear_layers(ours), linear_layers(model), strict=True):
+                theirs.weight.copy_(mine.weight)
+                theirs.bias.copy_(mine.bias)
     dense = [p for n, p in model.named_parameters() if not n.startswith("sparse_arch.")]
     return model, torch.optim.Adagrad(dense, lr=spec["dense_lr"]), ebc
+
+
+def linear_layers(model: torch.nn.Module) -> List[torch.nn.Linear]:
+    """The MLPs' layers in order (bottom, then top): either DLRM's."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _is_dist_rec_model(model) -> bool:
+    from dist_rec.models.dlrm import DLRM
+
+    return isinstance(model, DLRM)
+
+
+def embedding_forward(model, kjt) -> torch.Tensor:
+    """Either DLRM's pooled embeddings, ``[B, F, D]``."""
+    if _is_dist_rec_model(model):
+        pooled = model.sparse_arch(kjt).values()
+        return pooled.reshape(pooled.shape[0], model.num_sparse_features, -1)
+    return model.sparse_arch(kjt)  # TorchRec's SparseArch
+
+
+def dense_forward(model, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+    """Either DLRM's logits from its pooled embeddings ``[B, F, D]``: its
+    bottom MLP, interaction and top MLP (DLRM.forward spelled out)."""
+    d = model.dense_arch(dense)
+    if _is_dist_rec_model(model):
+        return model.over_arch(model.inter_arch(d, sparse))
+    return model.over_arch(model.inter_arch(dense_features=d, sparse_features=sparse))
 
 
 def to_kjt(variant: str, batch: dict):
@@ -301,11 +343,9 @@ def time_variant(variant: str, spec: dict, batches: List[dict], steps: int, warm
     for i in range(phase_steps):
         dense, kjt, labels = inputs[(warmup + steps + i) % len(inputs)]
         t0 = time.perf_counter()
-        pooled = model.sparse_arch(kjt).values()
+        sparse = embedding_forward(model, kjt)
         t1 = time.perf_counter()
-        d = model.dense_arch(dense)
-        sparse = pooled.reshape(pooled.shape[0], model.num_sparse_features, -1)
-        logits = model.over_arch(model.inter_arch(d, sparse))
+        logits = dense_forward(model, dense, sparse)
         loss = F.binary_cross_entropy_with_logits(logits.squeeze(1), labels)
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -336,20 +376,35 @@ def time_variant(variant: str, spec: dict, batches: List[dict], steps: int, warm
     return result
 
 
-def check_variants(spec: dict, batches: List[dict], steps: int) -> dict:
-    """Trains dist_rec and TorchRec side by side from the same init; their
-    losses and weights after each step."""
-    models = {v: build(v, spec, batches[0]["keys"]) for v in ("dist_rec", "torchrec")}
+CHECKED = ["torchrec", "torchrec_dlrm"]  # trained beside dist_rec in the correctness pass, when benchmarked
+
+
+def check_variants(spec: dict, batches: List[dict], steps: int, variants: List[str]) -> dict:
+    """Trains dist_rec and the other variants side by side from the same
+    init; their losses after each step, and each one's largest weight
+    difference from dist_rec's at the end."""
+    names = ["dist_rec", *(v for v in CHECKED if v in variants or v == "torchrec")]
+    models = {v: build(v, spec, batches[0]["keys"]) for v in names}
     inputs = {v: [(b["dense"], to_kjt(v, b), b["labels"]) for b in batches] for v in models}
     losses: Dict[str, List[float]] = {v: [] for v in models}
     for i in range(steps):
         for v, (model, optimizer, _) in models.items():
             losses[v].append(float(train_step(model, optimizer, *inputs[v][i % len(batches)])))
-    ours, theirs = (models[v][0].state_dict() for v in ("dist_rec", "torchrec"))
-    weight_diff = {
-        "embedding": max(float((ours[k] - theirs[k]).abs().max()) for k in ours if k.startswith("sparse_arch.")),
-        "dense": max(float((ours[k] - theirs[k]).abs().max()) for k in ours if not k.startswith("sparse_arch.")),
-    }
+
+    def largest_difference(a, b) -> float:
+        return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+    model, _, ebc = models["dist_rec"]
+    tables, layers = ebc.state_dict(), linear_layers(model)
+    weight_diff = {}
+    for v in names[1:]:
+        their_model, _, their_ebc = models[v]
+        theirs = their_ebc.state_dict()
+        weight_diff[v] = {
+            "embedding": largest_difference([tables[k] for k in tables], [theirs[k] for k in tables]),
+            "dense": largest_difference([p for m in layers for p in (m.weight, m.bias)],
+                                        [p for m in linear_layers(their_model) for p in (m.weight, m.bias)]),
+        }  # fmt: skip
     return dict(losses=losses, weight_diff=weight_diff)
 
 
@@ -358,7 +413,7 @@ def worker_main(args) -> None:
     spec = json.loads(args.spec)
     batches = torch.load(args.data)
     if args.worker == "check":
-        result = check_variants(spec, batches, args.steps)
+        result = check_variants(spec, batches, args.steps, args.variants)
     else:
         result = time_variant(args.worker, spec, batches, args.steps, args.warmup, args.phase_steps)
     write_worker_result(args.result, result)
@@ -374,6 +429,7 @@ def run_worker(name: str, spec: dict, data: Path, args, steps: Optional[int] = N
     worker_args = [
         "--worker", worker, "--spec", json.dumps(spec), "--data", str(data), "--steps", str(steps or args.steps),
         "--warmup", str(args.warmup), "--phase-steps", str(args.phase_steps), "--threads", str(args.threads),
+        "--variants", *args.variants,
     ]  # fmt: skip
     return run_worker_process(__file__, worker_args, label=name, thp=name == "torchrec_thp")
 
@@ -381,22 +437,21 @@ def run_worker(name: str, spec: dict, data: Path, args, steps: Optional[int] = N
 def check(spec: dict, data: Path, args) -> dict:
     """The correctness pass; exits if the two models do not train alike."""
     result = run_worker("check", spec, data, args, steps=args.check_steps)
-    ours, theirs = result["losses"]["dist_rec"], result["losses"]["torchrec"]
-    diff = max(abs(a - b) for a, b in zip(ours, theirs))
-    result["max_loss_diff"] = diff
+    ours = result["losses"]["dist_rec"]
     print(f"  check: losses over {len(ours)} steps", flush=True)
-    print("    dist_rec " + " ".join(f"{x:.6f}" for x in ours), flush=True)
-    print("    torchrec " + " ".join(f"{x:.6f}" for x in theirs), flush=True)
-    print(
-        f"    max |loss diff| {diff:.2e}; max |weight diff| embeddings {result['weight_diff']['embedding']:.2e}, "
-        f"dense {result['weight_diff']['dense']:.2e}",
-        flush=True,
-    )
-    if not diff <= args.loss_tolerance:
-        raise SystemExit(
-            f"CORRECTNESS CHECK FAILED for {spec['preset']}: dist_rec and TorchRec losses differ by {diff:.3e} "
-            f"(> {args.loss_tolerance:g}) from the same init on the same batches."
-        )
+    for v, losses in result["losses"].items():
+        print(f"    {v:<13} " + " ".join(f"{x:.6f}" for x in losses), flush=True)
+    diffs = {v: max(abs(a - b) for a, b in zip(ours, theirs)) for v, theirs in result["losses"].items() if v != "dist_rec"}
+    for v, diff in diffs.items():
+        weights = result["weight_diff"][v]
+        print(f"    {v}: max |loss diff| {diff:.2e}; max |weight diff| embeddings {weights['embedding']:.2e}, "
+              f"dense {weights['dense']:.2e}", flush=True)  # fmt: skip
+        if not diff <= args.loss_tolerance:
+            raise SystemExit(
+                f"CORRECTNESS CHECK FAILED for {spec['preset']}: dist_rec and {v} losses differ by {diff:.3e} "
+                f"(> {args.loss_tolerance:g}) from the same init on the same batches."
+            )
+    result["max_loss_diff"] = max(diffs.values())
     return result
 
 
@@ -484,6 +539,15 @@ def write_markdown(path: Path, table: str, phases: str, command: str, args, rows
         for r in rows
         if "check" in r
     )
+    own_model = ""
+    if "torchrec_dlrm" in args.variants:
+        own_model = """
+`torchrec_dlrm` is what a TorchRec user runs end to end: TorchRec's own
+`torchrec.models.dlrm.DLRM` (the same architecture, its interaction a `bmm`
+and an upper-triangle gather) around the same `FusedEmbeddingBagCollection`,
+its MLPs started from dist_rec's weights; the correctness pass trains it
+beside the others.
+"""
     text = f"""## DLRM training step, end to end (CPU, one process)
 
 Machine: {machine_summary(torchrec=True)}; threads: {args.threads}.{busy_note(load)}
@@ -505,7 +569,7 @@ alternating for {args.rounds} rounds; step times are medians over rounds, the
 speedup is the median of the per-round ratios TorchRec / dist_rec.
 Correctness pass before timing (both trained side by side from the same
 init): {checks or "skipped"}.
-
+{own_model}
 {table}
 
 Where the time goes (medians of {args.phase_steps} decomposed steps per round, timed
@@ -518,7 +582,7 @@ is roughly backward - (embedding alone - embedding fwd):
     update_section(path, "train", text)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["kaggle"])
     parser.add_argument("--max-rows", type=int, default=None, help="cap every table at this many rows (memory)")
@@ -539,6 +603,11 @@ def main(argv=None) -> None:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(args)
