@@ -589,7 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS)
     parser.add_argument("--batches", type=int, default=32, help="pre-generated batches the steps cycle through")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=5)
+    # On kaggle (5-10M-row tables) both libraries took 10-35 steps to settle (2026-12-07, AMD EPYC): about
+    # 10,000 page faults in the first step and thousands in some of the next 30 (optimizer state and
+    # buffers first touched); TorchRec's steps 5-35 had a median of 77 ms against 60 ms for steps 40-80.
+    parser.add_argument("--warmup", type=int, default=40, help="untimed steps first, per round (steady state)")
     parser.add_argument("--phase-steps", type=int, default=8, help="decomposed steps per round for the breakdown")
     parser.add_argument("--rounds", type=int, default=5, help="turns each variant takes")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
