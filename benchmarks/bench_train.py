@@ -47,9 +47,10 @@ decomposed steps for a breakdown: embedding forward, embedding-only step
 (forward + backward with the fused update, on a fixed output gradient),
 dense forward + loss, backward, dense optimizer step.
 
-Before timing, a correctness pass trains both models side by side in one
-process for a few steps from the same init on the same batches and fails
-loudly if the losses (or the weights) diverge.
+Before timing, a correctness pass trains dist_rec, ``torchrec`` and (when
+benchmarked) ``torchrec_dlrm`` side by side in one process for a few steps
+from the same init on the same batches, and fails loudly if a peer's losses
+diverge from dist_rec's (the weight differences are printed).
 
 Usage::
 
@@ -435,7 +436,7 @@ def run_worker(name: str, spec: dict, data: Path, args, steps: Optional[int] = N
 
 
 def check(spec: dict, data: Path, args) -> dict:
-    """The correctness pass; exits if the two models do not train alike."""
+    """The correctness pass; exits if a peer does not train like dist_rec."""
     result = run_worker("check", spec, data, args, steps=args.check_steps)
     ours = result["losses"]["dist_rec"]
     print(f"  check: losses over {len(ours)} steps", flush=True)
@@ -567,8 +568,8 @@ KeyedJaggedTensor are not timed. Each variant runs in a fresh process per
 round ({args.warmup} warm-up + {args.steps} timed steps, median), variants
 alternating for {args.rounds} rounds; step times are medians over rounds, the
 speedup is the median of the per-round ratios TorchRec / dist_rec.
-Correctness pass before timing (both trained side by side from the same
-init): {checks or "skipped"}.
+Correctness pass before timing (trained side by side from the same init,
+the largest loss difference from dist_rec's): {checks or "skipped"}.
 {own_model}
 {table}
 
