@@ -1,7 +1,7 @@
 """End-to-end DLRM training step on one process: dist_rec against TorchRec.
 
-The same model, data and optimizers on both sides; only the embedding-bag
-collection differs:
+The same data and optimizers for every variant; the first three share the
+model too, so that only the embedding-bag collection differs:
 
 * ``dist_rec``  ``dist_rec.EmbeddingBagCollection(tables,
                 optimizer=RowWiseAdagrad(lr, eps))``: exact row-wise AdaGrad
@@ -442,7 +442,12 @@ def check(spec: dict, data: Path, args) -> dict:
     print(f"  check: losses over {len(ours)} steps", flush=True)
     for v, losses in result["losses"].items():
         print(f"    {v:<13} " + " ".join(f"{x:.6f}" for x in losses), flush=True)
-    diffs = {v: max(abs(a - b) for a, b in zip(ours, theirs)) for v, theirs in result["losses"].items() if v != "dist_rec"}
+    # (a NaN loss counts as an infinite difference: max() would pass over it)
+    diffs = {
+        v: max(abs(a - b) if math.isfinite(a) and math.isfinite(b) else math.inf for a, b in zip(ours, theirs))
+        for v, theirs in result["losses"].items()
+        if v != "dist_rec"
+    }
     for v, diff in diffs.items():
         weights = result["weight_diff"][v]
         print(f"    {v}: max |loss diff| {diff:.2e}; max |weight diff| embeddings {weights['embedding']:.2e}, "
@@ -555,8 +560,8 @@ Machine: {machine_summary(torchrec=True)}; threads: {args.threads}.{busy_note(lo
 
 Command: `{command}` ({datetime.date.today().isoformat()}).
 
-Same model (`dist_rec.models.DLRM`), data and optimizers on both sides; only
-the embedding-bag collection differs: dist_rec's `EmbeddingBagCollection` with
+Same model (`dist_rec.models.DLRM`), data and optimizers for dist_rec and
+`torchrec`; only the embedding-bag collection differs: dist_rec's `EmbeddingBagCollection` with
 the fused `RowWiseAdagrad`, against TorchRec's `FusedEmbeddingBagCollection`
 with `torchrec.optim.RowWiseAdagrad` (FBGEMM TBE, `EXACT_ROWWISE_ADAGRAD`,
 fused into the backward). Same initial weights, lr/eps, and dense
@@ -640,7 +645,9 @@ def report(script, argv, args, rows, load, format_table, format_phases, write_ma
     if args.markdown:
         write_markdown(args.markdown, table, phases, command, args, rows, load)
     if args.json:
-        write_json(args.json, dict(machine=machine_summary(), command=command, load_average=load, rows=rows), indent=2)
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "markdown", "worker", "spec", "data", "result")}
+        write_json(args.json, dict(machine=machine_summary(), command=command, settings=settings, load_average=load,
+                                   rows=rows), indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

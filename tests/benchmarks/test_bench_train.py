@@ -60,14 +60,14 @@ def test_a_peer_that_trains_differently_fails_the_pass(batches, tmp_path, monkey
     args = bench_train.build_parser().parse_args(["--variants", "dist_rec", "torchrec_dlrm", "--check-steps", "3"])
     real_build = bench_train.build
 
-    def build_with_a_swapped_layer(variant, spec, keys):
+    def build_with_a_negated_layer(variant, spec, keys):
         model, optimizer, ebc = real_build(variant, spec, keys)
         if variant == "torchrec_dlrm":
             with torch.no_grad():
                 bench_train.linear_layers(model)[0].weight.mul_(-1.0)
         return model, optimizer, ebc
 
-    monkeypatch.setattr(bench_train, "build", build_with_a_swapped_layer)
+    monkeypatch.setattr(bench_train, "build", build_with_a_negated_layer)
     monkeypatch.setattr(bench_train, "run_worker", lambda name, spec, data, args, steps=None: bench_train.check_variants(
         spec, torch.load(data), steps, args.variants))  # fmt: skip
     with pytest.raises(SystemExit, match="CORRECTNESS CHECK FAILED for small: dist_rec and torchrec_dlrm"):

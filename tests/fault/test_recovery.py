@@ -115,7 +115,7 @@ def test_a_hung_rank_is_detected_within_the_timeout_and_the_wait_is_logged(tmp_p
 
 
 def test_a_kill_during_a_save_keeps_the_previous_checkpoint_for_recovery(tmp_path):
-    job = run_job(tmp_path, 2, [*BASE, *_checkpointed(20, tmp_path), "sharding.type=table_wise", "train.steps=60",
+    job = run_job(tmp_path, 2, [*BASE, *_checkpointed(20, tmp_path), "sharding.type=table_wise", "train.steps=80",
                                 "fault.timeout_s=20", 'fault.inject=["rank=1 step=40 at=checkpoint"]'])  # fmt: skip
     assert job.proc.returncode == 0, job.log[-6000:]
     replacement = job.dump(1, 1, "restored-1")

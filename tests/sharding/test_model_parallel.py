@@ -167,7 +167,7 @@ def _table_wise_two_d_rank(rank, world_size):
     everyone = [None] * world_size
     dist.all_gather_object(everyone, (grid.replica_index, position, held))
     assert {p: h for i, p, h in everyone if i == 0} == {p: h for i, p, h in everyone if i == 1}, everyone
-    # Training steps every replica of a table the same way.
+    # After steps on each rank's own data and a sync, every replica of a table holds the same rows and state.
     optimizer = torch.optim.Adagrad([p for p in dmp.parameters() if p.requires_grad], lr=0.05)
     for step in range(3):
         g = torch.Generator().manual_seed(10 * step + rank)
