@@ -40,11 +40,12 @@ def _model(device="cpu"):
     return model
 
 
-def _train(dmp, rank, steps=3):
+def _train(dmp, rank, steps=3, batch=None):
+    """``steps`` steps with a sync after each, on ``batch(rank, step)`` (default ``_batch``)."""
     optimizer = torch.optim.Adagrad([p for p in dmp.parameters() if p.requires_grad], lr=0.05)
     losses = []
     for step in range(steps):
-        dense, kjt, labels = _batch(rank, step)
+        dense, kjt, labels = (batch or _batch)(rank, step)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(dense, kjt).reshape(-1), labels)
         optimizer.zero_grad()
         loss.backward()
@@ -127,9 +128,27 @@ def _placement_model():
     return DLRM(ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
 
 
+def _placement_batch(rank: int, step: int, batch: int = 8):
+    g = torch.Generator().manual_seed(10 * step + rank)
+    lengths = torch.randint(0, 3, (len(PLACEMENT_ROWS), batch), generator=g)
+    values = torch.cat([torch.randint(0, n, (int(k),), generator=g) for n, k in zip(PLACEMENT_ROWS, lengths.sum(1))])
+    kjt = KeyedJaggedTensor([t.feature_names[0] for t in PLACEMENT_TABLES], values, lengths=lengths.reshape(-1))
+    return torch.randn(batch, 4, generator=g), kjt, torch.rand(batch, generator=g).round()
+
+
+def _assert_replicas_equal(dmp) -> None:
+    """Every shard this rank holds equals its replica's, bit for bit (weights and state)."""
+    for local in dmp.sharded["sparse_arch"].local_shards():
+        weight, state = local.read()
+        for tensor in [weight, *state.values()]:
+            copies = [torch.empty_like(tensor) for _ in range(2)]
+            dist.all_gather(copies, tensor, group=dmp.process_groups.replica_group)
+            torch.testing.assert_close(copies[0], copies[1], rtol=0, atol=0, msg=local.table)
+
+
 def _table_wise_placement_rank(rank, world_size):
-    rows, model = PLACEMENT_ROWS, _placement_model
-    plan = DistributedModelParallel(model(), sharding_type="table_wise").plans["sparse_arch"]
+    rows = PLACEMENT_ROWS
+    plan = DistributedModelParallel(_placement_model(), sharding_type="table_wise").plans["sparse_arch"]
     plans = [None] * world_size
     dist.all_gather_object(plans, plan.to_dict())
     assert plans[0] == plans[1]  # every rank plans alone: the same plan
@@ -141,7 +160,7 @@ def _table_wise_placement_rank(rank, world_size):
     assert [sum(ranks == [r] for ranks in placed.values()) for r in range(world_size)] == [3, 3], placed
     # memory_per_rank bounds the placement: 20000 rows x (8 x 4 B + 4 B of state) = 703 KiB fit no rank of 600 KB.
     with pytest.raises(PlanningError, match="t0 needs 703.1 KiB"):
-        DistributedModelParallel(model(), sharding_type="table_wise", memory_per_rank=600_000)
+        DistributedModelParallel(_placement_model(), sharding_type="table_wise", memory_per_rank=600_000)
 
 
 def test_table_wise_balances_the_ranks_rather_than_dealing_tables_round_robin():
@@ -168,24 +187,8 @@ def _table_wise_two_d_rank(rank, world_size):
     dist.all_gather_object(everyone, (grid.replica_index, position, held))
     assert {p: h for i, p, h in everyone if i == 0} == {p: h for i, p, h in everyone if i == 1}, everyone
     # After steps on each rank's own data and a sync, every replica of a table holds the same rows and state.
-    optimizer = torch.optim.Adagrad([p for p in dmp.parameters() if p.requires_grad], lr=0.05)
-    for step in range(3):
-        g = torch.Generator().manual_seed(10 * step + rank)
-        lengths = torch.randint(0, 3, (len(PLACEMENT_ROWS), 8), generator=g)
-        values = torch.cat([torch.randint(0, n, (int(k),), generator=g) for n, k in zip(PLACEMENT_ROWS, lengths.sum(1))])
-        kjt = KeyedJaggedTensor([t.feature_names[0] for t in PLACEMENT_TABLES], values, lengths=lengths.reshape(-1))
-        dense, labels = torch.randn(8, 4, generator=g), torch.rand(8, generator=g).round()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(dense, kjt).reshape(-1), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        dmp.sync()
-    for local in dmp.sharded["sparse_arch"].local_shards():
-        weight, state = local.read()
-        for tensor in [weight, *state.values()]:
-            copies = [torch.empty_like(tensor) for _ in range(2)]
-            dist.all_gather(copies, tensor, group=dmp.process_groups.replica_group)
-            torch.testing.assert_close(copies[0], copies[1], rtol=0, atol=0, msg=local.table)
+    _train(dmp, rank, batch=_placement_batch)
+    _assert_replicas_equal(dmp)
 
 
 def test_table_wise_two_d_places_each_group_alike_and_keeps_replicas_equal():
@@ -223,12 +226,7 @@ def _planned_two_d_rank(rank, world_size):
     assert types["t3"] in ("row_wise", "table_row_wise"), str(plan)  # 20000 x 8 x (4 B + state) = 720 kB > 600 kB
     _train(dmp, rank)
     # Replicas of every shard are equal after sync(); dense layers equal everywhere.
-    for local in dmp.sharded["sparse_arch"].local_shards():
-        weight, state = local.read()
-        for tensor in [weight, *state.values()]:
-            copies = [torch.empty_like(tensor) for _ in range(2)]
-            dist.all_gather(copies, tensor, group=dmp.process_groups.replica_group)
-            torch.testing.assert_close(copies[0], copies[1], rtol=0, atol=0)
+    _assert_replicas_equal(dmp)
     for name, p in dmp.unwrapped.named_parameters():
         if not p.requires_grad:  # shards (the fused tables do not require grad)
             continue
