@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dist_rec.ops.interaction import dot_interaction, dot_interaction_blocks
+from dist_rec.ops.mlp import fused_mlp
 from dist_rec.sparse.jagged_tensor import FeatureBlocks
 
 
@@ -37,7 +38,11 @@ def _mlp(in_features: int, layer_sizes: Sequence[int], last_activation: bool) ->
 
 class _MLPArch(nn.Module):
     """An MLP of ``layer_sizes`` widths; subclasses say whether the last
-    layer has a ReLU and which setting names the widths (for errors)."""
+    layer has a ReLU and which setting names the widths (for errors).
+
+    Runs as ``dist_rec.ops.fused_mlp`` (one autograd node, ReLUs in place;
+    the same results) where that computes exactly what ``self.model``
+    would, else as ``self.model``."""
 
     last_activation: bool = True
     setting_name: str = "layer_sizes"
@@ -49,7 +54,42 @@ class _MLPArch(nn.Module):
         self.model = _mlp(in_features, layer_sizes, last_activation=self.last_activation)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model(features)
+        layers = self._fusable_layers(features)
+        if layers is None:
+            return self.model(features)
+        weights, biases, relu = layers
+        return fused_mlp(features, weights, biases, relu)
+
+    def _fusable_layers(self, features: torch.Tensor):
+        """``(weights, biases, relu)`` when the fused op computes exactly what
+        ``self.model`` would: plain ``Linear``/``ReLU`` modules without hooks
+        (ZeRO-3 style parameter gathers, user hooks), float CPU tensors, no
+        compiler or functorch transform tracing it. Else None."""
+        if (
+            features.device.type != "cpu"
+            or features.dim() != 2
+            or features.dtype not in (torch.float32, torch.float64)
+            or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(features)
+            or _global_module_hooks()
+        ):
+            return None
+        weights, biases, relu = [], [], []
+        for module in self.model._modules.values():  # (not getattr: this runs every step)
+            if _has_hooks(module):
+                return None
+            if type(module) is nn.Linear:
+                weight, bias = module._parameters["weight"], module._parameters["bias"]
+                if bias is None or weight.dtype != features.dtype:
+                    return None
+                weights.append(weight)
+                biases.append(bias)
+                relu.append(False)
+            elif type(module) is nn.ReLU and relu and not relu[-1]:
+                relu[-1] = True
+            else:
+                return None
+        return weights, biases, relu
 
 
 class DenseArch(_MLPArch):
@@ -149,6 +189,22 @@ class DLRM(nn.Module):
             if blocks is not None and blocks.keys == self.feature_names:
                 return blocks
         return _in_order(lookup, self.feature_names)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks were registered on every module (``nn.modules.module.register_module_forward_hook``...)."""
+    from torch.nn.modules import module
+
+    return bool(
+        module._global_forward_hooks or module._global_forward_pre_hooks
+        or module._global_backward_hooks or module._global_backward_pre_hooks
+    )
 
 
 def _in_order(pooled, feature_names) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dist_rec.ops.embedding_bag import (
 )
 from dist_rec.ops.fused_lookup import fused_lookup
 from dist_rec.ops.id_range import first_id_out_of_range
+from dist_rec.ops.mlp import fused_mlp, mlp_reference
 
 __all__ = [
     "PoolingMode",
@@ -23,6 +24,8 @@ __all__ = [
     "empty_hugepage",
     "first_id_out_of_range",
     "fused_lookup",
+    "fused_mlp",
+    "mlp_reference",
     "set_cpu_isa",
     "set_index_checks",
     "supported_cpu_isas",
