@@ -561,9 +561,10 @@ Machine: {machine_summary(torchrec=True)}; threads: {args.threads}.{busy_note(lo
 Command: `{command}` ({datetime.date.today().isoformat()}).
 
 Same model (`dist_rec.models.DLRM`, its MLPs run by `dist_rec.ops.fused_mlp`),
-data and optimizers for dist_rec and `torchrec`; only the embedding-bag collection differs: dist_rec's `EmbeddingBagCollection` with
-the fused `RowWiseAdagrad`, against TorchRec's `FusedEmbeddingBagCollection`
-with `torchrec.optim.RowWiseAdagrad` (FBGEMM TBE, `EXACT_ROWWISE_ADAGRAD`,
+data and optimizers for dist_rec and `torchrec`; only the embedding-bag
+collection differs: dist_rec's `EmbeddingBagCollection` with the fused
+`RowWiseAdagrad`, against TorchRec's `FusedEmbeddingBagCollection` with
+`torchrec.optim.RowWiseAdagrad` (FBGEMM TBE, `EXACT_ROWWISE_ADAGRAD`,
 fused into the backward). Same initial weights, lr/eps, and dense
 `torch.optim.Adagrad`. A timed step is forward, BCE-with-logits loss,
 `zero_grad`, backward (embedding update fused in) and the dense optimizer

@@ -16,10 +16,12 @@ Wang et al. 2021), as TorchRec's model of the same name.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.nn.modules import module as module_hooks
 
 from dist_rec.ops.interaction import dot_interaction, dot_interaction_blocks
 from dist_rec.ops.mlp import fused_mlp
@@ -42,10 +44,12 @@ class _MLPArch(nn.Module):
 
     Runs as ``dist_rec.ops.fused_mlp`` (one autograd node, ReLUs in place;
     the same results) where that computes exactly what ``self.model``
-    would, else as ``self.model``."""
+    would, else as ``self.model``; ``fused = False`` on an instance always
+    runs ``self.model`` (benchmarks/bench_mlp.py times both ways)."""
 
     last_activation: bool = True
     setting_name: str = "layer_sizes"
+    fused: bool = True
 
     def __init__(self, in_features: int, layer_sizes: Sequence[int]) -> None:
         super().__init__()
@@ -60,17 +64,27 @@ class _MLPArch(nn.Module):
         weights, biases, relu = layers
         return fused_mlp(features, weights, biases, relu)
 
-    def _fusable_layers(self, features: torch.Tensor):
+    def _fusable_layers(self, features: torch.Tensor) -> Optional[Tuple[List[Tensor], List[Tensor], List[bool]]]:
         """``(weights, biases, relu)`` when the fused op computes exactly what
-        ``self.model`` would: plain ``Linear``/``ReLU`` modules without hooks
-        (ZeRO-3 style parameter gathers, user hooks), float CPU tensors, no
-        compiler or functorch transform tracing it. Else None."""
+        ``self.model`` would: an ``nn.Sequential`` of plain ``Linear`` and
+        ``ReLU`` modules, none with hooks (ZeRO-3 style parameter gathers,
+        user hooks) and no global ones, a float CPU input of two dims, and
+        nothing that needs to see the modules: tracing (fx, jit, dynamo),
+        autocast (its cast weights), functorch transforms and forward-mode AD
+        (the fused node has no rules for them). Else None."""
         if (
-            features.device.type != "cpu"
+            not self.fused
+            or isinstance(features, torch.fx.Proxy)
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+            or features.device.type != "cpu"
             or features.dim() != 2
             or features.dtype not in (torch.float32, torch.float64)
-            or torch.compiler.is_compiling()
-            or torch._C._functorch.is_functorch_wrapped_tensor(features)
+            or torch.is_autocast_enabled("cpu")
+            or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0
+            or type(self.model) is not nn.Sequential
+            or _has_hooks(self.model)
             or _global_module_hooks()
         ):
             return None
@@ -199,11 +213,9 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _global_module_hooks() -> bool:
     """Whether hooks were registered on every module (``nn.modules.module.register_module_forward_hook``...)."""
-    from torch.nn.modules import module
-
     return bool(
-        module._global_forward_hooks or module._global_forward_pre_hooks
-        or module._global_backward_hooks or module._global_backward_pre_hooks
+        module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks
     )
 
 

@@ -1,4 +1,5 @@
-"""Python face of the native ops (``torch.ops.dist_rec``) and their references."""
+"""Python face of the native ops (``torch.ops.dist_rec``) and their references,
+and the fused MLP (``fused_mlp``: PyTorch ops, one autograd node)."""
 
 from dist_rec.ops.bucketize import bucketize_by_rows
 from dist_rec.ops.embedding_bag import (

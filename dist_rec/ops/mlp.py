@@ -7,17 +7,18 @@ gradient in the backward, then sums that gradient once more for the bias:
 on DLRM's kaggle MLPs (B=2048, widths up to 512) four passes over
 megabyte-sized activations per layer beside its GEMMs, two of them into
 freshly allocated buffers. Here the ReLU rectifies the GEMM's output where
-it lies, the backward masks the gradient it owns where it lies (the passes
-remain, the cold buffers and their allocations go), and the GEMMs are the
-same calls ``nn.Linear`` makes,
-so the results are bit-for-bit those of the modules (the tests compare them
-to ``mlp_reference``).
+it lies and the backward masks the gradient it owns where it lies (the
+passes remain; the cold buffers and their allocations go). The GEMMs are
+the calls ``nn.Linear`` makes, so for contiguous inputs the results equal
+the modules' to the last bit (the tests compare them, and to
+``mlp_reference``).
 
-The saved tensors are each layer's input and the last layer's output, as
-``nn.Linear`` and ``nn.ReLU`` save them: an in-place change to the output
-before the backward is an error, as it is for ``nn.ReLU``. A gradient taken
-with ``create_graph=True`` (to be differentiated again) is computed through
-``mlp_reference`` instead, out of place.
+The saved tensors are each layer's input, and the last layer's output where
+a ReLU follows it, as ``nn.Linear`` and ``nn.ReLU`` save them: an in-place
+change to the output before the backward is an error after a ReLU, as for
+``nn.ReLU``, and allowed after a plain last layer (logits). A gradient
+taken with ``create_graph=True`` (to be differentiated again) is computed
+through ``mlp_reference`` instead, out of place.
 """
 
 from __future__ import annotations
@@ -51,26 +52,40 @@ def _forward_layers(x, weights, biases, relu) -> List[torch.Tensor]:
 
 
 class _FusedMLP(torch.autograd.Function):
+    """Saves each layer's input, and the last layer's output only when a ReLU
+    follows it (its mask). The first mask of the backward is taken out of
+    place: that gradient is autograd's, which other nodes may read; every
+    later one is a product this backward made, so it is masked in place."""
+
     @staticmethod
     def forward(ctx, x, relu, *parameters):
         layers = len(relu)
         weights, biases = parameters[:layers], parameters[layers:]
         activations = _forward_layers(x, weights, biases, relu)
         ctx.relu = relu
-        ctx.save_for_backward(*activations, *parameters)
+        saved_activations = activations if relu[-1] else activations[:-1]
+        ctx.save_for_backward(*saved_activations, *parameters)
         return activations[-1]
 
     @staticmethod
     def backward(ctx, grad_output):
         relu = ctx.relu
         layers = len(relu)
-        saved = ctx.saved_tensors
-        activations, weights, biases = saved[: layers + 1], saved[layers + 1 : 2 * layers + 1], saved[2 * layers + 1 :]
+        saved = list(ctx.saved_tensors)
+        activations = saved[: layers + 1] if relu[-1] else saved[:layers] + [None]
+        weights = saved[len(saved) - 2 * layers : len(saved) - layers]
+        biases = saved[len(saved) - layers :]
         if torch.is_grad_enabled():  # create_graph: this gradient will be differentiated in turn
             return _differentiable_backward(ctx, grad_output, activations[0], weights, biases)
+        # below[k]: some gradient is wanted from layers under k (or x), so the
+        # product that carries the gradient down through layer k is needed.
+        below, wanted = [False] * layers, ctx.needs_input_grad[0]
+        for k in range(layers):
+            below[k] = wanted
+            wanted = wanted or ctx.needs_input_grad[2 + k] or ctx.needs_input_grad[2 + layers + k]
         grad_weights: List[Optional[torch.Tensor]] = [None] * layers
         grad_biases: List[Optional[torch.Tensor]] = [None] * layers
-        grad, owned = grad_output, False  # owned: ours to overwrite (autograd's may be shared)
+        grad, owned = grad_output, False
         for k in reversed(range(layers)):
             if relu[k]:
                 if owned:
@@ -81,8 +96,9 @@ class _FusedMLP(torch.autograd.Function):
                 grad_weights[k] = grad.t().mm(activations[k])
             if ctx.needs_input_grad[2 + layers + k]:
                 grad_biases[k] = grad.sum(0)
-            if k > 0 or ctx.needs_input_grad[0]:
-                grad, owned = grad.mm(weights[k]), True
+            if not below[k]:
+                break
+            grad, owned = grad.mm(weights[k]), True
         return (grad if ctx.needs_input_grad[0] else None, None, *grad_weights, *grad_biases)
 
 

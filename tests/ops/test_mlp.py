@@ -102,7 +102,7 @@ def test_without_autograd_the_same_values():
     torch.testing.assert_close(out, mlp_reference(x, weights, biases, [True, True]), rtol=1e-6, atol=1e-6)
 
 
-def test_changing_the_output_in_place_before_backward_is_an_error():
+def test_changing_the_output_in_place_before_backward_is_an_error_after_a_relu():
     """As for ``nn.ReLU``, whose saved output it is."""
     weights, biases = _layers(1, [4, 3], torch.float32)
     out = fused_mlp(torch.randn(2, 4), weights, biases, [True])
@@ -111,11 +111,46 @@ def test_changing_the_output_in_place_before_backward_is_an_error():
         out.sum().backward()
 
 
+def test_changing_a_linear_output_in_place_before_backward_is_allowed():
+    """As for ``nn.Linear``, which saves no output (an over arch's logits, say, then ``sigmoid_``)."""
+    weights, biases = _layers(1, [4, 3, 2], torch.float64)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    fused_mlp(x, weights, biases, [True, False]).sigmoid_().sum().backward()
+    fused = [p.grad.clone() for p in (*weights, *biases)]
+    for p in (*weights, *biases):
+        p.grad = None
+    mlp_reference(x, weights, biases, [True, False]).sigmoid_().sum().backward()
+    for got, p in zip(fused, (*weights, *biases)):
+        torch.testing.assert_close(got, p.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_frozen_lower_layers_cost_no_gradient_products():
+    """Autograd prunes the input-gradient products below the last layer that
+    learns; so does the fused backward (counted with a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                CountMatmuls.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    weights, biases = _layers(2, [5, 6, 7, 3], torch.float32)
+    for p in (weights[0], biases[0], weights[1], biases[1]):
+        p.requires_grad_(False)
+    out = fused_mlp(torch.randn(4, 5), weights, biases, [True, True, False])
+    with CountMatmuls():
+        out.sum().backward()
+    assert CountMatmuls.calls == 1  # the top layer's weight gradient only
+
+
 @pytest.mark.parametrize("x_requires_grad", [True, False])
 def test_gradient_of_a_gradient_matches_the_reference(x_requires_grad):
     """A gradient penalty: the gradient taken with create_graph=True, then differentiated."""
     weights, biases = _layers(1, [4, 6, 3], torch.float64)
-    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=x_requires_grad)
     relu = [True, True]
 
     def penalty_grads(mlp):
@@ -126,6 +161,7 @@ def test_gradient_of_a_gradient_matches_the_reference(x_requires_grad):
 
     for got, want in zip(penalty_grads(fused_mlp), penalty_grads(mlp_reference)):
         torch.testing.assert_close(got if got is not None else torch.zeros_like(want), want, rtol=1e-12, atol=1e-12)
+    x.requires_grad_()
     assert torch.autograd.gradgradcheck(lambda x, *p: fused_mlp(x, p[:2], p[2:], relu), (x, *weights, *biases))
 
 
@@ -169,10 +205,10 @@ def test_arches_run_fused_and_match_their_modules(arch_class, widths, dtype):
     arch.zero_grad(set_to_none=True)
     expected = arch.model(x)
     expected.backward(torch.randn(expected.shape, generator=torch.Generator().manual_seed(9), dtype=dtype))
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out, expected.detach(), **tol)
+    # The same GEMM calls and elementwise ops: equal to the last bit.
+    assert torch.equal(out, expected.detach())
     for got, p in zip(grads, arch.parameters()):
-        torch.testing.assert_close(got, p.grad, **tol)
+        assert torch.equal(got, p.grad)
 
 
 def test_arch_with_a_hook_runs_its_modules():
@@ -220,3 +256,73 @@ def test_arch_on_other_inputs_runs_its_modules():
     assert arch._fusable_layers(torch.randn(2, 3, 6)) is None  # leading dims beyond the batch
     assert arch._fusable_layers(torch.randn(5, 6, dtype=torch.float64)) is None  # parameters in float32
     assert arch(torch.randn(2, 3, 6)).shape == (2, 3, 4)
+
+
+def test_arch_with_a_hook_on_its_sequential_runs_it():
+    arch = DenseArch(6, [8, 4])
+    calls = []
+    arch.model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    assert arch._fusable_layers(torch.randn(5, 6)) is None
+    arch(torch.randn(5, 6))
+    assert calls == [1]
+
+
+def test_arch_with_a_linear_subclass_or_a_parametrization_runs_its_modules():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    arch = DenseArch(6, [8, 4])
+    arch.model[0] = ScaledLinear(6, 8)
+    assert arch._fusable_layers(torch.randn(5, 6)) is None
+    arch = DenseArch(6, [8, 4])
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    torch.nn.utils.parametrize.register_parametrization(arch.model[2], "weight", Doubled())
+    x = torch.randn(5, 6)
+    assert arch._fusable_layers(x) is None
+    torch.testing.assert_close(arch(x), arch.model(x))
+
+
+def test_arch_under_autocast_runs_its_modules():
+    """bfloat16 GEMMs under autocast: the modules save the cast weights the backward needs."""
+    arch = DenseArch(6, [8, 4])
+    x = torch.randn(5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert arch._fusable_layers(x) is None
+        out = arch(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert arch.model[0].weight.grad is not None
+
+
+def test_arch_under_functorch_and_forward_ad_runs_its_modules():
+    from torch.autograd import forward_ad
+    from torch.func import functional_call, grad
+
+    arch = DenseArch(6, [8, 4])
+    x = torch.randn(5, 6)
+    params = {k: v.detach() for k, v in arch.named_parameters()}
+    grads = grad(lambda p: functional_call(arch, p, (x,)).sum())(params)
+    expected = torch.autograd.grad(arch.model(x).sum(), list(arch.parameters()))
+    for got, want in zip(grads.values(), expected):
+        torch.testing.assert_close(got, want)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        assert arch._fusable_layers(dual) is None
+        tangent = forward_ad.unpack_dual(arch(dual)).tangent
+    assert tangent is not None and tangent.shape == (5, 4)
+
+
+def test_arch_traced_or_compiled_runs_its_modules():
+    arch = DenseArch(6, [8, 4])
+    x = torch.randn(5, 6)
+    traced = torch.fx.symbolic_trace(arch)
+    torch.testing.assert_close(traced(x), arch.model(x))
+    jit_traced = torch.jit.trace(arch, x)
+    assert "aten::relu" in str(jit_traced.inlined_graph)
+    compiled = torch.compile(arch, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), arch.model(x))
