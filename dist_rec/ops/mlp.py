@@ -134,6 +134,8 @@ def fused_mlp(
     _check_layers(x, weights, biases, relu)
     if not weights:
         return x
+    if torch.is_autocast_enabled(x.device.type):  # the modules' casts (and saved cast weights) are the reference's
+        return mlp_reference(x, weights, biases, relu)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases)):
         return _FusedMLP.apply(x, relu, *weights, *biases)
     return _forward_layers(x, weights, biases, relu)[-1]

@@ -93,6 +93,17 @@ def test_frozen_layers_and_input_get_no_gradient():
         torch.testing.assert_close(got, want)
 
 
+def test_under_autocast_the_references_casts():
+    weights, biases = _layers(7, [6, 9, 3], torch.float32)
+    x = torch.randn(11, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_mlp(x, weights, biases, [True, False])
+        expected = mlp_reference(x, weights, biases, [True, False])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in (*weights, *biases))
+
+
 def test_without_autograd_the_same_values():
     weights, biases = _layers(6, [6, 9, 3], torch.float32)
     x = torch.randn(11, 6)
