@@ -41,13 +41,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from harness import REPO, busy_note, command_line, machine_summary, markdown_table, update_section, warn_if_busy
+from harness import (
+    REPO, busy_note, command_line, machine_summary, markdown_table, median_seconds, update_section, warn_if_busy,
+)
 
 sys.path.insert(0, str(REPO))
 
@@ -129,16 +130,6 @@ def _unique_per_table(config, batch) -> tuple:
     return torch.cat(uniques), starts
 
 
-def _median_seconds(fn, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        fn(i)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure_ceiling(native, config, tables, states, batches, steps: int, warmup: int) -> Dict:
     """Best-of-distances median seconds per batch: reading its ids,
     read-modify-writing its unique rows, and the same with each row's
@@ -151,14 +142,14 @@ def measure_ceiling(native, config, tables, states, batches, steps: int, warmup:
     read, rmw, rmw_state = {}, {}, {}
     for distance in DISTANCES:
         for hint in ("t0", "t1", "t2") if distance else ("t0",):
-            read[(distance, hint)] = _median_seconds(
+            read[(distance, hint)] = median_seconds(
                 lambda i: pooled_read(native, tables, batches[i % NUM_BATCHES]["indices"],
                                       batches[i % NUM_BATCHES]["offsets"], config.batch_size, distance, out, hint),
                 steps, warmup)  # fmt: skip
         for hint in ("w", "t0", "t1", "t2") if distance else ("w",):
             # r * 1 + 0: the rows keep their values (bit for bit), so every round reads the same tables.
             for times, with_states in ((rmw, None), (rmw_state, states)):
-                times[(distance, hint)] = _median_seconds(
+                times[(distance, hint)] = median_seconds(
                     lambda i: update_rows(native, tables, *unique[i % NUM_BATCHES], 1.0, 0.0, distance, hint, with_states),
                     steps, warmup)  # fmt: skip
     best_read, best_rmw, best_state = min(read, key=read.get), min(rmw, key=rmw.get), min(rmw_state, key=rmw_state.get)

@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
-from typing import Callable, List
+from typing import List
 
 import torch
 
 # harness first: it puts this checkout's dist_rec ahead of an installed one.
 from harness import (
-    busy_note, command_line, machine_summary, markdown_table, per_round_ratios, ratio_cell, run_rounds,
-    update_section, warn_if_busy,
+    busy_note, command_line, machine_summary, markdown_table, median_seconds, per_round_ratios, ratio_cell,
+    run_rounds, update_section, warn_if_busy,
 )
 import bench_train
 from dist_rec.models.dlrm import DenseArch, OverArch
@@ -41,18 +40,24 @@ from dist_rec.models.dlrm import DenseArch, OverArch
 WAYS = ("modules", "fused")
 
 
-def _median_ms(fn: Callable[[], object], calls: int, skip: int) -> float:
-    times = []
-    for _ in range(skip + calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[skip:]) * 1e3
-
-
 def _set_fused(arches: List[torch.nn.Module], way: str) -> None:
     for arch in arches:
         arch.fused = way == "fused"
+
+
+def _alternate_ways(arches, step, rounds: int, calls: int, warmup: int, skip: int) -> dict:
+    """``{way: [{"ms": median step}, ...per round]}``: both ways warmed up
+    first (each its buffers touched), then alternated round by round."""
+    for way in WAYS:
+        _set_fused(arches, way)
+        for _ in range(warmup):
+            step()
+
+    def time_way(way: str, round_index: int) -> dict:
+        _set_fused(arches, way)
+        return {"ms": median_seconds(lambda i: step(), calls, warmup=skip) * 1e3}
+
+    return run_rounds(WAYS, rounds, time_way)
 
 
 def measure_arches(spec: dict, rounds: int, calls: int) -> dict:
@@ -72,16 +77,7 @@ def measure_arches(spec: dict, rounds: int, calls: int) -> dict:
         over_x.grad = None
         torch.autograd.backward([dense_arch(dense_x), over_arch(over_x)], grads)
 
-    for way in WAYS:
-        _set_fused([dense_arch, over_arch], way)
-        for _ in range(5):
-            step()
-
-    def time_way(way: str, round_index: int) -> dict:
-        _set_fused([dense_arch, over_arch], way)
-        return {"ms": _median_ms(step, calls, skip=3)}
-
-    return run_rounds(WAYS, rounds, time_way)
+    return _alternate_ways([dense_arch, over_arch], step, rounds, calls, warmup=5, skip=3)
 
 
 def measure_step(spec: dict, rounds: int, calls: int, warmup: int) -> dict:
@@ -95,16 +91,7 @@ def measure_step(spec: dict, rounds: int, calls: int, warmup: int) -> dict:
         bench_train.train_step(model, optimizer, *inputs[position[0] % len(inputs)])
         position[0] += 1
 
-    for way in WAYS:  # both ways warm, each its buffers touched, before the first timed round
-        _set_fused([model.dense_arch, model.over_arch], way)
-        for _ in range(warmup):
-            step()
-
-    def time_way(way: str, round_index: int) -> dict:
-        _set_fused([model.dense_arch, model.over_arch], way)
-        return {"ms": _median_ms(step, calls, skip=2)}
-
-    return run_rounds(WAYS, rounds, time_way)
+    return _alternate_ways([model.dense_arch, model.over_arch], step, rounds, calls, warmup=warmup, skip=2)
 
 
 def summary_row(label: str, per_round: dict) -> list:

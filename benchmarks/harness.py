@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
@@ -172,6 +173,18 @@ def run_rounds(
 # ---------------------------------------------------------------------------
 # Medians and ratios
 # ---------------------------------------------------------------------------
+
+
+def median_seconds(fn: Callable[[int], Any], steps: int, warmup: int) -> float:
+    """Median wall time of ``fn(i)`` over ``steps`` calls, after ``warmup``
+    untimed ones (``i`` counts every call from 0)."""
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        fn(i)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def median_fields(results: Sequence[dict]) -> dict:
