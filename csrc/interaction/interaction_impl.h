@@ -5,14 +5,80 @@
 // The including file defines this ISA's float vector primitives (`vec`,
 // `kLanes`, `v_zero`, `v_set1`, `v_fma`, `v_load`, `v_store`, as for the
 // embedding kernels). Float inner loops work on whole vectors (per-sample
-// buffers are zero-padded to lane multiples), eight rows at a time: eight
-// independent accumulators hide the latency of the multiply-adds. float64
+// buffers are zero-padded to lane multiples) in register blocks of
+// kBlockRows rows by up to kBlockVectors column vectors: twelve independent
+// accumulators hide the latency of the multiply-adds, each broadcast value
+// feeds up to kBlockVectors of them and each vector load kBlockRows. float64
 // (tests, references) takes plain loops.
-
-constexpr int64_t kRows = 8;
+//
+// The blocks used to be eight rows by one vector, which broadcast every
+// value again for every column vector. Standalone A/B of the AVX2 loops, the
+// two versions alternated in one process (AMD EPYC, one thread, B=1024,
+// F=26; results equal bit for bit): at D=64 the backward took 0.65-0.70x the
+// time and the forward (with transpose8 and prefetch_sample) 0.80-0.83x; at
+// D=32 0.61-0.74x and 0.71-0.75x; at D=16 0.75-0.98x and 0.77-0.85x.
+constexpr int64_t kBlockRows = 3;
+constexpr int64_t kBlockVectors = 4;
 
 inline int64_t round_up(int64_t n, int64_t to) {
   return (n + to - 1) / to * to;
+}
+
+#ifndef DIST_REC_INTERACTION_TRANSPOSE8
+// Columns [col, col + 8) of 8 rows into 8 rows of dst (stride `stride`):
+// dst[k * stride + r] = rows[r][col + k]. The AVX2 build defines its own
+// with register shuffles.
+inline void transpose8(const float* const* rows, int64_t col, float* dst, int64_t stride) {
+  for (int64_t k = 0; k < 8; ++k) {
+    for (int64_t r = 0; r < 8; ++r) {
+      dst[k * stride + r] = rows[r][col + k];
+    }
+  }
+}
+#endif
+
+// `transposed` [dim, padded] = the n rows (rows[j], j < round_up(padded, 8),
+// pointing at zeros past n) column by column: 8 x 8 blocks, then the
+// columns and rows left over one at a time. Element by element (strided
+// scalar stores) it took 45% of the forward's samples at D=64 (perf, AMD
+// EPYC).
+inline void transpose_rows(const float* const* rows, int64_t dim, int64_t padded, float* transposed) {
+  int64_t j0 = 0;
+  for (; j0 + 8 <= padded; j0 += 8) {
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 8) {
+      transpose8(rows + j0, d0, transposed + d0 * padded + j0, padded);
+    }
+    for (int64_t d = d0; d < dim; ++d) {
+      for (int64_t r = 0; r < 8; ++r) {
+        transposed[d * padded + j0 + r] = rows[j0 + r][d];
+      }
+    }
+  }
+  for (int64_t j = j0; j < padded; ++j) {
+    for (int64_t d = 0; d < dim; ++d) {
+      transposed[d * padded + j] = rows[j][d];
+    }
+  }
+}
+
+// dst[0:n] = src[0:n], in registers (std::copy_n of a 64-float row is a
+// memmove call: 9% of a forward and backward at D=64, perf).
+// A row with a partial vector is left to memmove: its scalar tail stores,
+// read back by a whole-vector load, cannot be forwarded (the backward took
+// 1.3x the time at D=20 with the loop below).
+inline void copy_row(const float* src, int64_t n, float* dst) {
+  if (n % kLanes != 0) {
+    std::copy_n(src, n, dst);
+    return;
+  }
+  for (int64_t i = 0; i < n; i += kLanes) {
+    v_store(dst + i, v_load(src + i));
+  }
+}
+
+inline void copy_row(const double* src, int64_t n, double* dst) {
+  std::copy_n(src, n, dst);
 }
 
 // Vector v of sample b: the dense vector (v = 0), then the pooled features.
@@ -22,12 +88,32 @@ inline const T* vector_row(const Shapes& s, const T* dense, const T* sparse, int
   return v == 0 ? dense + b * l.dense_stride : sparse + l.sparse_offset[v - 1] + b * l.sparse_stride[v - 1];
 }
 
+// Asks for sample b's F + 1 vectors while the sample before is computed:
+// its rows are 27 scattered 256-byte pieces (D=64) that the hardware
+// prefetchers do not see coming, and the forward's loads of them were its
+// hottest instructions (perf, AMD EPYC). A volatile asm: GCC may delete a
+// loop of __builtin_prefetch alone.
+template <typename T>
+inline void prefetch_sample(const Shapes& s, const T* dense, const T* sparse, int64_t b) {
+  const int64_t bytes = s.dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t v = 0; v < s.vectors; ++v) {
+    const char* p = reinterpret_cast<const char*>(vector_row(s, dense, sparse, b, v));
+    for (int64_t offset = 0; offset < bytes; offset += 64) {
+#if defined(__x86_64__) || defined(__i386__)
+      __asm__ volatile("prefetcht0 %0" : : "m"(p[offset]));
+#else
+      __builtin_prefetch(p + offset, 0, 3);
+#endif
+    }
+  }
+}
+
 // Copies sample b's F + 1 vectors into rows of `buffer` of stride
 // `row_stride` (>= D; padding left as the caller set it).
 template <typename T>
 inline void gather_sample(const Shapes& s, const T* dense, const T* sparse, int64_t b, int64_t row_stride, T* buffer) {
   for (int64_t v = 0; v < s.vectors; ++v) {
-    std::copy_n(vector_row(s, dense, sparse, b, v), s.dim, buffer + v * row_stride);
+    copy_row(vector_row(s, dense, sparse, b, v), s.dim, buffer + v * row_stride);
   }
 }
 
@@ -49,7 +135,7 @@ inline void write_gradients(
   }
   const Layout& l = s.layout;
   for (int64_t v = 1; v < s.vectors; ++v) {
-    std::copy_n(grads + v * row_stride, s.dim, grad_sparse + l.grad_offset[v - 1] + b * l.grad_stride[v - 1]);
+    copy_row(grads + v * row_stride, s.dim, grad_sparse + l.grad_offset[v - 1] + b * l.grad_stride[v - 1]);
   }
 }
 
@@ -63,52 +149,116 @@ inline std::vector<int64_t> triangle_rows(int64_t n) {
   return rows;
 }
 
-// Sample rows [begin, end) of the forward, float: Gram rows kRows at a
-// time against the transposed vectors, then the upper triangle copied out.
+// gram[r][c0, c0 + C kLanes) = sum_d a[r][d] transposed[d][same], r < kBlockRows.
+template <int C>
+inline void forward_block(const float* const* a, const float* transposed, int64_t padded, int64_t dim, int64_t c0, float* gram) {
+  vec acc[kBlockRows][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < kBlockRows; ++r) {
+#pragma GCC unroll 4
+    for (int k = 0; k < C; ++k) {
+      acc[r][k] = v_zero();
+    }
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    vec weight[kBlockRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kBlockRows; ++r) {
+      weight[r] = v_set1(a[r][d]);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < C; ++k) {
+      const vec column = v_load(transposed + d * padded + c0 + k * kLanes);
+#pragma GCC unroll 4
+      for (int r = 0; r < kBlockRows; ++r) {
+        acc[r][k] = v_fma(weight[r], column, acc[r][k]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kBlockRows; ++r) {
+#pragma GCC unroll 4
+    for (int k = 0; k < C; ++k) {
+      v_store(gram + r * padded + c0 + k * kLanes, acc[r][k]);
+    }
+  }
+}
+
+// out[r][c0, c0 + C kLanes) = sum_j w[r n + j] in_row[j][same], r < kBlockRows.
+template <int C>
+inline void backward_block(const float* const* in_row, const float* w, int64_t n, int64_t c0, float* const* out) {
+  vec acc[kBlockRows][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < kBlockRows; ++r) {
+#pragma GCC unroll 4
+    for (int k = 0; k < C; ++k) {
+      acc[r][k] = v_zero();
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    vec weight[kBlockRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kBlockRows; ++r) {
+      weight[r] = v_set1(w[r * n + j]);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < C; ++k) {
+      const vec vj = v_load(in_row[j] + c0 + k * kLanes);
+#pragma GCC unroll 4
+      for (int r = 0; r < kBlockRows; ++r) {
+        acc[r][k] = v_fma(weight[r], vj, acc[r][k]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kBlockRows; ++r) {
+#pragma GCC unroll 4
+    for (int k = 0; k < C; ++k) {
+      v_store(out[r] + c0 + k * kLanes, acc[r][k]);
+    }
+  }
+}
+
+// Sample rows [begin, end) of the forward, float: Gram rows kBlockRows at a
+// time against the transposed vectors (only the column vectors right of the
+// diagonal), then the upper triangle copied out.
 // The vectors are read where they are (row pointers; rows past n point at
 // zeros).
 void forward_float(const Shapes& s, const float* dense, const float* sparse, float* out, int64_t begin, int64_t end) {
   const int64_t n = s.vectors, dim = s.dim;
   const int64_t padded = round_up(n, kLanes); // Gram columns
-  // transposed [D, padded] (extra columns stay 0); gram: kRows Gram rows.
-  std::vector<float> transposed(dim * padded, 0.0f), gram(kRows * padded), zeros(dim, 0.0f);
-  std::vector<const float*> rows(round_up(n, kRows), zeros.data());
+  const int64_t vectors_wide = padded / kLanes;
+  // transposed [D, padded] (extra columns 0); gram: kBlockRows Gram rows;
+  // rows past n point at zeros (transpose_rows reads them in groups of 8).
+  std::vector<float> transposed(dim * padded, 0.0f), gram(kBlockRows * padded), zeros(dim, 0.0f);
+  std::vector<const float*> rows(round_up(std::max(n, padded), 8) + kBlockRows, zeros.data());
   const int64_t width = dim + s.pairs;
   for (int64_t b = begin; b < end; ++b) {
+    if (b + 1 < end) {
+      prefetch_sample(s, dense, sparse, b + 1);
+    }
     for (int64_t v = 0; v < n; ++v) {
       rows[v] = vector_row(s, dense, sparse, b, v);
     }
-    for (int64_t j = 0; j < n; ++j) {
-      const float* source = rows[j];
-      for (int64_t d = 0; d < dim; ++d) {
-        transposed[d * padded + j] = source[d];
-      }
-    }
+    transpose_rows(rows.data(), dim, padded, transposed.data());
     float* row = out + b * width;
-    std::copy_n(rows[0], dim, row);
+    copy_row(rows[0], dim, row);
     float* pair = row + dim;
-    for (int64_t i0 = 0; i0 + 1 < n; i0 += kRows) {
+    for (int64_t i0 = 0; i0 + 1 < n; i0 += kBlockRows) {
       const float* const* a = rows.data() + i0;
-      // Only the column chunks right of the diagonal.
-      for (int64_t c = (i0 + 1) / kLanes * kLanes; c < padded; c += kLanes) {
-        vec acc[kRows];
-#pragma GCC unroll 8
-        for (int64_t r = 0; r < kRows; ++r) {
-          acc[r] = v_zero();
-        }
-        for (int64_t d = 0; d < dim; ++d) {
-          const vec column = v_load(transposed.data() + d * padded + c);
-#pragma GCC unroll 8
-          for (int64_t r = 0; r < kRows; ++r) {
-            acc[r] = v_fma(v_set1(a[r][d]), column, acc[r]);
-          }
-        }
-#pragma GCC unroll 8
-        for (int64_t r = 0; r < kRows; ++r) {
-          v_store(gram.data() + r * padded + c, acc[r]);
-        }
+      // Only the column vectors right of the diagonal.
+      int64_t c = (i0 + 1) / kLanes;
+      for (; c + kBlockVectors <= vectors_wide; c += kBlockVectors) {
+        forward_block<kBlockVectors>(a, transposed.data(), padded, dim, c * kLanes, gram.data());
       }
-      for (int64_t r = 0; r < kRows && i0 + r + 1 < n; ++r) {
+      if (c + 2 <= vectors_wide) {
+        forward_block<2>(a, transposed.data(), padded, dim, c * kLanes, gram.data());
+        c += 2;
+      }
+      if (c < vectors_wide) {
+        forward_block<1>(a, transposed.data(), padded, dim, c * kLanes, gram.data());
+      }
+      for (int64_t r = 0; r < kBlockRows && i0 + r + 1 < n; ++r) {
         for (int64_t j = i0 + r + 1; j < n; ++j) {
           *pair++ = gram[r * padded + j];
         }
@@ -118,7 +268,7 @@ void forward_float(const Shapes& s, const float* dense, const float* sparse, flo
 }
 
 // Float backward: the pair gradients mirrored into a symmetric matrix with
-// a zero diagonal, times the vectors, kRows rows at a time.
+// a zero diagonal, times the vectors, kBlockRows rows at a time.
 void backward_float(
     const Shapes& s,
     const float* grad_out,
@@ -131,14 +281,38 @@ void backward_float(
     int64_t end) {
   const int64_t n = s.vectors, dim = s.dim;
   const int64_t row_stride = round_up(dim, kLanes);
-  const int64_t padded_rows = round_up(n, kRows);
-  // vectors and grads [n (rounded to kRows), row_stride] (extra columns stay
-  // 0); symmetric [padded_rows, n] (extra rows stay 0).
-  std::vector<float> vectors(n * row_stride, 0.0f), grads(padded_rows * row_stride);
+  const int64_t padded_rows = round_up(n, kBlockRows);
+  // Rows of whole vectors are read and written where they lie (a copy in
+  // and a copy out per vector otherwise); a row with a partial vector goes
+  // through `vectors` and `grads` [n (rounded to kBlockRows), row_stride], whose
+  // extra columns stay 0. symmetric [padded_rows, n] (extra rows stay 0).
+  const bool in_place = dim == row_stride;
+  std::vector<float> vectors(in_place ? 0 : n * row_stride, 0.0f), grads(padded_rows * row_stride);
   std::vector<float> symmetric(padded_rows * n, 0.0f);
+  std::vector<const float*> in_row(n);
+  std::vector<float*> out_row(padded_rows); // past n: scratch rows of `grads`
+  for (int64_t v = 0; v < padded_rows; ++v) {
+    out_row[v] = grads.data() + v * row_stride;
+  }
+  const Layout& l = s.layout;
   const std::vector<int64_t> triangle_row = triangle_rows(n);
   for (int64_t b = begin; b < end; ++b) {
-    gather_sample(s, dense, sparse, b, row_stride, vectors.data());
+    if (b + 1 < end) {
+      prefetch_sample(s, dense, sparse, b + 1);
+    }
+    if (in_place) {
+      for (int64_t v = 0; v < n; ++v) {
+        in_row[v] = vector_row(s, dense, sparse, b, v);
+      }
+      for (int64_t v = 1; v < n; ++v) { // vector 0's row stays in `grads`: the dense gradient adds grad_out's part
+        out_row[v] = grad_sparse + l.grad_offset[v - 1] + b * l.grad_stride[v - 1];
+      }
+    } else {
+      gather_sample(s, dense, sparse, b, row_stride, vectors.data());
+      for (int64_t v = 0; v < n; ++v) {
+        in_row[v] = vectors.data() + v * row_stride;
+      }
+    }
     const float* g = grad_out + b * grad_stride;
     const float* grad_pairs = g + dim;
     // Row i of the mirror, written in order (strided stores would stall):
@@ -154,28 +328,29 @@ void backward_float(
         mirror[j] = upper[j - i - 1];
       }
     }
-    for (int64_t i0 = 0; i0 < n; i0 += kRows) {
-      const float* w = symmetric.data() + i0 * n; // rows i0 .. i0 + kRows - 1
-      for (int64_t c = 0; c < row_stride; c += kLanes) {
-        vec acc[kRows];
-#pragma GCC unroll 8
-        for (int64_t r = 0; r < kRows; ++r) {
-          acc[r] = v_zero();
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          const vec vj = v_load(vectors.data() + j * row_stride + c);
-#pragma GCC unroll 8
-          for (int64_t r = 0; r < kRows; ++r) {
-            acc[r] = v_fma(v_set1(w[r * n + j]), vj, acc[r]);
-          }
-        }
-#pragma GCC unroll 8
-        for (int64_t r = 0; r < kRows; ++r) {
-          v_store(grads.data() + (i0 + r) * row_stride + c, acc[r]);
-        }
+    const int64_t chunks = row_stride / kLanes;
+    for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
+      const float* w = symmetric.data() + i0 * n; // rows i0 .. i0 + kBlockRows - 1
+      int64_t c = 0;
+      for (; c + kBlockVectors <= chunks; c += kBlockVectors) {
+        backward_block<kBlockVectors>(in_row.data(), w, n, c * kLanes, out_row.data() + i0);
+      }
+      if (c + 2 <= chunks) {
+        backward_block<2>(in_row.data(), w, n, c * kLanes, out_row.data() + i0);
+        c += 2;
+      }
+      if (c < chunks) {
+        backward_block<1>(in_row.data(), w, n, c * kLanes, out_row.data() + i0);
       }
     }
-    write_gradients(s, g, grads.data(), row_stride, grad_dense, grad_sparse, b);
+    if (in_place) {
+      float* gd = grad_dense + b * dim;
+      for (int64_t k = 0; k < dim; ++k) {
+        gd[k] = g[k] + grads[k];
+      }
+    } else {
+      write_gradients(s, g, grads.data(), row_stride, grad_dense, grad_sparse, b);
+    }
   }
 }
 

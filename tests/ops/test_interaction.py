@@ -22,6 +22,8 @@ SHAPES = [  # (batch, features, dim)
     (0, 3, 4),  # empty batch
     (5, 0, 8),  # no sparse features: the dense vector alone
     (64, 7, 24),  # a batch the op splits into several tasks
+    (6, 26, 64),  # the multihot presets' shape: whole register blocks, rows read and written in place
+    (4, 5, 40),  # five column vectors (AVX2): a block of four, then one
 ]
 
 
@@ -171,6 +173,7 @@ BLOCK_SHAPES = [  # (batch, features, dim, blocks, gap)
     (6, 0, 8, 2, 0),  # no sparse features
     (4, 2, 4, 4, 0),  # more blocks than features: empty blocks
     (64, 7, 24, 2, 1),
+    (5, 26, 64, 2, 0),  # the sharded multihot preset's layout
 ]
 
 
