@@ -5,20 +5,25 @@
 // The including file defines this ISA's float vector primitives (`vec`,
 // `kLanes`, `v_zero`, `v_set1`, `v_fma`, `v_load`, `v_store`, as for the
 // embedding kernels). Float inner loops work on whole vectors (per-sample
-// buffers are zero-padded to lane multiples) in register blocks of
-// kBlockRows rows by up to kBlockVectors column vectors: twelve independent
-// accumulators hide the latency of the multiply-adds, each broadcast value
-// feeds up to kBlockVectors of them and each vector load kBlockRows. float64
-// (tests, references) takes plain loops.
-//
-// The blocks used to be eight rows by one vector, which broadcast every
-// value again for every column vector. Standalone A/B of the AVX2 loops, the
-// two versions alternated in one process (AMD EPYC, one thread, B=1024,
-// F=26; results equal bit for bit): at D=64 the backward took 0.65-0.70x the
-// time and the forward (with transpose8 and prefetch_sample) 0.80-0.83x; at
-// D=32 0.61-0.74x and 0.71-0.75x; at D=16 0.75-0.98x and 0.77-0.85x.
-constexpr int64_t kBlockRows = 3;
+// buffers are zero-padded to lane multiples) in register blocks (below).
+// float64 (tests, references) takes plain loops.
+
+// The register block of both passes: R output rows by up to C column
+// vectors, C = min(4, the pass's column vectors) and R = kBlockRows<C> (about
+// twelve accumulators, never fewer than eight, the multiply-add chains
+// needed in flight), so that each broadcast value feeds up to C multiply-adds
+// and each vector load R. The blocks used to be eight rows by one vector,
+// which broadcast every value again for every column vector (still the
+// block where a pass is one vector wide). Standalone A/B of the two versions
+// of the AVX2 loops, alternated in one process (AMD EPYC, one thread,
+// B=1024, F=26; results equal bit for bit): at D=64 the backward took
+// 0.65-0.70x the time and the forward (with transpose8 and prefetch_sample)
+// 0.80-0.83x; at D=32 0.61-0.74x and 0.71-0.75x; at D=16 0.75-0.98x and
+// 0.77-0.85x. The AVX-512 build (its own R and C) was not timed.
 constexpr int64_t kBlockVectors = 4;
+template <int C>
+constexpr int kBlockRows = C >= 4 ? 3 : C == 3 ? 4 : C == 2 ? 6 : 8;
+constexpr int kMaxBlockRows = 8;
 
 inline int64_t round_up(int64_t n, int64_t to) {
   return (n + to - 1) / to * to;
@@ -37,8 +42,8 @@ inline void transpose8(const float* const* rows, int64_t col, float* dst, int64_
 }
 #endif
 
-// `transposed` [dim, padded] = the n rows (rows[j], j < round_up(padded, 8),
-// pointing at zeros past n) column by column: 8 x 8 blocks, then the
+// `transposed` [dim, padded] = the rows (rows[j], j < padded, pointing at
+// zeros past n) column by column: 8 x 8 blocks, then the
 // columns and rows left over one at a time. Element by element (strided
 // scalar stores) it took 45% of the forward's samples at D=64 (perf, AMD
 // EPYC).
@@ -96,9 +101,11 @@ inline const T* vector_row(const Shapes& s, const T* dense, const T* sparse, int
 template <typename T>
 inline void prefetch_sample(const Shapes& s, const T* dense, const T* sparse, int64_t b) {
   const int64_t bytes = s.dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t v = 0; v < s.vectors; ++v) {
+  for (int64_t v = 0; v < s.vectors && bytes > 0; ++v) {
     const char* p = reinterpret_cast<const char*>(vector_row(s, dense, sparse, b, v));
-    for (int64_t offset = 0; offset < bytes; offset += 64) {
+    // Every line the row touches, from the one it starts in.
+    const int64_t first = -static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 63);
+    for (int64_t offset = first; offset < bytes; offset += 64) {
 #if defined(__x86_64__) || defined(__i386__)
       __asm__ volatile("prefetcht0 %0" : : "m"(p[offset]));
 #else
@@ -149,89 +156,150 @@ inline std::vector<int64_t> triangle_rows(int64_t n) {
   return rows;
 }
 
-// gram[r][c0, c0 + C kLanes) = sum_d a[r][d] transposed[d][same], r < kBlockRows.
-template <int C>
+// gram[r][c0, c0 + C kLanes) = sum_d a[r][d] transposed[d][same], r < R.
+template <int R, int C>
 inline void forward_block(const float* const* a, const float* transposed, int64_t padded, int64_t dim, int64_t c0, float* gram) {
-  vec acc[kBlockRows][C];
-#pragma GCC unroll 4
-  for (int r = 0; r < kBlockRows; ++r) {
-#pragma GCC unroll 4
+  vec acc[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int k = 0; k < C; ++k) {
       acc[r][k] = v_zero();
     }
   }
   for (int64_t d = 0; d < dim; ++d) {
-    vec weight[kBlockRows];
-#pragma GCC unroll 4
-    for (int r = 0; r < kBlockRows; ++r) {
+    vec weight[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       weight[r] = v_set1(a[r][d]);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int k = 0; k < C; ++k) {
       const vec column = v_load(transposed + d * padded + c0 + k * kLanes);
-#pragma GCC unroll 4
-      for (int r = 0; r < kBlockRows; ++r) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
         acc[r][k] = v_fma(weight[r], column, acc[r][k]);
       }
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < kBlockRows; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int k = 0; k < C; ++k) {
       v_store(gram + r * padded + c0 + k * kLanes, acc[r][k]);
     }
   }
 }
 
-// out[r][c0, c0 + C kLanes) = sum_j w[r n + j] in_row[j][same], r < kBlockRows.
-template <int C>
+// out[r][c0, c0 + C kLanes) = sum_j w[r n + j] in_row[j][same], r < R.
+template <int R, int C>
 inline void backward_block(const float* const* in_row, const float* w, int64_t n, int64_t c0, float* const* out) {
-  vec acc[kBlockRows][C];
-#pragma GCC unroll 4
-  for (int r = 0; r < kBlockRows; ++r) {
-#pragma GCC unroll 4
+  vec acc[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int k = 0; k < C; ++k) {
       acc[r][k] = v_zero();
     }
   }
   for (int64_t j = 0; j < n; ++j) {
-    vec weight[kBlockRows];
-#pragma GCC unroll 4
-    for (int r = 0; r < kBlockRows; ++r) {
+    vec weight[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       weight[r] = v_set1(w[r * n + j]);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int k = 0; k < C; ++k) {
       const vec vj = v_load(in_row[j] + c0 + k * kLanes);
-#pragma GCC unroll 4
-      for (int r = 0; r < kBlockRows; ++r) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
         acc[r][k] = v_fma(weight[r], vj, acc[r][k]);
       }
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < kBlockRows; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int k = 0; k < C; ++k) {
       v_store(out[r] + c0 + k * kLanes, acc[r][k]);
     }
   }
 }
 
-// Sample rows [begin, end) of the forward, float: Gram rows kBlockRows at a
-// time against the transposed vectors (only the column vectors right of the
-// diagonal), then the upper triangle copied out.
+// Column vectors [c, vectors) of rows a[0 .. R): blocks of C, then of 2
+// and 1 for what is left.
+template <int R, int C>
+inline void forward_columns(const float* const* a, const float* transposed, int64_t padded, int64_t dim, int64_t c,
+                            int64_t vectors, float* gram) {
+  for (; c + C <= vectors; c += C) {
+    forward_block<R, C>(a, transposed, padded, dim, c * kLanes, gram);
+  }
+  if (C > 2 && c + 2 <= vectors) {
+    forward_block<R, 2>(a, transposed, padded, dim, c * kLanes, gram);
+    c += 2;
+  }
+  if (C > 1 && c < vectors) {
+    forward_block<R, 1>(a, transposed, padded, dim, c * kLanes, gram);
+  }
+}
+
+// The Gram rows of one sample, R at a time (only the column vectors right
+// of the diagonal), their upper triangle appended at `pair`.
+template <int C>
+inline void forward_rows(const float* const* rows, const float* transposed, int64_t n, int64_t padded, int64_t dim,
+                         float* gram, float* pair) {
+  constexpr int R = kBlockRows<C>;
+  for (int64_t i0 = 0; i0 + 1 < n; i0 += R) {
+    forward_columns<R, C>(rows + i0, transposed, padded, dim, (i0 + 1) / kLanes, padded / kLanes, gram);
+    for (int64_t r = 0; r < R && i0 + r + 1 < n; ++r) {
+      for (int64_t j = i0 + r + 1; j < n; ++j) {
+        *pair++ = gram[r * padded + j];
+      }
+    }
+  }
+}
+
+// Every row's gradient of one sample, R rows at a time (rows past n land in
+// scratch rows of out_row).
+template <int C>
+inline void backward_rows(const float* const* in_row, const float* symmetric, int64_t n, int64_t chunks,
+                          float* const* out_row) {
+  constexpr int R = kBlockRows<C>;
+  for (int64_t i0 = 0; i0 < n; i0 += R) {
+    const float* w = symmetric + i0 * n; // rows i0 .. i0 + R - 1
+    int64_t c = 0;
+    for (; c + C <= chunks; c += C) {
+      backward_block<R, C>(in_row, w, n, c * kLanes, out_row + i0);
+    }
+    if (C > 2 && c + 2 <= chunks) {
+      backward_block<R, 2>(in_row, w, n, c * kLanes, out_row + i0);
+      c += 2;
+    }
+    if (C > 1 && c < chunks) {
+      backward_block<R, 1>(in_row, w, n, c * kLanes, out_row + i0);
+    }
+  }
+}
+
+// The register block's width for a pass `vectors` column vectors wide.
+inline int block_vectors(int64_t vectors) {
+  return static_cast<int>(vectors >= kBlockVectors ? kBlockVectors : vectors < 1 ? 1 : vectors);
+}
+
+// Sample rows [begin, end) of the forward, float: Gram rows a register block
+// at a time against the transposed vectors (only the column vectors right of
+// the diagonal), then the upper triangle copied out.
 // The vectors are read where they are (row pointers; rows past n point at
 // zeros).
 void forward_float(const Shapes& s, const float* dense, const float* sparse, float* out, int64_t begin, int64_t end) {
   const int64_t n = s.vectors, dim = s.dim;
   const int64_t padded = round_up(n, kLanes); // Gram columns
   const int64_t vectors_wide = padded / kLanes;
-  // transposed [D, padded] (extra columns 0); gram: kBlockRows Gram rows;
-  // rows past n point at zeros (transpose_rows reads them in groups of 8).
-  std::vector<float> transposed(dim * padded, 0.0f), gram(kBlockRows * padded), zeros(dim, 0.0f);
-  std::vector<const float*> rows(round_up(std::max(n, padded), 8) + kBlockRows, zeros.data());
+  // transposed [D, padded] (extra columns 0); gram: a block's Gram rows;
+  // rows past n (read up to padded by transpose_rows, and by a last block
+  // of rows) point at zeros.
+  std::vector<float> transposed(dim * padded, 0.0f), gram(kMaxBlockRows * padded), zeros(dim, 0.0f);
+  std::vector<const float*> rows(std::max(n, padded) + kMaxBlockRows, zeros.data());
   const int64_t width = dim + s.pairs;
   for (int64_t b = begin; b < end; ++b) {
     if (b + 1 < end) {
@@ -244,31 +312,24 @@ void forward_float(const Shapes& s, const float* dense, const float* sparse, flo
     float* row = out + b * width;
     copy_row(rows[0], dim, row);
     float* pair = row + dim;
-    for (int64_t i0 = 0; i0 + 1 < n; i0 += kBlockRows) {
-      const float* const* a = rows.data() + i0;
-      // Only the column vectors right of the diagonal.
-      int64_t c = (i0 + 1) / kLanes;
-      for (; c + kBlockVectors <= vectors_wide; c += kBlockVectors) {
-        forward_block<kBlockVectors>(a, transposed.data(), padded, dim, c * kLanes, gram.data());
-      }
-      if (c + 2 <= vectors_wide) {
-        forward_block<2>(a, transposed.data(), padded, dim, c * kLanes, gram.data());
-        c += 2;
-      }
-      if (c < vectors_wide) {
-        forward_block<1>(a, transposed.data(), padded, dim, c * kLanes, gram.data());
-      }
-      for (int64_t r = 0; r < kBlockRows && i0 + r + 1 < n; ++r) {
-        for (int64_t j = i0 + r + 1; j < n; ++j) {
-          *pair++ = gram[r * padded + j];
-        }
-      }
+    switch (block_vectors(vectors_wide)) {
+      case 4:
+        forward_rows<4>(rows.data(), transposed.data(), n, padded, dim, gram.data(), pair);
+        break;
+      case 3:
+        forward_rows<3>(rows.data(), transposed.data(), n, padded, dim, gram.data(), pair);
+        break;
+      case 2:
+        forward_rows<2>(rows.data(), transposed.data(), n, padded, dim, gram.data(), pair);
+        break;
+      default:
+        forward_rows<1>(rows.data(), transposed.data(), n, padded, dim, gram.data(), pair);
     }
   }
 }
 
 // Float backward: the pair gradients mirrored into a symmetric matrix with
-// a zero diagonal, times the vectors, kBlockRows rows at a time.
+// a zero diagonal, times the vectors, a register block at a time.
 void backward_float(
     const Shapes& s,
     const float* grad_out,
@@ -281,11 +342,15 @@ void backward_float(
     int64_t end) {
   const int64_t n = s.vectors, dim = s.dim;
   const int64_t row_stride = round_up(dim, kLanes);
-  const int64_t padded_rows = round_up(n, kBlockRows);
-  // Rows of whole vectors are read and written where they lie (a copy in
-  // and a copy out per vector otherwise); a row with a partial vector goes
-  // through `vectors` and `grads` [n (rounded to kBlockRows), row_stride], whose
-  // extra columns stay 0. symmetric [padded_rows, n] (extra rows stay 0).
+  const int64_t chunks = row_stride / kLanes;
+  const int width = block_vectors(chunks);
+  const int64_t padded_rows = round_up(n, kMaxBlockRows) + kMaxBlockRows; // past any block's last row
+  // When D is a whole number of vectors, the vectors are read and their
+  // gradients written where they lie (a copy in and a copy out per vector
+  // otherwise); else every vector goes through `vectors` [n, row_stride]
+  // (extra columns stay 0) and `grads` [padded_rows, row_stride]. Rows of
+  // `grads` past n, and row 0 (the dense gradient adds grad_out's part),
+  // are scratch. symmetric [padded_rows, n] (extra rows stay 0).
   const bool in_place = dim == row_stride;
   std::vector<float> vectors(in_place ? 0 : n * row_stride, 0.0f), grads(padded_rows * row_stride);
   std::vector<float> symmetric(padded_rows * n, 0.0f);
@@ -304,7 +369,7 @@ void backward_float(
       for (int64_t v = 0; v < n; ++v) {
         in_row[v] = vector_row(s, dense, sparse, b, v);
       }
-      for (int64_t v = 1; v < n; ++v) { // vector 0's row stays in `grads`: the dense gradient adds grad_out's part
+      for (int64_t v = 1; v < n; ++v) {
         out_row[v] = grad_sparse + l.grad_offset[v - 1] + b * l.grad_stride[v - 1];
       }
     } else {
@@ -328,20 +393,18 @@ void backward_float(
         mirror[j] = upper[j - i - 1];
       }
     }
-    const int64_t chunks = row_stride / kLanes;
-    for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
-      const float* w = symmetric.data() + i0 * n; // rows i0 .. i0 + kBlockRows - 1
-      int64_t c = 0;
-      for (; c + kBlockVectors <= chunks; c += kBlockVectors) {
-        backward_block<kBlockVectors>(in_row.data(), w, n, c * kLanes, out_row.data() + i0);
-      }
-      if (c + 2 <= chunks) {
-        backward_block<2>(in_row.data(), w, n, c * kLanes, out_row.data() + i0);
-        c += 2;
-      }
-      if (c < chunks) {
-        backward_block<1>(in_row.data(), w, n, c * kLanes, out_row.data() + i0);
-      }
+    switch (width) {
+      case 4:
+        backward_rows<4>(in_row.data(), symmetric.data(), n, chunks, out_row.data());
+        break;
+      case 3:
+        backward_rows<3>(in_row.data(), symmetric.data(), n, chunks, out_row.data());
+        break;
+      case 2:
+        backward_rows<2>(in_row.data(), symmetric.data(), n, chunks, out_row.data());
+        break;
+      default:
+        backward_rows<1>(in_row.data(), symmetric.data(), n, chunks, out_row.data());
     }
     if (in_place) {
       float* gd = grad_dense + b * dim;

@@ -32,7 +32,9 @@ struct Shapes {
 template <typename T>
 using ForwardRows = void (*)(const Shapes&, const T* dense, const T* sparse, T* out, int64_t begin, int64_t end);
 // Samples [begin, end): grad_dense [B, D] (contiguous) and grad_sparse
-// (layout.grad_*) from grad_out (rows grad_stride apart).
+// (layout.grad_*) from grad_out (rows grad_stride apart). The gradients
+// must not overlap the inputs: the float loops write a vector's gradient
+// while other vectors of the sample are still to be read.
 template <typename T>
 using BackwardRows = void (*)(
     const Shapes&,

@@ -24,6 +24,7 @@ SHAPES = [  # (batch, features, dim)
     (64, 7, 24),  # a batch the op splits into several tasks
     (6, 26, 64),  # the multihot presets' shape: whole register blocks, rows read and written in place
     (4, 5, 40),  # five column vectors (AVX2): a block of four, then one
+    (5, 4, 22),  # three column vectors through the buffers (AVX2); 22 single-float columns (scalar build)
 ]
 
 
@@ -204,6 +205,25 @@ def test_blocks_equal_the_joined_form_bit_for_bit(isa):
     assert torch.equal(
         ops.dot_interaction_blocks(dense, values, widths, feature_block, feature_column), ops.dot_interaction(dense, joined)
     )
+
+
+@pytest.mark.parametrize("dim, gap", [(16, 0), (24, 1), (22, 0)])
+def test_blocks_backward_equals_the_joined_form_bit_for_bit(isa, dim, gap):
+    """The backward too, where rows are read and written in place (whole
+    vectors, with gaps between features) and through buffers (22 floats)."""
+    batch, features = 9, 26
+    widths, feature_block, feature_column = _block_layout(4, batch, features, dim, 2, gap)
+    dense = torch.randn(batch, dim)
+    values = torch.randn(batch * sum(widths))
+    grad = torch.randn(batch, dim + (features + 1) * features // 2)
+    blocks = [b.view(batch, w) for b, w in zip(torch.split(values, [batch * w for w in widths]), widths)]
+    joined = torch.cat([blocks[r][:, c : c + dim] for r, c in zip(feature_block, feature_column)], dim=1)
+    grad_dense, grad_values = ops.dot_interaction_blocks_backward(grad, dense, values, widths, feature_block, feature_column)
+    want_dense, want_joined = ops.dot_interaction_backward(grad, dense, joined)
+    assert torch.equal(grad_dense, want_dense)
+    got_blocks = [b.view(batch, w) for b, w in zip(torch.split(grad_values, [batch * w for w in widths]), widths)]
+    got_joined = torch.cat([got_blocks[r][:, c : c + dim] for r, c in zip(feature_block, feature_column)], dim=1)
+    assert torch.equal(got_joined, want_joined)
 
 
 def test_blocks_gradcheck_and_opcheck():
