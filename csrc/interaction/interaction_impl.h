@@ -156,9 +156,14 @@ inline std::vector<int64_t> triangle_rows(int64_t n) {
   return rows;
 }
 
-// gram[r][c0, c0 + C kLanes) = sum_d a[r][d] transposed[d][same], r < R.
-template <int R, int C>
-inline void forward_block(const float* const* a, const float* transposed, int64_t padded, int64_t dim, int64_t c0, float* gram) {
+// One register block of both passes: for r < R and the C vectors of
+// columns from c0, out(r)[c] = sum over t < terms of weight(r, t) *
+// row(t)[c], each sum in the order of t with one multiply-add per term.
+// Forward: weight(r, d) = vector i0 + r's element d, row(d) = the transposed
+// vectors' row d, out(r) = a Gram row. Backward: weight(r, j) = the pair
+// gradient of rows i0 + r and j, row(j) = vector j, out(r) = its gradient.
+template <int R, int C, typename Weight, typename Row, typename Out>
+inline void block_product(int64_t terms, int64_t c0, const Weight& weight, const Row& row, const Out& out) {
   vec acc[R][C];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -167,63 +172,52 @@ inline void forward_block(const float* const* a, const float* transposed, int64_
       acc[r][k] = v_zero();
     }
   }
-  for (int64_t d = 0; d < dim; ++d) {
-    vec weight[R];
+  for (int64_t t = 0; t < terms; ++t) {
+    vec w[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      weight[r] = v_set1(a[r][d]);
+      w[r] = v_set1(weight(r, t));
     }
+    const float* source = row(t) + c0;
 #pragma GCC unroll 8
     for (int k = 0; k < C; ++k) {
-      const vec column = v_load(transposed + d * padded + c0 + k * kLanes);
+      const vec x = v_load(source + k * kLanes);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        acc[r][k] = v_fma(weight[r], column, acc[r][k]);
+        acc[r][k] = v_fma(w[r], x, acc[r][k]);
       }
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+    float* target = out(r) + c0;
 #pragma GCC unroll 8
     for (int k = 0; k < C; ++k) {
-      v_store(gram + r * padded + c0 + k * kLanes, acc[r][k]);
+      v_store(target + k * kLanes, acc[r][k]);
     }
   }
+}
+
+// gram[r][c0, c0 + C kLanes) = sum_d a[r][d] transposed[d][same], r < R.
+template <int R, int C>
+inline void forward_block(const float* const* a, const float* transposed, int64_t padded, int64_t dim, int64_t c0, float* gram) {
+  block_product<R, C>(
+      dim,
+      c0,
+      [a](int r, int64_t d) { return a[r][d]; },
+      [transposed, padded](int64_t d) { return transposed + d * padded; },
+      [gram, padded](int r) { return gram + r * padded; });
 }
 
 // out[r][c0, c0 + C kLanes) = sum_j w[r n + j] in_row[j][same], r < R.
 template <int R, int C>
 inline void backward_block(const float* const* in_row, const float* w, int64_t n, int64_t c0, float* const* out) {
-  vec acc[R][C];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int k = 0; k < C; ++k) {
-      acc[r][k] = v_zero();
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    vec weight[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      weight[r] = v_set1(w[r * n + j]);
-    }
-#pragma GCC unroll 8
-    for (int k = 0; k < C; ++k) {
-      const vec vj = v_load(in_row[j] + c0 + k * kLanes);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        acc[r][k] = v_fma(weight[r], vj, acc[r][k]);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int k = 0; k < C; ++k) {
-      v_store(out[r] + c0 + k * kLanes, acc[r][k]);
-    }
-  }
+  block_product<R, C>(
+      n,
+      c0,
+      [w, n](int r, int64_t j) { return w[r * n + j]; },
+      [in_row](int64_t j) { return in_row[j]; },
+      [out](int r) { return out[r]; });
 }
 
 // Column vectors [c, vectors) of rows a[0 .. R): blocks of C, then of 2
