@@ -9,10 +9,11 @@
 // float64 (tests, references) takes plain loops.
 
 // The register block of both passes: R output rows by up to C column
-// vectors, C = min(4, the pass's column vectors) and R = kBlockRows<C> (about
-// twelve accumulators, never fewer than eight, the multiply-add chains
-// needed in flight), so that each broadcast value feeds up to C multiply-adds
-// and each vector load R. The blocks used to be eight rows by one vector,
+// vectors, C = min(4, the pass's column vectors) and R = kBlockRows<C> (in a
+// full-width block about twelve accumulators and never fewer than eight, the
+// multiply-add chains needed in flight; the 2- and 1-vector blocks of a
+// row's tail keep R), so that each broadcast value feeds up to C
+// multiply-adds and each vector load R. The blocks used to be eight rows by one vector,
 // which broadcast every value again for every column vector (still the
 // block where a pass is one vector wide). Standalone A/B of the two versions
 // of the AVX2 loops, alternated in one process (AMD EPYC, one thread,
@@ -24,6 +25,7 @@ constexpr int64_t kBlockVectors = 4;
 template <int C>
 constexpr int kBlockRows = C >= 4 ? 3 : C == 3 ? 4 : C == 2 ? 6 : 8;
 constexpr int kMaxBlockRows = 8;
+static_assert(kBlockRows<1> <= kMaxBlockRows && kBlockRows<4> <= kMaxBlockRows, "buffers are sized for kMaxBlockRows");
 
 inline int64_t round_up(int64_t n, int64_t to) {
   return (n + to - 1) / to * to;
@@ -102,14 +104,14 @@ template <typename T>
 inline void prefetch_sample(const Shapes& s, const T* dense, const T* sparse, int64_t b) {
   const int64_t bytes = s.dim * static_cast<int64_t>(sizeof(T));
   for (int64_t v = 0; v < s.vectors && bytes > 0; ++v) {
-    const char* p = reinterpret_cast<const char*>(vector_row(s, dense, sparse, b, v));
     // Every line the row touches, from the one it starts in.
-    const int64_t first = -static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 63);
-    for (int64_t offset = first; offset < bytes; offset += 64) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(vector_row(s, dense, sparse, b, v));
+    for (uintptr_t line = start & ~uintptr_t{63}; line < start + bytes; line += 64) {
+      const char* p = reinterpret_cast<const char*>(line);
 #if defined(__x86_64__) || defined(__i386__)
-      __asm__ volatile("prefetcht0 %0" : : "m"(p[offset]));
+      __asm__ volatile("prefetcht0 %0" : : "m"(*p));
 #else
-      __builtin_prefetch(p + offset, 0, 3);
+      __builtin_prefetch(p, 0, 3);
 #endif
     }
   }
@@ -228,12 +230,16 @@ inline void forward_columns(const float* const* a, const float* transposed, int6
   for (; c + C <= vectors; c += C) {
     forward_block<R, C>(a, transposed, padded, dim, c * kLanes, gram);
   }
-  if (C > 2 && c + 2 <= vectors) {
-    forward_block<R, 2>(a, transposed, padded, dim, c * kLanes, gram);
-    c += 2;
+  if constexpr (C > 2) {
+    if (c + 2 <= vectors) {
+      forward_block<R, 2>(a, transposed, padded, dim, c * kLanes, gram);
+      c += 2;
+    }
   }
-  if (C > 1 && c < vectors) {
-    forward_block<R, 1>(a, transposed, padded, dim, c * kLanes, gram);
+  if constexpr (C > 1) {
+    if (c < vectors) {
+      forward_block<R, 1>(a, transposed, padded, dim, c * kLanes, gram);
+    }
   }
 }
 
@@ -265,12 +271,16 @@ inline void backward_rows(const float* const* in_row, const float* symmetric, in
     for (; c + C <= chunks; c += C) {
       backward_block<R, C>(in_row, w, n, c * kLanes, out_row + i0);
     }
-    if (C > 2 && c + 2 <= chunks) {
-      backward_block<R, 2>(in_row, w, n, c * kLanes, out_row + i0);
-      c += 2;
+    if constexpr (C > 2) {
+      if (c + 2 <= chunks) {
+        backward_block<R, 2>(in_row, w, n, c * kLanes, out_row + i0);
+        c += 2;
+      }
     }
-    if (C > 1 && c < chunks) {
-      backward_block<R, 1>(in_row, w, n, c * kLanes, out_row + i0);
+    if constexpr (C > 1) {
+      if (c < chunks) {
+        backward_block<R, 1>(in_row, w, n, c * kLanes, out_row + i0);
+      }
     }
   }
 }

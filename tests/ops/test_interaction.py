@@ -23,8 +23,10 @@ SHAPES = [  # (batch, features, dim)
     (5, 0, 8),  # no sparse features: the dense vector alone
     (64, 7, 24),  # a batch the op splits into several tasks
     (6, 26, 64),  # the multihot presets' shape: whole register blocks, rows read and written in place
-    (4, 5, 40),  # five column vectors (AVX2): a block of four, then one
-    (5, 4, 22),  # three column vectors through the buffers (AVX2); 22 single-float columns (scalar build)
+    (4, 5, 40),  # the backward's five column vectors (AVX2): a block of four, then one
+    (5, 4, 22),  # the backward's three column vectors, through the buffers (AVX2); 22 one-float columns (scalar)
+    (3, 12, 16),  # a forward two column vectors wide (AVX2: 13 vectors)
+    (3, 20, 8),  # a forward three column vectors wide (AVX2: 21 vectors)
 ]
 
 
@@ -210,7 +212,8 @@ def test_blocks_equal_the_joined_form_bit_for_bit(isa):
 @pytest.mark.parametrize("dim, gap", [(16, 0), (24, 1), (22, 0)])
 def test_blocks_backward_equals_the_joined_form_bit_for_bit(isa, dim, gap):
     """The backward too, where rows are read and written in place (whole
-    vectors, with gaps between features) and through buffers (22 floats)."""
+    vectors: 16, and 24 with gaps between features, on AVX2) and through
+    buffers (22 floats)."""
     batch, features = 9, 26
     widths, feature_block, feature_column = _block_layout(4, batch, features, dim, 2, gap)
     dense = torch.randn(batch, dim)
