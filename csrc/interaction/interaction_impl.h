@@ -69,8 +69,11 @@ inline void transpose_rows(const float* const* rows, int64_t dim, int64_t padded
   }
 }
 
-// dst[0:n] = src[0:n], in registers (std::copy_n of a 64-float row is a
-// memmove call: 9% of a forward and backward at D=64, perf).
+// dst[0:n] = src[0:n], in registers: std::copy_n of a 64-float row is a
+// memmove call (9% of a forward and backward at D=64, perf, when both
+// passes copied every vector; the forward still copies each sample's dense
+// vector into its output, and the backward copies only rows with a partial
+// vector, through its buffers).
 // A row with a partial vector is left to memmove: its scalar tail stores,
 // read back by a whole-vector load, cannot be forwarded (the backward took
 // 1.3x the time at D=20 with the loop below).
@@ -126,9 +129,19 @@ inline void gather_sample(const Shapes& s, const T* dense, const T* sparse, int6
   }
 }
 
+// Writes sample b's dense gradient: d(pairs)/d(dense vector) (`grads`),
+// plus the dense vector's own part, which passes straight through (the
+// first D columns of `g`, sample b's row of grad_out).
+template <typename T>
+inline void write_dense_gradient(const Shapes& s, const T* g, const T* grads, T* grad_dense, int64_t b) {
+  T* gd = grad_dense + b * s.dim;
+  for (int64_t k = 0; k < s.dim; ++k) {
+    gd[k] = g[k] + grads[k];
+  }
+}
+
 // Writes sample b's gradients: `grads` holds d(pairs)/d(vector v) in rows
-// of stride `row_stride`; the dense vector also passes straight through
-// (the first D columns of `g`, sample b's row of grad_out).
+// of stride `row_stride`.
 template <typename T>
 inline void write_gradients(
     const Shapes& s,
@@ -138,10 +151,7 @@ inline void write_gradients(
     T* grad_dense,
     T* grad_sparse,
     int64_t b) {
-  T* gd = grad_dense + b * s.dim;
-  for (int64_t k = 0; k < s.dim; ++k) {
-    gd[k] = g[k] + grads[k];
-  }
+  write_dense_gradient(s, g, grads, grad_dense, b);
   const Layout& l = s.layout;
   for (int64_t v = 1; v < s.vectors; ++v) {
     copy_row(grads + v * row_stride, s.dim, grad_sparse + l.grad_offset[v - 1] + b * l.grad_stride[v - 1]);
@@ -363,6 +373,11 @@ void backward_float(
   for (int64_t v = 0; v < padded_rows; ++v) {
     out_row[v] = grads.data() + v * row_stride;
   }
+  if (!in_place) {
+    for (int64_t v = 0; v < n; ++v) {
+      in_row[v] = vectors.data() + v * row_stride;
+    }
+  }
   const Layout& l = s.layout;
   const std::vector<int64_t> triangle_row = triangle_rows(n);
   for (int64_t b = begin; b < end; ++b) {
@@ -378,9 +393,6 @@ void backward_float(
       }
     } else {
       gather_sample(s, dense, sparse, b, row_stride, vectors.data());
-      for (int64_t v = 0; v < n; ++v) {
-        in_row[v] = vectors.data() + v * row_stride;
-      }
     }
     const float* g = grad_out + b * grad_stride;
     const float* grad_pairs = g + dim;
@@ -411,10 +423,7 @@ void backward_float(
         backward_rows<1>(in_row.data(), symmetric.data(), n, chunks, out_row.data());
     }
     if (in_place) {
-      float* gd = grad_dense + b * dim;
-      for (int64_t k = 0; k < dim; ++k) {
-        gd[k] = g[k] + grads[k];
-      }
+      write_dense_gradient(s, g, grads.data(), grad_dense, b);
     } else {
       write_gradients(s, g, grads.data(), row_stride, grad_dense, grad_sparse, b);
     }

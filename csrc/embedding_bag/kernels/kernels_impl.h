@@ -353,8 +353,8 @@ static inline void sum_grad(const SegmentArgs& a, int64_t begin, int64_t end, fl
   }
 }
 
-// Asks for the gradient rows of the kBackwardPrefetchOccurrences
-// occurrences after segment s's (of this and later segments).
+// Asks for the gradient rows kBackwardPrefetchOccurrences occurrences
+// ahead of segment s's (of this and later segments).
 static inline void prefetch_gradient_rows_ahead(const SegmentArgs& a, int64_t s, int64_t dim) {
   const int64_t begin = a.occ_begin[s];
   const int64_t end = a.occ_begin[s + 1];
@@ -535,7 +535,7 @@ template <typename T, typename Update>
 static void update_segments(const SegmentArgs& a, int64_t seg_begin, int64_t seg_end) {
   float sums[kUpdateChunkFloats] __attribute__((aligned(64)));
   const float* sum_of[kUpdateChunkRows];
-  WideRowScratch wide; // a row wider than the buffer is a chunk of its own
+  WideRowScratch wide; // a row wider than the buffer starts a chunk of its own
   for (int64_t chunk = seg_begin; chunk < seg_end;) {
     int64_t end = chunk;
     int64_t used = 0;
