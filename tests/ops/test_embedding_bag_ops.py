@@ -275,6 +275,9 @@ STEP_CASES = [
     # (on the heap, grown when a wider one follows), two 2050-float rows do not fit one chunk, narrow rows share one.
     dict(seed=8, num_tables=4, dims=[24, 4100, 2050, 7], max_rows=6),
     dict(seed=9, num_tables=2, dims=[4100, 5000], max_rows=4),
+    # Each width the update has a loop of its own for, beside one it has not; then with long segments.
+    dict(seed=10, num_tables=6, dims=[16, 32, 64, 128, 256, 48]),
+    dict(seed=11, num_tables=6, dims=[16, 32, 64, 128, 256, 48], max_rows=3, max_bag=10),
 ]
 
 
@@ -399,6 +402,43 @@ def test_fused_backward_matches_reference_on_large_tables(case):
     with _num_threads(2):
         result = _run_steps("rowwise_adagrad", case, DECAYS[1], steps=2)
     _assert_steps_match(*result)
+
+
+def test_fused_backward_matches_reference_on_rows_of_23_bits(isa):
+    """A table of over 2^22 rows (a sort of three passes, an odd number:
+    the sorted ids end in the scratch and are copied back), its ids
+    repeating across the whole range of row bits, beside a table of 2^11
+    rows (one pass)."""
+    g = torch.Generator().manual_seed(23)
+    rows = [(1 << 22) + 7, 1 << 11]
+    batch = 64
+    hot = torch.tensor([0, 1, 255, 256, (1 << 11) - 1, 1 << 11, 1 << 16, (1 << 22) - 1, 1 << 22, rows[0] - 1])
+    lengths = torch.randint(0, 9, (2 * batch,), generator=g)
+    counts = lengths.view(2, batch).sum(1).tolist()
+    big = torch.where(torch.rand(counts[0], generator=g) < 0.7, hot[torch.randint(0, len(hot), (counts[0],), generator=g)],
+                      torch.randint(0, rows[0], (counts[0],), generator=g))  # fmt: skip
+    offsets = torch.zeros(2 * batch + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    p = LookupProblem(
+        weights=[torch.rand(r, 2, generator=g) * 2 - 1 for r in rows],
+        feature_table=[0, 1],
+        feature_pooling=[0, 0],
+        feature_column=[0, 2],
+        indices=torch.cat([big, torch.randint(0, rows[1], (counts[1],), generator=g)]),
+        offsets=offsets,
+        per_sample_weights=None,
+        batch=batch,
+    )
+    hyper = {**OPTIMIZERS["rowwise_adagrad"]["hyper"], **DECAYS[0]}
+    weights, ref_weights = p.clone_weights(), p.clone_weights(torch.float64)
+    states = [[torch.rand(r, generator=g) for r in rows]]
+    ref_states = [[s.double() for s in states[0]]]
+    grad = torch.randn(batch, p.out_dim, generator=g)
+    _fused_step("rowwise_adagrad", weights, states, p, grad, hyper)
+    ref.fused_backward_ref("rowwise_adagrad", ref_weights, ref_states, p.layout, p.indices, p.offsets, None, grad,
+                           dtype=torch.float64, **hyper)  # fmt: skip
+    assert not torch.equal(weights[0][hot], p.weights[0][hot])  # the hot rows moved
+    _assert_steps_match(weights, states, ref_weights, ref_states)
 
 
 def _mixed_problem(seed: int, batch: int = 2000, big_bag: int = 40):

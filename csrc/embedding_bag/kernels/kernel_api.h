@@ -106,6 +106,7 @@ struct KernelTable {
   // Without the id range check: only for measuring what the check costs.
   int64_t (*forward_unchecked_i32)(const ForwardArgs&, int64_t bag_begin, int64_t bag_end);
   int64_t (*forward_unchecked_i64)(const ForwardArgs&, int64_t bag_begin, int64_t bag_end);
+  // The backward's kernels take segments [seg_begin, seg_end) of one table.
   void (*update_sgd)(const SegmentArgs&, int64_t seg_begin, int64_t seg_end);
   void (*update_rowwise_adagrad)(const SegmentArgs&, int64_t seg_begin, int64_t seg_end);
   void (*update_momentum_scaled_rowwise_adagrad)(
