@@ -327,8 +327,8 @@ Tensor embedding_bag_forward_cpu(
 // does not fault in fresh pages for its sort buffers at every step: the
 // calling thread's holds the batch's arrays, and each thread's (the
 // caller's too) the table it is sorting (kTable*: 16 bytes a slot of the
-// largest table that thread has sorted, 24 with 64-bit keys, kept for the
-// thread's life).
+// largest table that thread has sorted, 24 with 64-bit keys, 40 for a
+// thread that has sorted both; kept for the thread's life).
 enum class Scratch : int {
   kKeys,
   kPayload,
@@ -667,8 +667,9 @@ void group_each_table(
       if (failed()) {
         return;
       }
-      cpu::radix_sort_packed(slots.items, own.take<uint64_t>(Scratch::kTableTmpItems, size), size, key_bits(t));
-      close_table(t, write_segments(sink, static_cast<int32_t>(t), r.begin[t], slots, 0, size, r.begin[t], worker));
+      const PackedSlots sorted{
+          cpu::radix_sort_packed(slots.items, own.take<uint64_t>(Scratch::kTableTmpItems, size), size, key_bits(t))};
+      close_table(t, write_segments(sink, static_cast<int32_t>(t), r.begin[t], sorted, 0, size, r.begin[t], worker));
     } else {
       const PairSlots<K> slots{own.take<K>(Scratch::kTableKeys, size), own.take<uint32_t>(Scratch::kTablePayload, size)};
       fill_table_bags(t, 0, bags, slots);
@@ -721,8 +722,8 @@ Segments group_by_row(
   int64_t* grad_offset = payload == Payload::kGradOffset ? nullptr : ws.take<int64_t>(Scratch::kGradOffset, entries);
 
   // 1. Per position of bags [b0, b1) (group_each_table calls this with a
-  //    table's bags, or a piece of them): its row and payload in its
-  //    table's slots k and pay (which start at slot `first`), and (by
+  //    table's bags, or a piece of them): its row and payload put in its
+  //    table's slots (PairSlots or PackedSlots, from slot `first`), and (by
   //    position, or by bag) where its bag's gradient sits in grad_output's
   //    feature blocks and its weight (per-sample x 1/L). A range stops at its first
   //    bad id; first_bad keeps the smallest, thrown below once every table
@@ -928,7 +929,8 @@ cpu::SegmentArgs segment_args(
 
 // Runs fn(seg_begin, seg_end) over every table's segments, in chunks that
 // each sum about the same number of occurrences plus segments (hot rows
-// make segments uneven); a chunk never spans two tables.
+// make segments uneven); a chunk never spans two tables (the update
+// kernels take a chunk's table from its first segment).
 template <typename Fn>
 void for_each_segment_chunk(const Segments& s, const Fn& fn) {
   const int64_t threads = at::get_num_threads();

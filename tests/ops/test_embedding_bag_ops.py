@@ -293,12 +293,15 @@ def test_fused_backward_matches_reference_over_steps(isa, optimizer, case, decay
         _assert_steps_match(*_run_steps(optimizer, case, decay, ref_dtype=ref_dtype), ref_dtype=ref_dtype, **tol)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [dict(seed=7, weighted=True), dict(seed=12, num_tables=6, dims=[16, 32, 64, 128, 256, 48])],
+    ids=["random_widths", "constant_widths"],
+)
 @pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_fused_backward_16bit_weights(isa, optimizer, weight_dtype):
-    weights, _, ref_weights, _ = _run_steps(
-        optimizer, dict(seed=7, weighted=True), DECAYS[1], weight_dtype=weight_dtype
-    )
+def test_fused_backward_16bit_weights(isa, optimizer, weight_dtype, case):
+    weights, _, ref_weights, _ = _run_steps(optimizer, case, DECAYS[1], weight_dtype=weight_dtype)
     # Both sides round every update to 16 bits, from float32 vs float64
     # intermediates: they may differ by one unit in the last place.
     ulp = 2.0**-10 if weight_dtype == torch.float16 else 2.0**-7
@@ -406,9 +409,9 @@ def test_fused_backward_matches_reference_on_large_tables(case):
 
 def test_fused_backward_matches_reference_on_rows_of_23_bits(isa):
     """A table of over 2^22 rows (a sort of three passes, an odd number:
-    the sorted ids end in the scratch and are copied back), its ids
-    repeating across the whole range of row bits, beside a table of 2^11
-    rows (one pass)."""
+    the sorted ids end in the scratch, which the segments are then read
+    from), its ids repeating across the whole range of row bits, beside a
+    table of 2^11 rows (one pass)."""
     g = torch.Generator().manual_seed(23)
     rows = [(1 << 22) + 7, 1 << 11]
     batch = 64

@@ -26,7 +26,7 @@
 // 0.95-1.0x on Zipf ids; the backward 32 and 64 segments ahead against 16
 // and 16, 2-9% shorter on every config; 8 or 32 occurrences ahead for the
 // gradient rows made no difference. Since the rows are asked for from the
-// update loop (update_segments), 64 segments ahead against 32, 48, 80 and
+// update loop (update_table_segments), 64 segments ahead against 32, 48, 80 and
 // 96: within noise of each other.
 constexpr int64_t kForwardPrefetchPositions = 48;
 constexpr int64_t kBackwardPrefetchSegments = 64;
@@ -354,7 +354,9 @@ static inline void sum_grad(const SegmentArgs& a, int64_t begin, int64_t end, fl
 }
 
 // Asks for the gradient rows kBackwardPrefetchOccurrences occurrences
-// ahead of segment s's (of this and later segments).
+// ahead of segment s's (of this and later segments). Only summed segments
+// ask (not one-occurrence ones, see kUpdateChunkRows): a longer segment
+// after 16 or more of those finds its first rows not asked for.
 static inline void prefetch_gradient_rows_ahead(const SegmentArgs& a, int64_t s, int64_t dim) {
   const int64_t begin = a.occ_begin[s];
   const int64_t end = a.occ_begin[s + 1];
